@@ -1,0 +1,47 @@
+//! `ee-core`: the pure heart of Equivariant Encryption (EE).
+//!
+//! - [`Key`] and the [`Permutation`]s derived from it;
+//! - [`gguf`]: a streaming GGUF reader/writer, and [`transform`], which
+//!   writes the server artifact (vocabulary rows permuted, tokenizer gone);
+//! - [`vocab`]: the tokenizer metadata only the client may keep, and its
+//!   Hugging Face `tokenizer.json` form;
+//! - [`bundle`]: the client bundle format.
+//!
+//! No networking and no inference live here; the only I/O is reading and
+//! writing model, key and bundle files.
+
+pub mod bundle;
+pub mod gguf;
+pub mod key;
+pub mod perm;
+pub mod transform;
+pub mod vocab;
+
+pub use bundle::{BundleManifest, ClientBundle};
+pub use key::Key;
+pub use perm::Permutation;
+
+/// Errors of the core crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("I/O error: {0}")]
+    Io(String),
+    #[error("invalid GGUF: {0}")]
+    Gguf(String),
+    #[error("key error: {0}")]
+    Key(String),
+    #[error("permutation error: {0}")]
+    Permutation(String),
+    #[error("token ID {0} is outside the vocabulary of {1}")]
+    TokenOutOfRange(u32, usize),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("client bundle error: {0}")]
+    Bundle(String),
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e.to_string())
+    }
+}
