@@ -10,10 +10,11 @@ use std::io::Write;
 use std::path::Path;
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::rng::uniform_below;
 use crate::{Error, Permutation};
 
 const KEY_FORMAT: &str = "ee-key/1";
@@ -46,9 +47,7 @@ struct KeyFile {
 impl Key {
     /// A fresh key from the OS CSPRNG.
     pub fn generate() -> Result<Self, Error> {
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|e| Error::Key(format!("OS random source failed: {e}")))?;
-        Ok(Self { bytes, identity: false })
+        Ok(Self { bytes: crate::rng::os_random_bytes()?, identity: false })
     }
 
     /// A key from known bytes (tests, reproducible fixtures).
@@ -117,17 +116,6 @@ impl Key {
         let bytes: [u8; 32] =
             raw.try_into().map_err(|_| Error::Key(format!("{}: key is not 32 bytes", path.display())))?;
         Ok(Self { bytes, identity: file.identity })
-    }
-}
-
-/// A uniform draw in `0..bound` by rejection (no modulo bias).
-fn uniform_below(rng: &mut ChaCha20Rng, bound: u64) -> u64 {
-    let zone = u64::MAX - (u64::MAX % bound);
-    loop {
-        let x = rng.next_u64();
-        if x < zone {
-            return x % bound;
-        }
     }
 }
 

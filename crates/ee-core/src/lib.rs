@@ -14,6 +14,7 @@ pub mod bundle;
 pub mod gguf;
 pub mod key;
 pub mod perm;
+pub mod rng;
 pub mod transform;
 pub mod vocab;
 

@@ -1,0 +1,82 @@
+//! Single-sequence generation: prefill, then decode until a stop token or the
+//! token budget. The server's scheduler drives [`LlamaModel::forward`]
+//! directly to batch many sequences; this loop serves the CLI, the benchmark
+//! and the exactness tests.
+
+use crate::llama::{LlamaModel, SeqStep};
+use crate::sampler::{Sampled, Sampler, SamplingParams};
+use crate::Error;
+
+/// Why generation ended (OpenAI's `finish_reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop token was generated (it is included in the output).
+    Stop,
+    /// `max_tokens` was reached, or the context is full.
+    Length,
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    pub sampling: SamplingParams,
+    /// Prefill is fed in chunks of this many tokens.
+    pub prefill_chunk: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self { max_tokens: 256, stop_token_ids: Vec::new(), sampling: SamplingParams::greedy(), prefill_chunk: 512 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub tokens: Vec<Sampled>,
+    pub finish_reason: FinishReason,
+}
+
+impl Generation {
+    pub fn token_ids(&self) -> Vec<u32> {
+        self.tokens.iter().map(|s| s.token).collect()
+    }
+}
+
+/// Generates from `prompt`, calling `on_token` as each token is drawn.
+pub fn generate(
+    model: &LlamaModel,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_token: impl FnMut(&Sampled),
+) -> Result<Generation, Error> {
+    if prompt.is_empty() {
+        return Err(Error::Model("empty prompt".into()));
+    }
+    opts.sampling.validate(model.vocab_size())?;
+    let mut sampler = Sampler::new(opts.sampling.clone(), prompt)?;
+    let mut cache = model.new_cache();
+    let mut logits = None;
+    for chunk in prompt.chunks(opts.prefill_chunk.max(1)) {
+        logits = Some(model.forward(&mut [SeqStep { tokens: chunk, cache: &mut cache }])?);
+    }
+    let mut logits = logits.expect("prompt is not empty");
+    let mut tokens = Vec::new();
+    loop {
+        if tokens.len() >= opts.max_tokens {
+            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+        }
+        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
+        let sampled = sampler.sample(&row, model.tie_keys(), 0)?;
+        on_token(&sampled);
+        let token = sampled.token;
+        tokens.push(sampled);
+        if opts.stop_token_ids.contains(&token) {
+            return Ok(Generation { tokens, finish_reason: FinishReason::Stop });
+        }
+        if cache.len() >= model.context_length() {
+            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+        }
+        logits = model.forward(&mut [SeqStep { tokens: &[token], cache: &mut cache }])?;
+    }
+}

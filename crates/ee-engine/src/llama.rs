@@ -1,0 +1,283 @@
+//! Llama/Mistral forward pass over quantized GGUF weights, built for
+//! continuous batching.
+//!
+//! One [`LlamaModel::forward`] call advances any number of sequences, each
+//! with its own KV cache and position, by any number of tokens each (a
+//! prefill chunk or a single decode token). Token rows of all sequences are
+//! stacked for the weight matmuls; only attention runs per sequence. Every
+//! matmul computes each activation row independently, so a sequence's
+//! logits do not depend on what else is in the batch.
+//!
+//! The model is agnostic to EE: an encrypted artifact is loaded and run
+//! exactly like a plaintext one.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use ee_core::gguf::GgufHeader;
+
+use crate::config::LlamaConfig;
+use crate::kv_cache::KvCache;
+use crate::Error;
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Tensor,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// One sequence's share of a forward step.
+pub struct SeqStep<'a> {
+    /// Tokens to append (a prefill chunk, or one decode token). Not empty.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: QMatMul,
+    /// RoPE tables `[context_length, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    /// Per-token tie-break keys derived from the output-head rows; see
+    /// [`LlamaModel::tie_keys`].
+    tie_keys: Vec<u64>,
+    device: Device,
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+impl LlamaModel {
+    /// Loads a (plaintext or EE-transformed) GGUF model onto the CPU.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let open = || File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())));
+        let header = GgufHeader::read(&mut BufReader::new(open()?))?;
+        let config = LlamaConfig::from_gguf(&header)?;
+        let mut reader = BufReader::new(open()?);
+        let content = gguf_file::Content::read(&mut reader)?;
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| -> Result<QTensor, Error> {
+            content
+                .tensor(&mut reader, name, &device)
+                .map_err(|e| Error::Model(format!("loading tensor {name}: {e}")))
+        };
+        let token_embd = tensor("token_embd.weight")?;
+        let output_q = match content.tensor_infos.contains_key("output.weight") {
+            true => tensor("output.weight")?,
+            false => tensor("token_embd.weight")?,
+        };
+        let tie_keys = {
+            let data = output_q.data()?;
+            let rows = output_q.shape().dims()[0];
+            if rows != config.vocab_size || data.len() % rows != 0 {
+                return Err(Error::Model(format!("output head has {rows} rows, vocabulary {}", config.vocab_size)));
+            }
+            data.chunks_exact(data.len() / rows).map(fnv1a).collect()
+        };
+        let embedding = token_embd.dequantize(&device)?;
+        let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
+            true => Some(tensor("rope_freqs.weight")?.dequantize(&device)?.to_vec1::<f32>()?),
+            false => None,
+        };
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let mut qmm = |n: &str| -> Result<QMatMul, Error> { Ok(QMatMul::from_qtensor(tensor(&format!("blk.{i}.{n}.weight"))?)?) };
+            let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
+            let (w_gate, w_up, w_down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
+            let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(&device)?;
+            let ffn_norm = tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(&device)?;
+            layers.push(Layer { attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down });
+        }
+        let output_norm = tensor("output_norm.weight")?.dequantize(&device)?;
+        let (cos, sin) = rope_tables(&config, rope_freqs.as_deref(), &device)?;
+        Ok(Self {
+            config,
+            embedding,
+            layers,
+            output_norm,
+            output: QMatMul::from_qtensor(output_q)?,
+            cos,
+            sin,
+            tie_keys,
+            device,
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    pub fn context_length(&self) -> usize {
+        self.config.context_length
+    }
+
+    /// A fresh, empty cache for a new sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.context_length)
+    }
+
+    /// A key per token ID that the vocabulary permutation carries along with
+    /// the token (it hashes the token's output-head row, which moves with
+    /// it). Samplers break exact logit ties with it, so tie-breaking gives the
+    /// same plaintext token on the encrypted and the plaintext model.
+    pub fn tie_keys(&self) -> &[u64] {
+        &self.tie_keys
+    }
+
+    /// Advances every sequence in `batch` by its tokens and returns the
+    /// logits after each sequence's last token: `[batch.len(), vocab]`.
+    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Tensor, Error> {
+        let (hidden, last_rows) = self.forward_hidden(batch)?;
+        let last = hidden.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
+        self.logits(&last)
+    }
+
+    /// Like [`forward`](Self::forward) for one sequence, but returns the
+    /// logits at every new position: `[tokens.len(), vocab]`.
+    pub fn forward_all_positions(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, Error> {
+        let (hidden, _) = self.forward_hidden(&mut [SeqStep { tokens, cache }])?;
+        self.logits(&hidden)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
+        let normed = candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
+        Ok(self.output.forward(&normed)?)
+    }
+
+    /// Runs every layer; returns the final hidden states of all new tokens
+    /// `[total_tokens, n_embd]` and the row of each sequence's last token.
+    fn forward_hidden(&self, batch: &mut [SeqStep<'_>]) -> Result<(Tensor, Vec<u32>), Error> {
+        let mut ids = Vec::new();
+        let mut last_rows = Vec::with_capacity(batch.len());
+        for step in batch.iter() {
+            if step.tokens.is_empty() {
+                return Err(Error::Model("a sequence step has no tokens".into()));
+            }
+            let needed = step.cache.len() + step.tokens.len();
+            if needed > self.config.context_length {
+                return Err(Error::ContextOverflow { needed, limit: self.config.context_length });
+            }
+            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
+                return Err(Error::TokenOutOfRange { token: bad, vocab_size: self.config.vocab_size });
+            }
+            ids.extend_from_slice(step.tokens);
+            last_rows.push(ids.len() as u32 - 1);
+        }
+        let mut x = self.embedding.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
+            let attn = self.attention(li, layer, &h, batch)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+            let gated = (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
+            x = (x + layer.w_down.forward(&gated)?)?;
+        }
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len());
+        }
+        Ok((x, last_rows))
+    }
+
+    /// Self-attention of one layer, per sequence, over stacked rows `h`.
+    fn attention(&self, li: usize, layer: &Layer, h: &Tensor, batch: &mut [SeqStep<'_>]) -> Result<Tensor, Error> {
+        let c = &self.config;
+        let (q, k, v) = (layer.wq.forward(h)?, layer.wk.forward(h)?, layer.wv.forward(h)?);
+        let group = c.n_head / c.n_kv_head;
+        let mut outputs = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for step in batch.iter_mut() {
+            let n = step.tokens.len();
+            let pos = step.cache.len();
+            let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor, Error> {
+                Ok(t.narrow(0, row, n)?.reshape((n, n_heads, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+            };
+            let cos = self.cos.narrow(0, pos, n)?;
+            let sin = self.sin.narrow(0, pos, n)?;
+            // GGUF llama stores q/k rows so that RoPE pairs are interleaved.
+            let rope = |t: Tensor| -> Result<Tensor, Error> {
+                Ok(candle_nn::rotary_emb::rope_i(&t.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
+            };
+            let q_s = rope(heads(&q, c.n_head)?)?;
+            let k_s = rope(heads(&k, c.n_kv_head)?)?;
+            let v_s = heads(&v, c.n_kv_head)?;
+            let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
+            let total = pos + n;
+            // q-heads of one kv-head group are stacked as extra rows: [n_kv, group*n, hd].
+            let q_g = q_s.reshape((c.n_kv_head, group * n, c.head_dim))?;
+            let scale = 1.0 / (c.head_dim as f64).sqrt();
+            let mut scores = (q_g.matmul(&k_all.t()?)? * scale)?;
+            if let Some(mask) = self.attention_mask(group, n, pos, total)? {
+                scores = scores.broadcast_add(&mask)?;
+            }
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let out = probs.matmul(&v_all.contiguous()?)?; // [n_kv, group*n, hd]
+            let out = out.reshape((c.n_head, n, c.head_dim))?.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?;
+            outputs.push(out);
+            row += n;
+        }
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Additive mask `[group*n, total]` for `n` new tokens at `pos`: causal,
+    /// plus the sliding window when the model has one. `None` when nothing
+    /// is masked (a decode step within the window).
+    fn attention_mask(&self, group: usize, n: usize, pos: usize, total: usize) -> Result<Option<Tensor>, Error> {
+        let window = self.config.sliding_window;
+        if n == 1 && window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        let mut mask = vec![0f32; group * n * total];
+        for g in 0..group {
+            for i in 0..n {
+                let query_pos = pos + i;
+                let row = &mut mask[(g * n + i) * total..][..total];
+                for (key_pos, m) in row.iter_mut().enumerate() {
+                    let future = key_pos > query_pos;
+                    let too_old = window.is_some_and(|w| query_pos - key_pos.min(query_pos) >= w);
+                    if future || too_old {
+                        *m = f32::NEG_INFINITY;
+                    }
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(mask, (group * n, total), &self.device)?))
+    }
+}
+
+/// cos/sin tables for every position up to the context length.
+fn rope_tables(c: &LlamaConfig, freq_factors: Option<&[f32]>, device: &Device) -> Result<(Tensor, Tensor), Error> {
+    let half = c.head_dim / 2;
+    if freq_factors.is_some_and(|f| f.len() != half) {
+        return Err(Error::Model("rope_freqs.weight has the wrong length".into()));
+    }
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = 1.0 / c.rope_freq_base.powf((2 * i) as f32 / c.head_dim as f32);
+            f / freq_factors.map_or(1.0, |ff| ff[i])
+        })
+        .collect();
+    let positions = Tensor::arange(0u32, c.context_length as u32, device)?.to_dtype(DType::F32)?;
+    let positions = (positions / f64::from(c.rope_linear_scale))?;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let angles = positions.reshape((c.context_length, 1))?.matmul(&inv_freq)?;
+    Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
+}
+
+/// Convenience: the logits rows of a `[n, vocab]` tensor as vectors.
+pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
+}

@@ -1,0 +1,421 @@
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, penalties,
+//! logit bias and a seeded RNG, all **permutation-equivariant**.
+//!
+//! The server samples over encrypted IDs. For a seeded draw to decrypt to
+//! the token the plaintext model would draw, nothing may depend on token IDs:
+//! - candidates are walked in probability order, exact ties broken by a key
+//!   that travels with the token (see [`crate::LlamaModel::tie_keys`]);
+//! - probability masses are summed as integers, so the totals do not depend
+//!   on the order tokens are stored in (float sums would round differently).
+
+use std::cmp::Ordering;
+use std::collections::HashMap;
+
+use ee_core::rng::{os_random_bytes, uniform_below};
+use rand_chacha::ChaCha20Rng;
+use rand_core::SeedableRng;
+
+use crate::Error;
+
+/// Probability masses are fixed-point with this many fractional bits. The
+/// most likely token has mass exactly 2^FRAC_BITS; a token below 2^-FRAC_BITS
+/// of it counts as zero, identically on every path.
+const FRAC_BITS: i32 = 62;
+/// How many candidates to order before falling back to a full sort.
+const PREFIX: usize = 64;
+
+/// Sampling settings of one sequence. Token IDs in `logit_bias` are in the
+/// same space as the model's (encrypted on the server).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy.
+    pub temperature: f32,
+    /// 0 disables.
+    pub top_k: usize,
+    /// 1 disables.
+    pub top_p: f32,
+    /// 0 disables; relative to the most likely token.
+    pub min_p: f32,
+    /// 1 disables; applies to prompt and generated tokens (vLLM semantics).
+    pub repetition_penalty: f32,
+    /// 0 disables; applies to generated tokens (OpenAI semantics).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    pub logit_bias: Vec<(u32, f32)>,
+    /// `None` seeds from the OS.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        Self { temperature: 0.0, ..Self::default() }
+    }
+
+    /// Checks ranges; `vocab_size` bounds the logit-bias keys.
+    pub fn validate(&self, vocab_size: usize) -> Result<(), Error> {
+        let bad = |what: String| Err(Error::InvalidSampling(what));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        for &(t, b) in &self.logit_bias {
+            if t as usize >= vocab_size {
+                return bad(format!("logit_bias token {t} is outside the vocabulary of {vocab_size}"));
+            }
+            if !(-100.0..=100.0).contains(&b) {
+                return bad(format!("logit_bias values must be in [-100, 100], got {b}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A drawn token with its log-probability and, if asked, the top alternatives
+/// (log-probabilities of the penalised distribution before temperature).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+#[derive(Clone, Copy)]
+struct Candidate {
+    logit: f32,
+    tie: u64,
+    id: u32,
+    mass: u64,
+}
+
+/// Probability order: higher logit first, exact ties by the travelling key.
+/// The ID is a last resort for tokens whose weights are identical too.
+fn by_probability(a: &Candidate, b: &Candidate) -> Ordering {
+    b.logit.total_cmp(&a.logit).then(b.tie.cmp(&a.tie)).then(a.id.cmp(&b.id))
+}
+
+/// Orders `c[..k]` so that it holds the `k` most probable candidates, sorted.
+fn order_prefix(c: &mut [Candidate], k: usize) {
+    let k = k.min(c.len());
+    if k == 0 {
+        return;
+    }
+    if k < c.len() {
+        c.select_nth_unstable_by(k - 1, by_probability);
+    }
+    c[..k].sort_unstable_by(by_probability);
+}
+
+/// Fixed-point mass of `exp(logit - max)`.
+fn mass(logit: f32, max: f32, temperature: f32) -> u64 {
+    let p = f64::from((logit - max) / temperature).exp();
+    (p * 2f64.powi(FRAC_BITS)) as u64
+}
+
+/// Per-sequence sampler state: settings, RNG and token history.
+pub struct Sampler {
+    params: SamplingParams,
+    rng: ChaCha20Rng,
+    /// Generated-token counts, for presence/frequency penalties.
+    generated: HashMap<u32, u32>,
+    /// Every token seen (prompt and generated), for the repetition penalty.
+    seen: HashMap<u32, ()>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams, prompt: &[u32]) -> Result<Self, Error> {
+        let seed = match params.seed {
+            Some(s) => {
+                let mut b = [0u8; 32];
+                b[..8].copy_from_slice(&s.to_le_bytes());
+                b
+            }
+            None => os_random_bytes()?,
+        };
+        let seen = prompt.iter().map(|&t| (t, ())).collect();
+        Ok(Self { params, rng: ChaCha20Rng::from_seed(seed), generated: HashMap::new(), seen })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Logits after logit bias and penalties.
+    fn processed(&self, logits: &[f32]) -> Vec<f32> {
+        let mut l = logits.to_vec();
+        let p = &self.params;
+        for &(t, b) in &p.logit_bias {
+            if let Some(x) = l.get_mut(t as usize) {
+                *x += b;
+            }
+        }
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(x) = l.get_mut(t as usize) {
+                    *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        l
+    }
+
+    /// Draws the next token, records it in the history, and reports
+    /// `top_logprobs` alternatives (0 for none).
+    pub fn sample(&mut self, logits: &[f32], tie_keys: &[u64], top_logprobs: usize) -> Result<Sampled, Error> {
+        if logits.len() != tie_keys.len() || logits.is_empty() {
+            return Err(Error::Model(format!("{} logits for {} tie keys", logits.len(), tie_keys.len())));
+        }
+        let l = self.processed(logits);
+        let max = l.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() {
+            return Err(Error::Model("no finite logit to sample from".into()));
+        }
+        let p = &self.params;
+        let greedy = p.temperature == 0.0 || p.top_k == 1;
+        let temperature = if greedy { 1.0 } else { p.temperature };
+        let min_mass = (f64::from(p.min_p) * 2f64.powi(FRAC_BITS)) as u64;
+        let mut cands: Vec<Candidate> = l
+            .iter()
+            .zip(tie_keys)
+            .enumerate()
+            .map(|(id, (&logit, &tie))| Candidate { logit, tie, id: id as u32, mass: mass(logit, max, temperature) })
+            .filter(|c| !c.logit.is_nan())
+            .collect();
+
+        let token = if greedy {
+            let best = cands.iter().min_by(|a, b| by_probability(a, b)).expect("max is finite, so a candidate exists");
+            best.id
+        } else {
+            let mut kept = cands.clone();
+            kept.retain(|c| c.mass > 0 && c.mass >= min_mass);
+            if p.top_k > 0 && p.top_k < kept.len() {
+                order_prefix(&mut kept, p.top_k);
+                kept.truncate(p.top_k);
+            }
+            // Exact integer totals: independent of storage order.
+            let total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
+            let mut ordered = PREFIX.min(kept.len());
+            order_prefix(&mut kept, ordered);
+            let mut walk = |limit: u128, kept: &mut Vec<Candidate>| -> usize {
+                // Index of the first candidate at which the cumulative mass exceeds `limit`.
+                let mut cum = 0u128;
+                let mut i = 0;
+                loop {
+                    if i == ordered && ordered < kept.len() {
+                        kept[ordered..].sort_unstable_by(by_probability);
+                        ordered = kept.len();
+                    }
+                    cum += u128::from(kept[i].mass);
+                    if cum > limit || i + 1 == kept.len() {
+                        return i;
+                    }
+                    i += 1;
+                }
+            };
+            if p.top_p < 1.0 {
+                let threshold = (total as f64 * f64::from(p.top_p)).ceil() as u128;
+                let last = walk(threshold.saturating_sub(1), &mut kept);
+                kept.truncate(last + 1);
+            }
+            let kept_total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
+            let draw = uniform_u128(&mut self.rng, kept_total);
+            let chosen = walk(draw, &mut kept);
+            kept[chosen].id
+        };
+
+        let sampled = self.logprobs(&mut cands, max, token, top_logprobs);
+        *self.generated.entry(token).or_insert(0) += 1;
+        self.seen.insert(token, ());
+        Ok(sampled)
+    }
+
+    /// Log-probabilities under the penalised distribution at temperature 1.
+    fn logprobs(&self, cands: &mut [Candidate], max: f32, token: u32, top: usize) -> Sampled {
+        let unit = 2f64.powi(FRAC_BITS);
+        let total: u128 = cands.iter().map(|c| u128::from(mass(c.logit, max, 1.0))).sum();
+        let log_z = (total as f64 / unit).ln();
+        let logprob = |logit: f32| (f64::from(logit - max) - log_z) as f32;
+        let chosen = cands.iter().find(|c| c.id == token).map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
+        order_prefix(cands, top);
+        let top_logprobs = cands.iter().take(top).map(|c| (c.id, logprob(c.logit))).collect();
+        Sampled { token, logprob: chosen, top_logprobs }
+    }
+}
+
+/// Uniform in `0..bound` for a u128 bound that may exceed u64.
+fn uniform_u128(rng: &mut ChaCha20Rng, bound: u128) -> u128 {
+    if bound <= u128::from(u64::MAX) {
+        return u128::from(uniform_below(rng, bound.max(1) as u64));
+    }
+    // Masses sum to at most vocab * 2^62 < 2^96: two words are plenty.
+    let bits = 128 - (bound - 1).leading_zeros();
+    loop {
+        let hi = u128::from(rand_core::RngCore::next_u64(rng));
+        let lo = u128::from(rand_core::RngCore::next_u64(rng));
+        let x = ((hi << 64) | lo) >> (128 - bits);
+        if x < bound {
+            return x;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ee_core::Key;
+
+    fn keys(n: usize) -> Vec<u64> {
+        (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect()
+    }
+
+    fn random_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        (0..n).map(|_| (uniform_below(&mut rng, 10_000) as f32) / 1000.0).collect()
+    }
+
+    #[test]
+    fn greedy_picks_the_max_and_breaks_ties_by_key() {
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &keys(3), 0).unwrap().token, 1);
+        let tie = [1.0, 5.0, 5.0];
+        let t = s.sample(&tie, &[0, 1, 2], 0).unwrap().token;
+        assert_eq!(t, 2, "tie goes to the larger key");
+        assert_eq!(s.sample(&tie, &[0, 2, 1], 0).unwrap().token, 1);
+    }
+
+    #[test]
+    fn seeded_sampling_is_permutation_equivariant() {
+        let n = 500;
+        let perm = Key::from_bytes([3; 32]).vocab_permutation(n as u32);
+        for (i, params) in [
+            SamplingParams { temperature: 0.8, seed: Some(1), ..Default::default() },
+            SamplingParams { temperature: 1.3, top_k: 20, seed: Some(2), ..Default::default() },
+            SamplingParams { temperature: 0.7, top_p: 0.9, min_p: 0.05, seed: Some(3), ..Default::default() },
+            SamplingParams {
+                temperature: 1.0,
+                repetition_penalty: 1.3,
+                presence_penalty: 0.5,
+                frequency_penalty: 0.4,
+                seed: Some(4),
+                ..Default::default()
+            },
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let prompt = [3u32, 7, 7, 9];
+            let enc_prompt = perm.encrypt_all(&prompt).unwrap();
+            let enc_params = SamplingParams { logit_bias: vec![(perm.encrypt(5).unwrap(), 2.0)], ..params.clone() };
+            let params = SamplingParams { logit_bias: vec![(5, 2.0)], ..params };
+            let mut plain = Sampler::new(params, &prompt).unwrap();
+            let mut enc = Sampler::new(enc_params, &enc_prompt).unwrap();
+            let plain_keys = keys(n);
+            let enc_keys = perm.scatter(&plain_keys).unwrap();
+            for step in 0..50 {
+                let logits = random_logits(n, step + 100 * i as u64);
+                let enc_logits = perm.scatter(&logits).unwrap();
+                let a = plain.sample(&logits, &plain_keys, 3).unwrap();
+                let b = enc.sample(&enc_logits, &enc_keys, 3).unwrap();
+                assert_eq!(perm.decrypt(b.token).unwrap(), a.token, "params {i} step {step}");
+                assert_eq!(a.logprob, b.logprob);
+                let dec: Vec<_> = b.top_logprobs.iter().map(|&(t, p)| (perm.decrypt(t).unwrap(), p)).collect();
+                assert_eq!(dec, a.top_logprobs);
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_draws_different_seed_differs() {
+        let logits = vec![1.0f32; 1000];
+        let draw = |seed| {
+            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..Default::default() }, &[]).unwrap();
+            (0..20).map(|_| s.sample(&logits, &keys(1000), 0).unwrap().token).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(1), draw(1));
+        assert_ne!(draw(1), draw(2));
+    }
+
+    #[test]
+    fn top_k_and_top_p_restrict_the_support() {
+        let logits: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
+        let mut s = Sampler::new(SamplingParams { top_k: 3, seed: Some(9), ..Default::default() }, &[]).unwrap();
+        for _ in 0..100 {
+            assert!(s.sample(&logits, &keys(100), 0).unwrap().token >= 97);
+        }
+        let mut peaked = vec![0.0f32; 100];
+        peaked[42] = 20.0;
+        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(9), ..Default::default() }, &[]).unwrap();
+        for _ in 0..50 {
+            assert_eq!(s.sample(&peaked, &keys(100), 0).unwrap().token, 42);
+        }
+    }
+
+    #[test]
+    fn logprobs_are_normalised() {
+        let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
+        let out = s.sample(&[0.0, 0.0f32.ln_1p(), 1.0, 2.0], &keys(4), 4).unwrap();
+        let total: f32 = out.top_logprobs.iter().map(|(_, lp)| lp.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        assert_eq!(out.top_logprobs[0].0, 3);
+        assert_eq!(out.logprob, out.top_logprobs[0].1);
+    }
+
+    #[test]
+    fn validation_rejects_out_of_range_settings() {
+        let ok = SamplingParams::default();
+        assert!(ok.validate(10).is_ok());
+        for bad in [
+            SamplingParams { temperature: -1.0, ..ok.clone() },
+            SamplingParams { temperature: f32::NAN, ..ok.clone() },
+            SamplingParams { top_p: 0.0, ..ok.clone() },
+            SamplingParams { min_p: 1.5, ..ok.clone() },
+            SamplingParams { repetition_penalty: 0.0, ..ok.clone() },
+            SamplingParams { presence_penalty: 3.0, ..ok.clone() },
+            SamplingParams { logit_bias: vec![(10, 1.0)], ..ok.clone() },
+            SamplingParams { logit_bias: vec![(1, 1000.0)], ..ok.clone() },
+        ] {
+            assert!(bad.validate(10).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn repetition_penalty_discourages_seen_tokens() {
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 10.0, ..SamplingParams::greedy() }, &[1]).unwrap();
+        assert_eq!(s.sample(&[1.0, 2.0, 1.5], &keys(3), 0).unwrap().token, 2);
+    }
+}
