@@ -1,1 +1,28 @@
-//! x
+//! `ee-client`: the key holder.
+//!
+//! Everything that touches plaintext lives here: the key and client bundle,
+//! the tokenizer ([`text`]), the chat template ([`template`]), the model tool
+//! that makes a server artifact and a bundle ([`model_tool`]), and the model
+//! fetch ([`fetch`]). The `ee` binary is its command line.
+
+pub mod fetch;
+pub mod model_tool;
+pub mod template;
+pub mod text;
+
+/// Errors of the client library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Core(#[from] ee_core::Error),
+    #[error(transparent)]
+    Engine(#[from] ee_engine::Error),
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    #[error("model fetch failed: {0}")]
+    Fetch(String),
+    #[error("model error: {0}")]
+    Model(String),
+}

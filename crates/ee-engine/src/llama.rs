@@ -95,7 +95,10 @@ impl LlamaModel {
         };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
-            let mut qmm = |n: &str| -> Result<QMatMul, Error> { Ok(QMatMul::from_qtensor(tensor(&format!("blk.{i}.{n}.weight"))?)?) };
+            let mut qmm = |n: &str| -> Result<QMatMul, Error> {
+                let name = format!("blk.{i}.{n}.weight");
+                Ok(QMatMul::from_qtensor(check_kernel_layout(&name, tensor(&name)?)?)?)
+            };
             let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
             let (w_gate, w_up, w_down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
             let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(&device)?;
@@ -216,46 +219,61 @@ impl LlamaModel {
             let v_s = heads(&v, c.n_kv_head)?;
             let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
             let total = pos + n;
-            // q-heads of one kv-head group are stacked as extra rows: [n_kv, group*n, hd].
-            let q_g = q_s.reshape((c.n_kv_head, group * n, c.head_dim))?;
+            // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
+            let rep = |t: &Tensor| -> Result<Tensor, Error> {
+                Ok(t.unsqueeze(1)?.expand((c.n_kv_head, group, total, c.head_dim))?.reshape((c.n_head, total, c.head_dim))?)
+            };
             let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let mut scores = (q_g.matmul(&k_all.t()?)? * scale)?;
-            if let Some(mask) = self.attention_mask(group, n, pos, total)? {
+            let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
+            if let Some(mask) = self.attention_mask(n, pos, total)? {
                 scores = scores.broadcast_add(&mask)?;
             }
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = probs.matmul(&v_all.contiguous()?)?; // [n_kv, group*n, hd]
-            let out = out.reshape((c.n_head, n, c.head_dim))?.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?;
+            let out = probs.matmul(&rep(&v_all)?)?;
+            let out = out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?;
             outputs.push(out);
             row += n;
         }
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
-    /// Additive mask `[group*n, total]` for `n` new tokens at `pos`: causal,
+    /// Additive mask `[n, total]` for `n` new tokens at `pos`: causal,
     /// plus the sliding window when the model has one. `None` when nothing
     /// is masked (a decode step within the window).
-    fn attention_mask(&self, group: usize, n: usize, pos: usize, total: usize) -> Result<Option<Tensor>, Error> {
+    fn attention_mask(&self, n: usize, pos: usize, total: usize) -> Result<Option<Tensor>, Error> {
         let window = self.config.sliding_window;
         if n == 1 && window.is_none_or(|w| total <= w) {
             return Ok(None);
         }
-        let mut mask = vec![0f32; group * n * total];
-        for g in 0..group {
-            for i in 0..n {
-                let query_pos = pos + i;
-                let row = &mut mask[(g * n + i) * total..][..total];
-                for (key_pos, m) in row.iter_mut().enumerate() {
-                    let future = key_pos > query_pos;
-                    let too_old = window.is_some_and(|w| query_pos - key_pos.min(query_pos) >= w);
-                    if future || too_old {
-                        *m = f32::NEG_INFINITY;
-                    }
+        let mut mask = vec![0f32; n * total];
+        for (i, row) in mask.chunks_exact_mut(total).enumerate() {
+            let query_pos = pos + i;
+            for (key_pos, m) in row.iter_mut().enumerate() {
+                let future = key_pos > query_pos;
+                let too_old = window.is_some_and(|w| query_pos.saturating_sub(key_pos) >= w);
+                if future || too_old {
+                    *m = f32::NEG_INFINITY;
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(mask, (group * n, total), &self.device)?))
+        Ok(Some(Tensor::from_vec(mask, (n, total), &self.device)?))
     }
+}
+
+/// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic
+/// (poisoning the thread pool) on an odd count; refuse such a model at load.
+fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
+    use candle_core::quantized::GgmlDType;
+    if matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+        let row = t.shape().dims().last().copied().unwrap_or(0);
+        if (row / t.dtype().block_size()) % 2 != 0 {
+            return Err(Error::Unsupported(format!(
+                "{name}: {:?} rows of {row} values (an odd number of blocks)",
+                t.dtype()
+            )));
+        }
+    }
+    Ok(t)
 }
 
 /// cos/sin tables for every position up to the context length.

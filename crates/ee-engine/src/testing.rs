@@ -58,6 +58,8 @@ impl TinySpec {
         vec![
             ("llama-q4_1-tied", base.clone()),
             ("llama-q8_0-untied", Self { weights: GgmlDType::Q8_0, untied_output: true, seed: 2, ..base.clone() }),
+            // Three q-heads per kv-head, like SmolLM2 (9 / 3).
+            ("llama-q4_1-gqa3", Self { n_embd: 192, n_head: 6, n_kv_head: 2, seed: 7, ..base.clone() }),
             ("llama-f32-mha", Self { weights: GgmlDType::F32, embedding: GgmlDType::F32, n_kv_head: 4, seed: 3, ..base.clone() }),
             ("llama-q4_0-f16-embd", Self { weights: GgmlDType::Q4_0, embedding: GgmlDType::F16, seed: 4, ..base.clone() }),
             (

@@ -1,0 +1,134 @@
+//! `ee bench`: prefill and decode tokens/s of the plaintext model and of its
+//! EE-transformed twin on the same token stream, and their ratio. A
+//! benchmark, not a test: it asserts nothing.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ee_core::transform::write_server_artifact;
+use ee_core::Key;
+use ee_engine::{LlamaModel, Sampler, SamplingParams, SeqStep};
+
+use crate::default_model;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// Plaintext GGUF model; an encrypted twin is made in a temp directory.
+    #[arg(long, default_value_os_t = default_model())]
+    model: PathBuf,
+    /// Prompt length for the prefill measurement (llama-bench's pp).
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated for the decode measurement (llama-bench's tg).
+    #[arg(long, default_value_t = 128)]
+    gen_tokens: usize,
+    /// Repetitions; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    reps: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+struct Speeds {
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Times one prefill of `prompt` and a greedy decode of `n` tokens.
+fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
+    let mut cache = model.new_cache();
+    let t = Instant::now();
+    let logits = model.forward(&mut [SeqStep { tokens: prompt, cache: &mut cache }])?;
+    let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
+
+    let mut sampler = Sampler::new(SamplingParams::greedy(), prompt)?;
+    let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
+    let t = Instant::now();
+    for _ in 0..n {
+        let token = sampler.sample(&row, model.tie_keys(), 0)?.token;
+        row = model.forward(&mut [SeqStep { tokens: &[token], cache: &mut cache }])?.squeeze(0)?.to_vec1()?;
+    }
+    Ok((prefill, n as f64 / t.elapsed().as_secs_f64()))
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
+    if let Some(n) = args.threads {
+        // Read by candle's thread pools on first use, which is below.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    let dir = tempfile::tempdir()?;
+    let enc_path = dir.path().join("encrypted.gguf");
+    let plain = LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let perm = Key::generate()?.vocab_permutation(plain.vocab_size() as u32);
+    let t = Instant::now();
+    write_server_artifact(&args.model, &enc_path, &perm, &mut |_, _| {})?;
+    let transform_secs = t.elapsed().as_secs_f64();
+    let enc = LlamaModel::load(&enc_path)?;
+
+    let needed = args.prompt_tokens.max(1) + args.gen_tokens;
+    if needed > plain.context_length() {
+        anyhow::bail!("prompt + generated tokens ({needed}) exceed the context ({})", plain.context_length());
+    }
+    // Ordinary (non-control) tokens, spread over the vocabulary.
+    let vocab = plain.vocab_size() as u64;
+    let prompt: Vec<u32> = (0..args.prompt_tokens.max(1) as u64).map(|i| (100 + i * 7919 % (vocab - 100)) as u32).collect();
+    let enc_prompt = perm.encrypt_all(&prompt)?;
+
+    // Warm-up (page in weights, size thread pools), not counted.
+    measure(&plain, &prompt[..prompt.len().min(16)], 4)?;
+    measure(&enc, &enc_prompt[..prompt.len().min(16)], 4)?;
+    let mut plain_speeds = Speeds { prefill: vec![], decode: vec![] };
+    let mut enc_speeds = Speeds { prefill: vec![], decode: vec![] };
+    for _ in 0..args.reps.max(1) {
+        // Interleaved, so drift in machine load hits both alike.
+        for (model, tokens, speeds) in [(&plain, &prompt, &mut plain_speeds), (&enc, &enc_prompt, &mut enc_speeds)] {
+            let (p, d) = measure(model, tokens, args.gen_tokens)?;
+            speeds.prefill.push(p);
+            speeds.decode.push(d);
+        }
+    }
+    let (pp, pd) = (median(&mut plain_speeds.prefill), median(&mut plain_speeds.decode));
+    let (ep, ed) = (median(&mut enc_speeds.prefill), median(&mut enc_speeds.decode));
+    println!("model: {}", args.model.display());
+    println!(
+        "threads: {}  cpu: {}  transform: {transform_secs:.2}s",
+        candle_core::utils::get_num_threads(),
+        cpu_features()
+    );
+    println!("prompt {} tokens, {} generated, median of {} runs", prompt.len(), args.gen_tokens, args.reps.max(1));
+    println!("{:<18}{:>16}{:>16}", "", "prefill tok/s", "decode tok/s");
+    println!("{:<18}{pp:>16.1}{pd:>16.1}", "plaintext");
+    println!("{:<18}{ep:>16.1}{ed:>16.1}", "encrypted");
+    println!("{:<18}{:>16.3}{:>16.3}", "ratio enc/plain", ep / pp, ed / pd);
+    Ok(())
+}
+
+fn cpu_features() -> String {
+    let mut f = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            f.push("avx2");
+        }
+        if std::arch::is_x86_feature_detected!("fma") {
+            f.push("fma");
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            f.push("avx512f");
+        }
+    }
+    if f.is_empty() {
+        "generic".into()
+    } else {
+        f.join(",")
+    }
+}

