@@ -299,3 +299,28 @@ fn rope_tables(c: &LlamaConfig, freq_factors: Option<&[f32]>, device: &Device) -
 pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {
     Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ee_core::gguf::GgufHeader;
+
+    #[test]
+    fn rope_tables_cover_the_whole_context_not_just_4096() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let spec = crate::testing::TinySpec { context_length: 8192, ..crate::testing::TinySpec::llama_q4_1() };
+        crate::testing::write_tiny_model(&path, &spec).unwrap();
+        let header = GgufHeader::read(&mut std::io::BufReader::new(File::open(&path).unwrap())).unwrap();
+        let config = LlamaConfig::from_gguf(&header).unwrap();
+        let (cos, sin) = rope_tables(&config, None, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), &[8192, config.head_dim / 2]);
+        let (c, s): (Vec<f32>, Vec<f32>) = (cos.get(8191).unwrap().to_vec1().unwrap(), sin.get(8191).unwrap().to_vec1().unwrap());
+        assert!((c[0] - 8191f32.cos()).abs() < 1e-3 && (s[0] - 8191f32.sin()).abs() < 1e-3);
+        let scaled = LlamaConfig { rope_linear_scale: 2.0, ..config.clone() };
+        let (half_cos, _) = rope_tables(&scaled, None, &Device::Cpu).unwrap();
+        let want: Vec<f32> = cos.get(4000).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = half_cos.get(8000).unwrap().to_vec1().unwrap();
+        assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+}
