@@ -27,8 +27,23 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
     let mut their_logits: Vec<f32> = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     for step in 0..32 {
         let scale = their_logits.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = ours_logits.iter().zip(&their_logits).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-        assert!(diff <= 1e-4 * scale, "step {step}: logits differ by {diff} (scale {scale})");
+        // Activations are quantized to 8 bits before every quantized matmul.
+        // That rounding is discontinuous: our AVX2 kernel and candle's scalar
+        // one sum in different orders, a last-bit difference can flip a
+        // rounding, and 30 layers compound it (llama.cpp and candle differ
+        // from each other the same way). Hence a tolerance of a few percent
+        // on the worst logit, a tight one on the mean, and exact greedy text.
+        // Logits are centred first: softmax ignores a common offset.
+        let centred = |v: &[f32]| {
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            v.iter().map(|x| x - mean).collect::<Vec<f32>>()
+        };
+        let (a, b) = (centred(&ours_logits), centred(&their_logits));
+        let diffs: Vec<f32> = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).collect();
+        let max = diffs.iter().fold(0f32, |m, d| m.max(*d));
+        let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
+        assert!(max <= 0.08 * scale, "step {step}: worst logit differs by {max} (scale {scale})");
+        assert!(mean <= 0.01 * scale, "step {step}: logits differ by {mean} on average (scale {scale})");
         let (a, b) = (argmax(&ours_logits), argmax(&their_logits));
         assert_eq!(a, b, "greedy token differs at step {step}");
         let pos = tokens.len();
@@ -37,4 +52,20 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
         let input = Tensor::new(&[a], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
         their_logits = theirs.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
     }
+}
+
+#[test]
+fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
+    let opts = ee_engine::LoadOptions { candle_kernels: true };
+    let ours = LlamaModel::load_with(&model_path(), &opts).unwrap();
+    let logits: Vec<f32> =
+        ours.forward(&mut [SeqStep { tokens: &PROMPT, cache: &mut ours.new_cache() }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let input = Tensor::new(PROMPT.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let reference: Vec<f32> = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let diff = logits.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(diff <= 1e-4 * scale, "logits differ by {diff} (scale {scale})");
 }

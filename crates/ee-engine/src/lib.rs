@@ -12,6 +12,7 @@ pub mod config;
 pub mod generate;
 pub mod kv_cache;
 pub mod llama;
+pub mod quant;
 pub mod sampler;
 #[doc(hidden)]
 pub mod testing;
@@ -19,7 +20,7 @@ pub mod testing;
 pub use config::LlamaConfig;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
-pub use llama::{LlamaModel, SeqStep};
+pub use llama::{LlamaModel, LoadOptions, SeqStep};
 pub use sampler::{Sampled, Sampler, SamplingParams};
 
 /// Errors of the engine.

@@ -15,24 +15,58 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use ee_core::gguf::GgufHeader;
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
+use crate::quant::QuantMatrix;
 use crate::Error;
+
+/// A weight matrix: our runtime-dispatched kernels where we have them
+/// (Q4_1, Q8_0), candle's QMatMul otherwise.
+enum Linear {
+    Ours(QuantMatrix),
+    Candle(QMatMul),
+}
+
+impl Linear {
+    fn new(name: &str, t: QTensor, opts: &LoadOptions) -> Result<Self, Error> {
+        let t = check_kernel_layout(name, t)?;
+        Ok(match QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
+            true => Linear::Ours(QuantMatrix::from_qtensor(&t)?),
+            false => Linear::Candle(QMatMul::from_qtensor(t)?),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
+        match self {
+            Linear::Ours(m) => m.forward(x),
+            Linear::Candle(m) => Ok(m.forward(x)?),
+        }
+    }
+}
 
 struct Layer {
     attn_norm: Tensor,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Tensor,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone, Default)]
+pub struct LoadOptions {
+    /// Use candle's matmul kernels everywhere instead of ours. Slower in a
+    /// portable build; it isolates the forward pass from kernel rounding when
+    /// comparing with candle's reference model.
+    pub candle_kernels: bool,
 }
 
 /// One sequence's share of a forward step.
@@ -47,7 +81,7 @@ pub struct LlamaModel {
     embedding: Tensor,
     layers: Vec<Layer>,
     output_norm: Tensor,
-    output: QMatMul,
+    output: Linear,
     /// RoPE tables `[context_length, head_dim / 2]`.
     cos: Tensor,
     sin: Tensor,
@@ -64,6 +98,10 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 impl LlamaModel {
     /// Loads a (plaintext or EE-transformed) GGUF model onto the CPU.
     pub fn load(path: &Path) -> Result<Self, Error> {
+        Self::load_with(path, &LoadOptions::default())
+    }
+
+    pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Self, Error> {
         let open = || File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())));
         let header = GgufHeader::read(&mut BufReader::new(open()?))?;
         let config = LlamaConfig::from_gguf(&header)?;
@@ -95,9 +133,9 @@ impl LlamaModel {
         };
         let mut layers = Vec::with_capacity(config.n_layers);
         for i in 0..config.n_layers {
-            let mut qmm = |n: &str| -> Result<QMatMul, Error> {
+            let mut qmm = |n: &str| -> Result<Linear, Error> {
                 let name = format!("blk.{i}.{n}.weight");
-                Ok(QMatMul::from_qtensor(check_kernel_layout(&name, tensor(&name)?)?)?)
+                Linear::new(&name, tensor(&name)?, opts)
             };
             let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
             let (w_gate, w_up, w_down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
@@ -112,7 +150,7 @@ impl LlamaModel {
             embedding,
             layers,
             output_norm,
-            output: QMatMul::from_qtensor(output_q)?,
+            output: Linear::new("output", output_q, opts)?,
             cos,
             sin,
             tie_keys,
@@ -158,7 +196,7 @@ impl LlamaModel {
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
         let normed = candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
-        Ok(self.output.forward(&normed)?)
+        self.output.forward(&normed)
     }
 
     /// Runs every layer; returns the final hidden states of all new tokens
@@ -263,7 +301,6 @@ impl LlamaModel {
 /// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic
 /// (poisoning the thread pool) on an odd count; refuse such a model at load.
 fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
-    use candle_core::quantized::GgmlDType;
     if matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
         let row = t.shape().dims().last().copied().unwrap_or(0);
         if (row / t.dtype().block_size()) % 2 != 0 {

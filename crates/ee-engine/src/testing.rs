@@ -129,7 +129,6 @@ fn ggml_type_id(dtype: GgmlDType) -> u32 {
         GgmlDType::Q5K => 13,
         GgmlDType::Q6K => 14,
         GgmlDType::Q8K => 15,
-        GgmlDType::BF16 => 30,
     }
 }
 
