@@ -5,7 +5,8 @@
 //!   writes the server artifact (vocabulary rows permuted, tokenizer gone);
 //! - [`vocab`]: the tokenizer metadata only the client may keep, and its
 //!   Hugging Face `tokenizer.json` form;
-//! - [`bundle`]: the client bundle format.
+//! - [`bundle`]: the client bundle format;
+//! - [`wire`]: the request/response types server and client share.
 //!
 //! No networking and no inference live here; the only I/O is reading and
 //! writing model, key and bundle files.
@@ -17,6 +18,7 @@ pub mod perm;
 pub mod rng;
 pub mod transform;
 pub mod vocab;
+pub mod wire;
 
 pub use bundle::{BundleManifest, ClientBundle};
 pub use key::Key;

@@ -4,6 +4,7 @@
 //! - [`LlamaModel`]: loading and a batched forward pass in which every
 //!   sequence has its own [`KvCache`] and position (for continuous batching);
 //! - [`Sampler`]: permutation-equivariant sampling;
+//! - [`Scheduler`]: continuous batching on an engine thread;
 //! - [`generate`]: a single-sequence loop for the CLI, benchmarks and tests.
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
@@ -14,6 +15,7 @@ pub mod kv_cache;
 pub mod llama;
 pub mod quant;
 pub mod sampler;
+pub mod scheduler;
 #[doc(hidden)]
 pub mod testing;
 
@@ -22,6 +24,7 @@ pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use llama::{LlamaModel, LoadOptions, SeqStep};
 pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use scheduler::{Scheduler, SchedulerConfig, SequenceEvent, SequenceRequest, SubmitError};
 
 /// Errors of the engine.
 #[derive(Debug, thiserror::Error)]

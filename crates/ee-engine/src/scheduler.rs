@@ -1,0 +1,392 @@
+//! Continuous batching: one engine thread advances every running sequence
+//! in each forward step.
+//!
+//! Between steps it admits waiting sequences (up to `max_batch` running),
+//! drops sequences whose receiver is gone (a client that disconnected), and
+//! builds the next step: one token for every decoding sequence, then chunks
+//! of waiting prompts, oldest first, within a per-step token budget, so a
+//! long prompt never stalls the others' decoding.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use tokio::sync::mpsc as tokio_mpsc;
+
+use crate::generate::FinishReason;
+use crate::kv_cache::KvCache;
+use crate::llama::{LlamaModel, SeqStep};
+use crate::sampler::{Sampled, Sampler, SamplingParams};
+use crate::Error;
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Sequences decoding together.
+    pub max_batch: usize,
+    /// Sequences waiting for a slot; past it `submit` refuses.
+    pub max_queue: usize,
+    /// Tokens one step may process, decode and prefill together.
+    pub step_token_budget: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { max_batch: 16, max_queue: 256, step_token_budget: 512 }
+    }
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone)]
+pub struct SequenceRequest {
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    pub stop_token_ids: Vec<u32>,
+    /// Alternatives per token to report; `None` reports no logprobs.
+    pub top_logprobs: Option<usize>,
+}
+
+/// What the engine tells the submitter, in order.
+#[derive(Debug, Clone)]
+pub enum SequenceEvent {
+    Token(Sampled),
+    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Failed(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the queue is full ({0} requests waiting)")]
+    QueueFull(usize),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// Live counts, for metrics.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+}
+
+struct Submission {
+    request: SequenceRequest,
+    events: tokio_mpsc::UnboundedSender<SequenceEvent>,
+}
+
+/// Handle to the engine thread. Cloning shares the thread; it stops when
+/// the last handle is dropped and its sequences are done.
+#[derive(Clone)]
+pub struct Scheduler {
+    tx: mpsc::Sender<Submission>,
+    stats: Arc<SchedulerStats>,
+    max_queue: usize,
+}
+
+impl Scheduler {
+    pub fn start(model: Arc<LlamaModel>, config: SchedulerConfig) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(SchedulerStats::default());
+        let max_queue = config.max_queue;
+        let thread_stats = stats.clone();
+        thread::Builder::new()
+            .name("ee-engine".into())
+            .spawn(move || EngineLoop::new(model, config, thread_stats).run(rx))
+            .expect("spawning the engine thread");
+        Self { tx, stats, max_queue }
+    }
+
+    /// Queues a sequence; its events arrive on the returned receiver.
+    /// Dropping the receiver cancels the sequence and frees its cache.
+    pub fn submit(&self, request: SequenceRequest) -> Result<tokio_mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        if waiting >= self.max_queue {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull(waiting));
+        }
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        self.tx.send(Submission { request, events }).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })?;
+        Ok(rx)
+    }
+
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+}
+
+struct Running {
+    request: SequenceRequest,
+    events: tokio_mpsc::UnboundedSender<SequenceEvent>,
+    cache: KvCache,
+    sampler: Sampler,
+    /// Prompt tokens fed so far.
+    fed: usize,
+    /// The last sampled token, fed in the next decode step.
+    last: Option<u32>,
+    generated: usize,
+}
+
+impl Running {
+    fn finish(&self, reason: FinishReason) {
+        let _ = self.events.send(SequenceEvent::Finished {
+            reason,
+            prompt_tokens: self.request.prompt.len(),
+            completion_tokens: self.generated,
+        });
+    }
+}
+
+struct EngineLoop {
+    model: Arc<LlamaModel>,
+    config: SchedulerConfig,
+    stats: Arc<SchedulerStats>,
+    waiting: VecDeque<Submission>,
+    running: Vec<Running>,
+}
+
+impl EngineLoop {
+    fn new(model: Arc<LlamaModel>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
+        Self { model, config, stats, waiting: VecDeque::new(), running: Vec::new() }
+    }
+
+    fn run(mut self, rx: mpsc::Receiver<Submission>) {
+        loop {
+            if self.waiting.is_empty() && self.running.is_empty() {
+                match rx.recv() {
+                    Ok(s) => self.waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(s) = rx.try_recv() {
+                self.waiting.push_back(s);
+            }
+            self.drop_cancelled();
+            self.admit();
+            if let Err(e) = self.step() {
+                // A failed step fails its sequences, never the server.
+                for seq in self.running.drain(..) {
+                    let _ = seq.events.send(SequenceEvent::Failed(e.to_string()));
+                }
+            }
+            self.stats.running.store(self.running.len(), Ordering::SeqCst);
+        }
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|s| !s.events.is_closed());
+        self.stats.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        self.running.retain(|s| !s.events.is_closed());
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_batch {
+            let Some(Submission { request, events }) = self.waiting.pop_front() else { break };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let checked = request
+                .sampling
+                .validate(self.model.vocab_size())
+                .and_then(|()| Sampler::new(request.sampling.clone(), &request.prompt))
+                .and_then(|s| check_request(&self.model, &request).map(|()| s));
+            match checked {
+                Ok(sampler) => {
+                    let cache = self.model.new_cache();
+                    self.running.push(Running { request, events, cache, sampler, fed: 0, last: None, generated: 0 });
+                }
+                Err(e) => {
+                    let _ = events.send(SequenceEvent::Failed(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Runs one forward step over the running sequences and samples.
+    fn step(&mut self) -> Result<(), Error> {
+        let mut budget = self.config.step_token_budget.max(1);
+        // (index into running, tokens this step, whether it samples after).
+        let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new();
+        for (i, seq) in self.running.iter().enumerate() {
+            if let Some(t) = seq.last {
+                plan.push((i, vec![t], true));
+                budget = budget.saturating_sub(1);
+            }
+        }
+        for (i, seq) in self.running.iter().enumerate() {
+            if seq.last.is_none() && budget > 0 {
+                let take = (seq.request.prompt.len() - seq.fed).min(budget);
+                let chunk = seq.request.prompt[seq.fed..seq.fed + take].to_vec();
+                budget -= take;
+                plan.push((i, chunk, seq.fed + take == seq.request.prompt.len()));
+            }
+        }
+        if plan.is_empty() {
+            return Ok(());
+        }
+        plan.sort_by_key(|(i, _, _)| *i);
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+            let mut steps = Vec::with_capacity(plan.len());
+            // Hand each planned sequence its own cache, in running order.
+            let mut planned = plan.iter().peekable();
+            for (i, cache) in caches.iter_mut().enumerate() {
+                if let Some((_, tokens, _)) = planned.next_if(|(j, _, _)| *j == i) {
+                    steps.push(SeqStep { tokens, cache: &mut **cache });
+                }
+            }
+            self.model.forward(&mut steps)?.to_vec2::<f32>()?
+        };
+        let mut finished = Vec::new();
+        for ((i, tokens, samples), row) in plan.iter().zip(&logits) {
+            let seq = &mut self.running[*i];
+            if seq.last.is_none() {
+                seq.fed += tokens.len();
+            }
+            if !samples {
+                continue;
+            }
+            let sampled = seq.sampler.sample(row, self.model.tie_keys(), seq.request.top_logprobs.unwrap_or(0))?;
+            let token = sampled.token;
+            seq.generated += 1;
+            seq.last = Some(token);
+            let _ = seq.events.send(SequenceEvent::Token(sampled));
+            if seq.request.stop_token_ids.contains(&token) {
+                finished.push((*i, FinishReason::Stop));
+            } else if seq.generated >= seq.request.max_tokens || seq.cache.len() >= self.model.context_length() {
+                finished.push((*i, FinishReason::Length));
+            }
+        }
+        for (i, reason) in finished.iter().rev() {
+            self.running.remove(*i).finish(*reason);
+        }
+        Ok(())
+    }
+}
+
+/// Checks what the model itself constrains: IDs and context length.
+fn check_request(model: &LlamaModel, r: &SequenceRequest) -> Result<(), Error> {
+    if r.prompt.is_empty() {
+        return Err(Error::Model("empty prompt".into()));
+    }
+    if let Some(&t) = r.prompt.iter().chain(&r.stop_token_ids).find(|&&t| t as usize >= model.vocab_size()) {
+        return Err(Error::TokenOutOfRange { token: t, vocab_size: model.vocab_size() });
+    }
+    let needed = r.prompt.len() + r.max_tokens;
+    if needed > model.context_length() {
+        return Err(Error::ContextOverflow { needed, limit: model.context_length() });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::{generate, GenerateOptions};
+    use crate::testing::{write_tiny_model, TinySpec};
+    use std::time::{Duration, Instant};
+
+    fn tiny() -> (tempfile::TempDir, Arc<LlamaModel>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
+        let model = Arc::new(LlamaModel::load(&path).unwrap());
+        (dir, model)
+    }
+
+    fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
+        SequenceRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop_token_ids: vec![], top_logprobs: None }
+    }
+
+    fn collect(mut rx: tokio_mpsc::UnboundedReceiver<SequenceEvent>) -> (Vec<u32>, Option<FinishReason>) {
+        let mut tokens = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                SequenceEvent::Token(s) => tokens.push(s.token),
+                SequenceEvent::Finished { reason, .. } => return (tokens, Some(reason)),
+                SequenceEvent::Failed(e) => panic!("failed: {e}"),
+            }
+        }
+        (tokens, None)
+    }
+
+    #[test]
+    fn concurrent_sequences_equal_the_same_sequences_alone() {
+        let (_dir, model) = tiny();
+        // A small budget forces chunked prefill interleaved with decoding.
+        let sched = Scheduler::start(model.clone(), SchedulerConfig { max_batch: 3, max_queue: 16, step_token_budget: 7 });
+        let prompts: Vec<Vec<u32>> = (0..5).map(|i| (0..(4 + 9 * i)).map(|j| ((j * 31 + i * 7) % 250 + 3) as u32).collect()).collect();
+        let receivers: Vec<_> = prompts.iter().map(|p| sched.submit(request(p.clone(), 12)).unwrap()).collect();
+        for (p, rx) in prompts.iter().zip(receivers) {
+            let alone = generate(&model, p, &GenerateOptions { max_tokens: 12, ..Default::default() }, |_| {}).unwrap();
+            let (tokens, reason) = collect(rx);
+            assert_eq!(tokens, alone.token_ids());
+            assert_eq!(reason, Some(FinishReason::Length));
+        }
+    }
+
+    #[test]
+    fn stop_tokens_end_a_sequence() {
+        let (_dir, model) = tiny();
+        let sched = Scheduler::start(model.clone(), SchedulerConfig::default());
+        let (free, _) = collect(sched.submit(request(vec![5, 6, 7], 8)).unwrap());
+        let stop = free[2];
+        let first = free.iter().position(|&t| t == stop).unwrap();
+        let (tokens, reason) = collect(sched.submit(SequenceRequest { stop_token_ids: vec![stop], ..request(vec![5, 6, 7], 8) }).unwrap());
+        assert_eq!(reason, Some(FinishReason::Stop));
+        assert_eq!(tokens, free[..=first]);
+    }
+
+    #[test]
+    fn a_dropped_receiver_frees_its_slot() {
+        let (_dir, model) = tiny();
+        let sched = Scheduler::start(model, SchedulerConfig::default());
+        let mut rx = sched.submit(request(vec![5, 6, 7], 200)).unwrap();
+        assert!(matches!(rx.blocking_recv(), Some(SequenceEvent::Token(_))));
+        drop(rx);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sched.stats().running.load(Ordering::SeqCst) != 0 {
+            assert!(Instant::now() < deadline, "cancelled sequence still running");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
+        let (_dir, model) = tiny();
+        let vocab = model.vocab_size() as u32;
+        let sched = Scheduler::start(model, SchedulerConfig { max_batch: 1, max_queue: 2, step_token_budget: 64 });
+        let mut held = Vec::new();
+        let mut refused = 0;
+        for _ in 0..8 {
+            match sched.submit(request(vec![5; 20], 100)) {
+                Ok(rx) => held.push(rx),
+                Err(SubmitError::QueueFull(_)) => refused += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(refused >= 4, "only {refused} refused");
+        // Cancelled requests leave the queue between steps.
+        drop(held);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sched.stats().waiting.load(Ordering::SeqCst) != 0 {
+            assert!(Instant::now() < deadline, "cancelled requests still queued");
+            thread::sleep(Duration::from_millis(5));
+        }
+        let mut rx = sched.submit(request(vec![vocab], 4)).unwrap();
+        loop {
+            match rx.blocking_recv() {
+                Some(SequenceEvent::Failed(msg)) => {
+                    assert!(msg.contains("outside the vocabulary"), "{msg}");
+                    break;
+                }
+                other => assert!(Instant::now() < deadline, "unexpected {other:?}"),
+            }
+        }
+        // Still serving.
+        let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
+        assert_eq!(tokens.len(), 3);
+    }
+}
