@@ -1,0 +1,124 @@
+//! `ee-server`: the blind inference server.
+//!
+//! It hosts an EE-transformed model and answers OpenAI-shaped requests whose
+//! prompts and answers are encrypted token IDs. It has no tokenizer, no chat
+//! template and no key: it cannot turn what it computes into text. This
+//! crate is the HTTP layer only; batching and sampling live in `ee-engine`.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod routes;
+pub mod validate;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
+use axum::http::{HeaderValue, Method};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use ee_core::wire::ModelCard;
+use ee_engine::Scheduler;
+use subtle::ConstantTimeEq;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+
+use crate::config::ServerConfig;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::validate::Limits;
+
+/// The model once it is loaded.
+pub struct LoadedModel {
+    pub scheduler: Scheduler,
+    pub limits: Limits,
+    pub card: ModelCard,
+}
+
+pub struct AppState {
+    pub config: ServerConfig,
+    pub api_keys: Vec<String>,
+    /// Empty while the model loads: `/health` answers 503 until it is set.
+    pub model: OnceLock<LoadedModel>,
+    pub metrics: Metrics,
+    next_request: AtomicU64,
+}
+
+impl AppState {
+    pub fn new(config: ServerConfig, api_keys: Vec<String>) -> Arc<Self> {
+        Arc::new(Self { config, api_keys, model: OnceLock::new(), metrics: Metrics::default(), next_request: AtomicU64::new(1) })
+    }
+
+    pub fn loaded(&self) -> Result<&LoadedModel, ApiError> {
+        self.model.get().ok_or_else(ApiError::loading)
+    }
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The whole HTTP surface.
+pub fn router(state: SharedState) -> Router {
+    let protected = Router::new()
+        .route("/v1/models", get(routes::models))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
+    let mut app = Router::new()
+        .route("/health", get(routes::health))
+        .merge(protected)
+        .fallback(|| async { ApiError::not_found("no such route").into_response() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .with_state(state.clone());
+    if let Some(cors) = cors_layer(&state.config.cors_allowed_origins) {
+        app = app.layer(cors);
+    }
+    app
+}
+
+fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(CorsLayer::new().allow_origin(allow).allow_methods([Method::GET, Method::POST]).allow_headers(Any))
+}
+
+/// Bearer API keys, compared in constant time. `/health` is not behind it.
+async fn authenticate(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    if state.api_keys.is_empty() {
+        return next.run(req).await;
+    }
+    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(g.as_bytes()))));
+    if !ok {
+        return ApiError::unauthorized().into_response();
+    }
+    next.run(req).await
+}
+
+/// Request ids, sizes, timings and status metrics. Never bodies: token IDs
+/// are not logged at any level.
+async fn observe(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let id = state.next_request.fetch_add(1, Ordering::Relaxed);
+    let (method, path) = (req.method().clone(), req.uri().path().to_owned());
+    let bytes = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let started = Instant::now();
+    let mut response = next.run(req).await;
+    let status = response.status().as_u16();
+    state.metrics.record_status(status);
+    tracing::info!(request_id = id, %method, path, request_bytes = bytes, status, ms = started.elapsed().as_millis() as u64, "request");
+    if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}

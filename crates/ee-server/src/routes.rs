@@ -1,0 +1,369 @@
+//! Handlers: health, models, metrics, and the two generation endpoints,
+//! streaming (SSE) or not.
+
+use std::convert::Infallible;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ee_core::wire::{
+    AssistantTokens, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
+    CompletionResponse, FinishReason, Logprobs, ModelList, TokenLogprob, TopLogprob, Usage,
+};
+use ee_engine::{Sampled, SequenceEvent, SequenceRequest, SubmitError};
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::validate::{self, ValidRequest};
+use crate::{LoadedModel, SharedState};
+
+pub async fn health(State(state): State<SharedState>) -> Response {
+    match state.loaded() {
+        Ok(_) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+pub async fn models(State(state): State<SharedState>) -> Result<Json<ModelList>, ApiError> {
+    let loaded = state.loaded()?;
+    Ok(Json(ModelList { object: "list".into(), data: vec![loaded.card.clone()] }))
+}
+
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let (waiting, running) = match state.model.get() {
+        Some(m) => {
+            let s = m.scheduler.stats();
+            (s.waiting.load(std::sync::atomic::Ordering::Relaxed), s.running.load(std::sync::atomic::Ordering::Relaxed))
+        }
+        None => (0, 0),
+    };
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(waiting, running)).into_response()
+}
+
+/// Reads a JSON body: content type, size and nesting checked first, so each
+/// failure gets its own status and the envelope.
+async fn read_json<T: DeserializeOwned>(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+    if !json {
+        return Err(ApiError::unsupported_media_type());
+    }
+    let limit = state.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::too_large(limit))?;
+    let depth = validate::json_depth(&bytes);
+    if depth > state.config.max_json_depth {
+        return Err(ApiError::bad_request(format!("JSON nested {depth} deep; the limit is {}", state.config.max_json_depth)));
+    }
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
+    match requested {
+        Some(m) if m != loaded.card.id => {
+            Err(ApiError::not_found(format!("model {m:?} is not served here; this server hosts {:?}", loaded.card.id))
+                .with_code("model_not_found"))
+        }
+        _ => Ok(()),
+    }
+}
+
+pub async fn completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let request: CompletionRequest = read_json(&state, &headers, body).await?;
+        let loaded = state.loaded()?;
+        check_model(loaded, request.model.as_deref())?;
+        let valid = validate::completion(&request, &loaded.limits)?;
+        Ok::<_, ApiError>(generate(state.clone(), valid, Endpoint::Completion).await)
+    };
+    result.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+pub async fn chat_completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    let result = async {
+        let request: ChatCompletionRequest = read_json(&state, &headers, body).await?;
+        let loaded = state.loaded()?;
+        check_model(loaded, request.model.as_deref())?;
+        let valid = validate::chat(&request, &loaded.limits)?;
+        Ok::<_, ApiError>(generate(state.clone(), valid, Endpoint::Chat).await)
+    };
+    result.await.unwrap_or_else(IntoResponse::into_response)
+}
+
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Completion,
+    Chat,
+}
+
+/// One choice as it accumulates.
+#[derive(Default, Clone)]
+struct ChoiceState {
+    tokens: Vec<u32>,
+    logprobs: Vec<TokenLogprob>,
+    finish: Option<FinishReason>,
+    last_token_at: Option<Instant>,
+}
+
+/// The choices of one request, and what its envelopes share.
+struct Job {
+    id: String,
+    created: u64,
+    model: String,
+    endpoint: Endpoint,
+    prompt_tokens: usize,
+    want_logprobs: Option<usize>,
+    started: Instant,
+    choices: Vec<ChoiceState>,
+}
+
+impl Job {
+    fn usage(&self) -> Usage {
+        let completion_tokens = self.choices.iter().map(|c| c.tokens.len()).sum();
+        Usage { prompt_tokens: self.prompt_tokens, completion_tokens, total_tokens: self.prompt_tokens + completion_tokens }
+    }
+
+    fn token_logprob(&self, s: &Sampled) -> TokenLogprob {
+        let top = s.top_logprobs.iter().map(|&(token_id, logprob)| TopLogprob { token_id, logprob }).collect();
+        TokenLogprob { token_id: s.token, logprob: s.logprob, top_logprobs: top }
+    }
+
+    /// Records an event; returns the new token (if any) for streaming.
+    fn apply(&mut self, state: &SharedState, index: usize, event: SequenceEvent) -> Result<Option<Sampled>, ApiError> {
+        let now = Instant::now();
+        match event {
+            SequenceEvent::Token(s) => {
+                let lp = self.want_logprobs.map(|_| self.token_logprob(&s));
+                let choice = &mut self.choices[index];
+                match choice.last_token_at {
+                    None => state.metrics.time_to_first_token.observe(now - self.started),
+                    Some(t) => state.metrics.inter_token_latency.observe(now - t),
+                }
+                choice.last_token_at = Some(now);
+                choice.tokens.push(s.token);
+                choice.logprobs.extend(lp);
+                state.metrics.completion_tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Ok(Some(s))
+            }
+            SequenceEvent::Finished { reason, .. } => {
+                self.choices[index].finish = Some(match reason {
+                    ee_engine::FinishReason::Stop => FinishReason::Stop,
+                    ee_engine::FinishReason::Length => FinishReason::Length,
+                });
+                Ok(None)
+            }
+            SequenceEvent::Failed(msg) => Err(ApiError::internal(format!("generation failed: {msg}"))),
+        }
+    }
+
+    fn logprobs_of(&self, lps: Vec<TokenLogprob>) -> Option<Logprobs> {
+        self.want_logprobs.map(|_| Logprobs { content: lps })
+    }
+
+    /// The whole answer (non-streaming).
+    fn response(&self) -> serde_json::Value {
+        let usage = Some(self.usage());
+        match self.endpoint {
+            Endpoint::Completion => serde_json::to_value(CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: self.choices.iter().enumerate().map(|(i, c)| self.completion_choice(i, c.tokens.clone(), c.logprobs.clone(), c.finish)).collect(),
+                usage,
+            }),
+            Endpoint::Chat => serde_json::to_value(ChatCompletionResponse {
+                id: self.id.clone(),
+                object: "chat.completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: self
+                    .choices
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| ChatChoice {
+                        index: i,
+                        message: Some(AssistantTokens { role: Some("assistant".into()), content: None, token_ids: c.tokens.clone() }),
+                        delta: None,
+                        logprobs: self.logprobs_of(c.logprobs.clone()),
+                        finish_reason: c.finish,
+                    })
+                    .collect(),
+                usage,
+            }),
+        }
+        .unwrap_or_default()
+    }
+
+    fn completion_choice(&self, index: usize, token_ids: Vec<u32>, lps: Vec<TokenLogprob>, finish: Option<FinishReason>) -> CompletionChoice {
+        CompletionChoice { index, text: String::new(), token_ids, logprobs: self.logprobs_of(lps), finish_reason: finish }
+    }
+
+    /// One streamed chunk: a token of choice `index`, or its finish.
+    fn chunk(&self, index: usize, token: Option<&Sampled>, finish: Option<FinishReason>, usage: Option<Usage>) -> serde_json::Value {
+        let token_ids: Vec<u32> = token.map(|s| s.token).into_iter().collect();
+        let lps: Vec<TokenLogprob> = token.filter(|_| self.want_logprobs.is_some()).map(|s| self.token_logprob(s)).into_iter().collect();
+        let first = token.is_some() && self.choices[index].tokens.len() == 1;
+        let no_choices = usage.is_some();
+        match self.endpoint {
+            Endpoint::Completion => serde_json::to_value(CompletionResponse {
+                id: self.id.clone(),
+                object: "text_completion".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if no_choices { vec![] } else { vec![self.completion_choice(index, token_ids, lps, finish)] },
+                usage,
+            }),
+            Endpoint::Chat => serde_json::to_value(ChatCompletionResponse {
+                id: self.id.clone(),
+                object: "chat.completion.chunk".into(),
+                created: self.created,
+                model: self.model.clone(),
+                choices: if no_choices {
+                    vec![]
+                } else {
+                    vec![ChatChoice {
+                        index,
+                        message: None,
+                        delta: Some(AssistantTokens { role: first.then(|| "assistant".into()), content: None, token_ids }),
+                        logprobs: token.and(self.logprobs_of(lps)),
+                        finish_reason: finish,
+                    }]
+                },
+                usage,
+            }),
+        }
+        .unwrap_or_default()
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+type Events = SelectAll<BoxStream<'static, (usize, SequenceEvent)>>;
+
+/// Submits every choice; on failure the already-submitted ones are dropped,
+/// which cancels them.
+fn submit(loaded: &LoadedModel, v: &ValidRequest) -> Result<Events, ApiError> {
+    let mut streams = Vec::new();
+    for (p, prompt) in v.prompts.iter().enumerate() {
+        for j in 0..v.n {
+            let mut sampling = v.sampling.clone();
+            // Distinct but reproducible draws for each of n choices.
+            sampling.seed = sampling.seed.map(|s| s.wrapping_add(j as u64));
+            let request = SequenceRequest {
+                prompt: prompt.clone(),
+                sampling,
+                max_tokens: v.max_tokens[p],
+                stop_token_ids: v.stop_token_ids.clone(),
+                top_logprobs: v.top_logprobs,
+            };
+            let rx = loaded.scheduler.submit(request).map_err(|e| match e {
+                SubmitError::QueueFull(_) => ApiError::overloaded(),
+                SubmitError::Stopped => ApiError::internal("the engine has stopped"),
+            })?;
+            let index = streams.len();
+            streams.push(stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|ev| ((index, ev), rx)) }).boxed());
+        }
+    }
+    Ok(stream::select_all(streams))
+}
+
+async fn generate(state: SharedState, v: ValidRequest, endpoint: Endpoint) -> Response {
+    let loaded = match state.loaded() {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    let events = match submit(loaded, &v) {
+        Ok(e) => e,
+        Err(e) => return e.into_response(),
+    };
+    let prompt_tokens = v.prompts.iter().map(Vec::len).sum();
+    state.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let job = Job {
+        id: format!("{}-{:x}{:x}", if matches!(endpoint, Endpoint::Chat) { "chatcmpl" } else { "cmpl" }, unix_now(), rand_suffix()),
+        created: unix_now(),
+        model: loaded.card.id.clone(),
+        endpoint,
+        prompt_tokens,
+        want_logprobs: v.top_logprobs,
+        started,
+        choices: vec![ChoiceState::default(); v.prompts.len() * v.n],
+    };
+    let deadline = started + Duration::from_secs(state.config.request_timeout_secs);
+    if v.stream {
+        stream_response(state, job, events, deadline, v.include_usage)
+    } else {
+        collect_response(state, job, events, deadline).await
+    }
+}
+
+fn rand_suffix() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(unix_now());
+    h.finish() & 0xffff_ffff
+}
+
+async fn collect_response(state: SharedState, mut job: Job, mut events: Events, deadline: Instant) -> Response {
+    loop {
+        match tokio::time::timeout_at(deadline, events.next()).await {
+            Err(_) => return ApiError::timeout().into_response(),
+            Ok(None) => break,
+            Ok(Some((i, ev))) => {
+                if let Err(e) = job.apply(&state, i, ev) {
+                    return e.into_response();
+                }
+            }
+        }
+    }
+    (StatusCode::OK, Json(job.response())).into_response()
+}
+
+/// SSE: `data: {chunk}` per token, a finish chunk per choice, an optional
+/// usage chunk, then `data: [DONE]`. A client that goes away drops the
+/// channel; the task then drops its receivers, which cancels the sequences.
+fn stream_response(state: SharedState, mut job: Job, mut events: Events, deadline: Instant, include_usage: bool) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let data = |v: serde_json::Value| Event::default().data(v.to_string());
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                _ = tokio::time::sleep_until(deadline) => {
+                    let _ = tx.send(data(serde_json::to_value(ApiError::timeout().envelope()).unwrap_or_default())).await;
+                    break;
+                }
+                next = events.next() => next,
+            };
+            let Some((i, ev)) = next else { break };
+            let chunk = match job.apply(&state, i, ev) {
+                Ok(Some(token)) => job.chunk(i, Some(&token), None, None),
+                Ok(None) => job.chunk(i, None, job.choices[i].finish, None),
+                Err(e) => {
+                    let _ = tx.send(data(serde_json::to_value(e.envelope()).unwrap_or_default())).await;
+                    break;
+                }
+            };
+            if tx.send(data(chunk)).await.is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let _ = tx.send(data(job.chunk(0, None, None, Some(job.usage())))).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
+    Sse::new(body).keep_alive(KeepAlive::default()).into_response()
+}
