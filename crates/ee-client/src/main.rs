@@ -1,6 +1,7 @@
 //! `ee`: the key holder's command line.
 
 mod bench;
+mod bench_server;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ enum Command {
     Generate(GenerateArgs),
     /// Measure prefill and decode speed, plaintext vs encrypted.
     Bench(bench::BenchArgs),
+    /// Load a running server with concurrent streams and measure tokens/s.
+    BenchServer(bench_server::BenchServerArgs),
 }
 
 #[derive(Args)]
@@ -206,6 +209,7 @@ fn main() -> Result<()> {
         }
         Command::Generate(args) => run_generate(args)?,
         Command::Bench(args) => bench::run(args)?,
+        Command::BenchServer(args) => bench_server::run(args)?,
     }
     Ok(())
 }
