@@ -257,22 +257,77 @@ impl LlamaModel {
             let v_s = heads(&v, c.n_kv_head)?;
             let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
             let total = pos + n;
-            // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
-            let rep = |t: &Tensor| -> Result<Tensor, Error> {
-                Ok(t.unsqueeze(1)?.expand((c.n_kv_head, group, total, c.head_dim))?.reshape((c.n_head, total, c.head_dim))?)
+            let out = if n == 1 {
+                self.decode_attention(&q_s, &k_all, &v_all)?
+            } else {
+                // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
+                let rep = |t: &Tensor| -> Result<Tensor, Error> {
+                    Ok(t.unsqueeze(1)?.expand((c.n_kv_head, group, total, c.head_dim))?.reshape((c.n_head, total, c.head_dim))?)
+                };
+                let scale = 1.0 / (c.head_dim as f64).sqrt();
+                let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
+                if let Some(mask) = self.attention_mask(n, pos, total)? {
+                    scores = scores.broadcast_add(&mask)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let out = probs.matmul(&rep(&v_all)?)?;
+                out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?
             };
-            let scale = 1.0 / (c.head_dim as f64).sqrt();
-            let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
-            if let Some(mask) = self.attention_mask(n, pos, total)? {
-                scores = scores.broadcast_add(&mask)?;
-            }
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let out = probs.matmul(&rep(&v_all)?)?;
-            let out = out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?;
             outputs.push(out);
             row += n;
         }
         Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Attention of one new token over its cache, read in place: a decode
+    /// step costs a dot product per cached key instead of copying the cache
+    /// for every q-head. `q` is `[n_head, 1, hd]`; `k`, `v` are cache views
+    /// `[n_kv, total, hd]` (rows contiguous, heads `stride[0]` apart).
+    fn decode_attention(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor, Error> {
+        let c = &self.config;
+        let (hd, group) = (c.head_dim, c.n_head / c.n_kv_head);
+        let total = k.dim(1)?;
+        let first = c.sliding_window.map_or(0, |w| total.saturating_sub(w));
+        let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (k_store, k_layout) = k.storage_and_layout();
+        let (v_store, v_layout) = v.storage_and_layout();
+        let (candle_core::Storage::Cpu(k_cpu), candle_core::Storage::Cpu(v_cpu)) = (&*k_store, &*v_store) else {
+            return Err(Error::Model("decode attention runs on the CPU".into()));
+        };
+        let (k_data, v_data) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
+        let (k_stride, v_stride) = (k_layout.stride(), v_layout.stride());
+        if k_stride[1] != hd || k_stride[2] != 1 || v_stride[1] != hd || v_stride[2] != 1 {
+            return Err(Error::Model("unexpected KV cache layout".into()));
+        }
+        let mut out = vec![0f32; c.n_head * hd];
+        let mut scores = vec![0f32; total - first];
+        for h in 0..c.n_head {
+            let g = h / group;
+            let qh = &q[h * hd..][..hd];
+            let k_base = k_layout.start_offset() + g * k_stride[0];
+            let v_base = v_layout.start_offset() + g * v_stride[0];
+            let mut max = f32::NEG_INFINITY;
+            for (s, score) in (first..total).zip(scores.iter_mut()) {
+                let key = &k_data[k_base + s * hd..][..hd];
+                *score = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                max = max.max(*score);
+            }
+            let mut sum = 0f32;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                sum += *score;
+            }
+            let oh = &mut out[h * hd..][..hd];
+            for (s, p) in (first..total).zip(&scores) {
+                let value = &v_data[v_base + s * hd..][..hd];
+                let w = p / sum;
+                for (o, x) in oh.iter_mut().zip(value) {
+                    *o += w * x;
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (1, c.n_head * hd), &self.device)?)
     }
 
     /// Additive mask `[n, total]` for `n` new tokens at `pos`: causal,

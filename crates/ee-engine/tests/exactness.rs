@@ -221,3 +221,28 @@ fn models_the_kernels_cannot_run_are_refused_at_load() {
     let err = LlamaModel::load(&path).err().expect("load must fail");
     assert!(err.to_string().contains("odd number of blocks"), "{err}");
 }
+
+#[test]
+fn decoding_token_by_token_reproduces_prefill_logits() {
+    use candle_core::quantized::GgmlDType;
+    // F32 weights: no 8-bit activation rounding, so the two attention paths
+    // (batched prefill, in-place decode) must agree to float rounding.
+    let f32_spec = TinySpec { weights: GgmlDType::F32, embedding: GgmlDType::F32, ..TinySpec::llama_q4_1() };
+    for (name, spec) in [
+        ("gqa", f32_spec.clone()),
+        ("gqa3", TinySpec { n_embd: 192, n_head: 6, n_kv_head: 2, ..f32_spec.clone() }),
+        ("sliding-window", TinySpec { architecture: "mistral", sliding_window: Some(8), ..f32_spec }),
+    ] {
+        let p = pair(&spec);
+        let m = &p.plain;
+        let tokens = prompt(30, m.vocab_size(), 8);
+        let all = m.forward_all_positions(&tokens, &mut m.new_cache()).unwrap().to_vec2::<f32>().unwrap();
+        let mut cache = m.new_cache();
+        for (i, t) in tokens.iter().enumerate() {
+            let row: Vec<f32> = m.forward(&mut [SeqStep { tokens: &[*t], cache: &mut cache }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let scale = all[i].iter().fold(0f32, |a, x| a.max(x.abs()));
+            let diff = row.iter().zip(&all[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(diff <= 1e-4 * scale.max(1.0), "{name}: position {i} differs by {diff}");
+        }
+    }
+}
