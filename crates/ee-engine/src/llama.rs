@@ -182,16 +182,20 @@ impl LlamaModel {
     /// Advances every sequence in `batch` by its tokens and returns the
     /// logits after each sequence's last token: `[batch.len(), vocab]`.
     pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Tensor, Error> {
-        let (hidden, last_rows) = self.forward_hidden(batch)?;
-        let last = hidden.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
-        self.logits(&last)
+        compute_pool().install(|| {
+            let (hidden, last_rows) = self.forward_hidden(batch)?;
+            let last = hidden.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
+            self.logits(&last)
+        })
     }
 
     /// Like [`forward`](Self::forward) for one sequence, but returns the
     /// logits at every new position: `[tokens.len(), vocab]`.
     pub fn forward_all_positions(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, Error> {
-        let (hidden, _) = self.forward_hidden(&mut [SeqStep { tokens, cache }])?;
-        self.logits(&hidden)
+        compute_pool().install(|| {
+            let (hidden, _) = self.forward_hidden(&mut [SeqStep { tokens, cache }])?;
+            self.logits(&hidden)
+        })
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
@@ -310,7 +314,7 @@ impl LlamaModel {
             let mut max = f32::NEG_INFINITY;
             for (s, score) in (first..total).zip(scores.iter_mut()) {
                 let key = &k_data[k_base + s * hd..][..hd];
-                *score = qh.iter().zip(key).map(|(a, b)| a * b).sum::<f32>() * scale;
+                *score = dot(qh, key) * scale;
                 max = max.max(*score);
             }
             let mut sum = 0f32;
@@ -351,6 +355,33 @@ impl LlamaModel {
         }
         Ok(Some(Tensor::from_vec(mask, (n, total), &self.device)?))
     }
+}
+
+/// A dot product in eight independent lanes, which the compiler vectorizes
+/// (a plain iterator sum must keep its sequential float order, and does not).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// The pool every forward pass runs in. The calling thread joins it for the
+/// whole pass, so its serial work (attention, norms) does not compete for
+/// the cores with idle workers spinning between parallel matmuls.
+fn compute_pool() -> &'static rayon::ThreadPool {
+    static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("ee-compute-{i}"))
+            .build()
+            .expect("building the compute thread pool")
+    })
 }
 
 /// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic

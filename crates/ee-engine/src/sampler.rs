@@ -258,16 +258,21 @@ impl Sampler {
             kept[chosen].id
         };
 
-        let sampled = self.logprobs(&mut cands, max, token, top_logprobs);
+        // At temperature 1 the masses already are the logprob weights.
+        let reuse = temperature == 1.0;
+        let sampled = self.logprobs(&mut cands, max, token, top_logprobs, reuse);
         *self.generated.entry(token).or_insert(0) += 1;
         self.seen.insert(token, ());
         Ok(sampled)
     }
 
     /// Log-probabilities under the penalised distribution at temperature 1.
-    fn logprobs(&self, cands: &mut [Candidate], max: f32, token: u32, top: usize) -> Sampled {
+    fn logprobs(&self, cands: &mut [Candidate], max: f32, token: u32, top: usize, masses_at_t1: bool) -> Sampled {
         let unit = 2f64.powi(FRAC_BITS);
-        let total: u128 = cands.iter().map(|c| u128::from(mass(c.logit, max, 1.0))).sum();
+        let total: u128 = match masses_at_t1 {
+            true => cands.iter().map(|c| u128::from(c.mass)).sum(),
+            false => cands.iter().map(|c| u128::from(mass(c.logit, max, 1.0))).sum(),
+        };
         let log_z = (total as f64 / unit).ln();
         let logprob = |logit: f32| (f64::from(logit - max) - log_z) as f32;
         let chosen = cands.iter().find(|c| c.id == token).map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
