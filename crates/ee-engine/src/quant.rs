@@ -83,6 +83,20 @@ impl QuantMatrix {
         Ok(Self { rows, cols, blocks })
     }
 
+    /// Output row `r` for four activation rows; each result is bit-identical
+    /// to [`dot_row`](Self::dot_row)'s (same operations, same order).
+    fn dot_row_x4(&self, r: usize, a: [&[ActBlock]; 4], use_avx2: bool) -> [f32; 4] {
+        #[cfg(target_arch = "x86_64")]
+        if use_avx2 {
+            if let Blocks::Q4_1 { scales, codes } = &self.blocks {
+                let nb = self.cols / BLOCK;
+                // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
+                return unsafe { dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a) };
+            }
+        }
+        a.map(|a| self.dot_row(r, a, use_avx2))
+    }
+
     /// Output row `r` for one activation row's blocks `a`.
     fn dot_row(&self, r: usize, a: &[ActBlock], use_avx2: bool) -> f32 {
         let nb = self.cols / BLOCK;
@@ -109,7 +123,14 @@ impl QuantMatrix {
                 let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
                 let mut out = Vec::with_capacity((r1 - r0) * m);
                 for r in r0..r1 {
-                    for i in 0..m {
+                    let mut i = 0;
+                    // Four activation rows share each unpacked weight block.
+                    while i + 4 <= m {
+                        let a: [&[ActBlock]; 4] = std::array::from_fn(|k| &acts[(i + k) * nb..][..nb]);
+                        out.extend(self.dot_row_x4(r, a, use_avx2));
+                        i += 4;
+                    }
+                    for i in i..m {
                         out.push(self.dot_row(r, &acts[i * nb..][..nb], use_avx2));
                     }
                 }
@@ -252,6 +273,37 @@ unsafe fn dot_q8_0_avx2(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32
     hsum(acc)
 }
 
+/// [`dot_q4_1_avx2`] for four activation rows at once: each weight block is
+/// unpacked once, and the four accumulators are independent chains.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q4_1_avx2_x4(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: [&[ActBlock]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let low = _mm_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1, mut acc2, mut acc3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut min0, mut min1, mut min2, mut min3) = (0f32, 0f32, 0f32, 0f32);
+    let [a0, a1, a2, a3] = a;
+    for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
+        let packed = _mm_loadu_si128(q.as_ptr().cast());
+        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+        let step = |acc: __m256, x: &ActBlock| {
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256(x.q.as_ptr().cast())), ones);
+            _mm256_fmadd_ps(_mm256_set1_ps(s[0] * x.d), _mm256_cvtepi32_ps(sums), acc)
+        };
+        let (x0, x1, x2, x3) = (&a0[b], &a1[b], &a2[b], &a3[b]);
+        acc0 = step(acc0, x0);
+        acc1 = step(acc1, x1);
+        acc2 = step(acc2, x2);
+        acc3 = step(acc3, x3);
+        min0 += s[1] * x0.s;
+        min1 += s[1] * x1.s;
+        min2 += s[1] * x2.s;
+        min3 += s[1] * x3.s;
+    }
+    [hsum(acc0) + min0, hsum(acc1) + min1, hsum(acc2) + min2, hsum(acc3) + min3]
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_q4_1_avx2(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock]) -> f32 {
@@ -320,11 +372,27 @@ mod tests {
     }
 
     #[test]
+    fn four_activation_rows_at_once_are_bit_identical_to_one() {
+        for dtype in FORMATS {
+            let (mat, _, x) = setup(dtype, 3, 256, 4);
+            let flat = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let acts: Vec<ActBlock> = flat.chunks_exact(BLOCK).map(quantize_block).collect();
+            let rows: [&[ActBlock]; 4] = std::array::from_fn(|k| &acts[k * 8..][..8]);
+            for avx2 in [false, has_avx2()] {
+                let four = mat.dot_row_x4(1, rows, avx2);
+                for k in 0..4 {
+                    assert_eq!(four[k].to_bits(), mat.dot_row(1, rows[k], avx2).to_bits(), "{dtype:?} avx2={avx2}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn rows_are_independent_of_the_batch() {
         for dtype in FORMATS {
-            let (mat, _, x) = setup(dtype, 40, 64, 4);
+            let (mat, _, x) = setup(dtype, 40, 64, 6);
             let all = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            for i in 0..4 {
+            for i in 0..6 {
                 let one = mat.forward(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&one[0]), bits(&all[i]), "{dtype:?} row {i}");
