@@ -88,11 +88,14 @@ impl QuantMatrix {
     fn dot_row_x4(&self, r: usize, a: [&[ActBlock]; 4], use_avx2: bool) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
         if use_avx2 {
-            if let Blocks::Q4_1 { scales, codes } = &self.blocks {
-                let nb = self.cols / BLOCK;
-                // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
-                return unsafe { dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a) };
-            }
+            let nb = self.cols / BLOCK;
+            // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
+            return unsafe {
+                match &self.blocks {
+                    Blocks::Q4_1 { scales, codes } => dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a),
+                    Blocks::Q8_0 { scales, codes } => dot_q8_0_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a),
+                }
+            };
         }
         a.map(|a| self.dot_row(r, a, use_avx2))
     }
@@ -271,6 +274,31 @@ unsafe fn dot_q8_0_avx2(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32
         acc = _mm256_fmadd_ps(_mm256_set1_ps(s * a.d), _mm256_cvtepi32_ps(sums), acc);
     }
     hsum(acc)
+}
+
+/// [`dot_q8_0_avx2`] for four activation rows at once, sharing each weight
+/// block's sign split.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q8_0_avx2_x4(w_s: &[f32], w_q: &[[i8; BLOCK]], a: [&[ActBlock]; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let (mut acc0, mut acc1, mut acc2, mut acc3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let [a0, a1, a2, a3] = a;
+    for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
+        let w = _mm256_loadu_si256(q.as_ptr().cast());
+        let w_abs = _mm256_sign_epi8(w, w);
+        let step = |acc: __m256, x: &ActBlock| {
+            let x_signed = _mm256_sign_epi8(_mm256_loadu_si256(x.q.as_ptr().cast()), w);
+            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), ones);
+            _mm256_fmadd_ps(_mm256_set1_ps(s * x.d), _mm256_cvtepi32_ps(sums), acc)
+        };
+        acc0 = step(acc0, &a0[b]);
+        acc1 = step(acc1, &a1[b]);
+        acc2 = step(acc2, &a2[b]);
+        acc3 = step(acc3, &a3[b]);
+    }
+    [hsum(acc0), hsum(acc1), hsum(acc2), hsum(acc3)]
 }
 
 /// [`dot_q4_1_avx2`] for four activation rows at once: each weight block is
