@@ -389,7 +389,7 @@ fn compute_pool() -> &'static rayon::ThreadPool {
 fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
     if matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
         let row = t.shape().dims().last().copied().unwrap_or(0);
-        if (row / t.dtype().block_size()) % 2 != 0 {
+        if !(row / t.dtype().block_size()).is_multiple_of(2) {
             return Err(Error::Unsupported(format!(
                 "{name}: {:?} rows of {row} values (an odd number of blocks)",
                 t.dtype()

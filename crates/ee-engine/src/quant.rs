@@ -241,9 +241,9 @@ fn dot_q4_1_scalar(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock]) -> f32 {
     let mut acc = 0f32;
     for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
         let mut isum = 0i32;
-        for j in 0..16 {
-            isum += i32::from(q[j] & 0x0F) * i32::from(a.q[j]);
-            isum += i32::from(q[j] >> 4) * i32::from(a.q[j + 16]);
+        for (j, &packed) in q.iter().enumerate() {
+            isum += i32::from(packed & 0x0F) * i32::from(a.q[j]);
+            isum += i32::from(packed >> 4) * i32::from(a.q[j + 16]);
         }
         acc += s[0] * a.d * isum as f32 + s[1] * a.s;
     }
@@ -420,10 +420,10 @@ mod tests {
         for dtype in FORMATS {
             let (mat, _, x) = setup(dtype, 40, 64, 6);
             let all = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
-            for i in 0..6 {
+            for (i, row) in all.iter().enumerate() {
                 let one = mat.forward(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&one[0]), bits(&all[i]), "{dtype:?} row {i}");
+                assert_eq!(bits(&one[0]), bits(row), "{dtype:?} row {i}");
             }
         }
     }

@@ -234,7 +234,7 @@ impl EngineLoop {
             let mut planned = plan.iter().peekable();
             for (i, cache) in caches.iter_mut().enumerate() {
                 if let Some((_, tokens, _)) = planned.next_if(|(j, _, _)| *j == i) {
-                    steps.push(SeqStep { tokens, cache: &mut **cache });
+                    steps.push(SeqStep { tokens, cache });
                 }
             }
             self.model.forward(&mut steps)?.to_vec2::<f32>()?

@@ -77,23 +77,29 @@ fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiE
 }
 
 pub async fn completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    let result = async {
-        let request: CompletionRequest = read_json(&state, &headers, body).await?;
-        let loaded = state.loaded()?;
-        check_model(loaded, request.model.as_deref())?;
-        let valid = validate::completion(&request, &loaded.limits)?;
-        Ok::<_, ApiError>(generate(state.clone(), valid, Endpoint::Completion).await)
-    };
-    result.await.unwrap_or_else(IntoResponse::into_response)
+    serve(state, headers, body, Endpoint::Completion, |r: &CompletionRequest| r.model.as_deref(), validate::completion).await
 }
 
 pub async fn chat_completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
+    serve(state, headers, body, Endpoint::Chat, |r: &ChatCompletionRequest| r.model.as_deref(), validate::chat).await
+}
+
+/// Parse, check the model, validate, then generate: the same for both
+/// endpoints but for the request type and its validator.
+async fn serve<R: DeserializeOwned>(
+    state: SharedState,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+    model_of: fn(&R) -> Option<&str>,
+    validator: fn(&R, &validate::Limits) -> Result<ValidRequest, ApiError>,
+) -> Response {
     let result = async {
-        let request: ChatCompletionRequest = read_json(&state, &headers, body).await?;
+        let request: R = read_json(&state, &headers, body).await?;
         let loaded = state.loaded()?;
-        check_model(loaded, request.model.as_deref())?;
-        let valid = validate::chat(&request, &loaded.limits)?;
-        Ok::<_, ApiError>(generate(state.clone(), valid, Endpoint::Chat).await)
+        check_model(loaded, model_of(&request))?;
+        let valid = validator(&request, &loaded.limits)?;
+        Ok::<_, ApiError>(generate(state.clone(), valid, endpoint).await)
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -168,80 +174,67 @@ impl Job {
         self.want_logprobs.map(|_| Logprobs { content: lps })
     }
 
+    fn completion_envelope(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> serde_json::Value {
+        let r = CompletionResponse { id: self.id.clone(), object: "text_completion".into(), created: self.created, model: self.model.clone(), choices, usage };
+        serde_json::to_value(r).unwrap_or_default()
+    }
+
+    fn chat_envelope(&self, object: &str, choices: Vec<ChatChoice>, usage: Option<Usage>) -> serde_json::Value {
+        let r = ChatCompletionResponse { id: self.id.clone(), object: object.into(), created: self.created, model: self.model.clone(), choices, usage };
+        serde_json::to_value(r).unwrap_or_default()
+    }
+
     /// The whole answer (non-streaming).
     fn response(&self) -> serde_json::Value {
         let usage = Some(self.usage());
+        let all = self.choices.iter().enumerate();
         match self.endpoint {
-            Endpoint::Completion => serde_json::to_value(CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: self.choices.iter().enumerate().map(|(i, c)| self.completion_choice(i, c.tokens.clone(), c.logprobs.clone(), c.finish)).collect(),
+            Endpoint::Completion => self.completion_envelope(
+                all.map(|(i, c)| self.completion_choice(i, c.tokens.clone(), c.logprobs.clone(), c.finish)).collect(),
                 usage,
-            }),
-            Endpoint::Chat => serde_json::to_value(ChatCompletionResponse {
-                id: self.id.clone(),
-                object: "chat.completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: self
-                    .choices
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| ChatChoice {
-                        index: i,
-                        message: Some(AssistantTokens { role: Some("assistant".into()), content: None, token_ids: c.tokens.clone() }),
-                        delta: None,
-                        logprobs: self.logprobs_of(c.logprobs.clone()),
-                        finish_reason: c.finish,
-                    })
-                    .collect(),
+            ),
+            Endpoint::Chat => self.chat_envelope(
+                "chat.completion",
+                all.map(|(i, c)| ChatChoice {
+                    index: i,
+                    message: Some(AssistantTokens { role: Some("assistant".into()), content: None, token_ids: c.tokens.clone() }),
+                    delta: None,
+                    logprobs: self.logprobs_of(c.logprobs.clone()),
+                    finish_reason: c.finish,
+                })
+                .collect(),
                 usage,
-            }),
+            ),
         }
-        .unwrap_or_default()
     }
 
     fn completion_choice(&self, index: usize, token_ids: Vec<u32>, lps: Vec<TokenLogprob>, finish: Option<FinishReason>) -> CompletionChoice {
         CompletionChoice { index, text: String::new(), token_ids, logprobs: self.logprobs_of(lps), finish_reason: finish }
     }
 
-    /// One streamed chunk: a token of choice `index`, or its finish.
+    /// One streamed chunk: a token of choice `index`, its finish, or (with
+    /// `usage`) the final usage chunk, which has no choices.
     fn chunk(&self, index: usize, token: Option<&Sampled>, finish: Option<FinishReason>, usage: Option<Usage>) -> serde_json::Value {
         let token_ids: Vec<u32> = token.map(|s| s.token).into_iter().collect();
         let lps: Vec<TokenLogprob> = token.filter(|_| self.want_logprobs.is_some()).map(|s| self.token_logprob(s)).into_iter().collect();
         let first = token.is_some() && self.choices[index].tokens.len() == 1;
-        let no_choices = usage.is_some();
+        let with_choice = usage.is_none();
         match self.endpoint {
-            Endpoint::Completion => serde_json::to_value(CompletionResponse {
-                id: self.id.clone(),
-                object: "text_completion".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: if no_choices { vec![] } else { vec![self.completion_choice(index, token_ids, lps, finish)] },
-                usage,
-            }),
-            Endpoint::Chat => serde_json::to_value(ChatCompletionResponse {
-                id: self.id.clone(),
-                object: "chat.completion.chunk".into(),
-                created: self.created,
-                model: self.model.clone(),
-                choices: if no_choices {
-                    vec![]
-                } else {
-                    vec![ChatChoice {
-                        index,
-                        message: None,
-                        delta: Some(AssistantTokens { role: first.then(|| "assistant".into()), content: None, token_ids }),
-                        logprobs: token.and(self.logprobs_of(lps)),
-                        finish_reason: finish,
-                    }]
-                },
-                usage,
-            }),
+            Endpoint::Completion => {
+                let choices = with_choice.then(|| self.completion_choice(index, token_ids, lps, finish));
+                self.completion_envelope(choices.into_iter().collect(), usage)
+            }
+            Endpoint::Chat => {
+                let choices = with_choice.then(|| ChatChoice {
+                    index,
+                    message: None,
+                    delta: Some(AssistantTokens { role: first.then(|| "assistant".into()), content: None, token_ids }),
+                    logprobs: token.and(self.logprobs_of(lps)),
+                    finish_reason: finish,
+                });
+                self.chat_envelope("chat.completion.chunk", choices.into_iter().collect(), usage)
+            }
         }
-        .unwrap_or_default()
     }
 }
 
