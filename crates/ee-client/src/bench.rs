@@ -88,9 +88,14 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     measure(&enc, &enc_prompt[..prompt.len().min(16)], 4)?;
     let mut plain_speeds = Speeds { prefill: vec![], decode: vec![] };
     let mut enc_speeds = Speeds { prefill: vec![], decode: vec![] };
-    for _ in 0..args.reps.max(1) {
-        // Interleaved, so drift in machine load hits both alike.
-        for (model, tokens, speeds) in [(&plain, &prompt, &mut plain_speeds), (&enc, &enc_prompt, &mut enc_speeds)] {
+    for rep in 0..args.reps.max(1) {
+        // Interleaved, and alternating which goes first, so drift in the
+        // machine's speed hits both alike.
+        let mut runs = [(&plain, &prompt, &mut plain_speeds), (&enc, &enc_prompt, &mut enc_speeds)];
+        if rep % 2 == 1 {
+            runs.reverse();
+        }
+        for (model, tokens, speeds) in runs {
             let (p, d) = measure(model, tokens, args.gen_tokens)?;
             speeds.prefill.push(p);
             speeds.decode.push(d);
