@@ -215,6 +215,8 @@ fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
         ("logprobs too many", json!({"prompt": [1], "logprobs": 100}).to_string()),
         ("stream_options without stream", json!({"prompt": [1], "stream_options": {"include_usage": true}}).to_string()),
         ("unknown model", json!({"prompt": [1], "model": "gpt-4"}).to_string()),
+        ("text stop strings", json!({"prompt": [1], "stop": ["\n"]}).to_string()),
+        ("unsupported field", json!({"prompt": [1], "response_format": {"type": "json_object"}}).to_string()),
         ("not JSON", "{\"prompt\": [1,".to_string()),
         ("deep nesting", format!("{{\"prompt\": {}1{}}}", "[".repeat(200), "]".repeat(200))),
         ("too large", json!({"prompt": vec![1u32; 40000]}).to_string()),
@@ -246,7 +248,8 @@ fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
         assert_envelope(r.status, &r.body, what);
     }
     let statuses = |what: &str, want: u16, r: ee_e2e::HttpResponse| assert_eq!(r.status, want, "{what}: {}", r.body);
-    statuses("too large is 413", 413, s.server.request("POST", "/v1/completions", &json_ct, &posts[24].1).unwrap());
+    let too_large = &posts.iter().find(|(w, _)| *w == "too large").unwrap().1;
+    statuses("too large is 413", 413, s.server.request("POST", "/v1/completions", &json_ct, too_large).unwrap());
     statuses("unknown route is 404", 404, s.server.request("GET", "/v2", &[], "").unwrap());
     statuses("wrong method is 405", 405, s.server.request("DELETE", "/v1/completions", &[], "").unwrap());
     statuses("wrong type is 415", 415, s.server.request("POST", "/v1/completions", &[("content-type", "text/plain")], text).unwrap());

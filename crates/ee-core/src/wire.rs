@@ -63,6 +63,10 @@ pub struct CompletionRequest {
     pub logprobs: Option<i64>,
     #[serde(flatten)]
     pub fields: GenerationFields,
+    /// Fields this API does not define, kept so the server can refuse them
+    /// by name rather than silently ignore them.
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 /// One content part of a chat message. Only `token_ids` parts are served;
@@ -103,6 +107,8 @@ pub struct ChatCompletionRequest {
     pub top_logprobs: Option<i64>,
     #[serde(flatten)]
     pub fields: GenerationFields,
+    #[serde(flatten)]
+    pub unknown: BTreeMap<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -233,6 +239,10 @@ mod tests {
         let p: CompletionRequest = serde_json::from_str(r#"{"prompt":[1,2,3],"max_tokens":4}"#).unwrap();
         assert_eq!(p.prompt, PromptInput::Tokens(vec![1, 2, 3]));
         assert_eq!(p.fields.max_tokens, Some(4));
+        assert!(p.unknown.is_empty());
+        let extra: CompletionRequest = serde_json::from_str(r#"{"prompt":[1],"stop":["x"],"n":2}"#).unwrap();
+        assert_eq!(extra.unknown.keys().collect::<Vec<_>>(), vec!["stop"]);
+        assert_eq!(extra.fields.n, Some(2));
         let b: CompletionRequest = serde_json::from_str(r#"{"prompt":[[1],[2,3]]}"#).unwrap();
         assert_eq!(b.prompt, PromptInput::Batch(vec![vec![1], vec![2, 3]]));
         let t: CompletionRequest = serde_json::from_str(r#"{"prompt":"hello"}"#).unwrap();

@@ -38,7 +38,6 @@ fn load(state: &SharedState, path: PathBuf) -> Result<()> {
         context_length: model.context_length(),
         max_n: c.max_n,
         max_logprobs: c.max_logprobs,
-        max_json_depth: c.max_json_depth,
     };
     let card = ModelCard {
         id: c.model_id.clone(),

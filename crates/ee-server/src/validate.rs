@@ -13,7 +13,6 @@ pub struct Limits {
     pub context_length: usize,
     pub max_n: usize,
     pub max_logprobs: usize,
-    pub max_json_depth: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -162,6 +161,18 @@ fn common(prompts: Vec<Vec<u32>>, f: &GenerationFields, top_logprobs: Option<usi
     })
 }
 
+/// Refuses fields the protocol does not define, naming them.
+fn refuse_unknown(unknown: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<(), ApiError> {
+    let Some(name) = unknown.keys().next() else { return Ok(()) };
+    let why = match name.as_str() {
+        "stop" => "stop strings need text, which this server never sees; the client applies them. Send stop_token_ids (encrypted) instead",
+        "tools" | "tool_choice" | "functions" | "response_format" => "it is not supported by this server",
+        "suffix" | "echo" | "best_of" => "it is not supported by this server",
+        _ => "it is not a field of this API",
+    };
+    Err(ApiError::invalid(name, format!("unsupported field {name:?}: {why}")))
+}
+
 fn logprobs_count(param: &str, v: Option<i64>, limits: &Limits) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
@@ -171,6 +182,7 @@ fn logprobs_count(param: &str, v: Option<i64>, limits: &Limits) -> Result<Option
 }
 
 pub fn completion(r: &CompletionRequest, limits: &Limits) -> Result<ValidRequest, ApiError> {
+    refuse_unknown(&r.unknown)?;
     let prompts = match &r.prompt {
         PromptInput::Tokens(t) => vec![t.clone()],
         PromptInput::Batch(b) => b.clone(),
@@ -188,6 +200,7 @@ pub fn completion(r: &CompletionRequest, limits: &Limits) -> Result<ValidRequest
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
 
 pub fn chat(r: &ChatCompletionRequest, limits: &Limits) -> Result<ValidRequest, ApiError> {
+    refuse_unknown(&r.unknown)?;
     if r.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }
@@ -225,7 +238,7 @@ pub fn chat(r: &ChatCompletionRequest, limits: &Limits) -> Result<ValidRequest, 
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { vocab_size: 100, context_length: 50, max_n: 4, max_logprobs: 5, max_json_depth: 8 };
+    const LIMITS: Limits = Limits { vocab_size: 100, context_length: 50, max_n: 4, max_logprobs: 5 };
 
     fn completion_json(v: serde_json::Value) -> Result<ValidRequest, ApiError> {
         completion(&serde_json::from_value(v).unwrap(), &LIMITS)
@@ -257,6 +270,8 @@ mod tests {
             (serde_json::json!({"prompt": [1], "stop_token_ids": [100]}), "stop_token_ids"),
             (serde_json::json!({"prompt": [1], "logprobs": 6}), "logprobs"),
             (serde_json::json!({"prompt": [1], "stream_options": {"include_usage": true}}), "stream_options"),
+            (serde_json::json!({"prompt": [1], "stop": ["\n"]}), "stop"),
+            (serde_json::json!({"prompt": [1], "tools": []}), "tools"),
         ] {
             let err = completion_json(body.clone()).unwrap_err();
             assert_eq!(err.param.as_deref(), Some(param), "{body}");
