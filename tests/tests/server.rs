@@ -56,8 +56,13 @@ impl Stack {
     }
 }
 
+/// A client error: 4xx with OpenAI's envelope.
 fn assert_envelope(status: u16, body: &str, what: &str) {
     assert!((400..500).contains(&status), "{what}: status {status}: {body}");
+    assert_envelope_shape(body, what);
+}
+
+fn assert_envelope_shape(body: &str, what: &str) {
     let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body}"));
     let e = v["error"].as_object().unwrap_or_else(|| panic!("{what}: no error object: {body}"));
     for key in ["message", "type", "param", "code"] {
@@ -189,7 +194,14 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
 
 #[test]
 fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
-    let s = stack(&[("EE_MAX_BODY_BYTES", "65536")]);
+    let s = stack(&[("EE_MAX_BODY_BYTES", "65536"), ("EE_CORS_ALLOWED_ORIGINS", "https://chat.example")]);
+    let preflight = s
+        .server
+        .request("OPTIONS", "/v1/completions", &[("origin", "https://chat.example"), ("access-control-request-method", "POST")], "")
+        .unwrap();
+    assert_eq!(preflight.header("access-control-allow-origin"), Some("https://chat.example"));
+    let foreign = s.server.request("GET", "/health", &[("origin", "https://evil.example")], "").unwrap();
+    assert_eq!(foreign.header("access-control-allow-origin"), None);
     let ok = json!({"prompt": [1, 2, 3], "max_tokens": 2});
     let json_ct = [("content-type", "application/json")];
     let posts: Vec<(&str, String)> = vec![
@@ -292,6 +304,21 @@ fn api_keys_overload_and_graceful_shutdown() {
             break;
         }
         assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_request_past_the_timeout_is_cancelled_with_504() {
+    let s = stack(&[("EE_REQUEST_TIMEOUT_SECS", "1")]);
+    let started = Instant::now();
+    let r = s.server.post_json("/v1/completions", &json!({"prompt": [1, 2, 3], "max_tokens": 6000, "ignore_eos": true}));
+    assert_eq!(r.status, 504, "{}", r.body);
+    assert_envelope_shape(&r.body, "timeout");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&s.server, "ee_running_sequences") != 0.0 {
+        assert!(Instant::now() < deadline, "the timed-out sequence kept running");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
