@@ -166,10 +166,17 @@ impl EngineLoop {
             }
             self.drop_cancelled();
             self.admit();
-            if let Err(e) = self.step() {
-                // A failed step fails its sequences, never the server.
+            // A failed step, even a panic inside a kernel, fails its
+            // sequences, never the engine thread: the next step runs.
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            let failure = match outcome {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e.to_string()),
+                Err(_) => Some("internal error in the forward step".to_owned()),
+            };
+            if let Some(msg) = failure {
                 for seq in self.running.drain(..) {
-                    let _ = seq.events.send(SequenceEvent::Failed(e.to_string()));
+                    let _ = seq.events.send(SequenceEvent::Failed(msg.clone()));
                 }
             }
             self.stats.running.store(self.running.len(), Ordering::SeqCst);
