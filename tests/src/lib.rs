@@ -11,13 +11,24 @@ use ee_core::ClientBundle;
 pub fn model_path() -> PathBuf {
     let path = std::env::var_os("EE_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("models").join(ee_client::fetch::DEFAULT_MODEL_FILE));
-    assert!(path.exists(), "{} is missing: run `cargo run -p ee-client --bin ee -- fetch-model` first", path.display());
+        .unwrap_or_else(|| {
+            workspace_root()
+                .join("models")
+                .join(ee_client::fetch::DEFAULT_MODEL_FILE)
+        });
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo run -p ee-client --bin ee -- fetch-model` first",
+        path.display()
+    );
     path
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_owned()
 }
 
 /// A binary of the workspace, built (once per test process, a no-op when up
@@ -26,12 +37,17 @@ pub fn workspace_root() -> PathBuf {
 pub fn binary(name: &str) -> PathBuf {
     static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/..").to_owned();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/..")
+        .to_owned();
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == name) {
         let package = if name == "ee" { "ee-client" } else { name };
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.args(["build", "--quiet", "-p", package, "--bin", name]).current_dir(workspace_root());
+        cmd.args(["build", "--quiet", "-p", package, "--bin", name])
+            .current_dir(workspace_root());
         if dir.ends_with("release") {
             cmd.arg("--release");
         }
@@ -55,9 +71,20 @@ pub fn encrypt_real_model(key: &KeySource) -> EncryptedPair {
     let dir = tempfile::tempdir().expect("temp dir");
     let server_artifact = dir.path().join("server.gguf");
     let bundle_dir = dir.path().join("bundle");
-    encrypt_model(&model_path(), &server_artifact, &bundle_dir, key, &mut |_, _| {}).expect("encrypt the real model");
+    encrypt_model(
+        &model_path(),
+        &server_artifact,
+        &bundle_dir,
+        key,
+        &mut |_, _| {},
+    )
+    .expect("encrypt the real model");
     let bundle = ClientBundle::load(&bundle_dir).expect("load the bundle");
-    EncryptedPair { dir, server_artifact, bundle }
+    EncryptedPair {
+        dir,
+        server_artifact,
+        bundle,
+    }
 }
 
 /// A running `ee-server` on a loopback port; killed on drop.
@@ -70,11 +97,18 @@ impl ServerProcess {
     /// Starts the server on `artifact` with extra environment, and waits
     /// until `/health` says the model is loaded.
     pub fn start(artifact: &Path, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
         let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = std::process::Command::new(binary("ee-server"));
-        cmd.arg("--model").arg(artifact).arg("--listen").arg(addr.to_string());
-        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        cmd.arg("--model")
+            .arg(artifact)
+            .arg("--listen")
+            .arg(addr.to_string());
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -87,18 +121,33 @@ impl ServerProcess {
                     return server;
                 }
             }
-            assert!(std::time::Instant::now() < deadline, "ee-server did not become healthy");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ee-server did not become healthy"
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 
-    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> std::io::Result<HttpResponse> {
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> std::io::Result<HttpResponse> {
         http_request(self.addr, method, path, headers, body.as_bytes())
     }
 
     /// POSTs JSON and returns the response.
     pub fn post_json(&self, path: &str, body: &serde_json::Value) -> HttpResponse {
-        self.request("POST", path, &[("content-type", "application/json")], &body.to_string()).expect("request")
+        self.request(
+            "POST",
+            path,
+            &[("content-type", "application/json")],
+            &body.to_string(),
+        )
+        .expect("request")
     }
 }
 
@@ -122,22 +171,38 @@ impl HttpResponse {
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 
     /// The `data:` payloads of an SSE body.
     pub fn sse_data(&self) -> Vec<String> {
-        self.body.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_owned).collect()
+        self.body
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .map(str::to_owned)
+            .collect()
     }
 }
 
 /// A minimal HTTP/1.1 client (one request per connection), so tests can send
 /// exactly the bytes they mean, malformed ones included.
-pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> std::io::Result<HttpResponse> {
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n", body.len());
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -149,12 +214,28 @@ pub fn http_request(addr: std::net::SocketAddr, method: &str, path: &str, header
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> =
-        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned())).collect();
-    let chunked = headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_owned() };
-    Ok(HttpResponse { status, headers, body })
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 fn dechunk(mut s: &str) -> String {

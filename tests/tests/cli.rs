@@ -11,8 +11,17 @@ use ee_e2e::{binary, model_path};
 
 #[test]
 fn generate_answers_the_capital_question_like_llama_cpp() {
-    let out = Command::new(binary("ee")).args(["generate", "--model"]).arg(model_path()).arg("What is the capital of France?").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(binary("ee"))
+        .args(["generate", "--model"])
+        .arg(model_path())
+        .arg("What is the capital of France?")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let answer = String::from_utf8(out.stdout).unwrap();
     assert_eq!(answer.trim(), "The capital of France is Paris.");
 }
@@ -22,7 +31,9 @@ fn embedding_rows(path: &std::path::Path) -> Vec<Vec<u8>> {
     let h = GgufHeader::read(&mut r).unwrap();
     let t = h.tensor("token_embd.weight").unwrap().clone();
     let data = h.read_tensor_bytes(&mut r, &t).unwrap();
-    data.chunks_exact(t.row_bytes().unwrap() as usize).map(<[u8]>::to_vec).collect()
+    data.chunks_exact(t.row_bytes().unwrap() as usize)
+        .map(<[u8]>::to_vec)
+        .collect()
 }
 
 #[test]
@@ -38,12 +49,24 @@ fn encrypt_model_writes_a_blind_artifact_and_a_private_bundle() {
         .arg(&client)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let mut r = BufReader::new(File::open(&server).unwrap());
     let h = GgufHeader::read(&mut r).unwrap();
-    let leaked: Vec<_> = h.metadata.iter().map(|(k, _)| k).filter(|k| k.starts_with("tokenizer.")).collect();
-    assert!(leaked.is_empty(), "tokenizer keys in the server artifact: {leaked:?}");
+    let leaked: Vec<_> = h
+        .metadata
+        .iter()
+        .map(|(k, _)| k)
+        .filter(|k| k.starts_with("tokenizer."))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "tokenizer keys in the server artifact: {leaked:?}"
+    );
     assert!(h.tensor("output.weight").is_none(), "tied model stays tied");
 
     let plain_rows = embedding_rows(&model_path());
@@ -52,18 +75,31 @@ fn encrypt_model_writes_a_blind_artifact_and_a_private_bundle() {
     let bundle = ClientBundle::load(&client).unwrap();
     let perm = bundle.key.vocab_permutation(bundle.manifest.vocab_size);
     for t in [0u32, 1, 2, 1780, 49151] {
-        assert_eq!(plain_rows[t as usize], enc_rows[perm.encrypt(t).unwrap() as usize]);
+        assert_eq!(
+            plain_rows[t as usize],
+            enc_rows[perm.encrypt(t).unwrap() as usize]
+        );
     }
     let (mut a, mut b) = (plain_rows, enc_rows);
     a.sort();
     b.sort();
-    assert_eq!(a, b, "the artifact's rows are a permutation of the original's");
+    assert_eq!(
+        a, b,
+        "the artifact's rows are a permutation of the original's"
+    );
 
-    assert_eq!(bundle.manifest.server_artifact.sha256, sha256_file(&server).unwrap());
+    assert_eq!(
+        bundle.manifest.server_artifact.sha256,
+        sha256_file(&server).unwrap()
+    );
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(client.join("key.json")).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(client.join("key.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600);
     }
 }
@@ -86,9 +122,28 @@ fn identity_key_is_loud_and_bad_input_is_an_error_not_a_panic() {
     let not_a_model = dir.path().join("junk.gguf");
     std::fs::write(&not_a_model, b"definitely not gguf").unwrap();
     for args in [
-        vec!["generate".into(), "--model".into(), not_a_model.display().to_string(), "hi".into()],
-        vec!["encrypt-model".into(), "--model".into(), "/nonexistent.gguf".into(), "--server-out".into(), "x".into(), "--client-out".into(), "y".into()],
-        vec!["generate".into(), "--model".into(), model_path().display().to_string(), "--temperature=-1".into(), "hi".into()],
+        vec![
+            "generate".into(),
+            "--model".into(),
+            not_a_model.display().to_string(),
+            "hi".into(),
+        ],
+        vec![
+            "encrypt-model".into(),
+            "--model".into(),
+            "/nonexistent.gguf".into(),
+            "--server-out".into(),
+            "x".into(),
+            "--client-out".into(),
+            "y".into(),
+        ],
+        vec![
+            "generate".into(),
+            "--model".into(),
+            model_path().display().to_string(),
+            "--temperature=-1".into(),
+            "hi".into(),
+        ],
     ] {
         let out = Command::new(binary("ee")).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -113,8 +168,15 @@ fn fetch_model_from_a_local_path_is_idempotent() {
     };
     for _ in 0..2 {
         let out = run();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let placed = dir.path().join(ee_client::fetch::DEFAULT_MODEL_FILE);
-    assert_eq!(sha256_file(&placed).unwrap(), ee_client::fetch::DEFAULT_MODEL_SHA256);
+    assert_eq!(
+        sha256_file(&placed).unwrap(),
+        ee_client::fetch::DEFAULT_MODEL_SHA256
+    );
 }

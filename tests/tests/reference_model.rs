@@ -6,10 +6,14 @@ use candle_transformers::models::quantized_llama::ModelWeights;
 use ee_e2e::model_path;
 use ee_engine::{LlamaModel, SeqStep};
 
-const PROMPT: [u32; 16] = [1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198];
+const PROMPT: [u32; 16] = [
+    1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+];
 
 fn argmax(v: &[f32]) -> u32 {
-    (0..v.len()).max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a))).unwrap() as u32
+    (0..v.len())
+        .max_by(|&a, &b| v[a].total_cmp(&v[b]).then(b.cmp(&a)))
+        .unwrap() as u32
 }
 
 #[test]
@@ -21,10 +25,27 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
 
     let mut cache = ours.new_cache();
     let mut tokens = PROMPT.to_vec();
-    let mut ours_logits: Vec<f32> =
-        ours.forward(&mut [SeqStep { tokens: &tokens, cache: &mut cache }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut their_logits: Vec<f32> = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let mut ours_logits: Vec<f32> = ours
+        .forward(&mut [SeqStep {
+            tokens: &tokens,
+            cache: &mut cache,
+        }])
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut their_logits: Vec<f32> = theirs
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for step in 0..32 {
         let scale = their_logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         // Activations are quantized to 8 bits before every quantized matmul.
@@ -42,30 +63,79 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
         let diffs: Vec<f32> = a.iter().zip(&b).map(|(a, b)| (a - b).abs()).collect();
         let max = diffs.iter().fold(0f32, |m, d| m.max(*d));
         let mean = diffs.iter().sum::<f32>() / diffs.len() as f32;
-        assert!(max <= 0.08 * scale, "step {step}: worst logit differs by {max} (scale {scale})");
-        assert!(mean <= 0.01 * scale, "step {step}: logits differ by {mean} on average (scale {scale})");
+        assert!(
+            max <= 0.08 * scale,
+            "step {step}: worst logit differs by {max} (scale {scale})"
+        );
+        assert!(
+            mean <= 0.01 * scale,
+            "step {step}: logits differ by {mean} on average (scale {scale})"
+        );
         let (a, b) = (argmax(&ours_logits), argmax(&their_logits));
         assert_eq!(a, b, "greedy token differs at step {step}");
         let pos = tokens.len();
         tokens.push(a);
-        ours_logits = ours.forward(&mut [SeqStep { tokens: &[a], cache: &mut cache }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
-        let input = Tensor::new(&[a], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        their_logits = theirs.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        ours_logits = ours
+            .forward(&mut [SeqStep {
+                tokens: &[a],
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let input = Tensor::new(&[a], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        their_logits = theirs
+            .forward(&input, pos)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
     }
 }
 
 #[test]
 fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
-    let opts = ee_engine::LoadOptions { candle_kernels: true };
+    let opts = ee_engine::LoadOptions {
+        candle_kernels: true,
+    };
     let ours = LlamaModel::load_with(&model_path(), &opts).unwrap();
-    let logits: Vec<f32> =
-        ours.forward(&mut [SeqStep { tokens: &PROMPT, cache: &mut ours.new_cache() }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let logits: Vec<f32> = ours
+        .forward(&mut [SeqStep {
+            tokens: &PROMPT,
+            cache: &mut ours.new_cache(),
+        }])
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let mut file = std::fs::File::open(model_path()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let input = Tensor::new(PROMPT.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let reference: Vec<f32> = theirs.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let input = Tensor::new(PROMPT.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let reference: Vec<f32> = theirs
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = logits.iter().zip(&reference).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
-    assert!(diff <= 1e-4 * scale, "logits differ by {diff} (scale {scale})");
+    let diff = logits
+        .iter()
+        .zip(&reference)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(
+        diff <= 1e-4 * scale,
+        "logits differ by {diff} (scale {scale})"
+    );
 }

@@ -19,7 +19,10 @@ struct Stack {
 
 fn stack(env: &[(&str, &str)]) -> Stack {
     let pair = encrypt_real_model(&KeySource::Generate);
-    let perm = pair.bundle.key.vocab_permutation(pair.bundle.manifest.vocab_size);
+    let perm = pair
+        .bundle
+        .key
+        .vocab_permutation(pair.bundle.manifest.vocab_size);
     let server = ServerProcess::start(&pair.server_artifact, env);
     Stack { pair, perm, server }
 }
@@ -29,9 +32,21 @@ impl Stack {
     fn prompt(&self, question: &str) -> Vec<u32> {
         let m = &self.pair.bundle.manifest;
         let st = &m.special_tokens;
-        let codec = TextCodec::from_file(&self.pair.bundle.tokenizer_path(), st.bos_id, st.add_bos).unwrap();
-        let template = ChatTemplate::new(m.chat_template.as_deref().unwrap(), st.bos.as_deref(), st.eos.as_deref()).unwrap();
-        codec.encode(&template.render(&[ChatMessage::new("user", question)], true).unwrap()).unwrap()
+        let codec = TextCodec::from_file(&self.pair.bundle.tokenizer_path(), st.bos_id, st.add_bos)
+            .unwrap();
+        let template = ChatTemplate::new(
+            m.chat_template.as_deref().unwrap(),
+            st.bos.as_deref(),
+            st.eos.as_deref(),
+        )
+        .unwrap();
+        codec
+            .encode(
+                &template
+                    .render(&[ChatMessage::new("user", question)], true)
+                    .unwrap(),
+            )
+            .unwrap()
     }
 
     fn enc(&self, ids: &[u32]) -> Vec<u32> {
@@ -49,7 +64,9 @@ impl Stack {
 
     fn chat(&self, prompt: &[u32], extra: Value) -> Value {
         let mut body = json!({"messages": [{"role": "user", "content": [{"type": "token_ids", "token_ids": self.enc(prompt)}]}]});
-        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         let r = self.server.post_json("/v1/chat/completions", &body);
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()
@@ -58,32 +75,64 @@ impl Stack {
 
 /// A client error: 4xx with OpenAI's envelope.
 fn assert_envelope(status: u16, body: &str, what: &str) {
-    assert!((400..500).contains(&status), "{what}: status {status}: {body}");
+    assert!(
+        (400..500).contains(&status),
+        "{what}: status {status}: {body}"
+    );
     assert_envelope_shape(body, what);
 }
 
 fn assert_envelope_shape(body: &str, what: &str) {
-    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body}"));
-    let e = v["error"].as_object().unwrap_or_else(|| panic!("{what}: no error object: {body}"));
+    let v: Value =
+        serde_json::from_str(body).unwrap_or_else(|_| panic!("{what}: not JSON: {body}"));
+    let e = v["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: no error object: {body}"));
     for key in ["message", "type", "param", "code"] {
         assert!(e.contains_key(key), "{what}: envelope lacks {key}: {body}");
     }
-    assert!(!e["message"].as_str().unwrap_or("").is_empty(), "{what}: empty message");
+    assert!(
+        !e["message"].as_str().unwrap_or("").is_empty(),
+        "{what}: empty message"
+    );
 }
 
 #[test]
 fn greedy_answers_through_the_server_decrypt_to_the_plaintext_models() {
     let s = stack(&[]);
-    let models = s.server.request("GET", "/v1/models", &[], "").unwrap().json();
-    assert_eq!(models["data"][0]["artifact_sha256"], s.pair.bundle.manifest.server_artifact.sha256.as_str());
+    let models = s
+        .server
+        .request("GET", "/v1/models", &[], "")
+        .unwrap()
+        .json();
+    assert_eq!(
+        models["data"][0]["artifact_sha256"],
+        s.pair.bundle.manifest.server_artifact.sha256.as_str()
+    );
 
     let plain = LlamaModel::load(&model_path()).unwrap();
     let prompt = s.prompt("What is the capital of France?");
     let stops = s.pair.bundle.manifest.special_tokens.stop_ids.clone();
-    let local = generate(&plain, &prompt, &GenerateOptions { max_tokens: 24, stop_token_ids: stops, ..Default::default() }, |_| {}).unwrap();
+    let local = generate(
+        &plain,
+        &prompt,
+        &GenerateOptions {
+            max_tokens: 24,
+            stop_token_ids: stops,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
 
-    let v = s.chat(&prompt, json!({"temperature": 0, "max_tokens": 24, "stop_token_ids": s.stop_ids()}));
-    assert_eq!(s.dec(&v["choices"][0]["message"]["token_ids"]), local.token_ids());
+    let v = s.chat(
+        &prompt,
+        json!({"temperature": 0, "max_tokens": 24, "stop_token_ids": s.stop_ids()}),
+    );
+    assert_eq!(
+        s.dec(&v["choices"][0]["message"]["token_ids"]),
+        local.token_ids()
+    );
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["usage"]["prompt_tokens"], prompt.len());
     assert_eq!(v["usage"]["completion_tokens"], local.tokens.len());
@@ -93,17 +142,37 @@ fn greedy_answers_through_the_server_decrypt_to_the_plaintext_models() {
         "stream": true, "stream_options": {"include_usage": true}});
     let r = s.server.post_json("/v1/completions", &body);
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").unwrap().starts_with("text/event-stream"));
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
     let data = r.sse_data();
     assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = data[..data.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
     let streamed: Vec<u32> = chunks
         .iter()
-        .flat_map(|c| c["choices"].as_array().unwrap().iter().flat_map(|ch| s.dec(&ch["token_ids"])))
+        .flat_map(|c| {
+            c["choices"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|ch| s.dec(&ch["token_ids"]))
+        })
         .collect();
     assert_eq!(streamed, local.token_ids());
-    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], local.tokens.len());
-    let finish: Vec<&Value> = chunks.iter().flat_map(|c| c["choices"].as_array().unwrap()).map(|ch| &ch["finish_reason"]).filter(|f| !f.is_null()).collect();
+    assert_eq!(
+        chunks.last().unwrap()["usage"]["completion_tokens"],
+        local.tokens.len()
+    );
+    let finish: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .map(|ch| &ch["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
     let want = match local.finish_reason {
         ee_engine::FinishReason::Stop => "stop",
         ee_engine::FinishReason::Length => "length",
@@ -115,43 +184,80 @@ fn greedy_answers_through_the_server_decrypt_to_the_plaintext_models() {
 fn n_choices_seeds_stop_tokens_and_logprobs() {
     let s = stack(&[]);
     let prompt = s.prompt("Tell me a story.");
-    let sampled = |seed: u64| s.chat(&prompt, json!({"temperature": 0.9, "seed": seed, "n": 3, "max_tokens": 8}));
+    let sampled = |seed: u64| {
+        s.chat(
+            &prompt,
+            json!({"temperature": 0.9, "seed": seed, "n": 3, "max_tokens": 8}),
+        )
+    };
     let a = sampled(11);
     assert_eq!(a["choices"].as_array().unwrap().len(), 3);
-    assert_eq!(a["choices"], sampled(11)["choices"], "same seed, same choices");
+    assert_eq!(
+        a["choices"],
+        sampled(11)["choices"],
+        "same seed, same choices"
+    );
     assert_ne!(a["choices"], sampled(12)["choices"]);
 
     let free = s.chat(&prompt, json!({"temperature": 0, "max_tokens": 8}));
-    let tokens: Vec<u32> = serde_json::from_value(free["choices"][0]["message"]["token_ids"].clone()).unwrap();
+    let tokens: Vec<u32> =
+        serde_json::from_value(free["choices"][0]["message"]["token_ids"].clone()).unwrap();
     let stop = tokens[3];
     let first = tokens.iter().position(|&t| t == stop).unwrap();
-    let stopped = s.chat(&prompt, json!({"temperature": 0, "max_tokens": 8, "stop_token_ids": [stop]}));
+    let stopped = s.chat(
+        &prompt,
+        json!({"temperature": 0, "max_tokens": 8, "stop_token_ids": [stop]}),
+    );
     assert_eq!(stopped["choices"][0]["finish_reason"], "stop");
-    assert_eq!(stopped["choices"][0]["message"]["token_ids"], json!(tokens[..=first]));
+    assert_eq!(
+        stopped["choices"][0]["message"]["token_ids"],
+        json!(tokens[..=first])
+    );
     assert_eq!(free["choices"][0]["finish_reason"], "length");
 
-    let lp = s.chat(&prompt, json!({"temperature": 0, "max_tokens": 2, "logprobs": true, "top_logprobs": 3}));
+    let lp = s.chat(
+        &prompt,
+        json!({"temperature": 0, "max_tokens": 2, "logprobs": true, "top_logprobs": 3}),
+    );
     let first_lp = &lp["choices"][0]["logprobs"]["content"][0];
     assert_eq!(first_lp["top_logprobs"].as_array().unwrap().len(), 3);
-    assert_eq!(first_lp["token_id"], first_lp["top_logprobs"][0]["token_id"], "greedy picks the top token");
+    assert_eq!(
+        first_lp["token_id"], first_lp["top_logprobs"][0]["token_id"],
+        "greedy picks the top token"
+    );
 }
 
 #[test]
 fn concurrent_requests_equal_the_same_requests_alone() {
     let s = stack(&[]);
-    let prompts: Vec<Vec<u32>> = ["Name a fruit.", "What is 2+2?", "Say hello in French.", "Describe the sky.", "Who wrote Hamlet?"]
-        .iter()
-        .map(|q| s.prompt(q))
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "Name a fruit.",
+        "What is 2+2?",
+        "Say hello in French.",
+        "Describe the sky.",
+        "Who wrote Hamlet?",
+    ]
+    .iter()
+    .map(|q| s.prompt(q))
+    .collect();
     let body = |p: &[u32]| json!({"prompt": s.enc(p), "temperature": 0, "max_tokens": 12});
-    let alone: Vec<Value> = prompts.iter().map(|p| s.server.post_json("/v1/completions", &body(p)).json()["choices"][0]["token_ids"].clone()).collect();
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| {
+            s.server.post_json("/v1/completions", &body(p)).json()["choices"][0]["token_ids"]
+                .clone()
+        })
+        .collect();
     let together: Vec<Value> = std::thread::scope(|scope| {
         let handles: Vec<_> = prompts
             .iter()
             .map(|p| {
                 let b = body(p);
                 let server = &s.server;
-                scope.spawn(move || server.post_json("/v1/completions", &b).json()["choices"][0]["token_ids"].clone())
+                scope.spawn(move || {
+                    server.post_json("/v1/completions", &b).json()["choices"][0]["token_ids"]
+                        .clone()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -161,7 +267,10 @@ fn concurrent_requests_equal_the_same_requests_alone() {
 
 fn metric(server: &ServerProcess, name: &str) -> f64 {
     let text = server.request("GET", "/metrics", &[], "").unwrap().body;
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(-1.0)
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(-1.0)
 }
 
 #[test]
@@ -181,69 +290,182 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
     }
     drop(conn);
     while metric(&s.server, "ee_running_sequences") != 0.0 {
-        assert!(Instant::now() < deadline, "the abandoned sequence kept its slot");
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned sequence kept its slot"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let text = s.server.request("GET", "/metrics", &[], "").unwrap().body;
-    for name in ["ee_requests_total{status=\"200\"}", "ee_prompt_tokens_total", "ee_completion_tokens_total", "ee_queue_depth", "ee_time_to_first_token_seconds_bucket", "ee_inter_token_latency_seconds_count"] {
+    for name in [
+        "ee_requests_total{status=\"200\"}",
+        "ee_prompt_tokens_total",
+        "ee_completion_tokens_total",
+        "ee_queue_depth",
+        "ee_time_to_first_token_seconds_bucket",
+        "ee_inter_token_latency_seconds_count",
+    ] {
         assert!(text.contains(name), "metrics lack {name}");
     }
     // Still serving.
-    assert_eq!(s.server.post_json("/v1/completions", &json!({"prompt": [5, 6], "max_tokens": 2})).status, 200);
+    assert_eq!(
+        s.server
+            .post_json(
+                "/v1/completions",
+                &json!({"prompt": [5, 6], "max_tokens": 2})
+            )
+            .status,
+        200
+    );
 }
 
 #[test]
 fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
-    let s = stack(&[("EE_MAX_BODY_BYTES", "65536"), ("EE_CORS_ALLOWED_ORIGINS", "https://chat.example")]);
+    let s = stack(&[
+        ("EE_MAX_BODY_BYTES", "65536"),
+        ("EE_CORS_ALLOWED_ORIGINS", "https://chat.example"),
+    ]);
     let preflight = s
         .server
-        .request("OPTIONS", "/v1/completions", &[("origin", "https://chat.example"), ("access-control-request-method", "POST")], "")
+        .request(
+            "OPTIONS",
+            "/v1/completions",
+            &[
+                ("origin", "https://chat.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            "",
+        )
         .unwrap();
-    assert_eq!(preflight.header("access-control-allow-origin"), Some("https://chat.example"));
-    let foreign = s.server.request("GET", "/health", &[("origin", "https://evil.example")], "").unwrap();
+    assert_eq!(
+        preflight.header("access-control-allow-origin"),
+        Some("https://chat.example")
+    );
+    let foreign = s
+        .server
+        .request("GET", "/health", &[("origin", "https://evil.example")], "")
+        .unwrap();
     assert_eq!(foreign.header("access-control-allow-origin"), None);
     let ok = json!({"prompt": [1, 2, 3], "max_tokens": 2});
     let json_ct = [("content-type", "application/json")];
     let posts: Vec<(&str, String)> = vec![
-        ("text prompt", json!({"prompt": "What is the capital of France?"}).to_string()),
+        (
+            "text prompt",
+            json!({"prompt": "What is the capital of France?"}).to_string(),
+        ),
         ("empty prompt", json!({"prompt": []}).to_string()),
-        ("empty sequence in a batch", json!({"prompt": [[1], []]}).to_string()),
-        ("token out of vocabulary", json!({"prompt": [49152]}).to_string()),
+        (
+            "empty sequence in a batch",
+            json!({"prompt": [[1], []]}).to_string(),
+        ),
+        (
+            "token out of vocabulary",
+            json!({"prompt": [49152]}).to_string(),
+        ),
         ("negative token", json!({"prompt": [-1]}).to_string()),
         ("float token", json!({"prompt": [1.5]}).to_string()),
         ("missing prompt", json!({"max_tokens": 3}).to_string()),
-        ("max_tokens zero", json!({"prompt": [1], "max_tokens": 0}).to_string()),
-        ("context overflow", json!({"prompt": [1], "max_tokens": 9000}).to_string()),
-        ("max_tokens is a string", json!({"prompt": [1], "max_tokens": "ten"}).to_string()),
-        ("disagreeing max tokens", json!({"prompt": [1], "max_tokens": 3, "max_completion_tokens": 4}).to_string()),
+        (
+            "max_tokens zero",
+            json!({"prompt": [1], "max_tokens": 0}).to_string(),
+        ),
+        (
+            "context overflow",
+            json!({"prompt": [1], "max_tokens": 9000}).to_string(),
+        ),
+        (
+            "max_tokens is a string",
+            json!({"prompt": [1], "max_tokens": "ten"}).to_string(),
+        ),
+        (
+            "disagreeing max tokens",
+            json!({"prompt": [1], "max_tokens": 3, "max_completion_tokens": 4}).to_string(),
+        ),
         ("n too big", json!({"prompt": [1], "n": 1000}).to_string()),
-        ("temperature negative", json!({"prompt": [1], "temperature": -0.5}).to_string()),
+        (
+            "temperature negative",
+            json!({"prompt": [1], "temperature": -0.5}).to_string(),
+        ),
         ("top_p zero", json!({"prompt": [1], "top_p": 0}).to_string()),
-        ("min_p above one", json!({"prompt": [1], "min_p": 2}).to_string()),
-        ("presence penalty", json!({"prompt": [1], "presence_penalty": 5}).to_string()),
-        ("logit bias key", json!({"prompt": [1], "logit_bias": {"abc": 1}}).to_string()),
-        ("logit bias value", json!({"prompt": [1], "logit_bias": {"5": 500}}).to_string()),
-        ("stop id out of range", json!({"prompt": [1], "stop_token_ids": [99999]}).to_string()),
-        ("logprobs too many", json!({"prompt": [1], "logprobs": 100}).to_string()),
-        ("stream_options without stream", json!({"prompt": [1], "stream_options": {"include_usage": true}}).to_string()),
-        ("unknown model", json!({"prompt": [1], "model": "gpt-4"}).to_string()),
-        ("text stop strings", json!({"prompt": [1], "stop": ["\n"]}).to_string()),
-        ("unsupported field", json!({"prompt": [1], "response_format": {"type": "json_object"}}).to_string()),
+        (
+            "min_p above one",
+            json!({"prompt": [1], "min_p": 2}).to_string(),
+        ),
+        (
+            "presence penalty",
+            json!({"prompt": [1], "presence_penalty": 5}).to_string(),
+        ),
+        (
+            "logit bias key",
+            json!({"prompt": [1], "logit_bias": {"abc": 1}}).to_string(),
+        ),
+        (
+            "logit bias value",
+            json!({"prompt": [1], "logit_bias": {"5": 500}}).to_string(),
+        ),
+        (
+            "stop id out of range",
+            json!({"prompt": [1], "stop_token_ids": [99999]}).to_string(),
+        ),
+        (
+            "logprobs too many",
+            json!({"prompt": [1], "logprobs": 100}).to_string(),
+        ),
+        (
+            "stream_options without stream",
+            json!({"prompt": [1], "stream_options": {"include_usage": true}}).to_string(),
+        ),
+        (
+            "unknown model",
+            json!({"prompt": [1], "model": "gpt-4"}).to_string(),
+        ),
+        (
+            "text stop strings",
+            json!({"prompt": [1], "stop": ["\n"]}).to_string(),
+        ),
+        (
+            "unsupported field",
+            json!({"prompt": [1], "response_format": {"type": "json_object"}}).to_string(),
+        ),
         ("not JSON", "{\"prompt\": [1,".to_string()),
-        ("deep nesting", format!("{{\"prompt\": {}1{}}}", "[".repeat(200), "]".repeat(200))),
-        ("too large", json!({"prompt": vec![1u32; 40000]}).to_string()),
+        (
+            "deep nesting",
+            format!("{{\"prompt\": {}1{}}}", "[".repeat(200), "]".repeat(200)),
+        ),
+        (
+            "too large",
+            json!({"prompt": vec![1u32; 40000]}).to_string(),
+        ),
     ];
     for (what, body) in &posts {
-        let r = s.server.request("POST", "/v1/completions", &json_ct, body).unwrap();
+        let r = s
+            .server
+            .request("POST", "/v1/completions", &json_ct, body)
+            .unwrap();
         assert_envelope(r.status, &r.body, what);
     }
     let chat_bad = [
-        ("chat text content", json!({"messages": [{"role": "user", "content": "hello"}]})),
-        ("chat text part", json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]})),
-        ("chat image part", json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})),
+        (
+            "chat text content",
+            json!({"messages": [{"role": "user", "content": "hello"}]}),
+        ),
+        (
+            "chat text part",
+            json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "hello"}]}]}),
+        ),
+        (
+            "chat image part",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        ),
         ("chat no messages", json!({"messages": []})),
-        ("chat unknown role", json!({"messages": [{"role": "wizard", "content": [{"type": "token_ids", "token_ids": [1]}]}]})),
-        ("chat top_logprobs without logprobs", json!({"messages": [{"role": "user", "content": [{"type": "token_ids", "token_ids": [1]}]}], "top_logprobs": 2})),
+        (
+            "chat unknown role",
+            json!({"messages": [{"role": "wizard", "content": [{"type": "token_ids", "token_ids": [1]}]}]}),
+        ),
+        (
+            "chat top_logprobs without logprobs",
+            json!({"messages": [{"role": "user", "content": [{"type": "token_ids", "token_ids": [1]}]}], "top_logprobs": 2}),
+        ),
     ];
     for (what, body) in &chat_bad {
         let r = s.server.post_json("/v1/chat/completions", body);
@@ -253,18 +475,52 @@ fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
     for (what, method, path, headers) in [
         ("unknown route", "POST", "/v1/nope", &json_ct[..]),
         ("wrong method", "GET", "/v1/completions", &json_ct[..]),
-        ("wrong content type", "POST", "/v1/completions", &[("content-type", "text/plain")][..]),
+        (
+            "wrong content type",
+            "POST",
+            "/v1/completions",
+            &[("content-type", "text/plain")][..],
+        ),
         ("no content type", "POST", "/v1/completions", &[][..]),
     ] {
         let r = s.server.request(method, path, headers, text).unwrap();
         assert_envelope(r.status, &r.body, what);
     }
-    let statuses = |what: &str, want: u16, r: ee_e2e::HttpResponse| assert_eq!(r.status, want, "{what}: {}", r.body);
+    let statuses = |what: &str, want: u16, r: ee_e2e::HttpResponse| {
+        assert_eq!(r.status, want, "{what}: {}", r.body)
+    };
     let too_large = &posts.iter().find(|(w, _)| *w == "too large").unwrap().1;
-    statuses("too large is 413", 413, s.server.request("POST", "/v1/completions", &json_ct, too_large).unwrap());
-    statuses("unknown route is 404", 404, s.server.request("GET", "/v2", &[], "").unwrap());
-    statuses("wrong method is 405", 405, s.server.request("DELETE", "/v1/completions", &[], "").unwrap());
-    statuses("wrong type is 415", 415, s.server.request("POST", "/v1/completions", &[("content-type", "text/plain")], text).unwrap());
+    statuses(
+        "too large is 413",
+        413,
+        s.server
+            .request("POST", "/v1/completions", &json_ct, too_large)
+            .unwrap(),
+    );
+    statuses(
+        "unknown route is 404",
+        404,
+        s.server.request("GET", "/v2", &[], "").unwrap(),
+    );
+    statuses(
+        "wrong method is 405",
+        405,
+        s.server
+            .request("DELETE", "/v1/completions", &[], "")
+            .unwrap(),
+    );
+    statuses(
+        "wrong type is 415",
+        415,
+        s.server
+            .request(
+                "POST",
+                "/v1/completions",
+                &[("content-type", "text/plain")],
+                text,
+            )
+            .unwrap(),
+    );
     assert!(posts.len() + chat_bad.len() + 4 >= 20);
     // Nothing broke: a valid request still works.
     let r = s.server.post_json("/v1/completions", &ok);
@@ -274,29 +530,86 @@ fn a_corpus_of_bad_requests_gets_4xx_envelopes_and_the_server_keeps_serving() {
 #[test]
 fn api_keys_overload_and_graceful_shutdown() {
     let pair = encrypt_real_model(&KeySource::Generate);
-    let mut server = ServerProcess::start(&pair.server_artifact, &[("EE_API_KEYS", "s3cret,other"), ("EE_MAX_BATCH", "1"), ("EE_MAX_QUEUE", "1")]);
-    assert_eq!(server.request("GET", "/health", &[], "").unwrap().status, 200, "/health stays public");
+    let mut server = ServerProcess::start(
+        &pair.server_artifact,
+        &[
+            ("EE_API_KEYS", "s3cret,other"),
+            ("EE_MAX_BATCH", "1"),
+            ("EE_MAX_QUEUE", "1"),
+        ],
+    );
+    assert_eq!(
+        server.request("GET", "/health", &[], "").unwrap().status,
+        200,
+        "/health stays public"
+    );
     let r = server.request("GET", "/v1/models", &[], "").unwrap();
     assert_eq!(r.status, 401);
     assert_envelope(r.status, &r.body, "no key");
-    assert_eq!(server.request("GET", "/v1/models", &[("authorization", "Bearer wrong")], "").unwrap().status, 401);
-    assert_eq!(server.request("GET", "/v1/models", &[("authorization", "Bearer other")], "").unwrap().status, 200);
+    assert_eq!(
+        server
+            .request(
+                "GET",
+                "/v1/models",
+                &[("authorization", "Bearer wrong")],
+                ""
+            )
+            .unwrap()
+            .status,
+        401
+    );
+    assert_eq!(
+        server
+            .request(
+                "GET",
+                "/v1/models",
+                &[("authorization", "Bearer other")],
+                ""
+            )
+            .unwrap()
+            .status,
+        200
+    );
 
     // One running and one waiting fill the server: a burst gets 429s with Retry-After.
-    let auth = [("content-type", "application/json"), ("authorization", "Bearer s3cret")];
+    let auth = [
+        ("content-type", "application/json"),
+        ("authorization", "Bearer s3cret"),
+    ];
     let long = json!({"prompt": [1, 2, 3], "max_tokens": 60, "ignore_eos": true}).to_string();
     let results: Vec<ee_e2e::HttpResponse> = std::thread::scope(|scope| {
-        let hs: Vec<_> = (0..6).map(|_| scope.spawn(|| http_request(server.addr, "POST", "/v1/completions", &auth, long.as_bytes()).unwrap())).collect();
+        let hs: Vec<_> = (0..6)
+            .map(|_| {
+                scope.spawn(|| {
+                    http_request(
+                        server.addr,
+                        "POST",
+                        "/v1/completions",
+                        &auth,
+                        long.as_bytes(),
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let limited: Vec<_> = results.iter().filter(|r| r.status == 429).collect();
-    assert!(!limited.is_empty(), "no 429 among {:?}", results.iter().map(|r| r.status).collect::<Vec<_>>());
+    assert!(
+        !limited.is_empty(),
+        "no 429 among {:?}",
+        results.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
     assert_eq!(limited[0].header("retry-after"), Some("1"));
     assert_envelope(429, &limited[0].body, "overloaded");
     assert!(results.iter().any(|r| r.status == 200));
 
     let pid = server.child.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = server.child.try_wait().unwrap() {
@@ -312,13 +625,19 @@ fn api_keys_overload_and_graceful_shutdown() {
 fn a_request_past_the_timeout_is_cancelled_with_504() {
     let s = stack(&[("EE_REQUEST_TIMEOUT_SECS", "1")]);
     let started = Instant::now();
-    let r = s.server.post_json("/v1/completions", &json!({"prompt": [1, 2, 3], "max_tokens": 6000, "ignore_eos": true}));
+    let r = s.server.post_json(
+        "/v1/completions",
+        &json!({"prompt": [1, 2, 3], "max_tokens": 6000, "ignore_eos": true}),
+    );
     assert_eq!(r.status, 504, "{}", r.body);
     assert_envelope_shape(&r.body, "timeout");
     assert!(started.elapsed() < Duration::from_secs(20));
     let deadline = Instant::now() + Duration::from_secs(30);
     while metric(&s.server, "ee_running_sequences") != 0.0 {
-        assert!(Instant::now() < deadline, "the timed-out sequence kept running");
+        assert!(
+            Instant::now() < deadline,
+            "the timed-out sequence kept running"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -42,7 +42,10 @@ fn special_tokens_map_to_their_ids_and_known_text_to_known_ids() {
     assert_eq!(codec.encode("<|im_start|>").unwrap(), vec![1]);
     assert_eq!(codec.encode("<|im_end|>").unwrap(), vec![2]);
     // llama.cpp's tokenization of the same text (its greedy answer follows from it).
-    assert_eq!(codec.encode("What is the capital of France?").unwrap(), vec![1780, 314, 260, 3575, 282, 4649, 47]);
+    assert_eq!(
+        codec.encode("What is the capital of France?").unwrap(),
+        vec![1780, 314, 260, 3575, 282, 4649, 47]
+    );
     // SmolLM's pre-tokenizer splits digits one by one.
     let digits = codec.encode("2024").unwrap();
     assert_eq!(digits.len(), 4);

@@ -46,7 +46,10 @@ fn median(v: &mut [f64]) -> f64 {
 fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     let mut cache = model.new_cache();
     let t = Instant::now();
-    let logits = model.forward(&mut [SeqStep { tokens: prompt, cache: &mut cache }])?;
+    let logits = model.forward(&mut [SeqStep {
+        tokens: prompt,
+        cache: &mut cache,
+    }])?;
     let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
 
     let mut sampler = Sampler::new(SamplingParams::greedy(), prompt)?;
@@ -54,7 +57,13 @@ fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     let t = Instant::now();
     for _ in 0..n {
         let token = sampler.sample(&row, model.tie_keys(), 0)?.token;
-        row = model.forward(&mut [SeqStep { tokens: &[token], cache: &mut cache }])?.squeeze(0)?.to_vec1()?;
+        row = model
+            .forward(&mut [SeqStep {
+                tokens: &[token],
+                cache: &mut cache,
+            }])?
+            .squeeze(0)?
+            .to_vec1()?;
     }
     Ok((prefill, n as f64 / t.elapsed().as_secs_f64()))
 }
@@ -67,7 +76,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let enc_path = dir.path().join("encrypted.gguf");
-    let plain = LlamaModel::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let plain = LlamaModel::load(&args.model)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let perm = Key::generate()?.vocab_permutation(plain.vocab_size() as u32);
     let t = Instant::now();
     write_server_artifact(&args.model, &enc_path, &perm, &mut |_, _| {})?;
@@ -76,22 +86,36 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
 
     let needed = args.prompt_tokens.max(1) + args.gen_tokens;
     if needed > plain.context_length() {
-        anyhow::bail!("prompt + generated tokens ({needed}) exceed the context ({})", plain.context_length());
+        anyhow::bail!(
+            "prompt + generated tokens ({needed}) exceed the context ({})",
+            plain.context_length()
+        );
     }
     // Ordinary (non-control) tokens, spread over the vocabulary.
     let vocab = plain.vocab_size() as u64;
-    let prompt: Vec<u32> = (0..args.prompt_tokens.max(1) as u64).map(|i| (100 + i * 7919 % (vocab - 100)) as u32).collect();
+    let prompt: Vec<u32> = (0..args.prompt_tokens.max(1) as u64)
+        .map(|i| (100 + i * 7919 % (vocab - 100)) as u32)
+        .collect();
     let enc_prompt = perm.encrypt_all(&prompt)?;
 
     // Warm-up (page in weights, size thread pools), not counted.
     measure(&plain, &prompt[..prompt.len().min(16)], 4)?;
     measure(&enc, &enc_prompt[..prompt.len().min(16)], 4)?;
-    let mut plain_speeds = Speeds { prefill: vec![], decode: vec![] };
-    let mut enc_speeds = Speeds { prefill: vec![], decode: vec![] };
+    let mut plain_speeds = Speeds {
+        prefill: vec![],
+        decode: vec![],
+    };
+    let mut enc_speeds = Speeds {
+        prefill: vec![],
+        decode: vec![],
+    };
     for rep in 0..args.reps.max(1) {
         // Interleaved, and alternating which goes first, so drift in the
         // machine's speed hits both alike.
-        let mut runs = [(&plain, &prompt, &mut plain_speeds), (&enc, &enc_prompt, &mut enc_speeds)];
+        let mut runs = [
+            (&plain, &prompt, &mut plain_speeds),
+            (&enc, &enc_prompt, &mut enc_speeds),
+        ];
         if rep % 2 == 1 {
             runs.reverse();
         }
@@ -101,19 +125,35 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             speeds.decode.push(d);
         }
     }
-    let (pp, pd) = (median(&mut plain_speeds.prefill), median(&mut plain_speeds.decode));
-    let (ep, ed) = (median(&mut enc_speeds.prefill), median(&mut enc_speeds.decode));
+    let (pp, pd) = (
+        median(&mut plain_speeds.prefill),
+        median(&mut plain_speeds.decode),
+    );
+    let (ep, ed) = (
+        median(&mut enc_speeds.prefill),
+        median(&mut enc_speeds.decode),
+    );
     println!("model: {}", args.model.display());
     println!(
         "threads: {}  cpu: {}  transform: {transform_secs:.2}s",
         candle_core::utils::get_num_threads(),
         cpu_features()
     );
-    println!("prompt {} tokens, {} generated, median of {} runs", prompt.len(), args.gen_tokens, args.reps.max(1));
+    println!(
+        "prompt {} tokens, {} generated, median of {} runs",
+        prompt.len(),
+        args.gen_tokens,
+        args.reps.max(1)
+    );
     println!("{:<18}{:>16}{:>16}", "", "prefill tok/s", "decode tok/s");
     println!("{:<18}{pp:>16.1}{pd:>16.1}", "plaintext");
     println!("{:<18}{ep:>16.1}{ed:>16.1}", "encrypted");
-    println!("{:<18}{:>16.3}{:>16.3}", "ratio enc/plain", ep / pp, ed / pd);
+    println!(
+        "{:<18}{:>16.3}{:>16.3}",
+        "ratio enc/plain",
+        ep / pp,
+        ed / pd
+    );
     Ok(())
 }
 

@@ -37,14 +37,27 @@ pub(crate) fn run(args: BenchServerArgs) -> Result<()> {
         Some(k) => r.bearer_auth(k),
         None => r,
     };
-    let models: Value = auth(client.get(format!("{}/v1/models", args.server))).send().context("reaching the server")?.json()?;
-    let vocab = models["data"][0]["vocab_size"].as_u64().context("no vocab_size in /v1/models")?;
+    let models: Value = auth(client.get(format!("{}/v1/models", args.server)))
+        .send()
+        .context("reaching the server")?
+        .json()?;
+    let vocab = models["data"][0]["vocab_size"]
+        .as_u64()
+        .context("no vocab_size in /v1/models")?;
     // Any IDs do: the server cannot tell, and speed does not depend on them.
-    let prompt: Vec<u64> = (0..args.prompt_tokens as u64).map(|i| 100 + (i * 7919) % (vocab - 100)).collect();
+    let prompt: Vec<u64> = (0..args.prompt_tokens as u64)
+        .map(|i| 100 + (i * 7919) % (vocab - 100))
+        .collect();
     let body = json!({"prompt": prompt, "max_tokens": args.max_tokens, "ignore_eos": true, "temperature": 0});
 
-    println!("server: {}  answers of {} tokens, prompt {} tokens, {} rounds", args.server, args.max_tokens, args.prompt_tokens, args.rounds);
-    println!("{:>12}{:>16}{:>18}{:>12}", "concurrency", "total tok/s", "per-stream tok/s", "scaling");
+    println!(
+        "server: {}  answers of {} tokens, prompt {} tokens, {} rounds",
+        args.server, args.max_tokens, args.prompt_tokens, args.rounds
+    );
+    println!(
+        "{:>12}{:>16}{:>18}{:>12}",
+        "concurrency", "total tok/s", "per-stream tok/s", "scaling"
+    );
     let mut single = None;
     for &c in &args.concurrency {
         let started = Instant::now();
@@ -54,9 +67,15 @@ pub(crate) fn run(args: BenchServerArgs) -> Result<()> {
                     scope.spawn(|| -> Result<u64> {
                         let mut n = 0;
                         for _ in 0..args.rounds.max(1) {
-                            let r = auth(client.post(format!("{}/v1/completions", args.server))).json(&body).send()?;
+                            let r = auth(client.post(format!("{}/v1/completions", args.server)))
+                                .json(&body)
+                                .send()?;
                             if !r.status().is_success() {
-                                bail!("server answered {}: {}", r.status(), r.text().unwrap_or_default());
+                                bail!(
+                                    "server answered {}: {}",
+                                    r.status(),
+                                    r.text().unwrap_or_default()
+                                );
                             }
                             let v: Value = r.json()?;
                             n += v["usage"]["completion_tokens"].as_u64().unwrap_or(0);
@@ -65,12 +84,19 @@ pub(crate) fn run(args: BenchServerArgs) -> Result<()> {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a stream panicked"))?).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().map_err(|_| anyhow::anyhow!("a stream panicked"))?)
+                .collect()
         });
         let total: u64 = tokens?.iter().sum();
         let rate = total as f64 / started.elapsed().as_secs_f64();
         let base = *single.get_or_insert(rate);
-        println!("{c:>12}{rate:>16.1}{:>18.1}{:>11.2}x", rate / c.max(1) as f64, rate / base);
+        println!(
+            "{c:>12}{rate:>16.1}{:>18.1}{:>11.2}x",
+            rate / c.max(1) as f64,
+            rate / base
+        );
     }
     Ok(())
 }

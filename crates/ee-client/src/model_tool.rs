@@ -35,16 +35,28 @@ pub struct ModelText {
 
 impl ModelText {
     pub fn from_gguf(path: &Path) -> Result<(GgufHeader, Self), Error> {
-        let file = File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
+        let file = File::open(path)
+            .map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
         let header = GgufHeader::read(&mut BufReader::new(file))?;
         let vocab = GgufVocab::from_header(&header)?;
         let tokenizer_json = vocab.to_hf_tokenizer_json()?;
         let special = SpecialTokens::from_vocab(&vocab);
-        Ok((header, Self { vocab, tokenizer_json, special }))
+        Ok((
+            header,
+            Self {
+                vocab,
+                tokenizer_json,
+                special,
+            },
+        ))
     }
 
     pub fn codec(&self) -> Result<TextCodec, Error> {
-        TextCodec::from_json(&self.tokenizer_json, self.special.bos_id, self.special.add_bos)
+        TextCodec::from_json(
+            &self.tokenizer_json,
+            self.special.bos_id,
+            self.special.add_bos,
+        )
     }
 }
 
@@ -83,18 +95,30 @@ pub fn encrypt_model(
     let arch = header.architecture()?.to_owned();
     let manifest = BundleManifest {
         format: BUNDLE_FORMAT.into(),
-        model_name: header.get("general.name").and_then(Value::as_str).map(str::to_owned),
-        context_length: header.get(&format!("{arch}.context_length")).and_then(Value::as_u64),
+        model_name: header
+            .get("general.name")
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        context_length: header
+            .get(&format!("{arch}.context_length"))
+            .and_then(Value::as_u64),
         architecture: arch,
         vocab_size,
-        server_artifact: ArtifactFingerprint { sha256: report.sha256.clone(), bytes: report.bytes },
+        server_artifact: ArtifactFingerprint {
+            sha256: report.sha256.clone(),
+            bytes: report.bytes,
+        },
         key_fingerprint: key.fingerprint(),
         identity_key: key.is_identity(),
         chat_template: text.vocab.chat_template.clone(),
         special_tokens: text.special.clone(),
     };
     ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;
-    Ok(EncryptSummary { report, bundle_dir: client_out.to_owned(), identity_key: key.is_identity() })
+    Ok(EncryptSummary {
+        report,
+        bundle_dir: client_out.to_owned(),
+        identity_key: key.is_identity(),
+    })
 }
 
 #[cfg(test)]
@@ -109,18 +133,30 @@ mod tests {
         let model = dir.path().join("tiny.gguf");
         write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();
         let (server, client) = (dir.path().join("server.gguf"), dir.path().join("bundle"));
-        let summary = encrypt_model(&model, &server, &client, &KeySource::Generate, &mut |_, _| {}).unwrap();
+        let summary = encrypt_model(
+            &model,
+            &server,
+            &client,
+            &KeySource::Generate,
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert!(!summary.identity_key);
 
         let h = GgufHeader::read(&mut BufReader::new(File::open(&server).unwrap())).unwrap();
         assert!(h.metadata.iter().all(|(k, _)| !k.starts_with("tokenizer.")));
         let bytes = std::fs::read(&server).unwrap();
         for needle in ["<|im_start|>", "im_end", "chat_template", "Ġt"] {
-            assert!(!bytes.windows(needle.len()).any(|w| w == needle.as_bytes()), "server artifact contains {needle}");
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "server artifact contains {needle}"
+            );
         }
 
         let bundle = ClientBundle::load(&client).unwrap();
-        bundle.check_server_artifact(&summary.report.sha256).unwrap();
+        bundle
+            .check_server_artifact(&summary.report.sha256)
+            .unwrap();
         assert_eq!(bundle.manifest.special_tokens.stop_ids, vec![2]);
         assert!(bundle.manifest.chat_template.is_some());
         let codec = TextCodec::from_file(&bundle.tokenizer_path(), None, false).unwrap();
@@ -135,11 +171,30 @@ mod tests {
         let key_path = dir.path().join("k.json");
         let key = Key::generate().unwrap();
         key.save(&key_path).unwrap();
-        encrypt_model(&model, &dir.path().join("s.gguf"), &dir.path().join("b"), &KeySource::File(key_path), &mut |_, _| {}).unwrap();
+        encrypt_model(
+            &model,
+            &dir.path().join("s.gguf"),
+            &dir.path().join("b"),
+            &KeySource::File(key_path),
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert_eq!(ClientBundle::load(&dir.path().join("b")).unwrap().key, key);
 
-        let id = encrypt_model(&model, &dir.path().join("i.gguf"), &dir.path().join("ib"), &KeySource::Identity, &mut |_, _| {}).unwrap();
+        let id = encrypt_model(
+            &model,
+            &dir.path().join("i.gguf"),
+            &dir.path().join("ib"),
+            &KeySource::Identity,
+            &mut |_, _| {},
+        )
+        .unwrap();
         assert!(id.identity_key);
-        assert!(ClientBundle::load(&dir.path().join("ib")).unwrap().manifest.identity_key);
+        assert!(
+            ClientBundle::load(&dir.path().join("ib"))
+                .unwrap()
+                .manifest
+                .identity_key
+        );
     }
 }

@@ -16,21 +16,38 @@ pub struct TextCodec {
 
 impl TextCodec {
     pub fn from_file(path: &Path, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
-        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self { tokenizer, bos, add_bos })
+        let tokenizer = Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            tokenizer,
+            bos,
+            add_bos,
+        })
     }
 
-    pub fn from_json(json: &serde_json::Value, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
+    pub fn from_json(
+        json: &serde_json::Value,
+        bos: Option<u32>,
+        add_bos: bool,
+    ) -> Result<Self, Error> {
         let bytes = serde_json::to_vec(json).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let tokenizer = Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self { tokenizer, bos, add_bos })
+        let tokenizer =
+            Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Self {
+            tokenizer,
+            bos,
+            add_bos,
+        })
     }
 
     /// Tokenizes a rendered prompt. Special-token text (`<|im_start|>`) maps
     /// to its ID; BOS is prepended when the model asks for it and the text
     /// does not already start with it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
-        let enc = self.tokenizer.encode(text, false).map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
             if ids.first() != Some(&bos) {
@@ -42,7 +59,9 @@ impl TextCodec {
 
     /// Decodes plaintext IDs, dropping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String, Error> {
-        self.tokenizer.decode(ids, true).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.tokenizer
+            .decode(ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// The text of a single token, special tokens included (for logprobs).
@@ -55,7 +74,12 @@ impl TextCodec {
     }
 
     pub fn stream(&self) -> StreamDecoder<'_> {
-        StreamDecoder { codec: self, ids: Vec::new(), prefix_offset: 0, read_offset: 0 }
+        StreamDecoder {
+            codec: self,
+            ids: Vec::new(),
+            prefix_offset: 0,
+            read_offset: 0,
+        }
     }
 }
 
@@ -76,9 +100,14 @@ impl StreamDecoder<'_> {
     /// Adds a token; returns the new text it completes, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>, Error> {
         self.ids.push(id);
-        let prefix = self.codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let prefix = self
+            .codec
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.is_char_boundary(prefix.len()) {
+        if full.len() > prefix.len()
+            && !full.ends_with('\u{FFFD}')
+            && full.is_char_boundary(prefix.len())
+        {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
@@ -89,10 +118,15 @@ impl StreamDecoder<'_> {
 
     /// Whatever is still held back (an incomplete character at the end).
     pub fn finish(&mut self) -> Result<Option<String>, Error> {
-        let prefix = self.codec.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let prefix = self
+            .codec
+            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok((full.len() > prefix.len() && full.is_char_boundary(prefix.len())).then(|| full[prefix.len()..].to_string()))
+        Ok(
+            (full.len() > prefix.len() && full.is_char_boundary(prefix.len()))
+                .then(|| full[prefix.len()..].to_string()),
+        )
     }
 }

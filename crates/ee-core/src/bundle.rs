@@ -97,7 +97,12 @@ pub struct ClientBundle {
 
 impl ClientBundle {
     /// Writes a bundle directory: the key (0600), the tokenizer and the manifest.
-    pub fn write(dir: &Path, manifest: &BundleManifest, key: &Key, tokenizer_json: &serde_json::Value) -> Result<(), Error> {
+    pub fn write(
+        dir: &Path,
+        manifest: &BundleManifest,
+        key: &Key,
+        tokenizer_json: &serde_json::Value,
+    ) -> Result<(), Error> {
         let io = |e: std::io::Error| Error::Io(format!("writing bundle {}: {e}", dir.display()));
         fs::create_dir_all(dir).map_err(io)?;
         key.save(&dir.join(KEY_FILE))?;
@@ -110,17 +115,29 @@ impl ClientBundle {
 
     pub fn load(dir: &Path) -> Result<Self, Error> {
         let path = dir.join(MANIFEST_FILE);
-        let text = fs::read(&path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
-        let manifest: BundleManifest =
-            serde_json::from_slice(&text).map_err(|e| Error::Bundle(format!("{}: {e}", path.display())))?;
+        let text =
+            fs::read(&path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
+        let manifest: BundleManifest = serde_json::from_slice(&text)
+            .map_err(|e| Error::Bundle(format!("{}: {e}", path.display())))?;
         if manifest.format != BUNDLE_FORMAT {
-            return Err(Error::Bundle(format!("{}: unknown bundle format {:?}", path.display(), manifest.format)));
+            return Err(Error::Bundle(format!(
+                "{}: unknown bundle format {:?}",
+                path.display(),
+                manifest.format
+            )));
         }
         let key = Key::load(&dir.join(KEY_FILE))?;
         if key.fingerprint() != manifest.key_fingerprint {
-            return Err(Error::Bundle(format!("{}: the key does not match the manifest", dir.display())));
+            return Err(Error::Bundle(format!(
+                "{}: the key does not match the manifest",
+                dir.display()
+            )));
         }
-        Ok(Self { dir: dir.to_owned(), manifest, key })
+        Ok(Self {
+            dir: dir.to_owned(),
+            manifest,
+            key,
+        })
     }
 
     pub fn tokenizer_path(&self) -> PathBuf {
@@ -150,7 +167,10 @@ mod tests {
             architecture: "llama".into(),
             vocab_size: 8,
             context_length: Some(64),
-            server_artifact: ArtifactFingerprint { sha256: "ab".repeat(32), bytes: 10 },
+            server_artifact: ArtifactFingerprint {
+                sha256: "ab".repeat(32),
+                bytes: 10,
+            },
             key_fingerprint: key.fingerprint(),
             identity_key: false,
             chat_template: None,
@@ -162,7 +182,13 @@ mod tests {
     fn bundle_round_trips_and_checks_the_server() {
         let dir = tempfile::tempdir().unwrap();
         let key = Key::generate().unwrap();
-        ClientBundle::write(dir.path(), &manifest(&key), &key, &serde_json::json!({"x": 1})).unwrap();
+        ClientBundle::write(
+            dir.path(),
+            &manifest(&key),
+            &key,
+            &serde_json::json!({"x": 1}),
+        )
+        .unwrap();
         let b = ClientBundle::load(dir.path()).unwrap();
         assert_eq!(b.key, key);
         assert!(b.check_server_artifact(&"AB".repeat(32)).is_ok());
@@ -174,7 +200,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = Key::generate().unwrap();
         ClientBundle::write(dir.path(), &manifest(&key), &key, &serde_json::json!({})).unwrap();
-        Key::generate().unwrap().save(&dir.path().join(KEY_FILE)).unwrap();
+        Key::generate()
+            .unwrap()
+            .save(&dir.path().join(KEY_FILE))
+            .unwrap();
         assert!(ClientBundle::load(dir.path()).is_err());
     }
 }

@@ -182,7 +182,10 @@ impl TensorInfo {
     /// Bytes of one row (one slice along `dims[0]`).
     pub fn row_bytes(&self) -> Result<u64, Error> {
         let (block, bytes) = ggml_block_layout(self.ggml_type).ok_or_else(|| {
-            Error::Gguf(format!("tensor {}: unsupported ggml type {}", self.name, self.ggml_type))
+            Error::Gguf(format!(
+                "tensor {}: unsupported ggml type {}",
+                self.name, self.ggml_type
+            ))
         })?;
         let ne0 = self.dims.first().copied().unwrap_or(1);
         if ne0 % block != 0 {
@@ -223,7 +226,10 @@ impl GgufHeader {
     }
 
     pub fn alignment(&self) -> u64 {
-        self.get("general.alignment").and_then(Value::as_u64).filter(|a| *a > 0).unwrap_or(DEFAULT_ALIGNMENT)
+        self.get("general.alignment")
+            .and_then(Value::as_u64)
+            .filter(|a| *a > 0)
+            .unwrap_or(DEFAULT_ALIGNMENT)
     }
 
     pub fn architecture(&self) -> Result<&str, Error> {
@@ -262,12 +268,24 @@ impl GgufHeader {
             if n_dims > 4 {
                 return Err(Error::Gguf(format!("tensor {name}: {n_dims} dimensions")));
             }
-            let dims = (0..n_dims).map(|_| read_u64(r)).collect::<Result<Vec<_>, _>>()?;
+            let dims = (0..n_dims)
+                .map(|_| read_u64(r))
+                .collect::<Result<Vec<_>, _>>()?;
             let ggml_type = read_u32(r)?;
             let offset = read_u64(r)?;
-            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+            tensors.push(TensorInfo {
+                name,
+                dims,
+                ggml_type,
+                offset,
+            });
         }
-        let mut header = GgufHeader { version, metadata, tensors, data_offset: 0 };
+        let mut header = GgufHeader {
+            version,
+            metadata,
+            tensors,
+            data_offset: 0,
+        };
         let pos = r.stream_position()?;
         header.data_offset = align_up(pos, header.alignment());
         Ok(header)
@@ -316,10 +334,17 @@ impl GgufHeader {
     }
 
     /// Reads one tensor's raw bytes.
-    pub fn read_tensor_bytes<R: Read + Seek>(&self, r: &mut R, t: &TensorInfo) -> Result<Vec<u8>, Error> {
+    pub fn read_tensor_bytes<R: Read + Seek>(
+        &self,
+        r: &mut R,
+        t: &TensorInfo,
+    ) -> Result<Vec<u8>, Error> {
         let n = t.n_bytes()?;
         if n > MAX_LEN * 16 {
-            return Err(Error::Gguf(format!("tensor {} is implausibly large", t.name)));
+            return Err(Error::Gguf(format!(
+                "tensor {} is implausibly large",
+                t.name
+            )));
         }
         r.seek(SeekFrom::Start(self.tensor_data_offset(t)))?;
         let mut data = vec![0u8; n as usize];
@@ -382,7 +407,9 @@ fn read_value<R: Read>(r: &mut R, ty: ValueType) -> Result<Value, Error> {
         ValueType::Array => {
             let elem = ValueType::from_u32(read_u32(r)?)?;
             if elem == ValueType::Array {
-                return Err(Error::Gguf("nested metadata arrays are not supported".into()));
+                return Err(Error::Gguf(
+                    "nested metadata arrays are not supported".into(),
+                ));
             }
             let n = read_len(r)?;
             let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
@@ -433,16 +460,31 @@ pub fn write_gguf<W: Write>(
     let mut data_by_name = BTreeMap::new();
     let mut infos = Vec::new();
     for (name, dims, ggml_type, data) in tensors {
-        infos.push(TensorInfo { name: name.clone(), dims, ggml_type, offset: 0 });
+        infos.push(TensorInfo {
+            name: name.clone(),
+            dims,
+            ggml_type,
+            offset: 0,
+        });
         data_by_name.insert(name, data);
     }
-    let mut header = GgufHeader { version: 3, metadata, tensors: infos, data_offset: 0 };
+    let mut header = GgufHeader {
+        version: 3,
+        metadata,
+        tensors: infos,
+        data_offset: 0,
+    };
     header.write(w)?;
     let mut written = 0u64;
     for t in &header.tensors {
         let data = &data_by_name[&t.name];
         if data.len() as u64 != t.n_bytes()? {
-            return Err(Error::Gguf(format!("tensor {}: {} bytes given, {} expected", t.name, data.len(), t.n_bytes()?)));
+            return Err(Error::Gguf(format!(
+                "tensor {}: {} bytes given, {} expected",
+                t.name,
+                data.len(),
+                t.n_bytes()?
+            )));
         }
         let pad = t.offset - written;
         w.write_all(&vec![0u8; pad as usize])?;
@@ -460,7 +502,10 @@ mod tests {
     #[test]
     fn header_round_trips_every_value_type() {
         let metadata = vec![
-            ("general.architecture".to_string(), Value::String("llama".into())),
+            (
+                "general.architecture".to_string(),
+                Value::String("llama".into()),
+            ),
             ("a.u8".into(), Value::U8(7)),
             ("a.i8".into(), Value::I8(-7)),
             ("a.u16".into(), Value::U16(700)),
@@ -472,11 +517,22 @@ mod tests {
             ("a.u64".into(), Value::U64(1 << 40)),
             ("a.i64".into(), Value::I64(-(1 << 40))),
             ("a.f64".into(), Value::F64(-2.25)),
-            ("a.arr".into(), Value::Array(ValueType::String, vec![Value::String("x".into()), Value::String("é🙂".into())])),
+            (
+                "a.arr".into(),
+                Value::Array(
+                    ValueType::String,
+                    vec![Value::String("x".into()), Value::String("é🙂".into())],
+                ),
+            ),
             ("a.empty".into(), Value::Array(ValueType::I32, vec![])),
         ];
         let tensors = vec![
-            ("w".to_string(), vec![32, 3], 8u32, (0..3 * 34).map(|i| i as u8).collect()),
+            (
+                "w".to_string(),
+                vec![32, 3],
+                8u32,
+                (0..3 * 34).map(|i| i as u8).collect(),
+            ),
             ("n".to_string(), vec![5], 0u32, vec![1u8; 20]),
         ];
         let mut buf = Vec::new();
@@ -500,17 +556,30 @@ mod tests {
         bad.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(GgufHeader::read(&mut Cursor::new(&bad)).is_err());
         let mut truncated = Vec::new();
-        write_gguf(&mut truncated, vec![("k".into(), Value::String("value".into()))], vec![]).unwrap();
+        write_gguf(
+            &mut truncated,
+            vec![("k".into(), Value::String("value".into()))],
+            vec![],
+        )
+        .unwrap();
         truncated.truncate(30);
         assert!(GgufHeader::read(&mut Cursor::new(&truncated)).is_err());
     }
 
     #[test]
     fn row_bytes_follow_block_layout() {
-        let t = TensorInfo { name: "t".into(), dims: vec![576, 10], ggml_type: 3, offset: 0 };
+        let t = TensorInfo {
+            name: "t".into(),
+            dims: vec![576, 10],
+            ggml_type: 3,
+            offset: 0,
+        };
         assert_eq!(t.row_bytes().unwrap(), 18 * 20);
         assert_eq!(t.n_bytes().unwrap(), 18 * 20 * 10);
-        let odd = TensorInfo { dims: vec![33, 1], ..t };
+        let odd = TensorInfo {
+            dims: vec![33, 1],
+            ..t
+        };
         assert!(odd.row_bytes().is_err());
     }
 }

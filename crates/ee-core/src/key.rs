@@ -31,7 +31,9 @@ pub struct Key {
 
 impl std::fmt::Debug for Key {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Key").field("identity", &self.identity).finish_non_exhaustive()
+        f.debug_struct("Key")
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,17 +49,26 @@ struct KeyFile {
 impl Key {
     /// A fresh key from the OS CSPRNG.
     pub fn generate() -> Result<Self, Error> {
-        Ok(Self { bytes: crate::rng::os_random_bytes()?, identity: false })
+        Ok(Self {
+            bytes: crate::rng::os_random_bytes()?,
+            identity: false,
+        })
     }
 
     /// A key from known bytes (tests, reproducible fixtures).
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self { bytes, identity: false }
+        Self {
+            bytes,
+            identity: false,
+        }
     }
 
     /// The insecure identity key: every permutation it derives is the identity.
     pub fn identity() -> Self {
-        Self { bytes: [0; 32], identity: true }
+        Self {
+            bytes: [0; 32],
+            identity: true,
+        }
     }
 
     pub fn is_identity(&self) -> bool {
@@ -67,7 +78,10 @@ impl Key {
     /// A short public fingerprint of the key (not reversible), for logs and
     /// for matching a bundle to its key without printing the key.
     pub fn fingerprint(&self) -> String {
-        let digest = Sha256::new().chain_update(b"ee/v1/fingerprint").chain_update(self.bytes).finalize();
+        let digest = Sha256::new()
+            .chain_update(b"ee/v1/fingerprint")
+            .chain_update(self.bytes)
+            .finalize();
         hex::encode(&digest[..8])
     }
 
@@ -100,30 +114,49 @@ impl Key {
 
     /// Writes the key atomically (temp file, fsync, rename) with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), Error> {
-        let file = KeyFile { format: KEY_FORMAT.into(), key: hex::encode(self.bytes), identity: self.identity };
+        let file = KeyFile {
+            format: KEY_FORMAT.into(),
+            key: hex::encode(self.bytes),
+            identity: self.identity,
+        };
         let json = serde_json::to_vec_pretty(&file).map_err(|e| Error::Key(e.to_string()))?;
         write_private_atomically(path, &json)
     }
 
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = fs::read(path).map_err(|e| Error::Io(format!("reading key {}: {e}", path.display())))?;
-        let file: KeyFile =
-            serde_json::from_slice(&text).map_err(|e| Error::Key(format!("{}: not a key file: {e}", path.display())))?;
+        let text = fs::read(path)
+            .map_err(|e| Error::Io(format!("reading key {}: {e}", path.display())))?;
+        let file: KeyFile = serde_json::from_slice(&text)
+            .map_err(|e| Error::Key(format!("{}: not a key file: {e}", path.display())))?;
         if file.format != KEY_FORMAT {
-            return Err(Error::Key(format!("{}: unknown key format {:?}", path.display(), file.format)));
+            return Err(Error::Key(format!(
+                "{}: unknown key format {:?}",
+                path.display(),
+                file.format
+            )));
         }
-        let raw = hex::decode(file.key.trim()).map_err(|_| Error::Key(format!("{}: key is not hex", path.display())))?;
-        let bytes: [u8; 32] =
-            raw.try_into().map_err(|_| Error::Key(format!("{}: key is not 32 bytes", path.display())))?;
-        Ok(Self { bytes, identity: file.identity })
+        let raw = hex::decode(file.key.trim())
+            .map_err(|_| Error::Key(format!("{}: key is not hex", path.display())))?;
+        let bytes: [u8; 32] = raw
+            .try_into()
+            .map_err(|_| Error::Key(format!("{}: key is not 32 bytes", path.display())))?;
+        Ok(Self {
+            bytes,
+            identity: file.identity,
+        })
     }
 }
 
 /// Writes `data` to `path` so that a reader sees either the old file or the
 /// whole new one, and nobody but the owner can read it.
 pub fn write_private_atomically(path: &Path, data: &[u8]) -> Result<(), Error> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::Io(format!("{} is not a file path", path.display())))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Io(format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
     let io = |e: std::io::Error| Error::Io(format!("writing {}: {e}", path.display()));
     let mut opts = fs::OpenOptions::new();
@@ -138,7 +171,8 @@ pub fn write_private_atomically(path: &Path, data: &[u8]) -> Result<(), Error> {
     {
         // `mode` only applies to newly created files; force it on a stale one.
         use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(io)?;
     }
     f.write_all(data).map_err(io)?;
     f.sync_all().map_err(io)?;
@@ -200,7 +234,12 @@ mod tests {
     fn malformed_key_files_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("key.json");
-        for bad in ["", "{}", r#"{"format":"ee-key/1","key":"zz"}"#, r#"{"format":"ee-key/1","key":"abcd"}"#] {
+        for bad in [
+            "",
+            "{}",
+            r#"{"format":"ee-key/1","key":"zz"}"#,
+            r#"{"format":"ee-key/1","key":"abcd"}"#,
+        ] {
             fs::write(&path, bad).unwrap();
             assert!(Key::load(&path).is_err(), "{bad:?} loaded");
         }

@@ -15,14 +15,19 @@ pub struct Permutation {
 impl std::fmt::Debug for Permutation {
     // Never print the mapping itself: it is key material.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permutation").field("len", &self.len()).finish_non_exhaustive()
+        f.debug_struct("Permutation")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
 impl Permutation {
     pub fn identity(n: u32) -> Self {
         let forward: Vec<u32> = (0..n).collect();
-        Self { inverse: forward.clone(), forward }
+        Self {
+            inverse: forward.clone(),
+            forward,
+        }
     }
 
     /// Builds a permutation from its forward table, checking it is a bijection.
@@ -65,30 +70,52 @@ impl Permutation {
 
     /// Encrypts a whole sequence, failing on the first out-of-range ID.
     pub fn encrypt_all(&self, tokens: &[u32]) -> Result<Vec<u32>, Error> {
-        tokens.iter().map(|&t| self.encrypt(t).ok_or(Error::TokenOutOfRange(t, self.len()))).collect()
+        tokens
+            .iter()
+            .map(|&t| self.encrypt(t).ok_or(Error::TokenOutOfRange(t, self.len())))
+            .collect()
     }
 
     /// Decrypts a whole sequence, failing on the first out-of-range ID.
     pub fn decrypt_all(&self, tokens: &[u32]) -> Result<Vec<u32>, Error> {
-        tokens.iter().map(|&c| self.decrypt(c).ok_or(Error::TokenOutOfRange(c, self.len()))).collect()
+        tokens
+            .iter()
+            .map(|&c| self.decrypt(c).ok_or(Error::TokenOutOfRange(c, self.len())))
+            .collect()
     }
 
     /// Reorders `values` indexed by plaintext ID into ciphertext order:
     /// `out[π(t)] = values[t]`. This is how embedding rows move.
     pub fn scatter<T: Clone>(&self, values: &[T]) -> Result<Vec<T>, Error> {
         if values.len() != self.len() {
-            return Err(Error::Permutation(format!("{} values for a permutation of {}", values.len(), self.len())));
+            return Err(Error::Permutation(format!(
+                "{} values for a permutation of {}",
+                values.len(),
+                self.len()
+            )));
         }
-        Ok(self.inverse.iter().map(|&t| values[t as usize].clone()).collect())
+        Ok(self
+            .inverse
+            .iter()
+            .map(|&t| values[t as usize].clone())
+            .collect())
     }
 
     /// The inverse of [`scatter`](Self::scatter): `out[t] = values[π(t)]`.
     /// This is how a client un-permutes a logit vector.
     pub fn gather<T: Clone>(&self, values: &[T]) -> Result<Vec<T>, Error> {
         if values.len() != self.len() {
-            return Err(Error::Permutation(format!("{} values for a permutation of {}", values.len(), self.len())));
+            return Err(Error::Permutation(format!(
+                "{} values for a permutation of {}",
+                values.len(),
+                self.len()
+            )));
         }
-        Ok(self.forward.iter().map(|&c| values[c as usize].clone()).collect())
+        Ok(self
+            .forward
+            .iter()
+            .map(|&c| values[c as usize].clone())
+            .collect())
     }
 }
 
@@ -111,7 +138,10 @@ mod tests {
         // token 0 ('a') now sits at row π(0) = 2
         assert_eq!(s, vec!['b', 'd', 'a', 'c']);
         assert_eq!(p.gather(&s).unwrap(), v);
-        assert_eq!(p.decrypt_all(&p.encrypt_all(&[3, 1, 0]).unwrap()).unwrap(), vec![3, 1, 0]);
+        assert_eq!(
+            p.decrypt_all(&p.encrypt_all(&[3, 1, 0]).unwrap()).unwrap(),
+            vec![3, 1, 0]
+        );
         assert!(p.encrypt_all(&[4]).is_err());
         assert!(!p.is_identity());
         assert!(Permutation::identity(4).is_identity());

@@ -16,7 +16,8 @@ pub fn uniform_below<R: RngCore + ?Sized>(rng: &mut R, bound: u64) -> u64 {
 /// 256 bits from the OS CSPRNG.
 pub fn os_random_bytes() -> Result<[u8; 32], crate::Error> {
     let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(|e| crate::Error::Key(format!("OS random source failed: {e}")))?;
+    getrandom::fill(&mut bytes)
+        .map_err(|e| crate::Error::Key(format!("OS random source failed: {e}")))?;
     Ok(bytes)
 }
 

@@ -20,9 +20,11 @@ pub const VOCAB_ROW_TENSORS: [&str; 2] = ["token_embd.weight", "output.weight"];
 
 /// The sha256 of a file, as lowercase hex: the fingerprint of an artifact.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {
-    let mut f = File::open(path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
+    let mut f =
+        File::open(path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
+    std::io::copy(&mut f, &mut hasher)
+        .map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
     Ok(hex::encode(hasher.finalize()))
 }
 
@@ -43,7 +45,9 @@ pub fn embedding_vocab_size(header: &GgufHeader) -> Result<u32, Error> {
         .ok_or_else(|| Error::Gguf("the model has no token_embd.weight".into()))?;
     match embd.dims.as_slice() {
         [_, rows] => u32::try_from(*rows).map_err(|_| Error::Gguf("vocabulary too large".into())),
-        dims => Err(Error::Gguf(format!("token_embd.weight has shape {dims:?}, expected 2 dimensions"))),
+        dims => Err(Error::Gguf(format!(
+            "token_embd.weight has shape {dims:?}, expected 2 dimensions"
+        ))),
     }
 }
 
@@ -60,18 +64,30 @@ fn server_header(input: &GgufHeader, vocab_size: u32) -> Result<GgufHeader, Erro
         .cloned()
         .collect();
     metadata.push((vocab_key, Value::U32(vocab_size)));
-    Ok(GgufHeader { version: 3, metadata, tensors: input.tensors.clone(), data_offset: 0 })
+    Ok(GgufHeader {
+        version: 3,
+        metadata,
+        tensors: input.tensors.clone(),
+        data_offset: 0,
+    })
 }
 
 /// Moves whole rows: row `t` of `data` lands at row `π(t)`.
 fn permute_rows(t: &TensorInfo, data: &[u8], perm: &Permutation) -> Result<Vec<u8>, Error> {
     let row = t.row_bytes()? as usize;
     if t.n_rows() != perm.len() as u64 {
-        return Err(Error::Gguf(format!("{} has {} rows but the vocabulary has {}", t.name, t.n_rows(), perm.len())));
+        return Err(Error::Gguf(format!(
+            "{} has {} rows but the vocabulary has {}",
+            t.name,
+            t.n_rows(),
+            perm.len()
+        )));
     }
     let mut out = vec![0u8; data.len()];
     for (plain, src) in data.chunks_exact(row).enumerate() {
-        let cipher = perm.encrypt(plain as u32).expect("row count checked against the permutation") as usize;
+        let cipher = perm
+            .encrypt(plain as u32)
+            .expect("row count checked against the permutation") as usize;
         out[cipher * row..(cipher + 1) * row].copy_from_slice(src);
     }
     Ok(out)
@@ -110,18 +126,30 @@ pub fn write_server_artifact(
         let p = p.display().to_string();
         move |e: std::io::Error| Error::Io(format!("{what} {p}: {e}"))
     };
-    let mut reader = BufReader::with_capacity(1 << 20, File::open(input).map_err(io("opening", input))?);
+    let mut reader =
+        BufReader::with_capacity(1 << 20, File::open(input).map_err(io("opening", input))?);
     let header = GgufHeader::read(&mut reader)?;
     let vocab_size = embedding_vocab_size(&header)?;
     if perm.len() != vocab_size as usize {
-        return Err(Error::Permutation(format!("key covers {} tokens, model has {vocab_size}", perm.len())));
+        return Err(Error::Permutation(format!(
+            "key covers {} tokens, model has {vocab_size}",
+            perm.len()
+        )));
     }
     let mut out_header = server_header(&header, vocab_size)?;
-    let total: u64 = header.tensors.iter().map(TensorInfo::n_bytes).sum::<Result<u64, _>>()?;
+    let total: u64 = header
+        .tensors
+        .iter()
+        .map(TensorInfo::n_bytes)
+        .sum::<Result<u64, _>>()?;
 
     let tmp = output.with_extension("gguf.tmp");
     let file = File::create(&tmp).map_err(io("creating", &tmp))?;
-    let mut w = HashingWriter { inner: BufWriter::with_capacity(1 << 20, file), hasher: Sha256::new(), written: 0 };
+    let mut w = HashingWriter {
+        inner: BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        written: 0,
+    };
     let result = (|| -> Result<Vec<String>, Error> {
         out_header.write(&mut w)?;
         let mut permuted = Vec::new();
@@ -160,7 +188,12 @@ pub fn write_server_artifact(
     let bytes = w.written;
     drop(w);
     fs::rename(&tmp, output).map_err(io("renaming to", output))?;
-    Ok(TransformReport { sha256, bytes, vocab_size, permuted_tensors })
+    Ok(TransformReport {
+        sha256,
+        bytes,
+        vocab_size,
+        permuted_tensors,
+    })
 }
 
 #[cfg(test)]
@@ -172,7 +205,9 @@ mod tests {
     fn tiny_model(path: &Path) {
         let vocab = 8u64;
         let row = 34usize; // one Q8_0 block of 32 values
-        let embd: Vec<u8> = (0..vocab as usize * row).map(|i| (i / row) as u8 * 10 + (i % 7) as u8).collect();
+        let embd: Vec<u8> = (0..vocab as usize * row)
+            .map(|i| (i / row) as u8 * 10 + (i % 7) as u8)
+            .collect();
         let mut f = File::create(path).unwrap();
         write_gguf(
             &mut f,
@@ -180,8 +215,17 @@ mod tests {
                 ("general.architecture".into(), Value::String("llama".into())),
                 ("llama.embedding_length".into(), Value::U32(32)),
                 ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
-                ("tokenizer.ggml.tokens".into(), Value::Array(ValueType::String, (0..8).map(|i| Value::String(format!("t{i}"))).collect())),
-                ("tokenizer.chat_template".into(), Value::String("{{ x }}".into())),
+                (
+                    "tokenizer.ggml.tokens".into(),
+                    Value::Array(
+                        ValueType::String,
+                        (0..8).map(|i| Value::String(format!("t{i}"))).collect(),
+                    ),
+                ),
+                (
+                    "tokenizer.chat_template".into(),
+                    Value::String("{{ x }}".into()),
+                ),
             ],
             vec![
                 ("token_embd.weight".into(), vec![32, vocab], 8, embd),
@@ -206,18 +250,29 @@ mod tests {
         let mut r_out = BufReader::new(File::open(&output).unwrap());
         let h_in = GgufHeader::read(&mut r_in).unwrap();
         let h_out = GgufHeader::read(&mut r_out).unwrap();
-        assert!(h_out.metadata.iter().all(|(k, _)| !k.starts_with("tokenizer.")));
+        assert!(h_out
+            .metadata
+            .iter()
+            .all(|(k, _)| !k.starts_with("tokenizer.")));
         assert_eq!(h_out.get("llama.vocab_size"), Some(&Value::U32(8)));
 
-        let e_in = h_in.read_tensor_bytes(&mut r_in, h_in.tensor("token_embd.weight").unwrap()).unwrap();
-        let e_out = h_out.read_tensor_bytes(&mut r_out, h_out.tensor("token_embd.weight").unwrap()).unwrap();
+        let e_in = h_in
+            .read_tensor_bytes(&mut r_in, h_in.tensor("token_embd.weight").unwrap())
+            .unwrap();
+        let e_out = h_out
+            .read_tensor_bytes(&mut r_out, h_out.tensor("token_embd.weight").unwrap())
+            .unwrap();
         assert_ne!(e_in, e_out);
         for t in 0..8u32 {
             let c = perm.encrypt(t).unwrap() as usize;
             assert_eq!(e_in[t as usize * 34..][..34], e_out[c * 34..][..34]);
         }
-        let n_in = h_in.read_tensor_bytes(&mut r_in, h_in.tensor("output_norm.weight").unwrap()).unwrap();
-        let n_out = h_out.read_tensor_bytes(&mut r_out, h_out.tensor("output_norm.weight").unwrap()).unwrap();
+        let n_in = h_in
+            .read_tensor_bytes(&mut r_in, h_in.tensor("output_norm.weight").unwrap())
+            .unwrap();
+        let n_out = h_out
+            .read_tensor_bytes(&mut r_out, h_out.tensor("output_norm.weight").unwrap())
+            .unwrap();
         assert_eq!(n_in, n_out);
 
         assert_eq!(sha256_file(&output).unwrap(), report.sha256);

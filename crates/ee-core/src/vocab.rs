@@ -42,12 +42,21 @@ impl GgufVocab {
                     .as_array()
                     .ok_or_else(|| Error::Tokenizer(format!("{key} is not an array")))?
                     .iter()
-                    .map(|x| x.as_str().map(str::to_owned).ok_or_else(|| Error::Tokenizer(format!("{key}: non-string entry"))))
+                    .map(|x| {
+                        x.as_str()
+                            .map(str::to_owned)
+                            .ok_or_else(|| Error::Tokenizer(format!("{key}: non-string entry")))
+                    })
                     .collect(),
             }
         };
-        let id = |key: &str| h.get(key).and_then(Value::as_u64).and_then(|v| u32::try_from(v).ok());
-        let flag = |key: &str, default: bool| h.get(key).and_then(Value::as_bool).unwrap_or(default);
+        let id = |key: &str| {
+            h.get(key)
+                .and_then(Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+        };
+        let flag =
+            |key: &str, default: bool| h.get(key).and_then(Value::as_bool).unwrap_or(default);
         let model = h
             .get("tokenizer.ggml.model")
             .and_then(Value::as_str)
@@ -55,26 +64,38 @@ impl GgufVocab {
             .to_owned();
         let tokens = strings("tokenizer.ggml.tokens")?;
         if tokens.is_empty() {
-            return Err(Error::Tokenizer("the GGUF has no tokenizer.ggml.tokens".into()));
+            return Err(Error::Tokenizer(
+                "the GGUF has no tokenizer.ggml.tokens".into(),
+            ));
         }
         let token_types = match h.get("tokenizer.ggml.token_type") {
             None => vec![1; tokens.len()],
             Some(v) => v
                 .as_array()
-                .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.token_type is not an array".into()))?
+                .ok_or_else(|| {
+                    Error::Tokenizer("tokenizer.ggml.token_type is not an array".into())
+                })?
                 .iter()
                 .map(|x| match *x {
                     Value::I32(t) => Ok(i64::from(t)),
-                    ref other => other.as_u64().map(|t| t as i64).ok_or_else(|| Error::Tokenizer("bad token type".into())),
+                    ref other => other
+                        .as_u64()
+                        .map(|t| t as i64)
+                        .ok_or_else(|| Error::Tokenizer("bad token type".into())),
                 })
                 .collect::<Result<_, _>>()?,
         };
         if token_types.len() != tokens.len() {
-            return Err(Error::Tokenizer("token_type and tokens differ in length".into()));
+            return Err(Error::Tokenizer(
+                "token_type and tokens differ in length".into(),
+            ));
         }
         let vocab = Self {
             model,
-            pre: h.get("tokenizer.ggml.pre").and_then(Value::as_str).map(str::to_owned),
+            pre: h
+                .get("tokenizer.ggml.pre")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             merges: strings("tokenizer.ggml.merges")?,
             bos_token_id: id("tokenizer.ggml.bos_token_id"),
             eos_token_id: id("tokenizer.ggml.eos_token_id"),
@@ -82,25 +103,41 @@ impl GgufVocab {
             unk_token_id: id("tokenizer.ggml.unknown_token_id"),
             add_bos_token: flag("tokenizer.ggml.add_bos_token", false),
             add_eos_token: flag("tokenizer.ggml.add_eos_token", false),
-            chat_template: h.get("tokenizer.chat_template").and_then(Value::as_str).map(str::to_owned),
+            chat_template: h
+                .get("tokenizer.chat_template")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
             tokens,
             token_types,
         };
-        for special in [vocab.bos_token_id, vocab.eos_token_id, vocab.pad_token_id, vocab.unk_token_id].into_iter().flatten() {
+        for special in [
+            vocab.bos_token_id,
+            vocab.eos_token_id,
+            vocab.pad_token_id,
+            vocab.unk_token_id,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if special as usize >= vocab.tokens.len() {
-                return Err(Error::Tokenizer(format!("special token ID {special} is outside the vocabulary")));
+                return Err(Error::Tokenizer(format!(
+                    "special token ID {special} is outside the vocabulary"
+                )));
             }
         }
         Ok(vocab)
     }
 
     pub fn token(&self, id: Option<u32>) -> Option<&str> {
-        id.and_then(|i| self.tokens.get(i as usize)).map(String::as_str)
+        id.and_then(|i| self.tokens.get(i as usize))
+            .map(String::as_str)
     }
 
     /// Plaintext IDs of every control token (BOS, EOS, chat markers, ...).
     pub fn control_token_ids(&self) -> Vec<u32> {
-        (0..self.tokens.len() as u32).filter(|&i| self.token_types[i as usize] == TOKEN_TYPE_CONTROL).collect()
+        (0..self.tokens.len() as u32)
+            .filter(|&i| self.token_types[i as usize] == TOKEN_TYPE_CONTROL)
+            .collect()
     }
 
     /// The Hugging Face `tokenizer.json` equivalent of this vocabulary.
@@ -210,7 +247,10 @@ mod tests {
     }
 
     fn strs(v: &[&str]) -> Value {
-        Value::Array(ValueType::String, v.iter().map(|s| Value::String(s.to_string())).collect())
+        Value::Array(
+            ValueType::String,
+            v.iter().map(|s| Value::String(s.to_string())).collect(),
+        )
     }
 
     #[test]
@@ -219,7 +259,13 @@ mod tests {
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
             ("tokenizer.ggml.pre", Value::String("smollm".into())),
             ("tokenizer.ggml.tokens", strs(&["<s>", "a", "b", "ab"])),
-            ("tokenizer.ggml.token_type", Value::Array(ValueType::I32, vec![Value::I32(3), Value::I32(1), Value::I32(1), Value::I32(1)])),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(
+                    ValueType::I32,
+                    vec![Value::I32(3), Value::I32(1), Value::I32(1), Value::I32(1)],
+                ),
+            ),
             ("tokenizer.ggml.merges", strs(&["a b"])),
             ("tokenizer.ggml.eos_token_id", Value::U32(0)),
         ]);
@@ -242,7 +288,10 @@ mod tests {
         };
         let mut m = base();
         m.push(("tokenizer.ggml.pre", Value::String("mystery".into())));
-        assert!(GgufVocab::from_header(&header(m)).unwrap().to_hf_tokenizer_json().is_err());
+        assert!(GgufVocab::from_header(&header(m))
+            .unwrap()
+            .to_hf_tokenizer_json()
+            .is_err());
         let mut m = base();
         m.push(("tokenizer.ggml.eos_token_id", Value::U32(5)));
         assert!(GgufVocab::from_header(&header(m)).is_err());

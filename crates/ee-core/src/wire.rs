@@ -74,8 +74,12 @@ pub struct CompletionRequest {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ContentPart {
-    TokenIds { token_ids: Vec<u32> },
-    Text { text: serde_json::Value },
+    TokenIds {
+        token_ids: Vec<u32>,
+    },
+    Text {
+        text: serde_json::Value,
+    },
     #[serde(other)]
     Other,
 }
@@ -236,11 +240,13 @@ mod tests {
 
     #[test]
     fn prompts_parse_as_tokens_batches_or_refusable_text() {
-        let p: CompletionRequest = serde_json::from_str(r#"{"prompt":[1,2,3],"max_tokens":4}"#).unwrap();
+        let p: CompletionRequest =
+            serde_json::from_str(r#"{"prompt":[1,2,3],"max_tokens":4}"#).unwrap();
         assert_eq!(p.prompt, PromptInput::Tokens(vec![1, 2, 3]));
         assert_eq!(p.fields.max_tokens, Some(4));
         assert!(p.unknown.is_empty());
-        let extra: CompletionRequest = serde_json::from_str(r#"{"prompt":[1],"stop":["x"],"n":2}"#).unwrap();
+        let extra: CompletionRequest =
+            serde_json::from_str(r#"{"prompt":[1],"stop":["x"],"n":2}"#).unwrap();
         assert_eq!(extra.unknown.keys().collect::<Vec<_>>(), vec!["stop"]);
         assert_eq!(extra.fields.n, Some(2));
         let b: CompletionRequest = serde_json::from_str(r#"{"prompt":[[1],[2,3]]}"#).unwrap();
@@ -255,14 +261,27 @@ mod tests {
             r#"{"messages":[{"role":"user","content":[{"type":"token_ids","token_ids":[5,6]}]}],"logprobs":true,"top_logprobs":2}"#,
         )
         .unwrap();
-        assert_eq!(r.messages[0].content, MessageContent::Parts(vec![ContentPart::TokenIds { token_ids: vec![5, 6] }]));
-        let text: ChatCompletionRequest = serde_json::from_str(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(
+            r.messages[0].content,
+            MessageContent::Parts(vec![ContentPart::TokenIds {
+                token_ids: vec![5, 6]
+            }])
+        );
+        let text: ChatCompletionRequest =
+            serde_json::from_str(r#"{"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(text.messages[0].content, MessageContent::Text("hi".into()));
     }
 
     #[test]
     fn error_envelope_has_openai_shape() {
-        let e = ErrorEnvelope { error: ErrorBody { message: "m".into(), kind: "invalid_request_error".into(), param: None, code: None } };
+        let e = ErrorEnvelope {
+            error: ErrorBody {
+                message: "m".into(),
+                kind: "invalid_request_error".into(),
+                param: None,
+                code: None,
+            },
+        };
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"].as_object().unwrap().contains_key("param"));

@@ -27,7 +27,9 @@ impl LlamaConfig {
     pub fn from_gguf(h: &GgufHeader) -> Result<Self, Error> {
         let arch = h.architecture()?.to_owned();
         if !matches!(arch.as_str(), "llama" | "mistral") {
-            return Err(Error::Unsupported(format!("architecture {arch:?} (supported: llama, mistral)")));
+            return Err(Error::Unsupported(format!(
+                "architecture {arch:?} (supported: llama, mistral)"
+            )));
         }
         let key = |k: &str| format!("{arch}.{k}");
         let uint = |k: &str| -> Result<usize, Error> {
@@ -43,12 +45,16 @@ impl LlamaConfig {
         let n_head = uint("attention.head_count")?;
         let n_kv_head = opt_uint("attention.head_count_kv").unwrap_or(n_head);
         if n_head == 0 || n_kv_head == 0 || n_head % n_kv_head != 0 || n_embd % n_head != 0 {
-            return Err(Error::Model(format!("inconsistent heads: {n_head} q-heads, {n_kv_head} kv-heads, width {n_embd}")));
+            return Err(Error::Model(format!(
+                "inconsistent heads: {n_head} q-heads, {n_kv_head} kv-heads, width {n_embd}"
+            )));
         }
         let head_dim = opt_uint("attention.key_length").unwrap_or(n_embd / n_head);
         if let Some(rope_dims) = opt_uint("rope.dimension_count") {
             if rope_dims != head_dim {
-                return Err(Error::Unsupported(format!("partial RoPE ({rope_dims} of {head_dim} dims)")));
+                return Err(Error::Unsupported(format!(
+                    "partial RoPE ({rope_dims} of {head_dim} dims)"
+                )));
             }
         }
         let embd = h

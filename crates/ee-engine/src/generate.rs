@@ -27,7 +27,12 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        Self { max_tokens: 256, stop_token_ids: Vec::new(), sampling: SamplingParams::greedy(), prefill_chunk: 512 }
+        Self {
+            max_tokens: 256,
+            stop_token_ids: Vec::new(),
+            sampling: SamplingParams::greedy(),
+            prefill_chunk: 512,
+        }
     }
 }
 
@@ -58,13 +63,19 @@ pub fn generate(
     let mut cache = model.new_cache();
     let mut logits = None;
     for chunk in prompt.chunks(opts.prefill_chunk.max(1)) {
-        logits = Some(model.forward(&mut [SeqStep { tokens: chunk, cache: &mut cache }])?);
+        logits = Some(model.forward(&mut [SeqStep {
+            tokens: chunk,
+            cache: &mut cache,
+        }])?);
     }
     let mut logits = logits.expect("prompt is not empty");
     let mut tokens = Vec::new();
     loop {
         if tokens.len() >= opts.max_tokens {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Length,
+            });
         }
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let sampled = sampler.sample(&row, model.tie_keys(), 0)?;
@@ -72,11 +83,20 @@ pub fn generate(
         let token = sampled.token;
         tokens.push(sampled);
         if opts.stop_token_ids.contains(&token) {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Stop });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Stop,
+            });
         }
         if cache.len() >= model.context_length() {
-            return Ok(Generation { tokens, finish_reason: FinishReason::Length });
+            return Ok(Generation {
+                tokens,
+                finish_reason: FinishReason::Length,
+            });
         }
-        logits = model.forward(&mut [SeqStep { tokens: &[token], cache: &mut cache }])?;
+        logits = model.forward(&mut [SeqStep {
+            tokens: &[token],
+            cache: &mut cache,
+        }])?;
     }
 }

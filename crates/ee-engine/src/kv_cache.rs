@@ -30,7 +30,12 @@ const MIN_CAPACITY: usize = 64;
 
 impl KvCache {
     pub fn new(n_layers: usize, max_len: usize) -> Self {
-        Self { layers: vec![None; n_layers], len: 0, capacity: 0, max_len }
+        Self {
+            layers: vec![None; n_layers],
+            len: 0,
+            capacity: 0,
+            max_len,
+        }
     }
 
     /// Tokens already cached: the position of the next token.
@@ -44,21 +49,35 @@ impl KvCache {
 
     /// Bytes held by the buffers, for memory accounting.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().flatten().map(|l| 2 * l.k.elem_count() * 4).sum()
+        self.layers
+            .iter()
+            .flatten()
+            .map(|l| 2 * l.k.elem_count() * 4)
+            .sum()
     }
 
     /// Appends `k`, `v` (`[n_kv_head, n_new, head_dim]`) to `layer` and returns
     /// views of everything cached so far for that layer.
-    pub fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor), Error> {
+    pub fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor), Error> {
         let (n_kv, n_new, head_dim) = k.dims3()?;
         let new_len = self.len + n_new;
         if new_len > self.max_len {
-            return Err(Error::ContextOverflow { needed: new_len, limit: self.max_len });
+            return Err(Error::ContextOverflow {
+                needed: new_len,
+                limit: self.max_len,
+            });
         }
         if new_len > self.capacity {
             self.grow(new_len, n_kv, head_dim, k.device())?;
         }
-        let slot = self.layers[layer].as_mut().ok_or_else(|| Error::Model("cache layer missing".into()))?;
+        let slot = self.layers[layer]
+            .as_mut()
+            .ok_or_else(|| Error::Model("cache layer missing".into()))?;
         slot.k.slice_set(&k.contiguous()?, 1, self.len)?;
         slot.v.slice_set(&v.contiguous()?, 1, self.len)?;
         Ok((slot.k.narrow(1, 0, new_len)?, slot.v.narrow(1, 0, new_len)?))
@@ -69,8 +88,17 @@ impl KvCache {
         self.len += n_new;
     }
 
-    fn grow(&mut self, needed: usize, n_kv: usize, head_dim: usize, device: &Device) -> Result<(), Error> {
-        let capacity = needed.max(self.capacity * 2).max(MIN_CAPACITY).min(self.max_len);
+    fn grow(
+        &mut self,
+        needed: usize,
+        n_kv: usize,
+        head_dim: usize,
+        device: &Device,
+    ) -> Result<(), Error> {
+        let capacity = needed
+            .max(self.capacity * 2)
+            .max(MIN_CAPACITY)
+            .min(self.max_len);
         for slot in &mut self.layers {
             let fresh = || Tensor::zeros((n_kv, capacity, head_dim), DType::F32, device);
             let (k, v) = (fresh()?, fresh()?);

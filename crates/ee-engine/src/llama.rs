@@ -34,10 +34,12 @@ enum Linear {
 impl Linear {
     fn new(name: &str, t: QTensor, opts: &LoadOptions) -> Result<Self, Error> {
         let t = check_kernel_layout(name, t)?;
-        Ok(match QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
-            true => Linear::Ours(QuantMatrix::from_qtensor(&t)?),
-            false => Linear::Candle(QMatMul::from_qtensor(t)?),
-        })
+        Ok(
+            match QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
+                true => Linear::Ours(QuantMatrix::from_qtensor(&t)?),
+                false => Linear::Candle(QMatMul::from_qtensor(t)?),
+            },
+        )
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
@@ -92,7 +94,9 @@ pub struct LlamaModel {
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 impl LlamaModel {
@@ -102,7 +106,9 @@ impl LlamaModel {
     }
 
     pub fn load_with(path: &Path, opts: &LoadOptions) -> Result<Self, Error> {
-        let open = || File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())));
+        let open = || {
+            File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))
+        };
         let header = GgufHeader::read(&mut BufReader::new(open()?))?;
         let config = LlamaConfig::from_gguf(&header)?;
         let mut reader = BufReader::new(open()?);
@@ -122,13 +128,20 @@ impl LlamaModel {
             let data = output_q.data()?;
             let rows = output_q.shape().dims()[0];
             if rows != config.vocab_size || data.len() % rows != 0 {
-                return Err(Error::Model(format!("output head has {rows} rows, vocabulary {}", config.vocab_size)));
+                return Err(Error::Model(format!(
+                    "output head has {rows} rows, vocabulary {}",
+                    config.vocab_size
+                )));
             }
             data.chunks_exact(data.len() / rows).map(fnv1a).collect()
         };
         let embedding = token_embd.dequantize(&device)?;
         let rope_freqs = match content.tensor_infos.contains_key("rope_freqs.weight") {
-            true => Some(tensor("rope_freqs.weight")?.dequantize(&device)?.to_vec1::<f32>()?),
+            true => Some(
+                tensor("rope_freqs.weight")?
+                    .dequantize(&device)?
+                    .to_vec1::<f32>()?,
+            ),
             false => None,
         };
         let mut layers = Vec::with_capacity(config.n_layers);
@@ -137,11 +150,26 @@ impl LlamaModel {
                 let name = format!("blk.{i}.{n}.weight");
                 Linear::new(&name, tensor(&name)?, opts)
             };
-            let (wq, wk, wv, wo) = (qmm("attn_q")?, qmm("attn_k")?, qmm("attn_v")?, qmm("attn_output")?);
+            let (wq, wk, wv, wo) = (
+                qmm("attn_q")?,
+                qmm("attn_k")?,
+                qmm("attn_v")?,
+                qmm("attn_output")?,
+            );
             let (w_gate, w_up, w_down) = (qmm("ffn_gate")?, qmm("ffn_up")?, qmm("ffn_down")?);
             let attn_norm = tensor(&format!("blk.{i}.attn_norm.weight"))?.dequantize(&device)?;
             let ffn_norm = tensor(&format!("blk.{i}.ffn_norm.weight"))?.dequantize(&device)?;
-            layers.push(Layer { attn_norm, wq, wk, wv, wo, ffn_norm, w_gate, w_up, w_down });
+            layers.push(Layer {
+                attn_norm,
+                wq,
+                wk,
+                wv,
+                wo,
+                ffn_norm,
+                w_gate,
+                w_up,
+                w_down,
+            });
         }
         let output_norm = tensor("output_norm.weight")?.dequantize(&device)?;
         let (cos, sin) = rope_tables(&config, rope_freqs.as_deref(), &device)?;
@@ -191,7 +219,11 @@ impl LlamaModel {
 
     /// Like [`forward`](Self::forward) for one sequence, but returns the
     /// logits at every new position: `[tokens.len(), vocab]`.
-    pub fn forward_all_positions(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, Error> {
+    pub fn forward_all_positions(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, Error> {
         compute_pool().install(|| {
             let (hidden, _) = self.forward_hidden(&mut [SeqStep { tokens, cache }])?;
             self.logits(&hidden)
@@ -199,7 +231,8 @@ impl LlamaModel {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
-        let normed = candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
+        let normed =
+            candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
         self.output.forward(&normed)
     }
 
@@ -214,21 +247,34 @@ impl LlamaModel {
             }
             let needed = step.cache.len() + step.tokens.len();
             if needed > self.config.context_length {
-                return Err(Error::ContextOverflow { needed, limit: self.config.context_length });
+                return Err(Error::ContextOverflow {
+                    needed,
+                    limit: self.config.context_length,
+                });
             }
-            if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= self.config.vocab_size) {
-                return Err(Error::TokenOutOfRange { token: bad, vocab_size: self.config.vocab_size });
+            if let Some(&bad) = step
+                .tokens
+                .iter()
+                .find(|&&t| t as usize >= self.config.vocab_size)
+            {
+                return Err(Error::TokenOutOfRange {
+                    token: bad,
+                    vocab_size: self.config.vocab_size,
+                });
             }
             ids.extend_from_slice(step.tokens);
             last_rows.push(ids.len() as u32 - 1);
         }
-        let mut x = self.embedding.index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self
+            .embedding
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
             let attn = self.attention(li, layer, &h, batch)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
-            let gated = (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
+            let gated =
+                (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
             x = (x + layer.w_down.forward(&gated)?)?;
         }
         for step in batch.iter_mut() {
@@ -238,9 +284,19 @@ impl LlamaModel {
     }
 
     /// Self-attention of one layer, per sequence, over stacked rows `h`.
-    fn attention(&self, li: usize, layer: &Layer, h: &Tensor, batch: &mut [SeqStep<'_>]) -> Result<Tensor, Error> {
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        batch: &mut [SeqStep<'_>],
+    ) -> Result<Tensor, Error> {
         let c = &self.config;
-        let (q, k, v) = (layer.wq.forward(h)?, layer.wk.forward(h)?, layer.wv.forward(h)?);
+        let (q, k, v) = (
+            layer.wq.forward(h)?,
+            layer.wk.forward(h)?,
+            layer.wv.forward(h)?,
+        );
         let group = c.n_head / c.n_kv_head;
         let mut outputs = Vec::with_capacity(batch.len());
         let mut row = 0;
@@ -248,7 +304,10 @@ impl LlamaModel {
             let n = step.tokens.len();
             let pos = step.cache.len();
             let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor, Error> {
-                Ok(t.narrow(0, row, n)?.reshape((n, n_heads, c.head_dim))?.transpose(0, 1)?.contiguous()?)
+                Ok(t.narrow(0, row, n)?
+                    .reshape((n, n_heads, c.head_dim))?
+                    .transpose(0, 1)?
+                    .contiguous()?)
             };
             let cos = self.cos.narrow(0, pos, n)?;
             let sin = self.sin.narrow(0, pos, n)?;
@@ -266,7 +325,9 @@ impl LlamaModel {
             } else {
                 // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
                 let rep = |t: &Tensor| -> Result<Tensor, Error> {
-                    Ok(t.unsqueeze(1)?.expand((c.n_kv_head, group, total, c.head_dim))?.reshape((c.n_head, total, c.head_dim))?)
+                    Ok(t.unsqueeze(1)?
+                        .expand((c.n_kv_head, group, total, c.head_dim))?
+                        .reshape((c.n_head, total, c.head_dim))?)
                 };
                 let scale = 1.0 / (c.head_dim as f64).sqrt();
                 let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
@@ -296,7 +357,9 @@ impl LlamaModel {
         let scale = 1.0 / (hd as f32).sqrt();
         let (k_store, k_layout) = k.storage_and_layout();
         let (v_store, v_layout) = v.storage_and_layout();
-        let (candle_core::Storage::Cpu(k_cpu), candle_core::Storage::Cpu(v_cpu)) = (&*k_store, &*v_store) else {
+        let (candle_core::Storage::Cpu(k_cpu), candle_core::Storage::Cpu(v_cpu)) =
+            (&*k_store, &*v_store)
+        else {
             return Err(Error::Model("decode attention runs on the CPU".into()));
         };
         let (k_data, v_data) = (k_cpu.as_slice::<f32>()?, v_cpu.as_slice::<f32>()?);
@@ -362,7 +425,12 @@ impl LlamaModel {
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in a8.zip(b8) {
         for i in 0..8 {
             lanes[i] += x[i] * y[i];
@@ -387,7 +455,10 @@ fn compute_pool() -> &'static rayon::ThreadPool {
 /// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic
 /// (poisoning the thread pool) on an odd count; refuse such a model at load.
 fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
-    if matches!(t.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1) {
+    if matches!(
+        t.dtype(),
+        GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1
+    ) {
         let row = t.shape().dims().last().copied().unwrap_or(0);
         if !(row / t.dtype().block_size()).is_multiple_of(2) {
             return Err(Error::Unsupported(format!(
@@ -400,10 +471,16 @@ fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
 }
 
 /// cos/sin tables for every position up to the context length.
-fn rope_tables(c: &LlamaConfig, freq_factors: Option<&[f32]>, device: &Device) -> Result<(Tensor, Tensor), Error> {
+fn rope_tables(
+    c: &LlamaConfig,
+    freq_factors: Option<&[f32]>,
+    device: &Device,
+) -> Result<(Tensor, Tensor), Error> {
     let half = c.head_dim / 2;
     if freq_factors.is_some_and(|f| f.len() != half) {
-        return Err(Error::Model("rope_freqs.weight has the wrong length".into()));
+        return Err(Error::Model(
+            "rope_freqs.weight has the wrong length".into(),
+        ));
     }
     let inv_freq: Vec<f32> = (0..half)
         .map(|i| {
@@ -414,7 +491,9 @@ fn rope_tables(c: &LlamaConfig, freq_factors: Option<&[f32]>, device: &Device) -
     let positions = Tensor::arange(0u32, c.context_length as u32, device)?.to_dtype(DType::F32)?;
     let positions = (positions / f64::from(c.rope_linear_scale))?;
     let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-    let angles = positions.reshape((c.context_length, 1))?.matmul(&inv_freq)?;
+    let angles = positions
+        .reshape((c.context_length, 1))?
+        .matmul(&inv_freq)?;
     Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
 }
 
@@ -432,15 +511,25 @@ mod tests {
     fn rope_tables_cover_the_whole_context_not_just_4096() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
-        let spec = crate::testing::TinySpec { context_length: 8192, ..crate::testing::TinySpec::llama_q4_1() };
+        let spec = crate::testing::TinySpec {
+            context_length: 8192,
+            ..crate::testing::TinySpec::llama_q4_1()
+        };
         crate::testing::write_tiny_model(&path, &spec).unwrap();
-        let header = GgufHeader::read(&mut std::io::BufReader::new(File::open(&path).unwrap())).unwrap();
+        let header =
+            GgufHeader::read(&mut std::io::BufReader::new(File::open(&path).unwrap())).unwrap();
         let config = LlamaConfig::from_gguf(&header).unwrap();
         let (cos, sin) = rope_tables(&config, None, &Device::Cpu).unwrap();
         assert_eq!(cos.dims(), &[8192, config.head_dim / 2]);
-        let (c, s): (Vec<f32>, Vec<f32>) = (cos.get(8191).unwrap().to_vec1().unwrap(), sin.get(8191).unwrap().to_vec1().unwrap());
+        let (c, s): (Vec<f32>, Vec<f32>) = (
+            cos.get(8191).unwrap().to_vec1().unwrap(),
+            sin.get(8191).unwrap().to_vec1().unwrap(),
+        );
         assert!((c[0] - 8191f32.cos()).abs() < 1e-3 && (s[0] - 8191f32.sin()).abs() < 1e-3);
-        let scaled = LlamaConfig { rope_linear_scale: 2.0, ..config.clone() };
+        let scaled = LlamaConfig {
+            rope_linear_scale: 2.0,
+            ..config.clone()
+        };
         let (half_cos, _) = rope_tables(&scaled, None, &Device::Cpu).unwrap();
         let want: Vec<f32> = cos.get(4000).unwrap().to_vec1().unwrap();
         let got: Vec<f32> = half_cos.get(8000).unwrap().to_vec1().unwrap();

@@ -26,8 +26,14 @@ const Q8_0_BYTES: usize = 34;
 enum Blocks {
     /// Per block: (scale, min), and codes whose low nibbles are values 0..16
     /// and high nibbles values 16..32.
-    Q4_1 { scales: Vec<[f32; 2]>, codes: Vec<[u8; 16]> },
-    Q8_0 { scales: Vec<f32>, codes: Vec<[i8; BLOCK]> },
+    Q4_1 {
+        scales: Vec<[f32; 2]>,
+        codes: Vec<[u8; 16]>,
+    },
+    Q8_0 {
+        scales: Vec<f32>,
+        codes: Vec<[i8; BLOCK]>,
+    },
 }
 
 /// A quantized weight matrix `[rows, cols]` with our own kernels.
@@ -55,7 +61,10 @@ impl QuantMatrix {
     pub fn from_qtensor(t: &QTensor) -> Result<Self, Error> {
         let (rows, cols) = t.shape().dims2()?;
         if cols % BLOCK != 0 {
-            return Err(Error::Unsupported(format!("{:?} rows of {cols} values", t.dtype())));
+            return Err(Error::Unsupported(format!(
+                "{:?} rows of {cols} values",
+                t.dtype()
+            )));
         }
         let data = t.data()?;
         let n_blocks = rows * cols / BLOCK;
@@ -65,19 +74,29 @@ impl QuantMatrix {
             other => return Err(Error::Model(format!("no kernel for {other:?}"))),
         };
         if data.len() != n_blocks * block_bytes {
-            return Err(Error::Model(format!("{:?} tensor has {} bytes, expected {}", t.dtype(), data.len(), n_blocks * block_bytes)));
+            return Err(Error::Model(format!(
+                "{:?} tensor has {} bytes, expected {}",
+                t.dtype(),
+                data.len(),
+                n_blocks * block_bytes
+            )));
         }
         let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
         let blocks = data.chunks_exact(block_bytes);
         let blocks = if t.dtype() == GgmlDType::Q4_1 {
             Blocks::Q4_1 {
-                scales: blocks.clone().map(|b| [f16(&b[0..2]), f16(&b[2..4])]).collect(),
+                scales: blocks
+                    .clone()
+                    .map(|b| [f16(&b[0..2]), f16(&b[2..4])])
+                    .collect(),
                 codes: blocks.map(|b| std::array::from_fn(|i| b[4 + i])).collect(),
             }
         } else {
             Blocks::Q8_0 {
                 scales: blocks.clone().map(|b| f16(&b[0..2])).collect(),
-                codes: blocks.map(|b| std::array::from_fn(|i| b[2 + i] as i8)).collect(),
+                codes: blocks
+                    .map(|b| std::array::from_fn(|i| b[2 + i] as i8))
+                    .collect(),
             }
         };
         Ok(Self { rows, cols, blocks })
@@ -92,8 +111,12 @@ impl QuantMatrix {
             // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
             return unsafe {
                 match &self.blocks {
-                    Blocks::Q4_1 { scales, codes } => dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a),
-                    Blocks::Q8_0 { scales, codes } => dot_q8_0_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a),
+                    Blocks::Q4_1 { scales, codes } => {
+                        dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a)
+                    }
+                    Blocks::Q8_0 { scales, codes } => {
+                        dot_q8_0_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a)
+                    }
                 }
             };
         }
@@ -104,8 +127,12 @@ impl QuantMatrix {
     fn dot_row(&self, r: usize, a: &[ActBlock], use_avx2: bool) -> f32 {
         let nb = self.cols / BLOCK;
         match &self.blocks {
-            Blocks::Q4_1 { scales, codes } => dot_q4_1(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2),
-            Blocks::Q8_0 { scales, codes } => dot_q8_0(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2),
+            Blocks::Q4_1 { scales, codes } => {
+                dot_q4_1(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2)
+            }
+            Blocks::Q8_0 { scales, codes } => {
+                dot_q8_0(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2)
+            }
         }
     }
 
@@ -129,7 +156,8 @@ impl QuantMatrix {
                     let mut i = 0;
                     // Four activation rows share each unpacked weight block.
                     while i + 4 <= m {
-                        let a: [&[ActBlock]; 4] = std::array::from_fn(|k| &acts[(i + k) * nb..][..nb]);
+                        let a: [&[ActBlock]; 4] =
+                            std::array::from_fn(|k| &acts[(i + k) * nb..][..nb]);
                         out.extend(self.dot_row_x4(r, a, use_avx2));
                         i += 4;
                     }
@@ -159,7 +187,11 @@ impl CustomOp1 for QuantMatrix {
         "ee-quant-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("ee-quant-matmul takes f32 activations");
         };
@@ -168,7 +200,11 @@ impl CustomOp1 for QuantMatrix {
         };
         let mut dims = layout.shape().dims().to_vec();
         if dims.last() != Some(&self.cols) {
-            candle_core::bail!("ee-quant-matmul: input {:?} does not end in {}", dims, self.cols);
+            candle_core::bail!(
+                "ee-quant-matmul: input {:?} does not end in {}",
+                dims,
+                self.cols
+            );
         }
         let m = layout.shape().elem_count() / self.cols;
         let y = self.matmul(&data[start..end], m);
@@ -193,7 +229,11 @@ fn quantize_block(x: &[f32]) -> ActBlock {
     }
     let f16 = |v: f32| half::f16::from_f32(v).to_f32();
     let d = f16(d);
-    ActBlock { d, s: f16(f16(sum as f32) * d), q }
+    ActBlock {
+        d,
+        s: f16(f16(sum as f32) * d),
+        q,
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -231,7 +271,11 @@ fn dot_q8_0(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock], use_avx2: bool) ->
 fn dot_q8_0_scalar(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32 {
     let mut acc = 0f32;
     for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
-        let isum: i32 = q.iter().zip(&a.q).map(|(&w, &x)| i32::from(w) * i32::from(x)).sum();
+        let isum: i32 = q
+            .iter()
+            .zip(&a.q)
+            .map(|(&w, &x)| i32::from(w) * i32::from(x))
+            .sum();
         acc += s * a.d * isum as f32;
     }
     acc
@@ -270,7 +314,10 @@ unsafe fn dot_q8_0_avx2(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32
         let x = _mm256_loadu_si256(a.q.as_ptr().cast());
         // maddubs takes u8 x i8: move w's sign onto x (ggml's trick). Pairs
         // sum to at most 2 * 127 * 128, which fits i16.
-        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)), ones);
+        let sums = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
+            ones,
+        );
         acc = _mm256_fmadd_ps(_mm256_set1_ps(s * a.d), _mm256_cvtepi32_ps(sums), acc);
     }
     hsum(acc)
@@ -283,7 +330,12 @@ unsafe fn dot_q8_0_avx2(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32
 unsafe fn dot_q8_0_avx2_x4(w_s: &[f32], w_q: &[[i8; BLOCK]], a: [&[ActBlock]; 4]) -> [f32; 4] {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
-    let (mut acc0, mut acc1, mut acc2, mut acc3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut acc0, mut acc1, mut acc2, mut acc3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
     let [a0, a1, a2, a3] = a;
     for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
         let w = _mm256_loadu_si256(q.as_ptr().cast());
@@ -309,14 +361,25 @@ unsafe fn dot_q4_1_avx2_x4(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: [&[ActBlock]; 
     use std::arch::x86_64::*;
     let low = _mm_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
-    let (mut acc0, mut acc1, mut acc2, mut acc3) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+    let (mut acc0, mut acc1, mut acc2, mut acc3) = (
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+        _mm256_setzero_ps(),
+    );
     let (mut min0, mut min1, mut min2, mut min3) = (0f32, 0f32, 0f32, 0f32);
     let [a0, a1, a2, a3] = a;
     for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
         let packed = _mm_loadu_si128(q.as_ptr().cast());
-        let w = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(packed, 4), low), _mm_and_si128(packed, low));
+        let w = _mm256_set_m128i(
+            _mm_and_si128(_mm_srli_epi16(packed, 4), low),
+            _mm_and_si128(packed, low),
+        );
         let step = |acc: __m256, x: &ActBlock| {
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, _mm256_loadu_si256(x.q.as_ptr().cast())), ones);
+            let sums = _mm256_madd_epi16(
+                _mm256_maddubs_epi16(w, _mm256_loadu_si256(x.q.as_ptr().cast())),
+                ones,
+            );
             _mm256_fmadd_ps(_mm256_set1_ps(s[0] * x.d), _mm256_cvtepi32_ps(sums), acc)
         };
         let (x0, x1, x2, x3) = (&a0[b], &a1[b], &a2[b], &a3[b]);
@@ -329,7 +392,12 @@ unsafe fn dot_q4_1_avx2_x4(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: [&[ActBlock]; 
         min2 += s[1] * x2.s;
         min3 += s[1] * x3.s;
     }
-    [hsum(acc0) + min0, hsum(acc1) + min1, hsum(acc2) + min2, hsum(acc3) + min3]
+    [
+        hsum(acc0) + min0,
+        hsum(acc1) + min1,
+        hsum(acc2) + min2,
+        hsum(acc3) + min3,
+    ]
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -363,15 +431,29 @@ mod tests {
     const FORMATS: [GgmlDType; 2] = [GgmlDType::Q4_1, GgmlDType::Q8_0];
 
     /// A random quantized matrix (ours and candle's) and activations.
-    fn setup(dtype: GgmlDType, rows: usize, cols: usize, m: usize) -> (QuantMatrix, QMatMul, Tensor) {
+    fn setup(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        m: usize,
+    ) -> (QuantMatrix, QMatMul, Tensor) {
         let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
         let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
         let q = QTensor::quantize(&w, dtype).unwrap();
-        (QuantMatrix::from_qtensor(&q).unwrap(), QMatMul::from_qtensor(q).unwrap(), x)
+        (
+            QuantMatrix::from_qtensor(&q).unwrap(),
+            QMatMul::from_qtensor(q).unwrap(),
+            x,
+        )
     }
 
     fn max_abs(t: &Tensor) -> f32 {
-        t.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -391,10 +473,20 @@ mod tests {
         }
         for dtype in FORMATS {
             let (mat, _, x) = setup(dtype, 5, 256, 1);
-            let acts: Vec<ActBlock> = x.flatten_all().unwrap().to_vec1::<f32>().unwrap().chunks_exact(BLOCK).map(quantize_block).collect();
+            let acts: Vec<ActBlock> = x
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .chunks_exact(BLOCK)
+                .map(quantize_block)
+                .collect();
             for r in 0..5 {
                 let (a, b) = (mat.dot_row(r, &acts, false), mat.dot_row(r, &acts, true));
-                assert!((a - b).abs() <= 1e-4 * a.abs().max(1.0), "{dtype:?}: {a} vs {b}");
+                assert!(
+                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
+                    "{dtype:?}: {a} vs {b}"
+                );
             }
         }
     }
@@ -409,7 +501,11 @@ mod tests {
             for avx2 in [false, has_avx2()] {
                 let four = mat.dot_row_x4(1, rows, avx2);
                 for k in 0..4 {
-                    assert_eq!(four[k].to_bits(), mat.dot_row(1, rows[k], avx2).to_bits(), "{dtype:?} avx2={avx2}");
+                    assert_eq!(
+                        four[k].to_bits(),
+                        mat.dot_row(1, rows[k], avx2).to_bits(),
+                        "{dtype:?} avx2={avx2}"
+                    );
                 }
             }
         }
@@ -421,7 +517,11 @@ mod tests {
             let (mat, _, x) = setup(dtype, 40, 64, 6);
             let all = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for (i, row) in all.iter().enumerate() {
-                let one = mat.forward(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+                let one = mat
+                    .forward(&x.narrow(0, i, 1).unwrap())
+                    .unwrap()
+                    .to_vec2::<f32>()
+                    .unwrap();
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 assert_eq!(bits(&one[0]), bits(row), "{dtype:?} row {i}");
             }
@@ -431,7 +531,9 @@ mod tests {
     #[test]
     fn other_formats_and_bad_shapes_are_refused() {
         let w = Tensor::randn(0f32, 1.0, (4, 64), &Device::Cpu).unwrap();
-        assert!(QuantMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_0).unwrap()).is_err());
+        assert!(
+            QuantMatrix::from_qtensor(&QTensor::quantize(&w, GgmlDType::Q4_0).unwrap()).is_err()
+        );
         let (mat, _, _) = setup(GgmlDType::Q8_0, 4, 64, 1);
         let wrong = Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
         assert!(mat.forward(&wrong).is_err());

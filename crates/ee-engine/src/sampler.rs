@@ -64,14 +64,20 @@ impl Default for SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        Self { temperature: 0.0, ..Self::default() }
+        Self {
+            temperature: 0.0,
+            ..Self::default()
+        }
     }
 
     /// Checks ranges; `vocab_size` bounds the logit-bias keys.
     pub fn validate(&self, vocab_size: usize) -> Result<(), Error> {
         let bad = |what: String| Err(Error::InvalidSampling(what));
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!("temperature must be >= 0, got {}", self.temperature));
+            return bad(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -80,16 +86,24 @@ impl SamplingParams {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
         if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
-            return bad(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+            return bad(format!(
+                "repetition_penalty must be > 0, got {}",
+                self.repetition_penalty
+            ));
         }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
             }
         }
         for &(t, b) in &self.logit_bias {
             if t as usize >= vocab_size {
-                return bad(format!("logit_bias token {t} is outside the vocabulary of {vocab_size}"));
+                return bad(format!(
+                    "logit_bias token {t} is outside the vocabulary of {vocab_size}"
+                ));
             }
             if !(-100.0..=100.0).contains(&b) {
                 return bad(format!("logit_bias values must be in [-100, 100], got {b}"));
@@ -119,7 +133,10 @@ struct Candidate {
 /// Probability order: higher logit first, exact ties by the travelling key.
 /// The ID is a last resort for tokens whose weights are identical too.
 fn by_probability(a: &Candidate, b: &Candidate) -> Ordering {
-    b.logit.total_cmp(&a.logit).then(b.tie.cmp(&a.tie)).then(a.id.cmp(&b.id))
+    b.logit
+        .total_cmp(&a.logit)
+        .then(b.tie.cmp(&a.tie))
+        .then(a.id.cmp(&b.id))
 }
 
 /// Orders `c[..k]` so that it holds the `k` most probable candidates, sorted.
@@ -161,7 +178,12 @@ impl Sampler {
             None => os_random_bytes()?,
         };
         let seen = prompt.iter().map(|&t| (t, ())).collect();
-        Ok(Self { params, rng: ChaCha20Rng::from_seed(seed), generated: HashMap::new(), seen })
+        Ok(Self {
+            params,
+            rng: ChaCha20Rng::from_seed(seed),
+            generated: HashMap::new(),
+            seen,
+        })
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -180,7 +202,11 @@ impl Sampler {
         if p.repetition_penalty != 1.0 {
             for &t in self.seen.keys() {
                 if let Some(x) = l.get_mut(t as usize) {
-                    *x = if *x > 0.0 { *x / p.repetition_penalty } else { *x * p.repetition_penalty };
+                    *x = if *x > 0.0 {
+                        *x / p.repetition_penalty
+                    } else {
+                        *x * p.repetition_penalty
+                    };
                 }
             }
         }
@@ -196,12 +222,25 @@ impl Sampler {
 
     /// Draws the next token, records it in the history, and reports
     /// `top_logprobs` alternatives (0 for none).
-    pub fn sample(&mut self, logits: &[f32], tie_keys: &[u64], top_logprobs: usize) -> Result<Sampled, Error> {
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        tie_keys: &[u64],
+        top_logprobs: usize,
+    ) -> Result<Sampled, Error> {
         if logits.len() != tie_keys.len() || logits.is_empty() {
-            return Err(Error::Model(format!("{} logits for {} tie keys", logits.len(), tie_keys.len())));
+            return Err(Error::Model(format!(
+                "{} logits for {} tie keys",
+                logits.len(),
+                tie_keys.len()
+            )));
         }
         let l = self.processed(logits);
-        let max = l.iter().copied().filter(|x| !x.is_nan()).fold(f32::NEG_INFINITY, f32::max);
+        let max = l
+            .iter()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
         if !max.is_finite() {
             return Err(Error::Model("no finite logit to sample from".into()));
         }
@@ -213,12 +252,20 @@ impl Sampler {
             .iter()
             .zip(tie_keys)
             .enumerate()
-            .map(|(id, (&logit, &tie))| Candidate { logit, tie, id: id as u32, mass: mass(logit, max, temperature) })
+            .map(|(id, (&logit, &tie))| Candidate {
+                logit,
+                tie,
+                id: id as u32,
+                mass: mass(logit, max, temperature),
+            })
             .filter(|c| !c.logit.is_nan())
             .collect();
 
         let token = if greedy {
-            let best = cands.iter().min_by(|a, b| by_probability(a, b)).expect("max is finite, so a candidate exists");
+            let best = cands
+                .iter()
+                .min_by(|a, b| by_probability(a, b))
+                .expect("max is finite, so a candidate exists");
             best.id
         } else {
             let mut kept = cands.clone();
@@ -267,18 +314,39 @@ impl Sampler {
     }
 
     /// Log-probabilities under the penalised distribution at temperature 1.
-    fn logprobs(&self, cands: &mut [Candidate], max: f32, token: u32, top: usize, masses_at_t1: bool) -> Sampled {
+    fn logprobs(
+        &self,
+        cands: &mut [Candidate],
+        max: f32,
+        token: u32,
+        top: usize,
+        masses_at_t1: bool,
+    ) -> Sampled {
         let unit = 2f64.powi(FRAC_BITS);
         let total: u128 = match masses_at_t1 {
             true => cands.iter().map(|c| u128::from(c.mass)).sum(),
-            false => cands.iter().map(|c| u128::from(mass(c.logit, max, 1.0))).sum(),
+            false => cands
+                .iter()
+                .map(|c| u128::from(mass(c.logit, max, 1.0)))
+                .sum(),
         };
         let log_z = (total as f64 / unit).ln();
         let logprob = |logit: f32| (f64::from(logit - max) - log_z) as f32;
-        let chosen = cands.iter().find(|c| c.id == token).map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
+        let chosen = cands
+            .iter()
+            .find(|c| c.id == token)
+            .map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
         order_prefix(cands, top);
-        let top_logprobs = cands.iter().take(top).map(|c| (c.id, logprob(c.logit))).collect();
-        Sampled { token, logprob: chosen, top_logprobs }
+        let top_logprobs = cands
+            .iter()
+            .take(top)
+            .map(|c| (c.id, logprob(c.logit)))
+            .collect();
+        Sampled {
+            token,
+            logprob: chosen,
+            top_logprobs,
+        }
     }
 }
 
@@ -305,12 +373,16 @@ mod tests {
     use ee_core::Key;
 
     fn keys(n: usize) -> Vec<u64> {
-        (0..n as u64).map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15)).collect()
+        (0..n as u64)
+            .map(|i| i.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect()
     }
 
     fn random_logits(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        (0..n).map(|_| (uniform_below(&mut rng, 10_000) as f32) / 1000.0).collect()
+        (0..n)
+            .map(|_| (uniform_below(&mut rng, 10_000) as f32) / 1000.0)
+            .collect()
     }
 
     #[test]
@@ -328,9 +400,24 @@ mod tests {
         let n = 500;
         let perm = Key::from_bytes([3; 32]).vocab_permutation(n as u32);
         for (i, params) in [
-            SamplingParams { temperature: 0.8, seed: Some(1), ..Default::default() },
-            SamplingParams { temperature: 1.3, top_k: 20, seed: Some(2), ..Default::default() },
-            SamplingParams { temperature: 0.7, top_p: 0.9, min_p: 0.05, seed: Some(3), ..Default::default() },
+            SamplingParams {
+                temperature: 0.8,
+                seed: Some(1),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.3,
+                top_k: 20,
+                seed: Some(2),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 0.7,
+                top_p: 0.9,
+                min_p: 0.05,
+                seed: Some(3),
+                ..Default::default()
+            },
             SamplingParams {
                 temperature: 1.0,
                 repetition_penalty: 1.3,
@@ -345,8 +432,14 @@ mod tests {
         {
             let prompt = [3u32, 7, 7, 9];
             let enc_prompt = perm.encrypt_all(&prompt).unwrap();
-            let enc_params = SamplingParams { logit_bias: vec![(perm.encrypt(5).unwrap(), 2.0)], ..params.clone() };
-            let params = SamplingParams { logit_bias: vec![(5, 2.0)], ..params };
+            let enc_params = SamplingParams {
+                logit_bias: vec![(perm.encrypt(5).unwrap(), 2.0)],
+                ..params.clone()
+            };
+            let params = SamplingParams {
+                logit_bias: vec![(5, 2.0)],
+                ..params
+            };
             let mut plain = Sampler::new(params, &prompt).unwrap();
             let mut enc = Sampler::new(enc_params, &enc_prompt).unwrap();
             let plain_keys = keys(n);
@@ -356,9 +449,17 @@ mod tests {
                 let enc_logits = perm.scatter(&logits).unwrap();
                 let a = plain.sample(&logits, &plain_keys, 3).unwrap();
                 let b = enc.sample(&enc_logits, &enc_keys, 3).unwrap();
-                assert_eq!(perm.decrypt(b.token).unwrap(), a.token, "params {i} step {step}");
+                assert_eq!(
+                    perm.decrypt(b.token).unwrap(),
+                    a.token,
+                    "params {i} step {step}"
+                );
                 assert_eq!(a.logprob, b.logprob);
-                let dec: Vec<_> = b.top_logprobs.iter().map(|&(t, p)| (perm.decrypt(t).unwrap(), p)).collect();
+                let dec: Vec<_> = b
+                    .top_logprobs
+                    .iter()
+                    .map(|&(t, p)| (perm.decrypt(t).unwrap(), p))
+                    .collect();
                 assert_eq!(dec, a.top_logprobs);
             }
         }
@@ -368,8 +469,17 @@ mod tests {
     fn same_seed_same_draws_different_seed_differs() {
         let logits = vec![1.0f32; 1000];
         let draw = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed: Some(seed), ..Default::default() }, &[]).unwrap();
-            (0..20).map(|_| s.sample(&logits, &keys(1000), 0).unwrap().token).collect::<Vec<_>>()
+            let mut s = Sampler::new(
+                SamplingParams {
+                    seed: Some(seed),
+                    ..Default::default()
+                },
+                &[],
+            )
+            .unwrap();
+            (0..20)
+                .map(|_| s.sample(&logits, &keys(1000), 0).unwrap().token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
         assert_ne!(draw(1), draw(2));
@@ -378,13 +488,29 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits: Vec<f32> = (0..100).map(|i| i as f32 / 10.0).collect();
-        let mut s = Sampler::new(SamplingParams { top_k: 3, seed: Some(9), ..Default::default() }, &[]).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_k: 3,
+                seed: Some(9),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
         for _ in 0..100 {
             assert!(s.sample(&logits, &keys(100), 0).unwrap().token >= 97);
         }
         let mut peaked = vec![0.0f32; 100];
         peaked[42] = 20.0;
-        let mut s = Sampler::new(SamplingParams { top_p: 0.5, seed: Some(9), ..Default::default() }, &[]).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                top_p: 0.5,
+                seed: Some(9),
+                ..Default::default()
+            },
+            &[],
+        )
+        .unwrap();
         for _ in 0..50 {
             assert_eq!(s.sample(&peaked, &keys(100), 0).unwrap().token, 42);
         }
@@ -393,7 +519,9 @@ mod tests {
     #[test]
     fn logprobs_are_normalised() {
         let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
-        let out = s.sample(&[0.0, 0.0f32.ln_1p(), 1.0, 2.0], &keys(4), 4).unwrap();
+        let out = s
+            .sample(&[0.0, 0.0f32.ln_1p(), 1.0, 2.0], &keys(4), 4)
+            .unwrap();
         let total: f32 = out.top_logprobs.iter().map(|(_, lp)| lp.exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "{total}");
         assert_eq!(out.top_logprobs[0].0, 3);
@@ -405,14 +533,38 @@ mod tests {
         let ok = SamplingParams::default();
         assert!(ok.validate(10).is_ok());
         for bad in [
-            SamplingParams { temperature: -1.0, ..ok.clone() },
-            SamplingParams { temperature: f32::NAN, ..ok.clone() },
-            SamplingParams { top_p: 0.0, ..ok.clone() },
-            SamplingParams { min_p: 1.5, ..ok.clone() },
-            SamplingParams { repetition_penalty: 0.0, ..ok.clone() },
-            SamplingParams { presence_penalty: 3.0, ..ok.clone() },
-            SamplingParams { logit_bias: vec![(10, 1.0)], ..ok.clone() },
-            SamplingParams { logit_bias: vec![(1, 1000.0)], ..ok.clone() },
+            SamplingParams {
+                temperature: -1.0,
+                ..ok.clone()
+            },
+            SamplingParams {
+                temperature: f32::NAN,
+                ..ok.clone()
+            },
+            SamplingParams {
+                top_p: 0.0,
+                ..ok.clone()
+            },
+            SamplingParams {
+                min_p: 1.5,
+                ..ok.clone()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..ok.clone()
+            },
+            SamplingParams {
+                presence_penalty: 3.0,
+                ..ok.clone()
+            },
+            SamplingParams {
+                logit_bias: vec![(10, 1.0)],
+                ..ok.clone()
+            },
+            SamplingParams {
+                logit_bias: vec![(1, 1000.0)],
+                ..ok.clone()
+            },
         ] {
             assert!(bad.validate(10).is_err(), "{bad:?}");
         }
@@ -420,7 +572,14 @@ mod tests {
 
     #[test]
     fn repetition_penalty_discourages_seen_tokens() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 10.0, ..SamplingParams::greedy() }, &[1]).unwrap();
+        let mut s = Sampler::new(
+            SamplingParams {
+                repetition_penalty: 10.0,
+                ..SamplingParams::greedy()
+            },
+            &[1],
+        )
+        .unwrap();
         assert_eq!(s.sample(&[1.0, 2.0, 1.5], &keys(3), 0).unwrap().token, 2);
     }
 }

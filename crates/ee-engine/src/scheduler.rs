@@ -32,7 +32,11 @@ pub struct SchedulerConfig {
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { max_batch: 16, max_queue: 256, step_token_budget: 512 }
+        Self {
+            max_batch: 16,
+            max_queue: 256,
+            step_token_budget: 512,
+        }
     }
 }
 
@@ -51,7 +55,11 @@ pub struct SequenceRequest {
 #[derive(Debug, Clone)]
 pub enum SequenceEvent {
     Token(Sampled),
-    Finished { reason: FinishReason, prompt_tokens: usize, completion_tokens: usize },
+    Finished {
+        reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+    },
     Failed(String),
 }
 
@@ -94,12 +102,19 @@ impl Scheduler {
             .name("ee-engine".into())
             .spawn(move || EngineLoop::new(model, config, thread_stats).run(rx))
             .expect("spawning the engine thread");
-        Self { tx, stats, max_queue }
+        Self {
+            tx,
+            stats,
+            max_queue,
+        }
     }
 
     /// Queues a sequence; its events arrive on the returned receiver.
     /// Dropping the receiver cancels the sequence and frees its cache.
-    pub fn submit(&self, request: SequenceRequest) -> Result<tokio_mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
+    pub fn submit(
+        &self,
+        request: SequenceRequest,
+    ) -> Result<tokio_mpsc::UnboundedReceiver<SequenceEvent>, SubmitError> {
         let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_queue {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -150,7 +165,13 @@ struct EngineLoop {
 
 impl EngineLoop {
     fn new(model: Arc<LlamaModel>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
-        Self { model, config, stats, waiting: VecDeque::new(), running: Vec::new() }
+        Self {
+            model,
+            config,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Submission>) {
@@ -179,20 +200,26 @@ impl EngineLoop {
                     let _ = seq.events.send(SequenceEvent::Failed(msg.clone()));
                 }
             }
-            self.stats.running.store(self.running.len(), Ordering::SeqCst);
+            self.stats
+                .running
+                .store(self.running.len(), Ordering::SeqCst);
         }
     }
 
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len();
         self.waiting.retain(|s| !s.events.is_closed());
-        self.stats.waiting.fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        self.stats
+            .waiting
+            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
         self.running.retain(|s| !s.events.is_closed());
     }
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
-            let Some(Submission { request, events }) = self.waiting.pop_front() else { break };
+            let Some(Submission { request, events }) = self.waiting.pop_front() else {
+                break;
+            };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             let checked = request
                 .sampling
@@ -202,7 +229,15 @@ impl EngineLoop {
             match checked {
                 Ok(sampler) => {
                     let cache = self.model.new_cache();
-                    self.running.push(Running { request, events, cache, sampler, fed: 0, last: None, generated: 0 });
+                    self.running.push(Running {
+                        request,
+                        events,
+                        cache,
+                        sampler,
+                        fed: 0,
+                        last: None,
+                        generated: 0,
+                    });
                 }
                 Err(e) => {
                     let _ = events.send(SequenceEvent::Failed(e.to_string()));
@@ -235,7 +270,8 @@ impl EngineLoop {
         }
         plan.sort_by_key(|(i, _, _)| *i);
         let logits = {
-            let mut caches: Vec<&mut KvCache> = self.running.iter_mut().map(|s| &mut s.cache).collect();
+            let mut caches: Vec<&mut KvCache> =
+                self.running.iter_mut().map(|s| &mut s.cache).collect();
             let mut steps = Vec::with_capacity(plan.len());
             // Hand each planned sequence its own cache, in running order.
             let mut planned = plan.iter().peekable();
@@ -255,14 +291,20 @@ impl EngineLoop {
             if !samples {
                 continue;
             }
-            let sampled = seq.sampler.sample(row, self.model.tie_keys(), seq.request.top_logprobs.unwrap_or(0))?;
+            let sampled = seq.sampler.sample(
+                row,
+                self.model.tie_keys(),
+                seq.request.top_logprobs.unwrap_or(0),
+            )?;
             let token = sampled.token;
             seq.generated += 1;
             seq.last = Some(token);
             let _ = seq.events.send(SequenceEvent::Token(sampled));
             if seq.request.stop_token_ids.contains(&token) {
                 finished.push((*i, FinishReason::Stop));
-            } else if seq.generated >= seq.request.max_tokens || seq.cache.len() >= self.model.context_length() {
+            } else if seq.generated >= seq.request.max_tokens
+                || seq.cache.len() >= self.model.context_length()
+            {
                 finished.push((*i, FinishReason::Length));
             }
         }
@@ -278,12 +320,23 @@ fn check_request(model: &LlamaModel, r: &SequenceRequest) -> Result<(), Error> {
     if r.prompt.is_empty() {
         return Err(Error::Model("empty prompt".into()));
     }
-    if let Some(&t) = r.prompt.iter().chain(&r.stop_token_ids).find(|&&t| t as usize >= model.vocab_size()) {
-        return Err(Error::TokenOutOfRange { token: t, vocab_size: model.vocab_size() });
+    if let Some(&t) = r
+        .prompt
+        .iter()
+        .chain(&r.stop_token_ids)
+        .find(|&&t| t as usize >= model.vocab_size())
+    {
+        return Err(Error::TokenOutOfRange {
+            token: t,
+            vocab_size: model.vocab_size(),
+        });
     }
     let needed = r.prompt.len() + r.max_tokens;
     if needed > model.context_length() {
-        return Err(Error::ContextOverflow { needed, limit: model.context_length() });
+        return Err(Error::ContextOverflow {
+            needed,
+            limit: model.context_length(),
+        });
     }
     Ok(())
 }
@@ -304,10 +357,18 @@ mod tests {
     }
 
     fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
-        SequenceRequest { prompt, sampling: SamplingParams::greedy(), max_tokens, stop_token_ids: vec![], top_logprobs: None }
+        SequenceRequest {
+            prompt,
+            sampling: SamplingParams::greedy(),
+            max_tokens,
+            stop_token_ids: vec![],
+            top_logprobs: None,
+        }
     }
 
-    fn collect(mut rx: tokio_mpsc::UnboundedReceiver<SequenceEvent>) -> (Vec<u32>, Option<FinishReason>) {
+    fn collect(
+        mut rx: tokio_mpsc::UnboundedReceiver<SequenceEvent>,
+    ) -> (Vec<u32>, Option<FinishReason>) {
         let mut tokens = Vec::new();
         while let Some(ev) = rx.blocking_recv() {
             match ev {
@@ -323,11 +384,36 @@ mod tests {
     fn concurrent_sequences_equal_the_same_sequences_alone() {
         let (_dir, model) = tiny();
         // A small budget forces chunked prefill interleaved with decoding.
-        let sched = Scheduler::start(model.clone(), SchedulerConfig { max_batch: 3, max_queue: 16, step_token_budget: 7 });
-        let prompts: Vec<Vec<u32>> = (0..5).map(|i| (0..(4 + 9 * i)).map(|j| ((j * 31 + i * 7) % 250 + 3) as u32).collect()).collect();
-        let receivers: Vec<_> = prompts.iter().map(|p| sched.submit(request(p.clone(), 12)).unwrap()).collect();
+        let sched = Scheduler::start(
+            model.clone(),
+            SchedulerConfig {
+                max_batch: 3,
+                max_queue: 16,
+                step_token_budget: 7,
+            },
+        );
+        let prompts: Vec<Vec<u32>> = (0..5)
+            .map(|i| {
+                (0..(4 + 9 * i))
+                    .map(|j| ((j * 31 + i * 7) % 250 + 3) as u32)
+                    .collect()
+            })
+            .collect();
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| sched.submit(request(p.clone(), 12)).unwrap())
+            .collect();
         for (p, rx) in prompts.iter().zip(receivers) {
-            let alone = generate(&model, p, &GenerateOptions { max_tokens: 12, ..Default::default() }, |_| {}).unwrap();
+            let alone = generate(
+                &model,
+                p,
+                &GenerateOptions {
+                    max_tokens: 12,
+                    ..Default::default()
+                },
+                |_| {},
+            )
+            .unwrap();
             let (tokens, reason) = collect(rx);
             assert_eq!(tokens, alone.token_ids());
             assert_eq!(reason, Some(FinishReason::Length));
@@ -341,7 +427,14 @@ mod tests {
         let (free, _) = collect(sched.submit(request(vec![5, 6, 7], 8)).unwrap());
         let stop = free[2];
         let first = free.iter().position(|&t| t == stop).unwrap();
-        let (tokens, reason) = collect(sched.submit(SequenceRequest { stop_token_ids: vec![stop], ..request(vec![5, 6, 7], 8) }).unwrap());
+        let (tokens, reason) = collect(
+            sched
+                .submit(SequenceRequest {
+                    stop_token_ids: vec![stop],
+                    ..request(vec![5, 6, 7], 8)
+                })
+                .unwrap(),
+        );
         assert_eq!(reason, Some(FinishReason::Stop));
         assert_eq!(tokens, free[..=first]);
     }
@@ -355,7 +448,10 @@ mod tests {
         drop(rx);
         let deadline = Instant::now() + Duration::from_secs(10);
         while sched.stats().running.load(Ordering::SeqCst) != 0 {
-            assert!(Instant::now() < deadline, "cancelled sequence still running");
+            assert!(
+                Instant::now() < deadline,
+                "cancelled sequence still running"
+            );
             thread::sleep(Duration::from_millis(5));
         }
     }
@@ -364,7 +460,14 @@ mod tests {
     fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
         let (_dir, model) = tiny();
         let vocab = model.vocab_size() as u32;
-        let sched = Scheduler::start(model, SchedulerConfig { max_batch: 1, max_queue: 2, step_token_budget: 64 });
+        let sched = Scheduler::start(
+            model,
+            SchedulerConfig {
+                max_batch: 1,
+                max_queue: 2,
+                step_token_budget: 64,
+            },
+        );
         let mut held = Vec::new();
         let mut refused = 0;
         for _ in 0..8 {

@@ -57,23 +57,75 @@ impl TinySpec {
         let base = Self::llama_q4_1();
         vec![
             ("llama-q4_1-tied", base.clone()),
-            ("llama-q8_0-untied", Self { weights: GgmlDType::Q8_0, untied_output: true, seed: 2, ..base.clone() }),
+            (
+                "llama-q8_0-untied",
+                Self {
+                    weights: GgmlDType::Q8_0,
+                    untied_output: true,
+                    seed: 2,
+                    ..base.clone()
+                },
+            ),
             // Three q-heads per kv-head, like SmolLM2 (9 / 3).
-            ("llama-q4_1-gqa3", Self { n_embd: 192, n_head: 6, n_kv_head: 2, seed: 7, ..base.clone() }),
-            ("llama-f32-mha", Self { weights: GgmlDType::F32, embedding: GgmlDType::F32, n_kv_head: 4, seed: 3, ..base.clone() }),
-            ("llama-q4_0-f16-embd", Self { weights: GgmlDType::Q4_0, embedding: GgmlDType::F16, seed: 4, ..base.clone() }),
+            (
+                "llama-q4_1-gqa3",
+                Self {
+                    n_embd: 192,
+                    n_head: 6,
+                    n_kv_head: 2,
+                    seed: 7,
+                    ..base.clone()
+                },
+            ),
+            (
+                "llama-f32-mha",
+                Self {
+                    weights: GgmlDType::F32,
+                    embedding: GgmlDType::F32,
+                    n_kv_head: 4,
+                    seed: 3,
+                    ..base.clone()
+                },
+            ),
+            (
+                "llama-q4_0-f16-embd",
+                Self {
+                    weights: GgmlDType::Q4_0,
+                    embedding: GgmlDType::F16,
+                    seed: 4,
+                    ..base.clone()
+                },
+            ),
             (
                 "llama-q4_k",
-                Self { weights: GgmlDType::Q4K, embedding: GgmlDType::Q6K, n_embd: 256, n_ff: 256, n_head: 8, seed: 5, ..base.clone() },
+                Self {
+                    weights: GgmlDType::Q4K,
+                    embedding: GgmlDType::Q6K,
+                    n_embd: 256,
+                    n_ff: 256,
+                    n_head: 8,
+                    seed: 5,
+                    ..base.clone()
+                },
             ),
-            ("mistral-sliding-window", Self { architecture: "mistral", sliding_window: Some(8), untied_output: true, seed: 6, ..base }),
+            (
+                "mistral-sliding-window",
+                Self {
+                    architecture: "mistral",
+                    sliding_window: Some(8),
+                    untied_output: true,
+                    seed: 6,
+                    ..base
+                },
+            ),
         ]
     }
 }
 
 /// The 256 byte-level BPE symbols (GPT-2's byte-to-unicode map).
 fn byte_symbols() -> Vec<String> {
-    let printable = |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let mut extra = 0;
     (0u32..256)
         .map(|b| {
@@ -92,10 +144,14 @@ fn byte_symbols() -> Vec<String> {
 /// byte symbols and a few merges. Plaintext IDs: `<|endoftext|>` 0,
 /// `<|im_start|>` 1, `<|im_end|>` 2.
 pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
-    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"].map(String::from).to_vec();
+    let mut tokens: Vec<String> = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+        .map(String::from)
+        .to_vec();
     let mut types = vec![3; 3];
     tokens.extend(byte_symbols());
-    let merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "i n", "a n"].map(String::from).to_vec();
+    let merges: Vec<String> = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
+        .map(String::from)
+        .to_vec();
     for m in &merges {
         tokens.push(m.replace(' ', ""));
     }
@@ -103,9 +159,15 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
     (tokens, types, merges)
 }
 
-fn random_tensor(rng: &mut ChaCha20Rng, shape: (usize, usize), scale: f32) -> Result<Tensor, Error> {
+fn random_tensor(
+    rng: &mut ChaCha20Rng,
+    shape: (usize, usize),
+    scale: f32,
+) -> Result<Tensor, Error> {
     let n = shape.0 * shape.1;
-    let data: Vec<f32> = (0..n).map(|_| (uniform_below(rng, 2001) as f32 / 1000.0 - 1.0) * scale).collect();
+    let data: Vec<f32> = (0..n)
+        .map(|_| (uniform_below(rng, 2001) as f32 / 1000.0 - 1.0) * scale)
+        .collect();
     Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
 }
 
@@ -174,28 +236,71 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), Error> {
     let mut tensors = Vec::new();
     let mut add = |name: String, t: Tensor, dtype: GgmlDType| -> Result<(), Error> {
         let (rows, cols) = t.dims2()?;
-        tensors.push((name, vec![cols as u64, rows as u64], ggml_type_id(dtype), quantized(&t, dtype)?));
+        tensors.push((
+            name,
+            vec![cols as u64, rows as u64],
+            ggml_type_id(dtype),
+            quantized(&t, dtype)?,
+        ));
         Ok(())
     };
-    let norm = |rng: &mut ChaCha20Rng| -> Result<Tensor, Error> { Ok((random_tensor(rng, (1, spec.n_embd), 0.2)? + 1.0)?) };
-    add("token_embd.weight".into(), random_tensor(&mut rng, (vocab, spec.n_embd), 1.0)?, spec.embedding)?;
+    let norm = |rng: &mut ChaCha20Rng| -> Result<Tensor, Error> {
+        Ok((random_tensor(rng, (1, spec.n_embd), 0.2)? + 1.0)?)
+    };
+    add(
+        "token_embd.weight".into(),
+        random_tensor(&mut rng, (vocab, spec.n_embd), 1.0)?,
+        spec.embedding,
+    )?;
     let (d, f, kv) = (spec.n_embd, spec.n_ff, spec.n_kv_head * head_dim);
     let w = 1.0 / (d as f32).sqrt() * 1.7;
     for l in 0..spec.n_layers {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
         add(n("attn_norm"), norm(&mut rng)?, GgmlDType::F32)?;
-        add(n("attn_q"), random_tensor(&mut rng, (d, d), w)?, spec.weights)?;
-        add(n("attn_k"), random_tensor(&mut rng, (kv, d), w)?, spec.weights)?;
-        add(n("attn_v"), random_tensor(&mut rng, (kv, d), w)?, spec.weights)?;
-        add(n("attn_output"), random_tensor(&mut rng, (d, d), w)?, spec.weights)?;
+        add(
+            n("attn_q"),
+            random_tensor(&mut rng, (d, d), w)?,
+            spec.weights,
+        )?;
+        add(
+            n("attn_k"),
+            random_tensor(&mut rng, (kv, d), w)?,
+            spec.weights,
+        )?;
+        add(
+            n("attn_v"),
+            random_tensor(&mut rng, (kv, d), w)?,
+            spec.weights,
+        )?;
+        add(
+            n("attn_output"),
+            random_tensor(&mut rng, (d, d), w)?,
+            spec.weights,
+        )?;
         add(n("ffn_norm"), norm(&mut rng)?, GgmlDType::F32)?;
-        add(n("ffn_gate"), random_tensor(&mut rng, (f, d), w)?, spec.weights)?;
-        add(n("ffn_up"), random_tensor(&mut rng, (f, d), w)?, spec.weights)?;
-        add(n("ffn_down"), random_tensor(&mut rng, (d, f), 1.0 / (f as f32).sqrt() * 1.7)?, spec.weights)?;
+        add(
+            n("ffn_gate"),
+            random_tensor(&mut rng, (f, d), w)?,
+            spec.weights,
+        )?;
+        add(
+            n("ffn_up"),
+            random_tensor(&mut rng, (f, d), w)?,
+            spec.weights,
+        )?;
+        add(
+            n("ffn_down"),
+            random_tensor(&mut rng, (d, f), 1.0 / (f as f32).sqrt() * 1.7)?,
+            spec.weights,
+        )?;
     }
     add("output_norm.weight".into(), norm(&mut rng)?, GgmlDType::F32)?;
     if spec.untied_output {
-        add("output.weight".into(), random_tensor(&mut rng, (vocab, d), 1.0)?, spec.embedding)?;
+        add(
+            "output.weight".into(),
+            random_tensor(&mut rng, (vocab, d), 1.0)?,
+            spec.embedding,
+        )?;
     }
     // 1-D norms are stored with a single dimension.
     for t in tensors.iter_mut() {

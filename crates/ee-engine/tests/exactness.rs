@@ -27,11 +27,19 @@ fn pair(spec: &TinySpec) -> Pair {
     let perm = Key::from_bytes([spec.seed as u8; 32]).vocab_permutation(plain.vocab_size() as u32);
     write_server_artifact(&plain_path, &enc_path, &perm, &mut |_, _| {}).unwrap();
     let enc = LlamaModel::load(&enc_path).unwrap();
-    Pair { _dir: dir, plain_path, plain, enc, perm }
+    Pair {
+        _dir: dir,
+        plain_path,
+        plain,
+        enc,
+        perm,
+    }
 }
 
 fn prompt(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
-    (0..n).map(|i| ((i * 37 + salt * 11 + 5) % vocab) as u32).collect()
+    (0..n)
+        .map(|i| ((i * 37 + salt * 11 + 5) % vocab) as u32)
+        .collect()
 }
 
 fn bits(v: &[f32]) -> Vec<u32> {
@@ -46,10 +54,17 @@ fn assert_batch_invariant(spec: &TinySpec, name: &str, alone: &[f32], batched: &
     let is_float = |t: GgmlDType| matches!(t, GgmlDType::F32 | GgmlDType::F16);
     // The embedding type is also the output head's.
     if is_float(spec.weights) || is_float(spec.embedding) {
-        let diff = alone.iter().zip(batched).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let diff = alone
+            .iter()
+            .zip(batched)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         assert!(diff < 1e-4, "{name}: batching moved logits by {diff}");
     } else if let Some(i) = (0..alone.len()).find(|&i| alone[i].to_bits() != batched[i].to_bits()) {
-        panic!("{name}: batching changed logit {i}: {} vs {}", alone[i], batched[i]);
+        panic!(
+            "{name}: batching changed logit {i}: {} vs {}",
+            alone[i], batched[i]
+        );
     }
 }
 
@@ -59,11 +74,29 @@ fn encrypted_logits_are_bit_identical_for_every_variant() {
         let p = pair(&spec);
         let tokens = prompt(20, p.plain.vocab_size(), 1);
         let enc_tokens = p.perm.encrypt_all(&tokens).unwrap();
-        let plain = p.plain.forward_all_positions(&tokens, &mut p.plain.new_cache()).unwrap().to_vec2::<f32>().unwrap();
-        let enc = p.enc.forward_all_positions(&enc_tokens, &mut p.enc.new_cache()).unwrap().to_vec2::<f32>().unwrap();
-        assert_ne!(bits(&plain[19]), bits(&enc[19]), "{name}: the encrypted model must permute its logits");
+        let plain = p
+            .plain
+            .forward_all_positions(&tokens, &mut p.plain.new_cache())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let enc = p
+            .enc
+            .forward_all_positions(&enc_tokens, &mut p.enc.new_cache())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_ne!(
+            bits(&plain[19]),
+            bits(&enc[19]),
+            "{name}: the encrypted model must permute its logits"
+        );
         for (pos, (a, b)) in plain.iter().zip(&enc).enumerate() {
-            assert_eq!(bits(a), bits(&p.perm.gather(b).unwrap()), "{name}: logits differ at position {pos}");
+            assert_eq!(
+                bits(a),
+                bits(&p.perm.gather(b).unwrap()),
+                "{name}: logits differ at position {pos}"
+            );
         }
     }
 }
@@ -76,14 +109,37 @@ fn greedy_and_seeded_generation_match_through_encryption() {
         let enc_tokens = p.perm.encrypt_all(&tokens).unwrap();
         for sampling in [
             SamplingParams::greedy(),
-            SamplingParams { temperature: 0.8, seed: Some(42), ..Default::default() },
-            SamplingParams { temperature: 1.2, top_p: 0.9, top_k: 40, repetition_penalty: 1.1, seed: Some(7), ..Default::default() },
+            SamplingParams {
+                temperature: 0.8,
+                seed: Some(42),
+                ..Default::default()
+            },
+            SamplingParams {
+                temperature: 1.2,
+                top_p: 0.9,
+                top_k: 40,
+                repetition_penalty: 1.1,
+                seed: Some(7),
+                ..Default::default()
+            },
         ] {
-            let opts = GenerateOptions { max_tokens: 24, sampling: sampling.clone(), ..Default::default() };
-            let plain = generate(&p.plain, &tokens, &opts, |_| {}).unwrap().token_ids();
-            let enc = generate(&p.enc, &enc_tokens, &opts, |_| {}).unwrap().token_ids();
+            let opts = GenerateOptions {
+                max_tokens: 24,
+                sampling: sampling.clone(),
+                ..Default::default()
+            };
+            let plain = generate(&p.plain, &tokens, &opts, |_| {})
+                .unwrap()
+                .token_ids();
+            let enc = generate(&p.enc, &enc_tokens, &opts, |_| {})
+                .unwrap()
+                .token_ids();
             assert_eq!(plain.len(), 24);
-            assert_eq!(p.perm.decrypt_all(&enc).unwrap(), plain, "{name} {sampling:?}");
+            assert_eq!(
+                p.perm.decrypt_all(&enc).unwrap(),
+                plain,
+                "{name} {sampling:?}"
+            );
         }
     }
 }
@@ -93,27 +149,65 @@ fn batching_does_not_change_any_sequence() {
     for (name, spec) in TinySpec::all_variants() {
         let p = pair(&spec);
         let m = &p.plain;
-        let prompts: Vec<Vec<u32>> = (0..3).map(|i| prompt(5 + 7 * i, m.vocab_size(), i)).collect();
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|i| prompt(5 + 7 * i, m.vocab_size(), i))
+            .collect();
         let alone: Vec<Vec<f32>> = prompts
             .iter()
-            .map(|t| m.forward(&mut [SeqStep { tokens: t, cache: &mut m.new_cache() }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap())
+            .map(|t| {
+                m.forward(&mut [SeqStep {
+                    tokens: t,
+                    cache: &mut m.new_cache(),
+                }])
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+            })
             .collect();
         let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
-        let mut steps: Vec<SeqStep> =
-            prompts.iter().zip(caches.iter_mut()).map(|(t, c)| SeqStep { tokens: t, cache: c }).collect();
+        let mut steps: Vec<SeqStep> = prompts
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(t, c)| SeqStep {
+                tokens: t,
+                cache: c,
+            })
+            .collect();
         let together = m.forward(&mut steps).unwrap().to_vec2::<f32>().unwrap();
         for i in 0..3 {
             assert_batch_invariant(&spec, name, &alone[i], &together[i]);
         }
         // A decode step batched with a prefill chunk of another sequence.
         let mut solo_cache = m.new_cache();
-        m.forward(&mut [SeqStep { tokens: &prompts[0], cache: &mut solo_cache }]).unwrap();
-        let solo = m.forward(&mut [SeqStep { tokens: &[9], cache: &mut solo_cache }]).unwrap().to_vec2::<f32>().unwrap();
+        m.forward(&mut [SeqStep {
+            tokens: &prompts[0],
+            cache: &mut solo_cache,
+        }])
+        .unwrap();
+        let solo = m
+            .forward(&mut [SeqStep {
+                tokens: &[9],
+                cache: &mut solo_cache,
+            }])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let newcomer = prompt(9, m.vocab_size(), 7);
         let mut fresh = m.new_cache();
         let (c0, _) = caches.split_at_mut(1);
         let mixed = m
-            .forward(&mut [SeqStep { tokens: &newcomer, cache: &mut fresh }, SeqStep { tokens: &[9], cache: &mut c0[0] }])
+            .forward(&mut [
+                SeqStep {
+                    tokens: &newcomer,
+                    cache: &mut fresh,
+                },
+                SeqStep {
+                    tokens: &[9],
+                    cache: &mut c0[0],
+                },
+            ])
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
@@ -126,14 +220,33 @@ fn chunked_prefill_matches_whole_prefill() {
     let p = pair(&TinySpec::llama_q4_1());
     let m = &p.plain;
     let tokens = prompt(40, m.vocab_size(), 3);
-    let whole = m.forward(&mut [SeqStep { tokens: &tokens, cache: &mut m.new_cache() }]).unwrap().to_vec2::<f32>().unwrap();
+    let whole = m
+        .forward(&mut [SeqStep {
+            tokens: &tokens,
+            cache: &mut m.new_cache(),
+        }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
     let mut cache = m.new_cache();
     let mut last = None;
     for chunk in tokens.chunks(16) {
-        last = Some(m.forward(&mut [SeqStep { tokens: chunk, cache: &mut cache }]).unwrap().to_vec2::<f32>().unwrap());
+        last = Some(
+            m.forward(&mut [SeqStep {
+                tokens: chunk,
+                cache: &mut cache,
+            }])
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+        );
     }
     let chunked = last.unwrap();
-    let max_diff = whole[0].iter().zip(&chunked[0]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let max_diff = whole[0]
+        .iter()
+        .zip(&chunked[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "chunked prefill differs by {max_diff}");
 }
 
@@ -143,32 +256,62 @@ fn reference_logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
     let mut file = std::fs::File::open(path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    model.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
 fn forward_pass_agrees_with_candle_quantized_llama() {
     // On candle's own kernels, so this checks the forward pass itself; the
     // real-model test in tests/ checks our kernels end to end.
-    let opts = ee_engine::LoadOptions { candle_kernels: true };
-    for (name, spec) in TinySpec::all_variants().into_iter().filter(|(_, s)| s.sliding_window.is_none()) {
+    let opts = ee_engine::LoadOptions {
+        candle_kernels: true,
+    };
+    for (name, spec) in TinySpec::all_variants()
+        .into_iter()
+        .filter(|(_, s)| s.sliding_window.is_none())
+    {
         let p = pair(&spec);
         let model = LlamaModel::load_with(&p.plain_path, &opts).unwrap();
         let tokens = prompt(24, model.vocab_size(), 4);
-        let ours = model.forward(&mut [SeqStep { tokens: &tokens, cache: &mut model.new_cache() }]).unwrap();
+        let ours = model
+            .forward(&mut [SeqStep {
+                tokens: &tokens,
+                cache: &mut model.new_cache(),
+            }])
+            .unwrap();
         let ours: Vec<f32> = ours.squeeze(0).unwrap().to_vec1().unwrap();
         let theirs = reference_logits(&p.plain_path, &tokens);
         let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max_diff = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         // Same kernels, same order of operations: agreement to float rounding.
-        assert!(max_diff <= 1e-5 * scale.max(1.0), "{name}: max |diff| {max_diff} (logit scale {scale})");
+        assert!(
+            max_diff <= 1e-5 * scale.max(1.0),
+            "{name}: max |diff| {max_diff} (logit scale {scale})"
+        );
     }
 }
 
 #[test]
 fn sliding_window_limits_attention() {
-    let spec = TinySpec::all_variants().into_iter().find(|(n, _)| n.starts_with("mistral")).unwrap().1;
+    let spec = TinySpec::all_variants()
+        .into_iter()
+        .find(|(n, _)| n.starts_with("mistral"))
+        .unwrap()
+        .1;
     let p = pair(&spec);
     let m = &p.plain;
     // Information flows back at most n_layers x window positions (2 x 8 here):
@@ -178,9 +321,27 @@ fn sliding_window_limits_attention() {
     let mut d = c.clone();
     c[0] = 10;
     d[0] = 11;
-    let lc = m.forward(&mut [SeqStep { tokens: &c, cache: &mut m.new_cache() }]).unwrap().to_vec2::<f32>().unwrap();
-    let ld = m.forward(&mut [SeqStep { tokens: &d, cache: &mut m.new_cache() }]).unwrap().to_vec2::<f32>().unwrap();
-    assert_eq!(bits(&lc[0]), bits(&ld[0]), "tokens beyond the window's reach must not matter");
+    let lc = m
+        .forward(&mut [SeqStep {
+            tokens: &c,
+            cache: &mut m.new_cache(),
+        }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let ld = m
+        .forward(&mut [SeqStep {
+            tokens: &d,
+            cache: &mut m.new_cache(),
+        }])
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(
+        bits(&lc[0]),
+        bits(&ld[0]),
+        "tokens beyond the window's reach must not matter"
+    );
 }
 
 #[test]
@@ -188,10 +349,25 @@ fn bad_inputs_are_errors() {
     let p = pair(&TinySpec::llama_q4_1());
     let m = &p.plain;
     let too_big = m.vocab_size() as u32;
-    assert!(m.forward(&mut [SeqStep { tokens: &[too_big], cache: &mut m.new_cache() }]).is_err());
-    assert!(m.forward(&mut [SeqStep { tokens: &[], cache: &mut m.new_cache() }]).is_err());
+    assert!(m
+        .forward(&mut [SeqStep {
+            tokens: &[too_big],
+            cache: &mut m.new_cache()
+        }])
+        .is_err());
+    assert!(m
+        .forward(&mut [SeqStep {
+            tokens: &[],
+            cache: &mut m.new_cache()
+        }])
+        .is_err());
     let long = vec![3u32; m.context_length() + 1];
-    let err = m.forward(&mut [SeqStep { tokens: &long, cache: &mut m.new_cache() }]).unwrap_err();
+    let err = m
+        .forward(&mut [SeqStep {
+            tokens: &long,
+            cache: &mut m.new_cache(),
+        }])
+        .unwrap_err();
     assert!(err.to_string().contains("context length"), "{err}");
     assert!(generate(m, &[], &GenerateOptions::default(), |_| {}).is_err());
 }
@@ -201,11 +377,24 @@ fn generation_stops_on_stop_token_and_respects_length() {
     let p = pair(&TinySpec::llama_q4_1());
     let m = &p.plain;
     let tokens = prompt(8, m.vocab_size(), 6);
-    let free = generate(m, &tokens, &GenerateOptions { max_tokens: 10, ..Default::default() }, |_| {}).unwrap();
+    let free = generate(
+        m,
+        &tokens,
+        &GenerateOptions {
+            max_tokens: 10,
+            ..Default::default()
+        },
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(free.finish_reason, ee_engine::FinishReason::Length);
     let stop_at = free.token_ids()[3];
     let first = free.token_ids().iter().position(|&t| t == stop_at).unwrap();
-    let opts = GenerateOptions { max_tokens: 10, stop_token_ids: vec![stop_at], ..Default::default() };
+    let opts = GenerateOptions {
+        max_tokens: 10,
+        stop_token_ids: vec![stop_at],
+        ..Default::default()
+    };
     let stopped = generate(m, &tokens, &opts, |_| {}).unwrap();
     assert_eq!(stopped.finish_reason, ee_engine::FinishReason::Stop);
     assert_eq!(stopped.token_ids(), free.token_ids()[..=first]);
@@ -216,7 +405,12 @@ fn models_the_kernels_cannot_run_are_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.gguf");
     // 96 values = 3 Q4_1 blocks per row: candle's kernel would panic on it.
-    let spec = TinySpec { n_embd: 96, n_head: 6, n_kv_head: 2, ..TinySpec::llama_q4_1() };
+    let spec = TinySpec {
+        n_embd: 96,
+        n_head: 6,
+        n_kv_head: 2,
+        ..TinySpec::llama_q4_1()
+    };
     write_tiny_model(&path, &spec).unwrap();
     let err = LlamaModel::load(&path).err().expect("load must fail");
     assert!(err.to_string().contains("odd number of blocks"), "{err}");
@@ -227,22 +421,60 @@ fn decoding_token_by_token_reproduces_prefill_logits() {
     use candle_core::quantized::GgmlDType;
     // F32 weights: no 8-bit activation rounding, so the two attention paths
     // (batched prefill, in-place decode) must agree to float rounding.
-    let f32_spec = TinySpec { weights: GgmlDType::F32, embedding: GgmlDType::F32, ..TinySpec::llama_q4_1() };
+    let f32_spec = TinySpec {
+        weights: GgmlDType::F32,
+        embedding: GgmlDType::F32,
+        ..TinySpec::llama_q4_1()
+    };
     for (name, spec) in [
         ("gqa", f32_spec.clone()),
-        ("gqa3", TinySpec { n_embd: 192, n_head: 6, n_kv_head: 2, ..f32_spec.clone() }),
-        ("sliding-window", TinySpec { architecture: "mistral", sliding_window: Some(8), ..f32_spec }),
+        (
+            "gqa3",
+            TinySpec {
+                n_embd: 192,
+                n_head: 6,
+                n_kv_head: 2,
+                ..f32_spec.clone()
+            },
+        ),
+        (
+            "sliding-window",
+            TinySpec {
+                architecture: "mistral",
+                sliding_window: Some(8),
+                ..f32_spec
+            },
+        ),
     ] {
         let p = pair(&spec);
         let m = &p.plain;
         let tokens = prompt(30, m.vocab_size(), 8);
-        let all = m.forward_all_positions(&tokens, &mut m.new_cache()).unwrap().to_vec2::<f32>().unwrap();
+        let all = m
+            .forward_all_positions(&tokens, &mut m.new_cache())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         let mut cache = m.new_cache();
         for (i, t) in tokens.iter().enumerate() {
-            let row: Vec<f32> = m.forward(&mut [SeqStep { tokens: &[*t], cache: &mut cache }]).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            let row: Vec<f32> = m
+                .forward(&mut [SeqStep {
+                    tokens: &[*t],
+                    cache: &mut cache,
+                }])
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let scale = all[i].iter().fold(0f32, |a, x| a.max(x.abs()));
-            let diff = row.iter().zip(&all[i]).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-            assert!(diff <= 1e-4 * scale.max(1.0), "{name}: position {i} differs by {diff}");
+            let diff = row
+                .iter()
+                .zip(&all[i])
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            assert!(
+                diff <= 1e-4 * scale.max(1.0),
+                "{name}: position {i} differs by {diff}"
+            );
         }
     }
 }

@@ -83,9 +83,16 @@ impl ServerConfig {
         where
             T::Err: std::fmt::Display,
         {
-            v.trim().parse().map_err(|e: T::Err| ConfigError::Env(name, e.to_string()))
+            v.trim()
+                .parse()
+                .map_err(|e: T::Err| ConfigError::Env(name, e.to_string()))
         }
-        let list = |v: String| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+        let list = |v: String| {
+            v.split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect()
+        };
         if let Some(v) = env("EE_LISTEN") {
             self.listen = parse("EE_LISTEN", &v)?;
         }
@@ -124,8 +131,14 @@ impl ServerConfig {
     pub fn load_api_keys(&self) -> Result<Vec<String>, ConfigError> {
         let mut keys = self.api_keys.clone();
         if let Some(path) = &self.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
-            keys.extend(text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_owned));
+            let text =
+                std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.clone(), e))?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_owned),
+            );
         }
         Ok(keys)
     }
@@ -149,7 +162,9 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.api_keys, vec!["a", "b"]);
         assert_eq!(c.max_batch, 3);
-        assert!(c.apply_env(|k| (k == "EE_MAX_QUEUE").then(|| "many".into())).is_err());
+        assert!(c
+            .apply_env(|k| (k == "EE_MAX_QUEUE").then(|| "many".into()))
+            .is_err());
     }
 
     #[test]

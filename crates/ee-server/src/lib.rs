@@ -50,7 +50,13 @@ pub struct AppState {
 
 impl AppState {
     pub fn new(config: ServerConfig, api_keys: Vec<String>) -> Arc<Self> {
-        Arc::new(Self { config, api_keys, model: OnceLock::new(), metrics: Metrics::default(), next_request: AtomicU64::new(1) })
+        Arc::new(Self {
+            config,
+            api_keys,
+            model: OnceLock::new(),
+            metrics: Metrics::default(),
+            next_request: AtomicU64::new(1),
+        })
     }
 
     pub fn loaded(&self) -> Result<&LoadedModel, ApiError> {
@@ -90,7 +96,12 @@ fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
     } else {
         AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
     };
-    Some(CorsLayer::new().allow_origin(allow).allow_methods([Method::GET, Method::POST]).allow_headers(Any))
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers(Any),
+    )
 }
 
 /// Bearer API keys, compared in constant time. `/health` is not behind it.
@@ -98,8 +109,16 @@ async fn authenticate(State(state): State<SharedState>, req: Request, next: Next
     if state.api_keys.is_empty() {
         return next.run(req).await;
     }
-    let given = req.headers().get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
-    let ok = given.is_some_and(|g| state.api_keys.iter().fold(false, |acc, k| acc | bool::from(k.as_bytes().ct_eq(g.as_bytes()))));
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let ok = given.is_some_and(|g| {
+        state.api_keys.iter().fold(false, |acc, k| {
+            acc | bool::from(k.as_bytes().ct_eq(g.as_bytes()))
+        })
+    });
     if !ok {
         return ApiError::unauthorized().into_response();
     }
@@ -111,7 +130,12 @@ async fn authenticate(State(state): State<SharedState>, req: Request, next: Next
 async fn observe(State(state): State<SharedState>, req: Request, next: Next) -> Response {
     let id = state.next_request.fetch_add(1, Ordering::Relaxed);
     let (method, path) = (req.method().clone(), req.uri().path().to_owned());
-    let bytes = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let bytes = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
     let started = Instant::now();
     let mut response = next.run(req).await;
     let status = response.status().as_u16();

@@ -15,7 +15,11 @@ use ee_server::validate::Limits;
 use ee_server::{router, AppState, LoadedModel, SharedState};
 
 #[derive(Parser)]
-#[command(name = "ee-server", version, about = "Blind inference server for EE-transformed models")]
+#[command(
+    name = "ee-server",
+    version,
+    about = "Blind inference server for EE-transformed models"
+)]
 struct Args {
     /// The server artifact (EE-transformed GGUF) to host.
     #[arg(long)]
@@ -42,7 +46,9 @@ fn load(state: &SharedState, path: PathBuf) -> Result<()> {
     let card = ModelCard {
         id: c.model_id.clone(),
         object: "model".into(),
-        created: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
         owned_by: "ee".into(),
         artifact_sha256: sha256,
         vocab_size: model.vocab_size(),
@@ -50,9 +56,17 @@ fn load(state: &SharedState, path: PathBuf) -> Result<()> {
     };
     let scheduler = Scheduler::start(
         Arc::new(model),
-        SchedulerConfig { max_batch: c.max_batch, max_queue: c.max_queue, step_token_budget: c.step_token_budget },
+        SchedulerConfig {
+            max_batch: c.max_batch,
+            max_queue: c.max_queue,
+            step_token_budget: c.step_token_budget,
+        },
     );
-    let _ = state.model.set(LoadedModel { scheduler, limits, card });
+    let _ = state.model.set(LoadedModel {
+        scheduler,
+        limits,
+        card,
+    });
     tracing::info!(secs = started.elapsed().as_secs_f64(), "model ready");
     Ok(())
 }
@@ -79,7 +93,9 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let args = Args::parse();
     let mut config = match &args.config {
@@ -93,9 +109,14 @@ async fn main() -> Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
-    let model_path = config.model.clone().context("no model: pass --model PATH (or set model in the config, or EE_MODEL)")?;
+    let model_path = config
+        .model
+        .clone()
+        .context("no model: pass --model PATH (or set model in the config, or EE_MODEL)")?;
     let api_keys = config.load_api_keys()?;
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     tracing::info!(listen = %config.listen, auth = !api_keys.is_empty(), "listening; /health is 503 until the model is loaded");
     let state = AppState::new(config, api_keys);
 
@@ -106,6 +127,8 @@ async fn main() -> Result<()> {
             std::process::exit(1);
         }
     });
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await?;
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
     Ok(())
 }

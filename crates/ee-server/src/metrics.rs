@@ -7,7 +7,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 /// Seconds; fits both time to first token and inter-token latency.
-const BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 pub struct Histogram {
     counts: [AtomicU64; BUCKETS.len()],
@@ -17,7 +19,11 @@ pub struct Histogram {
 
 impl Histogram {
     fn new() -> Self {
-        Self { counts: std::array::from_fn(|_| AtomicU64::new(0)), count: AtomicU64::new(0), sum_micros: AtomicU64::new(0) }
+        Self {
+            counts: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
     }
 
     pub fn observe(&self, d: Duration) {
@@ -28,17 +34,26 @@ impl Histogram {
             }
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     fn render(&self, name: &str, help: &str, out: &mut String) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         for (bound, count) in BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", count.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
         }
         let total = self.count.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "{name}_count {total}");
     }
 }
@@ -79,19 +94,47 @@ impl Metrics {
             }
         }
         for (name, help, v) in [
-            ("ee_prompt_tokens_total", "Prompt tokens processed.", &self.prompt_tokens),
-            ("ee_completion_tokens_total", "Tokens generated.", &self.completion_tokens),
+            (
+                "ee_prompt_tokens_total",
+                "Prompt tokens processed.",
+                &self.prompt_tokens,
+            ),
+            (
+                "ee_completion_tokens_total",
+                "Tokens generated.",
+                &self.completion_tokens,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
         }
         for (name, help, v) in [
-            ("ee_queue_depth", "Sequences waiting for a batch slot.", waiting),
-            ("ee_running_sequences", "Sequences in the running batch.", running),
+            (
+                "ee_queue_depth",
+                "Sequences waiting for a batch slot.",
+                waiting,
+            ),
+            (
+                "ee_running_sequences",
+                "Sequences in the running batch.",
+                running,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
         }
-        self.time_to_first_token.render("ee_time_to_first_token_seconds", "Time from request to first token.", &mut out);
-        self.inter_token_latency.render("ee_inter_token_latency_seconds", "Time between consecutive tokens of a sequence.", &mut out);
+        self.time_to_first_token.render(
+            "ee_time_to_first_token_seconds",
+            "Time from request to first token.",
+            &mut out,
+        );
+        self.inter_token_latency.render(
+            "ee_inter_token_latency_seconds",
+            "Time between consecutive tokens of a sequence.",
+            &mut out,
+        );
         out
     }
 }

@@ -11,8 +11,9 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ee_core::wire::{
-    AssistantTokens, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice, CompletionRequest,
-    CompletionResponse, FinishReason, Logprobs, ModelList, TokenLogprob, TopLogprob, Usage,
+    AssistantTokens, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
+    CompletionRequest, CompletionResponse, FinishReason, Logprobs, ModelList, TokenLogprob,
+    TopLogprob, Usage,
 };
 use ee_engine::{Sampled, SequenceEvent, SequenceRequest, SubmitError};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
@@ -33,55 +34,104 @@ pub async fn health(State(state): State<SharedState>) -> Response {
 
 pub async fn models(State(state): State<SharedState>) -> Result<Json<ModelList>, ApiError> {
     let loaded = state.loaded()?;
-    Ok(Json(ModelList { object: "list".into(), data: vec![loaded.card.clone()] }))
+    Ok(Json(ModelList {
+        object: "list".into(),
+        data: vec![loaded.card.clone()],
+    }))
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let (waiting, running) = match state.model.get() {
         Some(m) => {
             let s = m.scheduler.stats();
-            (s.waiting.load(std::sync::atomic::Ordering::Relaxed), s.running.load(std::sync::atomic::Ordering::Relaxed))
+            (
+                s.waiting.load(std::sync::atomic::Ordering::Relaxed),
+                s.running.load(std::sync::atomic::Ordering::Relaxed),
+            )
         }
         None => (0, 0),
     };
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics.render(waiting, running)).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(waiting, running),
+    )
+        .into_response()
 }
 
 /// Reads a JSON body: content type, size and nesting checked first, so each
 /// failure gets its own status and the envelope.
-async fn read_json<T: DeserializeOwned>(state: &SharedState, headers: &HeaderMap, body: Body) -> Result<T, ApiError> {
+async fn read_json<T: DeserializeOwned>(
+    state: &SharedState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<T, ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json")));
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
     if !json {
         return Err(ApiError::unsupported_media_type());
     }
     let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| ApiError::too_large(limit))?;
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))?;
     let depth = validate::json_depth(&bytes);
     if depth > state.config.max_json_depth {
-        return Err(ApiError::bad_request(format!("JSON nested {depth} deep; the limit is {}", state.config.max_json_depth)));
+        return Err(ApiError::bad_request(format!(
+            "JSON nested {depth} deep; the limit is {}",
+            state.config.max_json_depth
+        )));
     }
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
     match requested {
-        Some(m) if m != loaded.card.id => {
-            Err(ApiError::not_found(format!("model {m:?} is not served here; this server hosts {:?}", loaded.card.id))
-                .with_code("model_not_found"))
-        }
+        Some(m) if m != loaded.card.id => Err(ApiError::not_found(format!(
+            "model {m:?} is not served here; this server hosts {:?}",
+            loaded.card.id
+        ))
+        .with_code("model_not_found")),
         _ => Ok(()),
     }
 }
 
-pub async fn completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    serve(state, headers, body, Endpoint::Completion, |r: &CompletionRequest| r.model.as_deref(), validate::completion).await
+pub async fn completions(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(
+        state,
+        headers,
+        body,
+        Endpoint::Completion,
+        |r: &CompletionRequest| r.model.as_deref(),
+        validate::completion,
+    )
+    .await
 }
 
-pub async fn chat_completions(State(state): State<SharedState>, headers: HeaderMap, body: Body) -> Response {
-    serve(state, headers, body, Endpoint::Chat, |r: &ChatCompletionRequest| r.model.as_deref(), validate::chat).await
+pub async fn chat_completions(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    serve(
+        state,
+        headers,
+        body,
+        Endpoint::Chat,
+        |r: &ChatCompletionRequest| r.model.as_deref(),
+        validate::chat,
+    )
+    .await
 }
 
 /// Parse, check the model, validate, then generate: the same for both
@@ -134,29 +184,52 @@ struct Job {
 impl Job {
     fn usage(&self) -> Usage {
         let completion_tokens = self.choices.iter().map(|c| c.tokens.len()).sum();
-        Usage { prompt_tokens: self.prompt_tokens, completion_tokens, total_tokens: self.prompt_tokens + completion_tokens }
+        Usage {
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.prompt_tokens + completion_tokens,
+        }
     }
 
     fn token_logprob(&self, s: &Sampled) -> TokenLogprob {
-        let top = s.top_logprobs.iter().map(|&(token_id, logprob)| TopLogprob { token_id, logprob }).collect();
-        TokenLogprob { token_id: s.token, logprob: s.logprob, top_logprobs: top }
+        let top = s
+            .top_logprobs
+            .iter()
+            .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
+            .collect();
+        TokenLogprob {
+            token_id: s.token,
+            logprob: s.logprob,
+            top_logprobs: top,
+        }
     }
 
     /// Records an event; returns the new token (if any) for streaming.
-    fn apply(&mut self, state: &SharedState, index: usize, event: SequenceEvent) -> Result<Option<Sampled>, ApiError> {
+    fn apply(
+        &mut self,
+        state: &SharedState,
+        index: usize,
+        event: SequenceEvent,
+    ) -> Result<Option<Sampled>, ApiError> {
         let now = Instant::now();
         match event {
             SequenceEvent::Token(s) => {
                 let lp = self.want_logprobs.map(|_| self.token_logprob(&s));
                 let choice = &mut self.choices[index];
                 match choice.last_token_at {
-                    None => state.metrics.time_to_first_token.observe(now - self.started),
+                    None => state
+                        .metrics
+                        .time_to_first_token
+                        .observe(now - self.started),
                     Some(t) => state.metrics.inter_token_latency.observe(now - t),
                 }
                 choice.last_token_at = Some(now);
                 choice.tokens.push(s.token);
                 choice.logprobs.extend(lp);
-                state.metrics.completion_tokens.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                state
+                    .metrics
+                    .completion_tokens
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Ok(Some(s))
             }
             SequenceEvent::Finished { reason, .. } => {
@@ -166,7 +239,9 @@ impl Job {
                 });
                 Ok(None)
             }
-            SequenceEvent::Failed(msg) => Err(ApiError::internal(format!("generation failed: {msg}"))),
+            SequenceEvent::Failed(msg) => {
+                Err(ApiError::internal(format!("generation failed: {msg}")))
+            }
         }
     }
 
@@ -174,13 +249,36 @@ impl Job {
         self.want_logprobs.map(|_| Logprobs { content: lps })
     }
 
-    fn completion_envelope(&self, choices: Vec<CompletionChoice>, usage: Option<Usage>) -> serde_json::Value {
-        let r = CompletionResponse { id: self.id.clone(), object: "text_completion".into(), created: self.created, model: self.model.clone(), choices, usage };
+    fn completion_envelope(
+        &self,
+        choices: Vec<CompletionChoice>,
+        usage: Option<Usage>,
+    ) -> serde_json::Value {
+        let r = CompletionResponse {
+            id: self.id.clone(),
+            object: "text_completion".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
         serde_json::to_value(r).unwrap_or_default()
     }
 
-    fn chat_envelope(&self, object: &str, choices: Vec<ChatChoice>, usage: Option<Usage>) -> serde_json::Value {
-        let r = ChatCompletionResponse { id: self.id.clone(), object: object.into(), created: self.created, model: self.model.clone(), choices, usage };
+    fn chat_envelope(
+        &self,
+        object: &str,
+        choices: Vec<ChatChoice>,
+        usage: Option<Usage>,
+    ) -> serde_json::Value {
+        let r = ChatCompletionResponse {
+            id: self.id.clone(),
+            object: object.into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices,
+            usage,
+        };
         serde_json::to_value(r).unwrap_or_default()
     }
 
@@ -190,14 +288,21 @@ impl Job {
         let all = self.choices.iter().enumerate();
         match self.endpoint {
             Endpoint::Completion => self.completion_envelope(
-                all.map(|(i, c)| self.completion_choice(i, c.tokens.clone(), c.logprobs.clone(), c.finish)).collect(),
+                all.map(|(i, c)| {
+                    self.completion_choice(i, c.tokens.clone(), c.logprobs.clone(), c.finish)
+                })
+                .collect(),
                 usage,
             ),
             Endpoint::Chat => self.chat_envelope(
                 "chat.completion",
                 all.map(|(i, c)| ChatChoice {
                     index: i,
-                    message: Some(AssistantTokens { role: Some("assistant".into()), content: None, token_ids: c.tokens.clone() }),
+                    message: Some(AssistantTokens {
+                        role: Some("assistant".into()),
+                        content: None,
+                        token_ids: c.tokens.clone(),
+                    }),
                     delta: None,
                     logprobs: self.logprobs_of(c.logprobs.clone()),
                     finish_reason: c.finish,
@@ -208,38 +313,71 @@ impl Job {
         }
     }
 
-    fn completion_choice(&self, index: usize, token_ids: Vec<u32>, lps: Vec<TokenLogprob>, finish: Option<FinishReason>) -> CompletionChoice {
-        CompletionChoice { index, text: String::new(), token_ids, logprobs: self.logprobs_of(lps), finish_reason: finish }
+    fn completion_choice(
+        &self,
+        index: usize,
+        token_ids: Vec<u32>,
+        lps: Vec<TokenLogprob>,
+        finish: Option<FinishReason>,
+    ) -> CompletionChoice {
+        CompletionChoice {
+            index,
+            text: String::new(),
+            token_ids,
+            logprobs: self.logprobs_of(lps),
+            finish_reason: finish,
+        }
     }
 
     /// One streamed chunk: a token of choice `index`, its finish, or (with
     /// `usage`) the final usage chunk, which has no choices.
-    fn chunk(&self, index: usize, token: Option<&Sampled>, finish: Option<FinishReason>, usage: Option<Usage>) -> serde_json::Value {
+    fn chunk(
+        &self,
+        index: usize,
+        token: Option<&Sampled>,
+        finish: Option<FinishReason>,
+        usage: Option<Usage>,
+    ) -> serde_json::Value {
         let token_ids: Vec<u32> = token.map(|s| s.token).into_iter().collect();
-        let lps: Vec<TokenLogprob> = token.filter(|_| self.want_logprobs.is_some()).map(|s| self.token_logprob(s)).into_iter().collect();
+        let lps: Vec<TokenLogprob> = token
+            .filter(|_| self.want_logprobs.is_some())
+            .map(|s| self.token_logprob(s))
+            .into_iter()
+            .collect();
         let first = token.is_some() && self.choices[index].tokens.len() == 1;
         let with_choice = usage.is_none();
         match self.endpoint {
             Endpoint::Completion => {
-                let choices = with_choice.then(|| self.completion_choice(index, token_ids, lps, finish));
+                let choices =
+                    with_choice.then(|| self.completion_choice(index, token_ids, lps, finish));
                 self.completion_envelope(choices.into_iter().collect(), usage)
             }
             Endpoint::Chat => {
                 let choices = with_choice.then(|| ChatChoice {
                     index,
                     message: None,
-                    delta: Some(AssistantTokens { role: first.then(|| "assistant".into()), content: None, token_ids }),
+                    delta: Some(AssistantTokens {
+                        role: first.then(|| "assistant".into()),
+                        content: None,
+                        token_ids,
+                    }),
                     logprobs: token.and(self.logprobs_of(lps)),
                     finish_reason: finish,
                 });
-                self.chat_envelope("chat.completion.chunk", choices.into_iter().collect(), usage)
+                self.chat_envelope(
+                    "chat.completion.chunk",
+                    choices.into_iter().collect(),
+                    usage,
+                )
             }
         }
     }
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 type Events = SelectAll<BoxStream<'static, (usize, SequenceEvent)>>;
@@ -265,7 +403,12 @@ fn submit(loaded: &LoadedModel, v: &ValidRequest) -> Result<Events, ApiError> {
                 SubmitError::Stopped => ApiError::internal("the engine has stopped"),
             })?;
             let index = streams.len();
-            streams.push(stream::unfold(rx, move |mut rx| async move { rx.recv().await.map(|ev| ((index, ev), rx)) }).boxed());
+            streams.push(
+                stream::unfold(rx, move |mut rx| async move {
+                    rx.recv().await.map(|ev| ((index, ev), rx))
+                })
+                .boxed(),
+            );
         }
     }
     Ok(stream::select_all(streams))
@@ -281,10 +424,22 @@ async fn generate(state: SharedState, v: ValidRequest, endpoint: Endpoint) -> Re
         Err(e) => return e.into_response(),
     };
     let prompt_tokens = v.prompts.iter().map(Vec::len).sum();
-    state.metrics.prompt_tokens.fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let job = Job {
-        id: format!("{}-{:x}{:x}", if matches!(endpoint, Endpoint::Chat) { "chatcmpl" } else { "cmpl" }, unix_now(), rand_suffix()),
+        id: format!(
+            "{}-{:x}{:x}",
+            if matches!(endpoint, Endpoint::Chat) {
+                "chatcmpl"
+            } else {
+                "cmpl"
+            },
+            unix_now(),
+            rand_suffix()
+        ),
         created: unix_now(),
         model: loaded.card.id.clone(),
         endpoint,
@@ -308,7 +463,12 @@ fn rand_suffix() -> u64 {
     h.finish() & 0xffff_ffff
 }
 
-async fn collect_response(state: SharedState, mut job: Job, mut events: Events, deadline: Instant) -> Response {
+async fn collect_response(
+    state: SharedState,
+    mut job: Job,
+    mut events: Events,
+    deadline: Instant,
+) -> Response {
     loop {
         match tokio::time::timeout_at(deadline, events.next()).await {
             Err(_) => return ApiError::timeout().into_response(),
@@ -326,7 +486,13 @@ async fn collect_response(state: SharedState, mut job: Job, mut events: Events, 
 /// SSE: `data: {chunk}` per token, a finish chunk per choice, an optional
 /// usage chunk, then `data: [DONE]`. A client that goes away drops the
 /// channel; the task then drops its receivers, which cancels the sequences.
-fn stream_response(state: SharedState, mut job: Job, mut events: Events, deadline: Instant, include_usage: bool) -> Response {
+fn stream_response(
+    state: SharedState,
+    mut job: Job,
+    mut events: Events,
+    deadline: Instant,
+    include_usage: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let data = |v: serde_json::Value| Event::default().data(v.to_string());
@@ -344,7 +510,9 @@ fn stream_response(state: SharedState, mut job: Job, mut events: Events, deadlin
                 Ok(Some(token)) => job.chunk(i, Some(&token), None, None),
                 Ok(None) => job.chunk(i, None, job.choices[i].finish, None),
                 Err(e) => {
-                    let _ = tx.send(data(serde_json::to_value(e.envelope()).unwrap_or_default())).await;
+                    let _ = tx
+                        .send(data(serde_json::to_value(e.envelope()).unwrap_or_default()))
+                        .await;
                     break;
                 }
             };
@@ -353,10 +521,16 @@ fn stream_response(state: SharedState, mut job: Job, mut events: Events, deadlin
             }
         }
         if include_usage {
-            let _ = tx.send(data(job.chunk(0, None, None, Some(job.usage())))).await;
+            let _ = tx
+                .send(data(job.chunk(0, None, None, Some(job.usage()))))
+                .await;
         }
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
-    let body = stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx)) });
-    Sse::new(body).keep_alive(KeepAlive::default()).into_response()
+    let body = stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Sse::new(body)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }

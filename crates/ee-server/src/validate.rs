@@ -1,7 +1,10 @@
 //! Request validation, separate from inference: a request either becomes a
 //! [`ValidRequest`] the scheduler can run as is, or a 400 naming the field.
 
-use ee_core::wire::{ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent, PromptInput};
+use ee_core::wire::{
+    ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent,
+    PromptInput,
+};
 use ee_engine::SamplingParams;
 
 use crate::error::ApiError;
@@ -59,7 +62,13 @@ pub fn json_depth(body: &[u8]) -> usize {
 
 fn check_ids(param: &str, ids: &[u32], limits: &Limits) -> Result<(), ApiError> {
     match ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
-        Some(t) => Err(ApiError::invalid(param, format!("token ID {t} is outside the vocabulary (0..{})", limits.vocab_size))),
+        Some(t) => Err(ApiError::invalid(
+            param,
+            format!(
+                "token ID {t} is outside the vocabulary (0..{})",
+                limits.vocab_size
+            ),
+        )),
         None => Ok(()),
     }
 }
@@ -68,26 +77,45 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     match v {
         None => Ok(default as f32),
         Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(x as f32),
-        Some(x) => Err(ApiError::invalid(param, format!("{param} must be between {lo} and {hi}, got {x}"))),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("{param} must be between {lo} and {hi}, got {x}"),
+        )),
     }
 }
 
-fn common(prompts: Vec<Vec<u32>>, f: &GenerationFields, top_logprobs: Option<usize>, limits: &Limits) -> Result<ValidRequest, ApiError> {
+fn common(
+    prompts: Vec<Vec<u32>>,
+    f: &GenerationFields,
+    top_logprobs: Option<usize>,
+    limits: &Limits,
+) -> Result<ValidRequest, ApiError> {
     let n = match f.n {
         None => 1,
         Some(n) if n >= 1 && n as usize <= limits.max_n => n as usize,
-        Some(n) => return Err(ApiError::invalid("n", format!("n must be between 1 and {}, got {n}", limits.max_n))),
+        Some(n) => {
+            return Err(ApiError::invalid(
+                "n",
+                format!("n must be between 1 and {}, got {n}", limits.max_n),
+            ))
+        }
     };
     let requested = match (f.max_completion_tokens, f.max_tokens) {
         (Some(a), Some(b)) if a != b => {
-            return Err(ApiError::invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree; send one"))
+            return Err(ApiError::invalid(
+                "max_completion_tokens",
+                "max_tokens and max_completion_tokens disagree; send one",
+            ))
         }
         (Some(v), _) | (None, Some(v)) => Some(v),
         (None, None) => None,
     };
     if let Some(v) = requested {
         if v < 1 {
-            return Err(ApiError::invalid("max_tokens", format!("max_tokens must be at least 1, got {v}")));
+            return Err(ApiError::invalid(
+                "max_tokens",
+                format!("max_tokens must be at least 1, got {v}"),
+            ));
         }
     }
     let mut max_tokens = Vec::with_capacity(prompts.len());
@@ -112,31 +140,55 @@ fn common(prompts: Vec<Vec<u32>>, f: &GenerationFields, top_logprobs: Option<usi
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k >= 1 => k as usize,
-        Some(k) => return Err(ApiError::invalid("top_k", format!("top_k must be -1, 0 or positive, got {k}"))),
+        Some(k) => {
+            return Err(ApiError::invalid(
+                "top_k",
+                format!("top_k must be -1, 0 or positive, got {k}"),
+            ))
+        }
     };
     let top_p = match f.top_p {
-        Some(p) if !(p > 0.0 && p <= 1.0) => return Err(ApiError::invalid("top_p", format!("top_p must be in (0, 1], got {p}"))),
+        Some(p) if !(p > 0.0 && p <= 1.0) => {
+            return Err(ApiError::invalid(
+                "top_p",
+                format!("top_p must be in (0, 1], got {p}"),
+            ))
+        }
         p => p.unwrap_or(1.0) as f32,
     };
     let repetition_penalty = match f.repetition_penalty {
         Some(r) if !(r > 0.0 && r <= 10.0) => {
-            return Err(ApiError::invalid("repetition_penalty", format!("repetition_penalty must be in (0, 10], got {r}")))
+            return Err(ApiError::invalid(
+                "repetition_penalty",
+                format!("repetition_penalty must be in (0, 10], got {r}"),
+            ))
         }
         r => r.unwrap_or(1.0) as f32,
     };
     let mut logit_bias = Vec::new();
     for (k, v) in f.logit_bias.iter().flatten() {
-        let id: u32 = k.parse().map_err(|_| ApiError::invalid("logit_bias", format!("logit_bias key {k:?} is not a token ID")))?;
+        let id: u32 = k.parse().map_err(|_| {
+            ApiError::invalid(
+                "logit_bias",
+                format!("logit_bias key {k:?} is not a token ID"),
+            )
+        })?;
         check_ids("logit_bias", &[id], limits)?;
         logit_bias.push((id, in_range("logit_bias", Some(*v), -100.0, 100.0, 0.0)?));
     }
     let stop_token_ids = f.stop_token_ids.clone().unwrap_or_default();
     check_ids("stop_token_ids", &stop_token_ids, limits)?;
     if stop_token_ids.len() > 64 {
-        return Err(ApiError::invalid("stop_token_ids", "at most 64 stop token IDs"));
+        return Err(ApiError::invalid(
+            "stop_token_ids",
+            "at most 64 stop token IDs",
+        ));
     }
     if f.stream_options.is_some() && !f.stream {
-        return Err(ApiError::invalid("stream_options", "stream_options is only allowed when stream is true"));
+        return Err(ApiError::invalid(
+            "stream_options",
+            "stream_options is only allowed when stream is true",
+        ));
     }
     let sampling = SamplingParams {
         temperature: in_range("temperature", f.temperature, 0.0, 2.0, 1.0)?,
@@ -154,7 +206,11 @@ fn common(prompts: Vec<Vec<u32>>, f: &GenerationFields, top_logprobs: Option<usi
         n,
         max_tokens,
         sampling,
-        stop_token_ids: if f.ignore_eos { Vec::new() } else { stop_token_ids },
+        stop_token_ids: if f.ignore_eos {
+            Vec::new()
+        } else {
+            stop_token_ids
+        },
         top_logprobs,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
@@ -162,22 +218,35 @@ fn common(prompts: Vec<Vec<u32>>, f: &GenerationFields, top_logprobs: Option<usi
 }
 
 /// Refuses fields the protocol does not define, naming them.
-fn refuse_unknown(unknown: &std::collections::BTreeMap<String, serde_json::Value>) -> Result<(), ApiError> {
-    let Some(name) = unknown.keys().next() else { return Ok(()) };
+fn refuse_unknown(
+    unknown: &std::collections::BTreeMap<String, serde_json::Value>,
+) -> Result<(), ApiError> {
+    let Some(name) = unknown.keys().next() else {
+        return Ok(());
+    };
     let why = match name.as_str() {
         "stop" => "stop strings need text, which this server never sees; the client applies them. Send stop_token_ids (encrypted) instead",
         "tools" | "tool_choice" | "functions" | "response_format" => "it is not supported by this server",
         "suffix" | "echo" | "best_of" => "it is not supported by this server",
         _ => "it is not a field of this API",
     };
-    Err(ApiError::invalid(name, format!("unsupported field {name:?}: {why}")))
+    Err(ApiError::invalid(
+        name,
+        format!("unsupported field {name:?}: {why}"),
+    ))
 }
 
 fn logprobs_count(param: &str, v: Option<i64>, limits: &Limits) -> Result<Option<usize>, ApiError> {
     match v {
         None => Ok(None),
         Some(k) if k >= 0 && k as usize <= limits.max_logprobs => Ok(Some(k as usize)),
-        Some(k) => Err(ApiError::invalid(param, format!("{param} must be between 0 and {}, got {k}", limits.max_logprobs))),
+        Some(k) => Err(ApiError::invalid(
+            param,
+            format!(
+                "{param} must be between 0 and {}, got {k}",
+                limits.max_logprobs
+            ),
+        )),
     }
 }
 
@@ -186,7 +255,14 @@ pub fn completion(r: &CompletionRequest, limits: &Limits) -> Result<ValidRequest
     let prompts = match &r.prompt {
         PromptInput::Tokens(t) => vec![t.clone()],
         PromptInput::Batch(b) => b.clone(),
-        PromptInput::Text(_) => return Err(ApiError::invalid("prompt", format!("prompt must be a list of token IDs or a list of such lists: {TEXT_REFUSED}"))),
+        PromptInput::Text(_) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                format!(
+                    "prompt must be a list of token IDs or a list of such lists: {TEXT_REFUSED}"
+                ),
+            ))
+        }
     };
     if prompts.is_empty() || prompts.iter().any(Vec::is_empty) {
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));
@@ -194,7 +270,12 @@ pub fn completion(r: &CompletionRequest, limits: &Limits) -> Result<ValidRequest
     for p in &prompts {
         check_ids("prompt", p, limits)?;
     }
-    common(prompts, &r.fields, logprobs_count("logprobs", r.logprobs, limits)?, limits)
+    common(
+        prompts,
+        &r.fields,
+        logprobs_count("logprobs", r.logprobs, limits)?,
+        limits,
+    )
 }
 
 const ROLES: [&str; 5] = ["system", "user", "assistant", "developer", "tool"];
@@ -207,27 +288,53 @@ pub fn chat(r: &ChatCompletionRequest, limits: &Limits) -> Result<ValidRequest, 
     let mut prompt = Vec::new();
     for (i, m) in r.messages.iter().enumerate() {
         if !ROLES.contains(&m.role.as_str()) {
-            return Err(ApiError::invalid(&format!("messages[{i}].role"), format!("unknown role {:?}", m.role)));
+            return Err(ApiError::invalid(
+                &format!("messages[{i}].role"),
+                format!("unknown role {:?}", m.role),
+            ));
         }
         let param = format!("messages[{i}].content");
         let parts = match &m.content {
-            MessageContent::Text(_) => return Err(ApiError::invalid(&param, format!("text content is not accepted: {TEXT_REFUSED}"))),
+            MessageContent::Text(_) => {
+                return Err(ApiError::invalid(
+                    &param,
+                    format!("text content is not accepted: {TEXT_REFUSED}"),
+                ))
+            }
             MessageContent::Parts(p) => p,
         };
         for part in parts {
             match part {
                 ContentPart::TokenIds { token_ids } => prompt.extend_from_slice(token_ids),
-                ContentPart::Text { .. } => return Err(ApiError::invalid(&param, format!("text parts are not accepted: {TEXT_REFUSED}"))),
-                ContentPart::Other => return Err(ApiError::invalid(&param, "only {\"type\": \"token_ids\"} content parts are accepted")),
+                ContentPart::Text { .. } => {
+                    return Err(ApiError::invalid(
+                        &param,
+                        format!("text parts are not accepted: {TEXT_REFUSED}"),
+                    ))
+                }
+                ContentPart::Other => {
+                    return Err(ApiError::invalid(
+                        &param,
+                        "only {\"type\": \"token_ids\"} content parts are accepted",
+                    ))
+                }
             }
         }
     }
     if prompt.is_empty() {
-        return Err(ApiError::invalid("messages", "the messages hold no token IDs"));
+        return Err(ApiError::invalid(
+            "messages",
+            "the messages hold no token IDs",
+        ));
     }
     check_ids("messages", &prompt, limits)?;
     let top = match (r.logprobs, r.top_logprobs) {
-        (false, Some(_)) => return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true")),
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs requires logprobs: true",
+            ))
+        }
         (false, None) => None,
         (true, k) => Some(logprobs_count("top_logprobs", k.or(Some(0)), limits)?.unwrap_or(0)),
     };
@@ -238,7 +345,12 @@ pub fn chat(r: &ChatCompletionRequest, limits: &Limits) -> Result<ValidRequest, 
 mod tests {
     use super::*;
 
-    const LIMITS: Limits = Limits { vocab_size: 100, context_length: 50, max_n: 4, max_logprobs: 5 };
+    const LIMITS: Limits = Limits {
+        vocab_size: 100,
+        context_length: 50,
+        max_n: 4,
+        max_logprobs: 5,
+    };
 
     fn completion_json(v: serde_json::Value) -> Result<ValidRequest, ApiError> {
         completion(&serde_json::from_value(v).unwrap(), &LIMITS)
@@ -246,7 +358,8 @@ mod tests {
 
     #[test]
     fn a_good_request_validates_with_defaults() {
-        let v = completion_json(serde_json::json!({"prompt": [1, 2, 3], "temperature": 0})).unwrap();
+        let v =
+            completion_json(serde_json::json!({"prompt": [1, 2, 3], "temperature": 0})).unwrap();
         assert_eq!(v.max_tokens, vec![47]);
         assert_eq!(v.sampling.temperature, 0.0);
         assert_eq!(v.n, 1);
@@ -259,17 +372,41 @@ mod tests {
             (serde_json::json!({"prompt": []}), "prompt"),
             (serde_json::json!({"prompt": [[1], []]}), "prompt"),
             (serde_json::json!({"prompt": [100]}), "prompt"),
-            (serde_json::json!({"prompt": [1], "max_tokens": 0}), "max_tokens"),
-            (serde_json::json!({"prompt": [1], "max_tokens": 50}), "max_tokens"),
+            (
+                serde_json::json!({"prompt": [1], "max_tokens": 0}),
+                "max_tokens",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "max_tokens": 50}),
+                "max_tokens",
+            ),
             (serde_json::json!({"prompt": [1], "n": 5}), "n"),
-            (serde_json::json!({"prompt": [1], "temperature": 3}), "temperature"),
+            (
+                serde_json::json!({"prompt": [1], "temperature": 3}),
+                "temperature",
+            ),
             (serde_json::json!({"prompt": [1], "top_p": 0}), "top_p"),
             (serde_json::json!({"prompt": [1], "top_k": -2}), "top_k"),
-            (serde_json::json!({"prompt": [1], "logit_bias": {"x": 1}}), "logit_bias"),
-            (serde_json::json!({"prompt": [1], "logit_bias": {"100": 1}}), "logit_bias"),
-            (serde_json::json!({"prompt": [1], "stop_token_ids": [100]}), "stop_token_ids"),
-            (serde_json::json!({"prompt": [1], "logprobs": 6}), "logprobs"),
-            (serde_json::json!({"prompt": [1], "stream_options": {"include_usage": true}}), "stream_options"),
+            (
+                serde_json::json!({"prompt": [1], "logit_bias": {"x": 1}}),
+                "logit_bias",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "logit_bias": {"100": 1}}),
+                "logit_bias",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "stop_token_ids": [100]}),
+                "stop_token_ids",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "logprobs": 6}),
+                "logprobs",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "stream_options": {"include_usage": true}}),
+                "stream_options",
+            ),
             (serde_json::json!({"prompt": [1], "stop": ["\n"]}), "stop"),
             (serde_json::json!({"prompt": [1], "tools": []}), "tools"),
         ] {
@@ -289,7 +426,10 @@ mod tests {
         let v = chat(&r, &LIMITS).unwrap();
         assert_eq!(v.prompts, vec![vec![1, 2, 3]]);
         assert_eq!(v.top_logprobs, Some(2));
-        let text: ChatCompletionRequest = serde_json::from_value(serde_json::json!({"messages": [{"role": "user", "content": "hi"}]})).unwrap();
+        let text: ChatCompletionRequest = serde_json::from_value(
+            serde_json::json!({"messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .unwrap();
         let err = chat(&text, &LIMITS).unwrap_err();
         assert!(err.message.contains("only accepts encrypted token IDs"));
     }
