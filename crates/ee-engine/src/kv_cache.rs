@@ -47,15 +47,6 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Bytes held by the buffers, for memory accounting.
-    pub fn allocated_bytes(&self) -> usize {
-        self.layers
-            .iter()
-            .flatten()
-            .map(|l| 2 * l.k.elem_count() * 4)
-            .sum()
-    }
-
     /// Appends `k`, `v` (`[n_kv_head, n_new, head_dim]`) to `layer` and returns
     /// views of everything cached so far for that layer.
     pub fn append(

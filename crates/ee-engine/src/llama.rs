@@ -497,11 +497,6 @@ fn rope_tables(
     Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
 }
 
-/// Convenience: the logits rows of a `[n, vocab]` tensor as vectors.
-pub fn logits_rows(logits: &Tensor) -> Result<Vec<Vec<f32>>, Error> {
-    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

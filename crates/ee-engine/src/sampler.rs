@@ -9,7 +9,7 @@
 //!   on the order tokens are stored in (float sums would round differently).
 
 use std::cmp::Ordering;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use ee_core::rng::{os_random_bytes, uniform_below};
 use rand_chacha::ChaCha20Rng;
@@ -164,7 +164,7 @@ pub struct Sampler {
     /// Generated-token counts, for presence/frequency penalties.
     generated: HashMap<u32, u32>,
     /// Every token seen (prompt and generated), for the repetition penalty.
-    seen: HashMap<u32, ()>,
+    seen: HashSet<u32>,
 }
 
 impl Sampler {
@@ -177,17 +177,13 @@ impl Sampler {
             }
             None => os_random_bytes()?,
         };
-        let seen = prompt.iter().map(|&t| (t, ())).collect();
+        let seen = prompt.iter().copied().collect();
         Ok(Self {
             params,
             rng: ChaCha20Rng::from_seed(seed),
             generated: HashMap::new(),
             seen,
         })
-    }
-
-    pub fn params(&self) -> &SamplingParams {
-        &self.params
     }
 
     /// Logits after logit bias and penalties.
@@ -200,7 +196,7 @@ impl Sampler {
             }
         }
         if p.repetition_penalty != 1.0 {
-            for &t in self.seen.keys() {
+            for &t in &self.seen {
                 if let Some(x) = l.get_mut(t as usize) {
                     *x = if *x > 0.0 {
                         *x / p.repetition_penalty
@@ -309,7 +305,7 @@ impl Sampler {
         let reuse = temperature == 1.0;
         let sampled = self.logprobs(&mut cands, max, token, top_logprobs, reuse);
         *self.generated.entry(token).or_insert(0) += 1;
-        self.seen.insert(token, ());
+        self.seen.insert(token);
         Ok(sampled)
     }
 

@@ -339,9 +339,9 @@ impl Job {
         usage: Option<Usage>,
     ) -> serde_json::Value {
         let token_ids: Vec<u32> = token.map(|s| s.token).into_iter().collect();
+        // `apply` has already recorded this token's logprobs.
         let lps: Vec<TokenLogprob> = token
-            .filter(|_| self.want_logprobs.is_some())
-            .map(|s| self.token_logprob(s))
+            .and_then(|_| self.choices[index].logprobs.last().cloned())
             .into_iter()
             .collect();
         let first = token.is_some() && self.choices[index].tokens.len() == 1;
