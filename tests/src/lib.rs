@@ -87,33 +87,57 @@ pub fn encrypt_real_model(key: &KeySource) -> EncryptedPair {
     }
 }
 
-/// A running `ee-server` on a loopback port; killed on drop.
+/// A running HTTP service of ours on a loopback port (`ee-server`, or
+/// `ee proxy`); killed on drop.
 pub struct ServerProcess {
     pub child: std::process::Child,
     pub addr: std::net::SocketAddr,
+}
+
+/// A loopback address with a port nobody listens on right now.
+pub fn free_addr() -> std::net::SocketAddr {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    ([127, 0, 0, 1], port).into()
 }
 
 impl ServerProcess {
     /// Starts the server on `artifact` with extra environment, and waits
     /// until `/health` says the model is loaded.
     pub fn start(artifact: &Path, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let addr = free_addr();
         let mut cmd = std::process::Command::new(binary("ee-server"));
         cmd.arg("--model")
             .arg(artifact)
             .arg("--listen")
             .arg(addr.to_string());
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("start ee-server");
-        let server = Self { child, addr };
+        Self::spawn(cmd, addr)
+    }
+
+    /// Starts `ee proxy` for `bundle` in front of the server at `upstream`.
+    pub fn proxy(bundle: &Path, upstream: &str) -> Self {
+        let addr = free_addr();
+        let mut cmd = std::process::Command::new(binary("ee"));
+        cmd.arg("proxy")
+            .arg("--bundle")
+            .arg(bundle)
+            .arg("--server")
+            .arg(upstream)
+            .arg("--listen")
+            .arg(addr.to_string());
+        Self::spawn(cmd, addr)
+    }
+
+    fn spawn(mut cmd: std::process::Command, addr: std::net::SocketAddr) -> Self {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let child = cmd.spawn().expect("start the process");
+        let mut server = Self { child, addr };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
             if let Ok(r) = server.request("GET", "/health", &[], "") {
@@ -121,12 +145,19 @@ impl ServerProcess {
                     return server;
                 }
             }
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("the process exited with {status} before it was healthy");
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "ee-server did not become healthy"
+                "the process did not become healthy"
             );
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     pub fn request(
@@ -249,4 +280,60 @@ fn dechunk(mut s: &str) -> String {
         s = rest[n..].trim_start_matches("\r\n");
     }
     out
+}
+
+/// A TCP relay on a loopback port that forwards to `target` and keeps every
+/// byte that crosses it, both ways: a capture of the wire.
+pub struct RecordingRelay {
+    pub addr: std::net::SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl RecordingRelay {
+    pub fn start(target: std::net::SocketAddr) -> Self {
+        use std::sync::{Arc, Mutex};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind relay");
+        let addr = listener.local_addr().expect("relay address");
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let shared = log.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                for (mut from, mut to) in [
+                    (client.try_clone(), server.try_clone()),
+                    (server.try_clone(), client.try_clone()),
+                ]
+                .into_iter()
+                .filter_map(|(a, b)| Some((a.ok()?, b.ok()?)))
+                {
+                    let log = shared.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16384];
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            log.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .extend_from_slice(&buf[..n]);
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Write);
+                    });
+                }
+            }
+        });
+        Self { addr, log }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything captured so far.
+    pub fn captured(&self) -> Vec<u8> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }

@@ -1,14 +1,22 @@
 //! `ee-client`: the key holder.
 //!
-//! Everything that touches plaintext lives here: the key and client bundle,
-//! the tokenizer ([`text`]), the chat template ([`template`]), the model tool
-//! that makes a server artifact and a bundle ([`model_tool`]), and the model
-//! fetch ([`fetch`]). The `ee` binary is its command line.
+//! Everything that touches plaintext lives here: the key and client bundle
+//! ([`keyholder`]), the tokenizer ([`text`]), the chat template
+//! ([`template`]), the model tool that makes a server artifact and a bundle
+//! ([`model_tool`]), and the model fetch ([`fetch`]). [`session`] talks to a
+//! blind server ([`upstream`]) and turns its encrypted answers back into
+//! text ([`decode`]); [`proxy`] puts an OpenAI-compatible HTTP face on it.
+//! The `ee` binary is its command line.
 
+pub mod decode;
 pub mod fetch;
+pub mod keyholder;
 pub mod model_tool;
+pub mod proxy;
+pub mod session;
 pub mod template;
 pub mod text;
+pub mod upstream;
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]

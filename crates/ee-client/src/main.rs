@@ -1,7 +1,6 @@
 //! `ee`: the key holder's command line.
 
-mod bench;
-mod bench_server;
+mod cmd;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
 use ee_client::model_tool::{encrypt_model, KeySource, ModelText};
-use ee_client::template::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
+use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
 use ee_core::Key;
 use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -44,10 +43,18 @@ enum Command {
     EncryptModel(EncryptArgs),
     /// Run the plaintext model locally on a chat prompt.
     Generate(GenerateArgs),
+    /// Run the whole system locally: model, key, transform, blind server
+    /// and proxy on loopback, until Ctrl-C.
+    Demo(cmd::demo::DemoArgs),
+    /// Serve an OpenAI-compatible API locally that talks to a blind server
+    /// with encrypted token IDs only.
+    Proxy(cmd::proxy::ProxyArgs),
+    /// Chat with a blind server in the terminal (or ask one question).
+    Chat(cmd::chat::ChatArgs),
     /// Measure prefill and decode speed, plaintext vs encrypted.
-    Bench(bench::BenchArgs),
+    Bench(cmd::bench::BenchArgs),
     /// Load a running server with concurrent streams and measure tokens/s.
-    BenchServer(bench_server::BenchServerArgs),
+    BenchServer(cmd::bench_server::BenchServerArgs),
 }
 
 #[derive(Args)]
@@ -139,12 +146,6 @@ struct GenerateArgs {
     sampling: SamplingArgs,
 }
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum ChatFormat {
-    LlamaCpp,
-    Gguf,
-}
-
 pub(crate) fn default_model() -> PathBuf {
     Path::new("models").join(DEFAULT_MODEL_FILE)
 }
@@ -158,6 +159,17 @@ pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
     );
     bar.set_message(what.to_owned());
     bar
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level.
+pub(crate) fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .init();
 }
 
 fn warn_identity_key() {
@@ -239,8 +251,11 @@ fn main() -> Result<()> {
             eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
         }
         Command::Generate(args) => run_generate(args)?,
-        Command::Bench(args) => bench::run(args)?,
-        Command::BenchServer(args) => bench_server::run(args)?,
+        Command::Demo(args) => cmd::demo::run(args)?,
+        Command::Proxy(args) => cmd::proxy::run(args)?,
+        Command::Chat(args) => cmd::chat::run(args)?,
+        Command::Bench(args) => cmd::bench::run(args)?,
+        Command::BenchServer(args) => cmd::bench_server::run(args)?,
     }
     Ok(())
 }
@@ -252,14 +267,9 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let prompt = if args.raw {
         args.prompt.clone()
     } else {
-        let shipped = text.vocab.chat_template.as_deref();
-        let source = match (args.chat_format, shipped) {
-            (ChatFormat::Gguf, Some(t)) => t,
-            (ChatFormat::LlamaCpp, Some(t)) if !t.contains("<|im_start|>") => t,
-            _ => CHATML_TEMPLATE,
-        };
         let template = ChatTemplate::new(
-            source,
+            args.chat_format
+                .template_source(text.vocab.chat_template.as_deref()),
             text.special.bos.as_deref(),
             text.special.eos.as_deref(),
         )?;

@@ -22,6 +22,29 @@ impl ChatMessage {
     }
 }
 
+/// How a conversation becomes a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ChatFormat {
+    /// As llama.cpp's built-in formatter does by default: a ChatML model is
+    /// rendered as plain ChatML, without a default system prompt a shipped
+    /// template may inject; other models use their shipped template.
+    #[default]
+    LlamaCpp,
+    /// The GGUF's Jinja template exactly as shipped (as vLLM renders it).
+    Gguf,
+}
+
+impl ChatFormat {
+    /// The template source to render for a model that ships `shipped`.
+    pub fn template_source(self, shipped: Option<&str>) -> &str {
+        match (self, shipped) {
+            (ChatFormat::Gguf, Some(t)) => t,
+            (ChatFormat::LlamaCpp, Some(t)) if !t.contains("<|im_start|>") => t,
+            _ => CHATML_TEMPLATE,
+        }
+    }
+}
+
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

@@ -64,6 +64,24 @@ impl TextCodec {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// The bytes one token stands for, as OpenAI's logprobs report them:
+    /// a special token is its text; a byte-level BPE token maps back through
+    /// GPT-2's byte↔character table (a lone piece of a multi-byte character
+    /// is not valid UTF-8 on its own, so decoding it alone would lose it).
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        if let Some(added) = self.tokenizer.get_added_tokens_decoder().get(&id) {
+            return added.content.clone().into_bytes();
+        }
+        let Some(token) = self.tokenizer.id_to_token(id) else {
+            return Vec::new();
+        };
+        token
+            .chars()
+            .map(byte_level_byte)
+            .collect::<Option<Vec<u8>>>()
+            .unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes())
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
@@ -76,6 +94,20 @@ impl TextCodec {
             read_offset: 0,
         }
     }
+}
+
+/// GPT-2's byte-level alphabet, inverted: printable bytes stand for
+/// themselves, the other 68 are shifted to U+0100 and up, in byte order.
+fn byte_level_byte(c: char) -> Option<u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+    let code = u32::from(c);
+    if let Ok(b) = u8::try_from(code) {
+        if printable(b) {
+            return Some(b);
+        }
+    }
+    let shifted = code.checked_sub(256)?;
+    (0..=255u8).filter(|&b| !printable(b)).nth(shifted as usize)
 }
 
 /// Turns a stream of token IDs into text pieces without ever splitting a
@@ -121,5 +153,21 @@ impl StreamDecoder<'_> {
         self.prefix_offset = self.ids.len();
         self.read_offset = self.ids.len();
         Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_level_alphabet_inverts_gpt2s_table() {
+        assert_eq!(byte_level_byte('a'), Some(b'a'));
+        assert_eq!(byte_level_byte('\u{0120}'), Some(b' ')); // Ġ
+        assert_eq!(byte_level_byte('\u{010A}'), Some(b'\n')); // Ċ
+        assert_eq!(byte_level_byte('\u{0100}'), Some(0));
+        assert_eq!(byte_level_byte('\u{0143}'), Some(0xAD)); // the last shifted byte
+        assert_eq!(byte_level_byte('\u{0144}'), None);
+        assert_eq!(byte_level_byte('é'), Some(0xE9));
     }
 }

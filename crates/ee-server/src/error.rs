@@ -105,6 +105,11 @@ impl ApiError {
         )
     }
 
+    /// 502: the proxy's upstream (the blind server) failed it.
+    pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
+        Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message).with_code(code)
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

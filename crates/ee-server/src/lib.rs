@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod routes;
+pub mod serve;
 pub mod validate;
 
 use std::sync::atomic::{AtomicU64, Ordering};

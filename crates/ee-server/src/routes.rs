@@ -60,10 +60,11 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
 
 /// Reads a JSON body: content type, size and nesting checked first, so each
 /// failure gets its own status and the envelope.
-async fn read_json<T: DeserializeOwned>(
-    state: &SharedState,
+pub async fn read_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
+    max_bytes: usize,
+    max_depth: usize,
 ) -> Result<T, ApiError> {
     let json = headers
         .get(header::CONTENT_TYPE)
@@ -76,15 +77,13 @@ async fn read_json<T: DeserializeOwned>(
     if !json {
         return Err(ApiError::unsupported_media_type());
     }
-    let limit = state.config.max_body_bytes;
-    let bytes = axum::body::to_bytes(body, limit)
+    let bytes = axum::body::to_bytes(body, max_bytes)
         .await
-        .map_err(|_| ApiError::too_large(limit))?;
+        .map_err(|_| ApiError::too_large(max_bytes))?;
     let depth = validate::json_depth(&bytes);
-    if depth > state.config.max_json_depth {
+    if depth > max_depth {
         return Err(ApiError::bad_request(format!(
-            "JSON nested {depth} deep; the limit is {}",
-            state.config.max_json_depth
+            "JSON nested {depth} deep; the limit is {max_depth}"
         )));
     }
     serde_json::from_slice(&bytes)
@@ -145,7 +144,8 @@ async fn serve<R: DeserializeOwned>(
     validator: fn(&R, &validate::Limits) -> Result<ValidRequest, ApiError>,
 ) -> Response {
     let result = async {
-        let request: R = read_json(&state, &headers, body).await?;
+        let c = &state.config;
+        let request: R = read_json(&headers, body, c.max_body_bytes, c.max_json_depth).await?;
         let loaded = state.loaded()?;
         check_model(loaded, model_of(&request))?;
         let valid = validator(&request, &loaded.limits)?;

@@ -1,0 +1,91 @@
+//! `ee proxy`: the local OpenAI-compatible endpoint in front of a blind server.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use ee_client::keyholder::KeyHolder;
+use ee_client::proxy::router;
+use ee_client::session::{Session, SessionError};
+use ee_client::template::ChatFormat;
+use ee_client::upstream::Upstream;
+use tokio::net::TcpListener;
+
+#[derive(Args)]
+pub(crate) struct ProxyArgs {
+    /// The client bundle (from `ee encrypt-model --client-out`).
+    #[arg(long)]
+    bundle: PathBuf,
+    /// Base URL of the blind server.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    server: String,
+    /// Where OpenAI clients connect. Keep it on loopback: plaintext is served here.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// How conversations become prompts: `llama-cpp` (plain ChatML for
+    /// ChatML models, as llama.cpp's server) or `gguf` (the shipped template).
+    #[arg(long, value_enum, default_value_t = ChatFormat::LlamaCpp)]
+    chat_format: ChatFormat,
+    /// Bearer key for the blind server, if it wants one.
+    #[arg(long, env = "EE_API_KEY")]
+    api_key: Option<String>,
+}
+
+/// The key holder plus a client for the server.
+pub(crate) fn session(
+    bundle: &std::path::Path,
+    format: ChatFormat,
+    server: &str,
+    api_key: Option<String>,
+) -> Result<Arc<Session>> {
+    let keys = KeyHolder::load(bundle, format)
+        .with_context(|| format!("loading bundle {}", bundle.display()))?;
+    Ok(Arc::new(Session::new(
+        keys,
+        Upstream::new(server, api_key)?,
+    )))
+}
+
+/// Checks the server now. A wrong server stops the proxy; an unreachable one
+/// is only reported, since it may still be starting (requests get 502).
+pub(crate) async fn check_server(session: &Session) -> Result<()> {
+    match session.server_model().await {
+        Ok(card) => {
+            tracing::info!(model = %card.id, sha256 = %card.artifact_sha256, "server artifact matches the bundle");
+            Ok(())
+        }
+        Err(e @ SessionError::WrongServer { .. }) => Err(e.into()),
+        Err(e) => {
+            tracing::warn!("{e}; requests will be answered 502 until it is up");
+            Ok(())
+        }
+    }
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    session: Arc<Session>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    axum::serve(listener, router(session))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serving the proxy")
+}
+
+pub(crate) fn run(args: ProxyArgs) -> Result<()> {
+    crate::init_logging("info");
+    let session = session(&args.bundle, args.chat_format, &args.server, args.api_key)?;
+    tokio::runtime::Runtime::new()?.block_on(async move {
+        check_server(&session).await?;
+        let listener = TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        tracing::info!(server = session.upstream.base_url(), "proxy listening on http://{addr} (OpenAI base_url http://{addr}/v1, chat page http://{addr}/)");
+        serve(listener, session, ee_server::serve::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,79 @@
+//! The key holder: a loaded client bundle with everything that turns text
+//! into encrypted token IDs and back. Nothing here talks to the network.
+
+use std::path::Path;
+
+use ee_core::wire::ModelCard;
+use ee_core::{ClientBundle, Permutation};
+
+use crate::template::{ChatFormat, ChatMessage, ChatTemplate};
+use crate::text::TextCodec;
+use crate::Error;
+
+pub struct KeyHolder {
+    bundle: ClientBundle,
+    perm: Permutation,
+    codec: TextCodec,
+    template: ChatTemplate,
+}
+
+impl KeyHolder {
+    pub fn load(dir: &Path, format: ChatFormat) -> Result<Self, Error> {
+        let bundle = ClientBundle::load(dir)?;
+        let m = &bundle.manifest;
+        let special = &m.special_tokens;
+        let codec =
+            TextCodec::from_file(&bundle.tokenizer_path(), special.bos_id, special.add_bos)?;
+        let template = ChatTemplate::new(
+            format.template_source(m.chat_template.as_deref()),
+            special.bos.as_deref(),
+            special.eos.as_deref(),
+        )?;
+        let perm = bundle.key.vocab_permutation(m.vocab_size);
+        Ok(Self {
+            bundle,
+            perm,
+            codec,
+            template,
+        })
+    }
+
+    pub fn bundle(&self) -> &ClientBundle {
+        &self.bundle
+    }
+
+    pub fn codec(&self) -> &TextCodec {
+        &self.codec
+    }
+
+    pub fn vocab_size(&self) -> u32 {
+        self.bundle.manifest.vocab_size
+    }
+
+    /// Renders a conversation with the model's chat template, the assistant's
+    /// turn opened, and tokenizes it (plaintext IDs).
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, Error> {
+        let text = self.template.render(messages, true)?;
+        self.codec.encode(&text)
+    }
+
+    pub fn encrypt(&self, plain: &[u32]) -> Result<Vec<u32>, Error> {
+        Ok(self.perm.encrypt_all(plain)?)
+    }
+
+    pub fn decrypt(&self, cipher: &[u32]) -> Result<Vec<u32>, Error> {
+        Ok(self.perm.decrypt_all(cipher)?)
+    }
+
+    /// Tokens that end an answer (EOS, end of turn), plaintext.
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.bundle.manifest.special_tokens.stop_ids
+    }
+
+    /// Refuses a server that hosts another artifact than this bundle's: its
+    /// answers would be noise, and it may belong to someone else's key.
+    pub fn check_server(&self, card: &ModelCard) -> Result<(), Error> {
+        self.bundle.check_server_artifact(&card.artifact_sha256)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,242 @@
+//! `ee proxy`: a local OpenAI-compatible endpoint. Any OpenAI client talks
+//! plaintext to it on loopback; it forwards only encrypted token IDs to the
+//! blind server and turns the answers back into text. It also serves the
+//! small web chat page at `/`.
+
+pub mod request;
+pub mod response;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ee_server::error::ApiError;
+use ee_server::routes::read_json;
+use futures_util::stream;
+use serde_json::{json, Map, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::session::{Session, SessionError};
+use crate::upstream::{Endpoint, UpstreamError};
+use request::translate;
+use response::AnswerMeta;
+
+/// The largest request body the proxy reads.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+/// The deepest JSON nesting it accepts.
+pub const MAX_JSON_DEPTH: usize = 32;
+
+const CHAT_PAGE: &str = include_str!("chat.html");
+
+pub fn router(session: Arc<Session>) -> Router {
+    Router::new()
+        .route("/", get(|| async { Html(CHAT_PAGE) }))
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/v1/models", get(models))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .fallback(|| async { ApiError::not_found("no such route").into_response() })
+        .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
+        .with_state(session)
+}
+
+/// An error as the OpenAI client sees it: the proxy's own 400s, the
+/// server's errors relayed with their status, 502 when the server is
+/// unreachable or wrong.
+fn error_response(e: SessionError) -> Response {
+    let message = e.to_string();
+    match e {
+        SessionError::Request(r) => match r.param {
+            Some(p) => ApiError::invalid(&p, r.message),
+            None => ApiError::bad_request(r.message),
+        }
+        .into_response(),
+        SessionError::Upstream(UpstreamError::Refused {
+            status,
+            envelope,
+            retry_after,
+        }) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut response = (status, Json(envelope)).into_response();
+            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            response
+        }
+        SessionError::Upstream(UpstreamError::Unreachable { .. }) => {
+            ApiError::bad_gateway(message, "upstream_unreachable").into_response()
+        }
+        SessionError::Upstream(UpstreamError::Protocol(_)) | SessionError::Decode(_) => {
+            ApiError::bad_gateway(message, "upstream_protocol_error").into_response()
+        }
+        SessionError::WrongServer { .. } => {
+            ApiError::bad_gateway(message, "artifact_mismatch").into_response()
+        }
+    }
+}
+
+fn error_json(e: SessionError) -> Value {
+    let message = e.to_string();
+    match e {
+        SessionError::Upstream(UpstreamError::Refused { envelope, .. }) => json!(envelope),
+        _ => json!(ApiError::bad_gateway(message, "upstream_error").envelope()),
+    }
+}
+
+async fn models(State(session): State<Arc<Session>>) -> Response {
+    match session.server_model().await {
+        Ok(card) => Json(json!({
+            "object": "list",
+            "data": [{"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by}],
+        }))
+        .into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+async fn chat_completions(
+    State(session): State<Arc<Session>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(session, headers, body, Endpoint::Chat).await
+}
+
+async fn completions(
+    State(session): State<Arc<Session>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    answer(session, headers, body, Endpoint::Completion).await
+}
+
+fn answer_id(endpoint: Endpoint) -> String {
+    let prefix = match endpoint {
+        Endpoint::Chat => "chatcmpl",
+        Endpoint::Completion => "cmpl",
+    };
+    let random = ee_core::rng::os_random_bytes().unwrap_or_default();
+    format!("{prefix}-{}", hex::encode(&random[..12]))
+}
+
+async fn answer(
+    session: Arc<Session>,
+    headers: HeaderMap,
+    body: Body,
+    endpoint: Endpoint,
+) -> Response {
+    let body: Map<String, Value> =
+        match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+    let request = match translate(&session.keys, endpoint, &body) {
+        Ok(r) => r,
+        Err(e) => return error_response(SessionError::Request(e)),
+    };
+    tracing::info!(
+        endpoint = endpoint.path(),
+        stream = request.stream,
+        prompt_tokens = request.prompt_tokens,
+        choices = request.choices,
+        "request"
+    );
+    if request.stream {
+        return stream_answer(session, request).await;
+    }
+    let result = async {
+        let mut generation = session.generate(&request).await?;
+        while generation.next().await?.is_some() {}
+        let meta = AnswerMeta::of(&generation, answer_id(endpoint));
+        Ok::<_, SessionError>(meta.response(&generation.decoders, &generation.usage()))
+    }
+    .await;
+    match result {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+/// SSE in OpenAI's shape. Errors before the first token get their status;
+/// later ones arrive as an error event. A client that goes away closes the
+/// channel, the task drops the generation, and the server stream with it.
+async fn stream_answer(session: Arc<Session>, request: request::Translated) -> Response {
+    let (tx, rx) = mpsc::channel::<Event>(64);
+    let (started_tx, started_rx) = oneshot::channel::<Result<(), SessionError>>();
+    tokio::spawn(async move {
+        let mut generation = match session.generate(&request).await {
+            Ok(g) => {
+                let _ = started_tx.send(Ok(()));
+                g
+            }
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+                return;
+            }
+        };
+        let data = |v: Value| Event::default().data(v.to_string());
+        let meta = AnswerMeta::of(&generation, answer_id(request.endpoint));
+        if request.trace {
+            let _ = tx
+                .send(data(meta.trace_chunk(&request.encrypted_prompts)))
+                .await;
+        }
+        let mut first = vec![true; request.choices];
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                next = generation.next() => next,
+            };
+            let deltas = match next {
+                Ok(Some(d)) => d,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(data(error_json(e))).await;
+                    break;
+                }
+            };
+            for (i, delta) in deltas {
+                let worth_sending = first[i]
+                    || !delta.text.is_empty()
+                    || delta.finish.is_some()
+                    || !delta.logprobs.is_empty()
+                    || request.trace;
+                if !worth_sending {
+                    continue;
+                }
+                let shown = generation.decoders[i].output.chars().count();
+                let offset = shown - delta.text.chars().count();
+                if tx
+                    .send(data(meta.chunk(i, &delta, first[i], offset)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                first[i] = false;
+            }
+        }
+        if request.include_usage {
+            let _ = tx.send(data(meta.usage_chunk(&generation.usage()))).await;
+        }
+        let _ = tx.send(Event::default().data("[DONE]")).await;
+    });
+    match started_rx.await {
+        Ok(Ok(())) => {
+            let body = stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+            });
+            Sse::new(body)
+                .keep_alive(KeepAlive::default())
+                .into_response()
+        }
+        Ok(Err(e)) => error_response(e),
+        Err(_) => ApiError::internal("the request task ended early").into_response(),
+    }
+}

@@ -1,0 +1,427 @@
+//! Validation and translation of a plaintext OpenAI request into the blind
+//! server's encrypted one. Everything that needs the key or the tokenizer is
+//! checked here; plain numeric fields (temperature, max_tokens, …) pass
+//! through and the server validates them, so there is one set of limits.
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Map, Value};
+
+use crate::keyholder::KeyHolder;
+use crate::template::ChatMessage;
+use crate::upstream::Endpoint;
+
+/// A 400 about the plaintext request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RequestError {
+    pub param: Option<String>,
+    pub message: String,
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> RequestError {
+    RequestError {
+        param: Some(param.into()),
+        message: message.into(),
+    }
+}
+
+/// Fields passed to the server unchanged (it validates them).
+const PASSED: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "n",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "user",
+];
+/// Fields this proxy reads and rewrites.
+const TRANSLATED: &[&str] = &[
+    "stop",
+    "stop_token_ids",
+    "logit_bias",
+    "stream",
+    "stream_options",
+    "ee_trace",
+];
+const CHAT_ONLY: &[&str] = &["messages", "logprobs", "top_logprobs"];
+const COMPLETION_ONLY: &[&str] = &["prompt", "logprobs"];
+
+/// Most stop strings a request may carry.
+pub const MAX_STOPS: usize = 16;
+
+/// Which logprobs shape the answer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogprobsShape {
+    None,
+    Chat,
+    Completion,
+}
+
+/// A request ready to send: the server's encrypted body plus what the proxy
+/// needs to turn the answer back into text.
+#[derive(Debug, Clone)]
+pub struct Translated {
+    pub endpoint: Endpoint,
+    pub upstream_body: Value,
+    pub stream: bool,
+    pub include_usage: bool,
+    pub stops: Vec<String>,
+    /// Plaintext prompt tokens, summed over prompts (for usage).
+    pub prompt_tokens: usize,
+    /// What the server is sent (for the page's "what the server saw").
+    pub encrypted_prompts: Vec<Vec<u32>>,
+    /// Choices the answer has: prompts × n.
+    pub choices: usize,
+    pub logprobs: LogprobsShape,
+    /// Proxy extension: chunks also carry the encrypted IDs.
+    pub trace: bool,
+    /// The `model` the client asked for, echoed back.
+    pub model: Option<String>,
+}
+
+pub fn translate(
+    keys: &KeyHolder,
+    endpoint: Endpoint,
+    body: &Map<String, Value>,
+) -> Result<Translated, RequestError> {
+    let own = match endpoint {
+        Endpoint::Chat => CHAT_ONLY,
+        Endpoint::Completion => COMPLETION_ONLY,
+    };
+    if let Some(unknown) = body.keys().find(|k| {
+        ![PASSED, TRANSLATED, own]
+            .iter()
+            .any(|l| l.contains(&k.as_str()))
+    }) {
+        return Err(invalid(
+            unknown,
+            format!("unsupported parameter: {unknown}"),
+        ));
+    }
+    let null_is_absent = |k: &str| body.get(k).filter(|v| !v.is_null());
+
+    let prompts: Vec<Vec<u32>> = match endpoint {
+        Endpoint::Chat => {
+            let messages = parse_messages(null_is_absent("messages"))?;
+            let ids = keys
+                .chat_prompt(&messages)
+                .map_err(|e| invalid("messages", e.to_string()))?;
+            vec![ids]
+        }
+        Endpoint::Completion => parse_prompt(keys, null_is_absent("prompt"))?,
+    };
+    if prompts.iter().any(Vec::is_empty) {
+        return Err(invalid(
+            if endpoint == Endpoint::Chat {
+                "messages"
+            } else {
+                "prompt"
+            },
+            "the prompt is empty",
+        ));
+    }
+    let encrypted_prompts = prompts
+        .iter()
+        .map(|p| keys.encrypt(p))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid("prompt", e.to_string()))?;
+
+    let mut out = Map::new();
+    for k in PASSED {
+        if let Some(v) = body.get(*k) {
+            out.insert((*k).into(), v.clone());
+        }
+    }
+    match endpoint {
+        Endpoint::Chat => {
+            // One message holds the whole rendered conversation: the server
+            // needs no turn boundaries, so it is not given them.
+            out.insert(
+                "messages".into(),
+                json!([{"role": "user", "content": [{"type": "token_ids", "token_ids": encrypted_prompts[0]}]}]),
+            );
+            for k in ["logprobs", "top_logprobs"] {
+                if let Some(v) = body.get(k) {
+                    out.insert(k.into(), v.clone());
+                }
+            }
+        }
+        Endpoint::Completion => {
+            out.insert("prompt".into(), json!(encrypted_prompts));
+            if let Some(v) = body.get("logprobs") {
+                out.insert("logprobs".into(), v.clone());
+            }
+        }
+    }
+    let logprobs = match (endpoint, null_is_absent("logprobs")) {
+        (_, None) | (Endpoint::Chat, Some(Value::Bool(false))) => LogprobsShape::None,
+        (Endpoint::Chat, Some(_)) => LogprobsShape::Chat,
+        (Endpoint::Completion, Some(_)) => LogprobsShape::Completion,
+    };
+
+    let mut stop_ids: Vec<u32> = keys.stop_ids().to_vec();
+    stop_ids.extend(parse_token_ids(
+        keys,
+        "stop_token_ids",
+        null_is_absent("stop_token_ids"),
+    )?);
+    stop_ids.sort_unstable();
+    stop_ids.dedup();
+    out.insert(
+        "stop_token_ids".into(),
+        json!(keys
+            .encrypt(&stop_ids)
+            .map_err(|e| invalid("stop_token_ids", e.to_string()))?),
+    );
+    if let Some(bias) = null_is_absent("logit_bias") {
+        out.insert("logit_bias".into(), encrypt_logit_bias(keys, bias)?);
+    }
+    let stream = flag(null_is_absent("stream"), "stream")?;
+    let include_usage = match null_is_absent("stream_options") {
+        None => false,
+        Some(_) if !stream => {
+            return Err(invalid(
+                "stream_options",
+                "stream_options needs stream: true",
+            ))
+        }
+        Some(Value::Object(o)) => flag(
+            o.get("include_usage").filter(|v| !v.is_null()),
+            "stream_options.include_usage",
+        )?,
+        Some(_) => {
+            return Err(invalid(
+                "stream_options",
+                "stream_options must be an object",
+            ))
+        }
+    };
+    // The proxy always streams from the server, so that a stop string can
+    // cancel the rest at once; it counts usage itself.
+    out.insert("stream".into(), Value::Bool(true));
+
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
+    Ok(Translated {
+        endpoint,
+        upstream_body: Value::Object(out),
+        stream,
+        include_usage,
+        stops: parse_stops(null_is_absent("stop"))?,
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        choices: prompts.len() * n,
+        encrypted_prompts,
+        logprobs,
+        trace: flag(null_is_absent("ee_trace"), "ee_trace")?,
+        model: body.get("model").and_then(Value::as_str).map(str::to_owned),
+    })
+}
+
+fn flag(v: Option<&Value>, param: &str) -> Result<bool, RequestError> {
+    match v {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(_) => Err(invalid(param, format!("{param} must be true or false"))),
+    }
+}
+
+fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RequestError> {
+    let Some(Value::Array(items)) = v else {
+        return Err(invalid("messages", "messages must be a non-empty array"));
+    };
+    if items.is_empty() {
+        return Err(invalid("messages", "messages must be a non-empty array"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(i, m))
+        .collect()
+}
+
+fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, RequestError> {
+    let param = format!("messages[{i}]");
+    let Value::Object(m) = m else {
+        return Err(invalid(&param, "each message must be an object"));
+    };
+    if let Some(k) = m
+        .keys()
+        .find(|k| !["role", "content", "name"].contains(&k.as_str()))
+    {
+        return Err(invalid(
+            &format!("{param}.{k}"),
+            format!("unsupported message field: {k} (tools and function calls are not supported)"),
+        ));
+    }
+    let role = match m.get("role").and_then(Value::as_str) {
+        Some(r @ ("system" | "user" | "assistant")) => r,
+        // OpenAI's newer name for the system role.
+        Some("developer") => "system",
+        Some(other) => {
+            return Err(invalid(
+                &format!("{param}.role"),
+                format!("unsupported role {other:?}: use system, developer, user or assistant"),
+            ))
+        }
+        None => return Err(invalid(&format!("{param}.role"), "role must be a string")),
+    };
+    let content = match m.get("content") {
+        Some(Value::String(s)) => s.clone(),
+        None | Some(Value::Null) if role == "assistant" => String::new(),
+        Some(Value::Array(parts)) => text_parts(&param, parts)?,
+        _ => {
+            return Err(invalid(
+                &format!("{param}.content"),
+                "content must be a string or an array of text parts",
+            ))
+        }
+    };
+    Ok(ChatMessage::new(role, &content))
+}
+
+/// Text content parts, joined with newlines as vLLM does.
+fn text_parts(param: &str, parts: &[Value]) -> Result<String, RequestError> {
+    let texts = parts
+        .iter()
+        .map(
+            |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
+                (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
+                (Some(kind), _) if kind != "text" => Err(invalid(
+                    &format!("{param}.content"),
+                    format!("content parts of type {kind:?} are not supported; only text"),
+                )),
+                _ => Err(invalid(
+                    &format!("{param}.content"),
+                    "a text part needs {\"type\":\"text\",\"text\":\"...\"}",
+                )),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(texts.join("\n"))
+}
+
+/// A completion prompt: text, several texts, or plaintext token IDs (one
+/// list or several), as OpenAI accepts.
+fn parse_prompt(keys: &KeyHolder, v: Option<&Value>) -> Result<Vec<Vec<u32>>, RequestError> {
+    let encode = |s: &str| {
+        keys.codec()
+            .encode(s)
+            .map_err(|e| invalid("prompt", e.to_string()))
+    };
+    let bad = || {
+        invalid(
+            "prompt",
+            "prompt must be a string, an array of strings, or token IDs",
+        )
+    };
+    match v {
+        Some(Value::String(s)) => Ok(vec![encode(s)?]),
+        Some(Value::Array(items)) if items.is_empty() => {
+            Err(invalid("prompt", "the prompt is empty"))
+        }
+        Some(Value::Array(items)) => match &items[0] {
+            Value::String(_) => items
+                .iter()
+                .map(|i| i.as_str().ok_or_else(bad).and_then(encode))
+                .collect(),
+            Value::Number(_) => Ok(vec![parse_token_ids(keys, "prompt", v)?]),
+            Value::Array(_) => items
+                .iter()
+                .map(|i| parse_token_ids(keys, "prompt", Some(i)))
+                .collect(),
+            _ => Err(bad()),
+        },
+        _ => Err(bad()),
+    }
+}
+
+fn parse_token_ids(
+    keys: &KeyHolder,
+    param: &str,
+    v: Option<&Value>,
+) -> Result<Vec<u32>, RequestError> {
+    let Some(v) = v else { return Ok(Vec::new()) };
+    let items = v
+        .as_array()
+        .ok_or_else(|| invalid(param, format!("{param} must be an array of token IDs")))?;
+    items
+        .iter()
+        .map(|t| {
+            t.as_u64()
+                .filter(|&id| id < u64::from(keys.vocab_size()))
+                .map(|id| id as u32)
+                .ok_or_else(|| {
+                    invalid(
+                        param,
+                        format!(
+                            "{t} is not a token ID of this model (0..{})",
+                            keys.vocab_size()
+                        ),
+                    )
+                })
+        })
+        .collect()
+}
+
+fn parse_stops(v: Option<&Value>) -> Result<Vec<String>, RequestError> {
+    let stops: Vec<String> = match v {
+        None => return Ok(Vec::new()),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| invalid("stop", "stop must be a string or an array of strings"))
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(invalid(
+                "stop",
+                "stop must be a string or an array of strings",
+            ))
+        }
+    };
+    if stops.len() > MAX_STOPS {
+        return Err(invalid("stop", format!("at most {MAX_STOPS} stop strings")));
+    }
+    if stops.iter().any(String::is_empty) {
+        return Err(invalid("stop", "stop strings must not be empty"));
+    }
+    Ok(stops)
+}
+
+/// `logit_bias` keys are plaintext token IDs; the server gets encrypted ones.
+fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<Value, RequestError> {
+    let Value::Object(map) = v else {
+        return Err(invalid(
+            "logit_bias",
+            "logit_bias must map token IDs to biases",
+        ));
+    };
+    let mut out = BTreeMap::new();
+    for (k, bias) in map {
+        let id = k
+            .parse::<u32>()
+            .ok()
+            .filter(|&id| id < keys.vocab_size())
+            .ok_or_else(|| {
+                invalid(
+                    "logit_bias",
+                    format!("{k:?} is not a token ID of this model"),
+                )
+            })?;
+        let cipher = keys
+            .encrypt(&[id])
+            .map_err(|e| invalid("logit_bias", e.to_string()))?[0];
+        out.insert(cipher.to_string(), bias.clone());
+    }
+    Ok(json!(out))
+}

@@ -1,0 +1,156 @@
+//! A key holder talking to one blind server: checks that the server hosts
+//! this bundle's artifact, then runs generations whose plaintext never
+//! leaves this process. The proxy and `ee chat` both drive it.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ee_core::wire::{ModelCard, Usage};
+use tokio::sync::OnceCell;
+
+use crate::decode::{ChoiceDecoder, ChoiceDelta};
+use crate::keyholder::KeyHolder;
+use crate::proxy::request::{RequestError, Translated};
+use crate::upstream::{ServerStream, Upstream, UpstreamError};
+use crate::Error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("{}", .0.message)]
+    Request(RequestError),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The server hosts another artifact: nothing is sent to it.
+    #[error("refusing the blind server at {url}: {reason}")]
+    WrongServer { url: String, reason: String },
+    /// The server's answer does not decrypt (another key's model, or a bug).
+    #[error("the blind server's answer does not decrypt: {0}")]
+    Decode(Error),
+}
+
+pub struct Session {
+    pub keys: KeyHolder,
+    pub upstream: Upstream,
+    /// The server's model card, once its artifact has been checked.
+    verified: OnceCell<ModelCard>,
+}
+
+impl Session {
+    pub fn new(keys: KeyHolder, upstream: Upstream) -> Self {
+        Self {
+            keys,
+            upstream,
+            verified: OnceCell::new(),
+        }
+    }
+
+    /// The server's model, checked against the bundle on first use. A server
+    /// that is down is not cached as checked: the next call asks again.
+    pub async fn server_model(&self) -> Result<&ModelCard, SessionError> {
+        self.verified
+            .get_or_try_init(|| async {
+                let card = self.upstream.model().await?;
+                self.keys
+                    .check_server(&card)
+                    .map_err(|e| SessionError::WrongServer {
+                        url: self.upstream.base_url().to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(card)
+            })
+            .await
+    }
+
+    /// Sends a translated request and returns the running generation.
+    pub async fn generate<'a>(
+        &'a self,
+        request: &'a Translated,
+    ) -> Result<Generation<'a>, SessionError> {
+        let card = self.server_model().await?;
+        let stream = self
+            .upstream
+            .stream(request.endpoint, &request.upstream_body)
+            .await?;
+        let decoders = (0..request.choices)
+            .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
+            .collect();
+        Ok(Generation {
+            request,
+            model: request.model.clone().unwrap_or_else(|| card.id.clone()),
+            created: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            stream: Some(stream),
+            decoders,
+        })
+    }
+}
+
+/// One request in flight. Dropping it closes the server stream, which
+/// cancels the server's work.
+pub struct Generation<'a> {
+    pub request: &'a Translated,
+    pub model: String,
+    pub created: u64,
+    stream: Option<ServerStream>,
+    pub decoders: Vec<ChoiceDecoder<'a>>,
+}
+
+impl Generation<'_> {
+    /// The next deltas, by choice index; `None` once every choice has
+    /// finished. When the last choice ends on a stop string, the server
+    /// stream is dropped there and then.
+    pub async fn next(&mut self) -> Result<Option<Vec<(usize, ChoiceDelta)>>, SessionError> {
+        if self.decoders.iter().all(ChoiceDecoder::is_finished) {
+            self.stream = None;
+            return Ok(None);
+        }
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(None);
+        };
+        let Some(chunk) = stream.next().await? else {
+            self.stream = None;
+            if self.decoders.iter().all(ChoiceDecoder::is_finished) {
+                return Ok(None);
+            }
+            return Err(UpstreamError::Protocol(
+                "the stream ended before every choice finished".into(),
+            )
+            .into());
+        };
+        let mut out = Vec::with_capacity(chunk.deltas.len());
+        for delta in &chunk.deltas {
+            let decoder = self.decoders.get_mut(delta.index).ok_or_else(|| {
+                UpstreamError::Protocol(format!(
+                    "a chunk for choice {} of {}",
+                    delta.index, self.request.choices
+                ))
+            })?;
+            let was_finished = decoder.is_finished();
+            let piece = decoder.push(delta).map_err(SessionError::Decode)?;
+            if !was_finished {
+                out.push((delta.index, piece));
+            }
+        }
+        if self.decoders.iter().all(ChoiceDecoder::is_finished) {
+            if let Some(mut stream) = self.stream.take() {
+                // Finished by the server: read its [DONE] so the connection
+                // can be reused. Cut by a stop string: drop it, cancelling.
+                if !self.decoders.iter().any(|d| d.stopped_by_string) {
+                    while let Ok(Some(_)) = stream.next().await {}
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Token counts as the user sees them: plaintext prompt tokens, and the
+    /// tokens each choice received (up to a stop string).
+    pub fn usage(&self) -> Usage {
+        let completion_tokens = self.decoders.iter().map(|d| d.completion_tokens).sum();
+        Usage {
+            prompt_tokens: self.request.prompt_tokens,
+            completion_tokens,
+            total_tokens: self.request.prompt_tokens + completion_tokens,
+        }
+    }
+}

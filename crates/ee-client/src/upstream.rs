@@ -1,0 +1,321 @@
+//! The blind server as the key holder sees it: an HTTP peer that takes and
+//! returns encrypted token IDs. Generation always streams from it, so that a
+//! client-side stop string can cancel the server's work at once.
+
+use std::time::Duration;
+
+use ee_core::wire::{
+    ChatCompletionResponse, CompletionResponse, ErrorEnvelope, FinishReason, ModelCard, ModelList,
+    TokenLogprob, Usage,
+};
+
+/// Which generation endpoint of the server a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Chat,
+    Completion,
+}
+
+impl Endpoint {
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::Chat => "/v1/chat/completions",
+            Endpoint::Completion => "/v1/completions",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot reach the blind server at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// The server answered with an error envelope (relayed as is: it names
+    /// limits, never text).
+    #[error("the blind server answered {status}: {}", .envelope.error.message)]
+    Refused {
+        status: u16,
+        envelope: ErrorEnvelope,
+        retry_after: Option<String>,
+    },
+    #[error("the blind server sent something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// One choice's share of a streamed chunk, still encrypted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerDelta {
+    pub index: usize,
+    pub token_ids: Vec<u32>,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// A parsed chunk: deltas, or the closing usage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerChunk {
+    pub deltas: Vec<ServerDelta>,
+    pub usage: Option<Usage>,
+}
+
+pub struct Upstream {
+    http: reqwest::Client,
+    base: String,
+    api_key: Option<String>,
+}
+
+impl Upstream {
+    pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, UpstreamError> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| UpstreamError::Protocol(format!("building the HTTP client: {e}")))?;
+        Ok(Self {
+            http,
+            base: base_url.trim_end_matches('/').to_owned(),
+            api_key,
+        })
+    }
+
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    fn request(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => builder.bearer_auth(k),
+            None => builder,
+        }
+    }
+
+    async fn send(
+        &self,
+        builder: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let response =
+            self.request(builder)
+                .send()
+                .await
+                .map_err(|e| UpstreamError::Unreachable {
+                    url: self.base.clone(),
+                    reason: error_chain(&e),
+                })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.bytes().await.unwrap_or_default();
+        let envelope = serde_json::from_slice::<ErrorEnvelope>(&body).map_err(|_| {
+            UpstreamError::Protocol(format!(
+                "status {status} without an error envelope: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))
+        })?;
+        Err(UpstreamError::Refused {
+            status,
+            envelope,
+            retry_after,
+        })
+    }
+
+    /// The model the server hosts (the first of `/v1/models`).
+    pub async fn model(&self) -> Result<ModelCard, UpstreamError> {
+        let url = format!("{}/v1/models", self.base);
+        let response = self.send(self.http.get(url)).await?;
+        let list: ModelList = response
+            .json()
+            .await
+            .map_err(|e| UpstreamError::Protocol(format!("/v1/models: {e}")))?;
+        list.data
+            .into_iter()
+            .next()
+            .ok_or_else(|| UpstreamError::Protocol("/v1/models lists no model".into()))
+    }
+
+    /// Starts a streamed generation. `body` must carry only encrypted IDs.
+    pub async fn stream(
+        &self,
+        endpoint: Endpoint,
+        body: &serde_json::Value,
+    ) -> Result<ServerStream, UpstreamError> {
+        let url = format!("{}{}", self.base, endpoint.path());
+        let response = self.send(self.http.post(url).json(body)).await?;
+        Ok(ServerStream {
+            endpoint,
+            response,
+            buffer: Vec::new(),
+        })
+    }
+}
+
+/// reqwest's errors say little at the top level ("error sending request");
+/// the cause ("connection refused") is further down.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The server's SSE stream. Dropping it closes the connection, which makes
+/// the server cancel the sequences at once.
+pub struct ServerStream {
+    endpoint: Endpoint,
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl ServerStream {
+    /// The next chunk; `None` after `data: [DONE]`.
+    pub async fn next(&mut self) -> Result<Option<ServerChunk>, UpstreamError> {
+        loop {
+            if let Some(event) = take_event(&mut self.buffer) {
+                let Some(data) = event_data(&event) else {
+                    continue; // a keep-alive comment
+                };
+                if data == "[DONE]" {
+                    return Ok(None);
+                }
+                return parse_chunk(self.endpoint, &data).map(Some);
+            }
+            match self.response.chunk().await {
+                Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Ok(None) => {
+                    return Err(UpstreamError::Protocol(
+                        "the stream ended before [DONE]".into(),
+                    ))
+                }
+                Err(e) => {
+                    return Err(UpstreamError::Protocol(format!(
+                        "the stream broke: {}",
+                        error_chain(&e)
+                    )))
+                }
+            }
+        }
+    }
+}
+
+/// Removes and returns the first complete SSE event (up to a blank line).
+fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
+    let text_end = |i: usize, sep: usize| (i, i + sep);
+    let (end, next) = buffer
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| text_end(i, 2))
+        .or_else(|| {
+            buffer
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| text_end(i, 4))
+        })?;
+    let event = String::from_utf8_lossy(&buffer[..end]).into_owned();
+    buffer.drain(..next);
+    Some(event)
+}
+
+/// The `data:` lines of an event, joined; `None` when it has none.
+fn event_data(event: &str) -> Option<String> {
+    let lines: Vec<&str> = event
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    (!lines.is_empty()).then(|| lines.join("\n"))
+}
+
+fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<ServerChunk, UpstreamError> {
+    let bad = |e: serde_json::Error| UpstreamError::Protocol(format!("chunk: {e}"));
+    let value: serde_json::Value = serde_json::from_str(data).map_err(bad)?;
+    if value.get("error").is_some() {
+        let envelope: ErrorEnvelope = serde_json::from_value(value).map_err(bad)?;
+        let status = if envelope.error.kind == "timeout_error" {
+            504
+        } else {
+            500
+        };
+        return Err(UpstreamError::Refused {
+            status,
+            envelope,
+            retry_after: None,
+        });
+    }
+    Ok(match endpoint {
+        Endpoint::Chat => {
+            let c: ChatCompletionResponse = serde_json::from_value(value).map_err(bad)?;
+            ServerChunk {
+                deltas: c
+                    .choices
+                    .into_iter()
+                    .map(|ch| ServerDelta {
+                        index: ch.index,
+                        token_ids: ch.delta.map(|d| d.token_ids).unwrap_or_default(),
+                        logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
+                        finish_reason: ch.finish_reason,
+                    })
+                    .collect(),
+                usage: c.usage,
+            }
+        }
+        Endpoint::Completion => {
+            let c: CompletionResponse = serde_json::from_value(value).map_err(bad)?;
+            ServerChunk {
+                deltas: c
+                    .choices
+                    .into_iter()
+                    .map(|ch| ServerDelta {
+                        index: ch.index,
+                        token_ids: ch.token_ids,
+                        logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
+                        finish_reason: ch.finish_reason,
+                    })
+                    .collect(),
+                usage: c.usage,
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_events_split_on_blank_lines_and_skip_comments() {
+        let mut buf = b": keep-alive\n\ndata: {\"a\":1}\r\n\r\ndata: [DONE]\n\npartial".to_vec();
+        let first = take_event(&mut buf).unwrap();
+        assert_eq!(event_data(&first), None);
+        let second = take_event(&mut buf).unwrap();
+        assert_eq!(event_data(&second).unwrap(), "{\"a\":1}");
+        assert_eq!(
+            event_data(&take_event(&mut buf).unwrap()).unwrap(),
+            "[DONE]"
+        );
+        assert_eq!(take_event(&mut buf), None);
+        assert_eq!(buf, b"partial");
+    }
+
+    #[test]
+    fn chunks_parse_for_both_endpoints_and_errors_surface() {
+        let chat = r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":null,"token_ids":[7]},"logprobs":null,"finish_reason":null}],"usage":null}"#;
+        let c = parse_chunk(Endpoint::Chat, chat).unwrap();
+        assert_eq!(c.deltas[0].index, 1);
+        assert_eq!(c.deltas[0].token_ids, vec![7]);
+        let cmpl = r#"{"id":"x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"","token_ids":[],"logprobs":null,"finish_reason":"length"}],"usage":null}"#;
+        let c = parse_chunk(Endpoint::Completion, cmpl).unwrap();
+        assert_eq!(c.deltas[0].finish_reason, Some(FinishReason::Length));
+        let err = r#"{"error":{"message":"took too long","type":"timeout_error","param":null,"code":null}}"#;
+        assert!(matches!(
+            parse_chunk(Endpoint::Chat, err),
+            Err(UpstreamError::Refused { status: 504, .. })
+        ));
+    }
+}

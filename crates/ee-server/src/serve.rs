@@ -1,0 +1,110 @@
+//! Running the server: load the model in the background while already
+//! answering (`/health` is 503 until it is ready), serve until told to stop.
+
+use std::future::{Future, IntoFuture};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use ee_core::transform::sha256_file;
+use ee_core::wire::ModelCard;
+use ee_engine::{LlamaModel, Scheduler, SchedulerConfig};
+use tokio::net::TcpListener;
+
+use crate::validate::Limits;
+use crate::{router, LoadedModel, SharedState};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading {0}: {1}")]
+    Core(PathBuf, ee_core::Error),
+    #[error("loading {0}: {1}")]
+    Engine(PathBuf, ee_engine::Error),
+    #[error("the model loader panicked")]
+    LoaderPanicked,
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Loads the artifact and installs it in `state`, which makes the server ready.
+pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
+    let started = Instant::now();
+    let sha256 = sha256_file(path).map_err(|e| ServeError::Core(path.into(), e))?;
+    let model = LlamaModel::load(path).map_err(|e| ServeError::Engine(path.into(), e))?;
+    let c = &state.config;
+    let limits = Limits {
+        vocab_size: model.vocab_size(),
+        context_length: model.context_length(),
+        max_n: c.max_n,
+        max_logprobs: c.max_logprobs,
+    };
+    let card = ModelCard {
+        id: c.model_id.clone(),
+        object: "model".into(),
+        created: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        owned_by: "ee".into(),
+        artifact_sha256: sha256,
+        vocab_size: model.vocab_size(),
+        context_length: model.context_length(),
+    };
+    let scheduler = Scheduler::start(
+        Arc::new(model),
+        SchedulerConfig {
+            max_batch: c.max_batch,
+            max_queue: c.max_queue,
+            step_token_budget: c.step_token_budget,
+        },
+    );
+    let _ = state.model.set(LoadedModel {
+        scheduler,
+        limits,
+        card,
+    });
+    tracing::info!(secs = started.elapsed().as_secs_f64(), "model ready");
+    Ok(())
+}
+
+/// Serves on `listener` while the model at `model_path` loads, until
+/// `shutdown` resolves (then in-flight requests finish) or loading fails.
+pub async fn serve(
+    listener: TcpListener,
+    state: SharedState,
+    model_path: PathBuf,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let loader = state.clone();
+    let load = tokio::task::spawn_blocking(move || load_model(&loader, &model_path));
+    let server = axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        served = &mut server => Ok(served?),
+        loaded = load => match loaded {
+            Ok(Ok(())) => Ok(server.await?),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ServeError::LoaderPanicked),
+        },
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,552 @@
+//! The client proxy end to end: real `ee-server` and `ee proxy` processes on
+//! loopback with the real model, driven with curl, raw HTTP and the official
+//! `openai` Python package.
+
+use std::path::Path;
+use std::process::Command;
+
+use ee_client::model_tool::KeySource;
+use ee_e2e::{
+    binary, encrypt_real_model, workspace_root, EncryptedPair, RecordingRelay, ServerProcess,
+};
+use serde_json::{json, Value};
+
+/// Server, a relay that records the proxy↔server traffic, and the proxy.
+struct Stack {
+    pair: EncryptedPair,
+    server: ServerProcess,
+    relay: RecordingRelay,
+    proxy: ServerProcess,
+}
+
+fn stack(key: KeySource) -> Stack {
+    let pair = encrypt_real_model(&key);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let relay = RecordingRelay::start(server.addr);
+    let proxy = ServerProcess::proxy(&pair.bundle.dir, &relay.url());
+    Stack {
+        pair,
+        server,
+        relay,
+        proxy,
+    }
+}
+
+fn chat(question: &str, extra: Value) -> Value {
+    let mut body = json!({"messages": [{"role": "user", "content": question}], "max_tokens": 40});
+    for (k, v) in extra.as_object().into_iter().flatten() {
+        body[k] = v.clone();
+    }
+    body
+}
+
+/// The answer's text: the message of a response, or the streamed deltas.
+fn answer_text(stack: &Stack, path: &str, body: &Value) -> String {
+    let r = stack.proxy.post_json(path, body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    if body["stream"] == json!(true) {
+        let mut text = String::new();
+        for data in r.sse_data() {
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: Value = serde_json::from_str(&data).expect("chunk JSON");
+            for c in chunk["choices"].as_array().expect("choices") {
+                text.push_str(
+                    c["delta"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .unwrap_or(""),
+                );
+            }
+        }
+        text
+    } else {
+        let v = r.json();
+        let c = &v["choices"][0];
+        c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .expect("text")
+            .to_owned()
+    }
+}
+
+/// The token IDs of the first prompt the proxy sent the server.
+fn first_sent_ids(capture: &str) -> Vec<u32> {
+    let at = capture
+        .find("\"token_ids\":[")
+        .expect("a prompt in the capture")
+        + 12;
+    let end = at + capture[at..].find(']').expect("end of the IDs") + 1;
+    serde_json::from_str(&capture[at..end]).expect("IDs")
+}
+
+#[test]
+fn encrypted_and_plaintext_stacks_say_the_same_and_the_wire_shows_no_words() {
+    let plain = stack(KeySource::Identity);
+    let secret = stack(KeySource::Generate);
+    let question = "What is the capital of France?";
+    let poem = "Write a short poem about the ocean.";
+    let cases = [
+        (
+            "/v1/chat/completions",
+            chat(question, json!({"temperature": 0})),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(poem, json!({"temperature": 0.8, "seed": 42})),
+        ),
+        (
+            "/v1/chat/completions",
+            chat(
+                poem,
+                json!({"temperature": 0.8, "seed": 42, "stream": true}),
+            ),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": "Bananas are", "max_tokens": 24, "temperature": 0}),
+        ),
+    ];
+    let mut answers = Vec::new();
+    for (path, body) in &cases {
+        let a = answer_text(&plain, path, body);
+        let b = answer_text(&secret, path, body);
+        assert_eq!(a, b, "{path} {body}");
+        assert!(!a.trim().is_empty(), "{path} {body}");
+        answers.push(a);
+    }
+    assert!(answers[0].contains("Paris"), "{}", answers[0]);
+    // Stream and non-stream give the same seeded answer.
+    assert_eq!(answers[1], answers[2]);
+
+    let capture = String::from_utf8_lossy(&secret.relay.captured()).to_lowercase();
+    assert!(capture.contains("token_ids"), "the relay saw the traffic");
+    let words = [question, poem, "Bananas are", &answers[0], &answers[1]]
+        .iter()
+        .flat_map(|t| t.split(|c: char| !c.is_alphanumeric()))
+        .filter(|w| w.len() >= 4)
+        .map(str::to_lowercase)
+        .collect::<Vec<_>>();
+    assert!(words.len() > 10);
+    for w in &words {
+        assert!(!capture.contains(w.as_str()), "the wire carries {w:?}");
+    }
+    for marker in ["im_start", "im_end", "<|"] {
+        assert!(!capture.contains(marker), "the wire carries {marker:?}");
+    }
+    // The identity stack's wire carries plaintext IDs; the secret one's differ.
+    let plain_ids = first_sent_ids(&String::from_utf8_lossy(&plain.relay.captured()));
+    let secret_ids = first_sent_ids(&capture);
+    assert_eq!(plain_ids.len(), secret_ids.len());
+    let codec = ee_client::keyholder::KeyHolder::load(&plain.pair.bundle.dir, Default::default())
+        .expect("bundle");
+    assert!(codec
+        .codec()
+        .decode(&plain_ids)
+        .expect("decode")
+        .contains("capital of France"));
+    let same = plain_ids
+        .iter()
+        .zip(&secret_ids)
+        .filter(|(a, b)| a == b)
+        .count();
+    assert!(
+        same * 10 < plain_ids.len(),
+        "{same} of {} IDs unchanged",
+        plain_ids.len()
+    );
+}
+
+fn curl(args: &[&str]) -> String {
+    let out = Command::new("curl")
+        .arg("-sS")
+        .args(args)
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+#[test]
+fn curl_stop_strings_logit_bias_errors_and_a_wrong_or_missing_server() {
+    let s = stack(KeySource::Generate);
+    let url = format!("{}/v1/chat/completions", s.proxy.url());
+    let ask = chat("What is the capital of France?", json!({"temperature": 0})).to_string();
+    let full: Value = serde_json::from_str(&curl(&[
+        &url,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &ask,
+    ]))
+    .expect("JSON");
+    let text = full["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_owned();
+    assert!(text.contains("Paris"), "{text}");
+    assert_eq!(full["choices"][0]["finish_reason"], "stop");
+    let usage = &full["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        json!(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+
+    let streamed = curl(&[
+        "-N",
+        &url,
+        "-H",
+        "Content-Type: application/json",
+        "-d",
+        &chat(
+            "What is the capital of France?",
+            json!({"temperature": 0, "stream": true, "stream_options": {"include_usage": true}}),
+        )
+        .to_string(),
+    ]);
+    let events: Vec<&str> = streamed
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("chunk"))
+        .collect();
+    let joined: String = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().cloned().unwrap_or_default())
+        .map(|c| c["delta"]["content"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(joined, text);
+    assert!(chunks.len() > 5);
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    assert_eq!(chunks.last().unwrap()["usage"], *usage);
+
+    // A stop string ends the answer just before it, on the client.
+    let stopped = s
+        .proxy
+        .post_json(
+            "/v1/chat/completions",
+            &chat(
+                "What is the capital of France?",
+                json!({"temperature": 0, "stop": ["Paris"]}),
+            ),
+        )
+        .json();
+    let c = &stopped["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    let cut = c["message"]["content"].as_str().unwrap();
+    assert!(
+        text.starts_with(cut) && cut.len() < text.find("Paris").unwrap() + 1,
+        "{cut:?} vs {text:?}"
+    );
+    // Streaming, too: nothing of the stop string leaks.
+    let r = s.proxy.post_json(
+        "/v1/chat/completions",
+        &chat(
+            "What is the capital of France?",
+            json!({"temperature": 0, "stop": ["Paris"], "stream": true}),
+        ),
+    );
+    assert!(
+        !r.body.contains("Paris") && r.body.contains("\"finish_reason\":\"stop\""),
+        "{}",
+        r.body
+    );
+
+    // logit_bias keys are plaintext IDs, encrypted by the proxy: banning
+    // " Paris" changes the answer.
+    let keys = ee_client::keyholder::KeyHolder::load(&s.pair.bundle.dir, Default::default())
+        .expect("bundle");
+    let paris = keys.codec().encode(" Paris").expect("encode");
+    let bias: serde_json::Map<String, Value> = paris
+        .iter()
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
+    let biased = answer_text(
+        &s,
+        "/v1/chat/completions",
+        &chat(
+            "What is the capital of France?",
+            json!({"temperature": 0, "logit_bias": bias}),
+        ),
+    );
+    assert!(!biased.contains(" Paris"), "{biased}");
+
+    // Completions take text and token IDs; logprobs come back as text.
+    let c = s.proxy.post_json("/v1/completions", &json!({"prompt": ["The capital of France is", "Two plus two is"], "max_tokens": 6, "temperature": 0, "logprobs": 2})).json();
+    assert_eq!(c["choices"].as_array().unwrap().len(), 2);
+    let lp = &c["choices"][0]["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens, c["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+
+    // Bad input: 400 with the envelope, naming the parameter.
+    let bad: &[(&str, Value)] = &[
+        ("messages", json!({"max_tokens": 4})),
+        ("messages", json!({"messages": []})),
+        (
+            "messages[0].role",
+            json!({"messages": [{"role": "wizard", "content": "hi"}]}),
+        ),
+        (
+            "messages[0].content",
+            json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}),
+        ),
+        (
+            "messages[0].tool_calls",
+            json!({"messages": [{"role": "assistant", "tool_calls": []}]}),
+        ),
+        (
+            "tools",
+            json!({"messages": [{"role": "user", "content": "hi"}], "tools": []}),
+        ),
+        (
+            "stop",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}),
+        ),
+        (
+            "stop",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stop": 3}),
+        ),
+        (
+            "logit_bias",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"notanid": 1}}),
+        ),
+        (
+            "logit_bias",
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"99999999": 1}}),
+        ),
+        (
+            "stream_options",
+            json!({"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": true}}),
+        ),
+        (
+            "temperature",
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}),
+        ),
+        (
+            "max_tokens",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}),
+        ),
+    ];
+    for (param, body) in bad {
+        let r = s.proxy.post_json("/v1/chat/completions", body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = r.json();
+        assert_eq!(e["error"]["type"], "invalid_request_error", "{}", r.body);
+        assert!(e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        if *param != "max_tokens" && *param != "temperature" {
+            assert_eq!(e["error"]["param"], *param, "{}", r.body);
+        }
+    }
+    let r = s
+        .proxy
+        .request(
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "application/json")],
+            "{not json",
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    let r = s
+        .proxy
+        .request(
+            "POST",
+            "/v1/chat/completions",
+            &[("content-type", "text/plain")],
+            "{}",
+        )
+        .unwrap();
+    assert_eq!(r.status, 415);
+    assert_eq!(
+        s.proxy.request("GET", "/nope", &[], "").unwrap().status,
+        404
+    );
+    // Still serving.
+    assert_eq!(
+        answer_text(
+            &s,
+            "/v1/chat/completions",
+            &chat("What is the capital of France?", json!({"temperature": 0}))
+        ),
+        text
+    );
+
+    // No server behind the proxy: 502 saying so.
+    let dead = ServerProcess::proxy(
+        &s.pair.bundle.dir,
+        &format!("http://{}", ee_e2e::free_addr()),
+    );
+    let r = dead.post_json("/v1/chat/completions", &chat("hi", json!({})));
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("cannot reach the blind server"));
+
+    // A server with another key's artifact: the proxy refuses to start.
+    let other = encrypt_real_model(&KeySource::Generate);
+    let out = Command::new(binary("ee"))
+        .args(["proxy", "--server", &s.server.url(), "--listen"])
+        .arg(ee_e2e::free_addr().to_string())
+        .arg("--bundle")
+        .arg(&other.bundle.dir)
+        .output()
+        .expect("run ee proxy");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("artifact mismatch"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Installs the official `openai` package into target/ once (pip, from the
+/// package registry) and returns the directory to put on PYTHONPATH.
+fn openai_package() -> std::path::PathBuf {
+    let dir = workspace_root().join("target").join("py-openai");
+    if !dir.join("openai").exists() {
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg("openai>=1.40,<3")
+            .status()
+            .expect("run pip");
+        assert!(status.success(), "pip install openai failed");
+    }
+    dir
+}
+
+#[test]
+fn the_official_openai_python_package_works_with_only_base_url_changed() {
+    let s = stack(KeySource::Generate);
+    let script = workspace_root()
+        .join("tests")
+        .join("py")
+        .join("openai_client.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .env("PYTHONPATH", openai_package())
+        .env("EE_BASE_URL", format!("{}/v1", s.proxy.url()))
+        .output()
+        .expect("run python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+
+    assert_eq!(r["models"], json!(["ee-model"]));
+    let chat = &r["chat"];
+    let content = chat["content"].as_str().unwrap();
+    assert!(content.contains("Paris"), "{content}");
+    assert_eq!(chat["role"], "assistant");
+    assert_eq!(chat["finish_reason"], "stop");
+    assert_eq!(r["stream"]["content"], chat["content"]);
+    assert_eq!(r["stream"]["usage"], chat["usage"]);
+    assert_eq!(r["stream"]["finish_reason"], "stop");
+    assert!(r["stream"]["chunks"].as_u64().unwrap() > 3);
+    assert_eq!(r["n2"].as_array().unwrap().len(), 2);
+    assert_eq!(r["n2"], r["n2_again"], "seeded sampling is reproducible");
+    assert_ne!(r["n2"][0], r["n2"][1]);
+    assert_eq!(r["stop"]["finish_reason"], "stop");
+    assert!(!r["stop"]["content"].as_str().unwrap().contains("Paris"));
+    let lp = &r["logprobs"];
+    let tokens: String = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    // The end-of-turn token is reported too (it was sampled), as text.
+    let shown = tokens.strip_suffix("<|im_end|>").unwrap_or(&tokens);
+    assert_eq!(shown, lp["content"].as_str().unwrap());
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().len() as u64,
+        lp["completion_tokens"].as_u64().unwrap()
+    );
+    assert!(lp["logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l.as_f64().unwrap() <= 0.0));
+    assert!(lp["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_array().unwrap().len() == 3));
+    assert!(r["completion"]["text"]
+        .as_str()
+        .is_some_and(|t| !t.is_empty()));
+    assert_eq!(r["bad"]["status"], 400, "{}", r["bad"]);
+}
+
+#[test]
+fn ee_chat_answers_one_shot_and_interactively() {
+    use std::io::Write;
+    let pair = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let bundle: &Path = &pair.bundle.dir;
+    let out = Command::new(binary("ee"))
+        .arg("chat")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--server", &server.url(), "What is the capital of France?"])
+        .output()
+        .expect("run ee chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one_shot = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(one_shot.contains("Paris"), "{one_shot}");
+
+    let mut child = Command::new(binary("ee"))
+        .arg("chat")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--server", &server.url(), "--max-tokens", "24"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ee chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("ee chat");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(answers.len() >= 2, "{text}");
+    assert!(text.contains("Paris") && text.contains("Rome"), "{text}");
+}
