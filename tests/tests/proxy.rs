@@ -550,3 +550,92 @@ fn ee_chat_answers_one_shot_and_interactively() {
     assert!(answers.len() >= 2, "{text}");
     assert!(text.contains("Paris") && text.contains("Rome"), "{text}");
 }
+
+#[test]
+fn ee_demo_runs_the_whole_system_until_ctrl_c() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(binary("ee"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--model")
+        .arg(ee_e2e::model_path())
+        .args(["--server-port", "0", "--proxy-port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ee demo");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let progress = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut printed = String::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base_url = loop {
+        let line = lines
+            .next()
+            .expect("ee demo ended early")
+            .expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(url) = line.trim().strip_prefix("base_url:") {
+            break url.split_whitespace().next().expect("a URL").to_owned();
+        }
+    };
+    for line in lines.by_ref() {
+        let line = line.expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    assert!(
+        printed.contains("chat page:") && printed.contains("curl "),
+        "{printed}"
+    );
+    let addr: std::net::SocketAddr = base_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .parse()
+        .expect("proxy address");
+    let r = ee_e2e::http_request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        chat("What is the capital of France?", json!({"temperature": 0}))
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("ask the demo");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    assert_eq!(
+        ee_e2e::http_request(addr, "GET", "/", &[], b"")
+            .unwrap()
+            .status,
+        200
+    );
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let exit = child.wait().expect("ee demo exits");
+    assert!(exit.success(), "{exit}");
+    let progress = progress.join().expect("stderr reader");
+    for step in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"] {
+        assert!(progress.contains(step), "{progress}");
+    }
+    for file in ["key.json", "server.gguf", "bundle/bundle.json"] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+}
