@@ -55,6 +55,8 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
     /// Load a running server with concurrent streams and measure tokens/s.
     BenchServer(cmd::bench_server::BenchServerArgs),
+    /// Measure what the proxy adds to a request (against a stub server).
+    BenchProxy(cmd::bench_proxy::BenchProxyArgs),
 }
 
 #[derive(Args)]
@@ -256,6 +258,7 @@ fn main() -> Result<()> {
         Command::Chat(args) => cmd::chat::run(args)?,
         Command::Bench(args) => cmd::bench::run(args)?,
         Command::BenchServer(args) => cmd::bench_server::run(args)?,
+        Command::BenchProxy(args) => cmd::bench_proxy::run(args)?,
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! The `ee` subcommands that need more than a few lines.
 
 pub(crate) mod bench;
+pub(crate) mod bench_proxy;
 pub(crate) mod bench_server;
 pub(crate) mod chat;
 pub(crate) mod demo;
