@@ -107,7 +107,7 @@ impl Generation<'_> {
         let Some(stream) = self.stream.as_mut() else {
             return Ok(None);
         };
-        let Some(chunk) = stream.next().await? else {
+        let Some(deltas) = stream.next().await? else {
             self.stream = None;
             if self.decoders.iter().all(ChoiceDecoder::is_finished) {
                 return Ok(None);
@@ -117,8 +117,8 @@ impl Generation<'_> {
             )
             .into());
         };
-        let mut out = Vec::with_capacity(chunk.deltas.len());
-        for delta in &chunk.deltas {
+        let mut out = Vec::with_capacity(deltas.len());
+        for delta in &deltas {
             let decoder = self.decoders.get_mut(delta.index).ok_or_else(|| {
                 UpstreamError::Protocol(format!(
                     "a chunk for choice {} of {}",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ee_core::wire::{
     ChatCompletionResponse, CompletionResponse, ErrorEnvelope, FinishReason, ModelCard, ModelList,
-    TokenLogprob, Usage,
+    TokenLogprob,
 };
 
 /// Which generation endpoint of the server a request goes to.
@@ -48,13 +48,6 @@ pub struct ServerDelta {
     pub token_ids: Vec<u32>,
     pub logprobs: Vec<TokenLogprob>,
     pub finish_reason: Option<FinishReason>,
-}
-
-/// A parsed chunk: deltas, or the closing usage.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ServerChunk {
-    pub deltas: Vec<ServerDelta>,
-    pub usage: Option<Usage>,
 }
 
 pub struct Upstream {
@@ -174,8 +167,9 @@ pub struct ServerStream {
 }
 
 impl ServerStream {
-    /// The next chunk; `None` after `data: [DONE]`.
-    pub async fn next(&mut self) -> Result<Option<ServerChunk>, UpstreamError> {
+    /// The next chunk's deltas (none for the usage chunk); `None` after
+    /// `data: [DONE]`.
+    pub async fn next(&mut self) -> Result<Option<Vec<ServerDelta>>, UpstreamError> {
         loop {
             if let Some(event) = take_event(&mut self.buffer) {
                 let Some(data) = event_data(&event) else {
@@ -204,19 +198,19 @@ impl ServerStream {
     }
 }
 
-/// Removes and returns the first complete SSE event (up to a blank line).
+/// Removes and returns the first complete SSE event (up to a blank line,
+/// `\n\n` or `\r\n\r\n`, whichever comes first).
 fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
-    let text_end = |i: usize, sep: usize| (i, i + sep);
-    let (end, next) = buffer
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| text_end(i, 2))
-        .or_else(|| {
-            buffer
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
-                .map(|i| text_end(i, 4))
-        })?;
+    let find = |sep: &[u8]| {
+        buffer
+            .windows(sep.len())
+            .position(|w| w == sep)
+            .map(|i| (i, i + sep.len()))
+    };
+    let (end, next) = [find(b"\n\n"), find(b"\r\n\r\n")]
+        .into_iter()
+        .flatten()
+        .min()?;
     let event = String::from_utf8_lossy(&buffer[..end]).into_owned();
     buffer.drain(..next);
     Some(event)
@@ -232,7 +226,7 @@ fn event_data(event: &str) -> Option<String> {
     (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
-fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<ServerChunk, UpstreamError> {
+fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<Vec<ServerDelta>, UpstreamError> {
     let bad = |e: serde_json::Error| UpstreamError::Protocol(format!("chunk: {e}"));
     let value: serde_json::Value = serde_json::from_str(data).map_err(bad)?;
     if value.get("error").is_some() {
@@ -251,35 +245,27 @@ fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<ServerChunk, UpstreamEr
     Ok(match endpoint {
         Endpoint::Chat => {
             let c: ChatCompletionResponse = serde_json::from_value(value).map_err(bad)?;
-            ServerChunk {
-                deltas: c
-                    .choices
-                    .into_iter()
-                    .map(|ch| ServerDelta {
-                        index: ch.index,
-                        token_ids: ch.delta.map(|d| d.token_ids).unwrap_or_default(),
-                        logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
-                        finish_reason: ch.finish_reason,
-                    })
-                    .collect(),
-                usage: c.usage,
-            }
+            c.choices
+                .into_iter()
+                .map(|ch| ServerDelta {
+                    index: ch.index,
+                    token_ids: ch.delta.map(|d| d.token_ids).unwrap_or_default(),
+                    logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
+                    finish_reason: ch.finish_reason,
+                })
+                .collect()
         }
         Endpoint::Completion => {
             let c: CompletionResponse = serde_json::from_value(value).map_err(bad)?;
-            ServerChunk {
-                deltas: c
-                    .choices
-                    .into_iter()
-                    .map(|ch| ServerDelta {
-                        index: ch.index,
-                        token_ids: ch.token_ids,
-                        logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
-                        finish_reason: ch.finish_reason,
-                    })
-                    .collect(),
-                usage: c.usage,
-            }
+            c.choices
+                .into_iter()
+                .map(|ch| ServerDelta {
+                    index: ch.index,
+                    token_ids: ch.token_ids,
+                    logprobs: ch.logprobs.map(|l| l.content).unwrap_or_default(),
+                    finish_reason: ch.finish_reason,
+                })
+                .collect()
         }
     })
 }
@@ -307,11 +293,11 @@ mod tests {
     fn chunks_parse_for_both_endpoints_and_errors_surface() {
         let chat = r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":1,"delta":{"role":"assistant","content":null,"token_ids":[7]},"logprobs":null,"finish_reason":null}],"usage":null}"#;
         let c = parse_chunk(Endpoint::Chat, chat).unwrap();
-        assert_eq!(c.deltas[0].index, 1);
-        assert_eq!(c.deltas[0].token_ids, vec![7]);
+        assert_eq!(c[0].index, 1);
+        assert_eq!(c[0].token_ids, vec![7]);
         let cmpl = r#"{"id":"x","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":"","token_ids":[],"logprobs":null,"finish_reason":"length"}],"usage":null}"#;
         let c = parse_chunk(Endpoint::Completion, cmpl).unwrap();
-        assert_eq!(c.deltas[0].finish_reason, Some(FinishReason::Length));
+        assert_eq!(c[0].finish_reason, Some(FinishReason::Length));
         let err = r#"{"error":{"message":"took too long","type":"timeout_error","param":null,"code":null}}"#;
         assert!(matches!(
             parse_chunk(Endpoint::Chat, err),

@@ -78,6 +78,9 @@ pub(crate) async fn serve(
 
 pub(crate) fn run(args: ProxyArgs) -> Result<()> {
     crate::init_logging("info");
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen, "the proxy serves plaintext: anyone who can reach this address can read and send your conversations");
+    }
     let session = session(&args.bundle, args.chat_format, &args.server, args.api_key)?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         check_server(&session).await?;

@@ -216,7 +216,7 @@ pub fn translate(
         include_usage,
         stops: parse_stops(null_is_absent("stop"))?,
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
-        choices: prompts.len() * n,
+        choices: prompts.len().saturating_mul(n),
         encrypted_prompts,
         logprobs,
         trace: flag(null_is_absent("ee_trace"), "ee_trace")?,
@@ -424,4 +424,154 @@ fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<Value, RequestError
         out.insert(cipher.to_string(), bias.clone());
     }
     Ok(json!(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model_tool::{encrypt_model, KeySource};
+    use crate::template::ChatFormat;
+    use ee_engine::testing::{write_tiny_model, TinySpec};
+
+    fn tiny_keys() -> (tempfile::TempDir, KeyHolder) {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();
+        let bundle = dir.path().join("bundle");
+        encrypt_model(
+            &model,
+            &dir.path().join("s.gguf"),
+            &bundle,
+            &KeySource::Generate,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let keys = KeyHolder::load(&bundle, ChatFormat::LlamaCpp).unwrap();
+        (dir, keys)
+    }
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn a_chat_becomes_one_encrypted_message_with_encrypted_stops_and_bias() {
+        let (_dir, keys) = tiny_keys();
+        let t = translate(
+            &keys,
+            Endpoint::Chat,
+            &body(json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                "temperature": 0.5, "n": 2, "stop": "END", "logit_bias": {"5": -3}, "stop_token_ids": [4]})),
+        )
+        .unwrap();
+        let up = &t.upstream_body;
+        assert_eq!(up["temperature"], json!(0.5));
+        assert_eq!(up["stream"], json!(true));
+        let messages = up["messages"].as_array().unwrap();
+        assert_eq!(messages.len(), 1);
+        let sent: Vec<u32> =
+            serde_json::from_value(messages[0]["content"][0]["token_ids"].clone()).unwrap();
+        let plain = keys.decrypt(&sent).unwrap();
+        let text = keys.codec().decode(&plain).unwrap();
+        assert!(text.contains("be brief") && text.contains("hi"), "{text}");
+        assert_eq!(t.prompt_tokens, sent.len());
+        assert_eq!(t.choices, 2);
+        assert_eq!(t.stops, vec!["END".to_string()]);
+        let stops: Vec<u32> = serde_json::from_value(up["stop_token_ids"].clone()).unwrap();
+        let mut plain_stops = keys.decrypt(&stops).unwrap();
+        plain_stops.sort_unstable();
+        let mut expected = keys.stop_ids().to_vec();
+        expected.push(4);
+        expected.sort_unstable();
+        assert_eq!(plain_stops, expected);
+        let bias = up["logit_bias"].as_object().unwrap();
+        let cipher: u32 = bias.keys().next().unwrap().parse().unwrap();
+        assert_eq!(keys.decrypt(&[cipher]).unwrap(), vec![5]);
+        assert!(!t.stream && !t.include_usage && !t.trace);
+    }
+
+    #[test]
+    fn completion_prompts_take_text_texts_and_token_ids() {
+        let (_dir, keys) = tiny_keys();
+        for (prompt, n) in [
+            (json!("hello"), 1),
+            (json!(["a", "b c"]), 2),
+            (json!([3, 4]), 1),
+            (json!([[3], [4, 5]]), 2),
+        ] {
+            let t = translate(
+                &keys,
+                Endpoint::Completion,
+                &body(json!({"prompt": prompt, "logprobs": 1})),
+            )
+            .unwrap();
+            assert_eq!(t.encrypted_prompts.len(), n, "{prompt}");
+            assert_eq!(t.upstream_body["prompt"], json!(t.encrypted_prompts));
+            assert_eq!(t.logprobs, LogprobsShape::Completion);
+        }
+        let ids = translate(
+            &keys,
+            Endpoint::Completion,
+            &body(json!({"prompt": [3, 4]})),
+        )
+        .unwrap();
+        assert_eq!(keys.decrypt(&ids.encrypted_prompts[0]).unwrap(), vec![3, 4]);
+    }
+
+    #[test]
+    fn bad_requests_name_their_parameter() {
+        let (_dir, keys) = tiny_keys();
+        let vocab = keys.vocab_size();
+        let cases = [
+            (Endpoint::Chat, json!({"messages": "hi"}), "messages"),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "functions": []}),
+                "functions",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user"}]}),
+                "messages[0].content",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
+                "stream",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "stream": true, "stream_options": []}),
+                "stream_options",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "stop": vec!["s"; MAX_STOPS + 1]}),
+                "stop",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "stop_token_ids": [vocab]}),
+                "stop_token_ids",
+            ),
+            (Endpoint::Completion, json!({"prompt": []}), "prompt"),
+            (Endpoint::Completion, json!({"prompt": ""}), "prompt"),
+            (Endpoint::Completion, json!({"prompt": [vocab]}), "prompt"),
+            (Endpoint::Completion, json!({"prompt": [1, "a"]}), "prompt"),
+            (
+                Endpoint::Completion,
+                json!({"prompt": "x", "echo": true}),
+                "echo",
+            ),
+            (
+                Endpoint::Completion,
+                json!({"prompt": "x", "messages": []}),
+                "messages",
+            ),
+        ];
+        for (endpoint, request, param) in cases {
+            let e = translate(&keys, endpoint, &body(request.clone())).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{request}: {}", e.message);
+        }
+    }
 }
