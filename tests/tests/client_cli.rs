@@ -1,0 +1,142 @@
+//! The client's commands as processes: `ee chat` against a real server,
+//! and `ee demo` started, asked and stopped with Ctrl-C.
+
+use std::path::Path;
+use std::process::Command;
+
+use ee_client::model_tool::KeySource;
+use ee_e2e::{binary, encrypt_real_model, ServerProcess};
+use serde_json::json;
+
+#[test]
+fn ee_chat_answers_one_shot_and_interactively() {
+    use std::io::Write;
+    let pair = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let bundle: &Path = &pair.bundle.dir;
+    let out = Command::new(binary("ee"))
+        .arg("chat")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--server", &server.url(), "What is the capital of France?"])
+        .output()
+        .expect("run ee chat");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let one_shot = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(one_shot.contains("Paris"), "{one_shot}");
+
+    let mut child = Command::new(binary("ee"))
+        .arg("chat")
+        .arg("--bundle")
+        .arg(bundle)
+        .args(["--server", &server.url(), "--max-tokens", "24"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ee chat");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"What is the capital of France?\nAnd of Italy?\n")
+        .expect("write");
+    let out = child.wait_with_output().expect("ee chat");
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(answers.len() >= 2, "{text}");
+    assert!(text.contains("Paris") && text.contains("Rome"), "{text}");
+}
+
+#[test]
+fn ee_demo_runs_the_whole_system_until_ctrl_c() {
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut child = Command::new(binary("ee"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--model")
+        .arg(ee_e2e::model_path())
+        .args(["--server-port", "0", "--proxy-port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start ee demo");
+    let mut stderr = child.stderr.take().expect("stderr");
+    let progress = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let mut printed = String::new();
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let base_url = loop {
+        let line = lines
+            .next()
+            .expect("ee demo ended early")
+            .expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if let Some(url) = line.trim().strip_prefix("base_url:") {
+            break url.split_whitespace().next().expect("a URL").to_owned();
+        }
+    };
+    for line in lines.by_ref() {
+        let line = line.expect("read stdout");
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("Ctrl-C") {
+            break;
+        }
+    }
+    assert!(
+        printed.contains("chat page:") && printed.contains("curl "),
+        "{printed}"
+    );
+    let addr: std::net::SocketAddr = base_url
+        .trim_start_matches("http://")
+        .trim_end_matches("/v1")
+        .parse()
+        .expect("proxy address");
+    let r = ee_e2e::http_request(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("content-type", "application/json")],
+        json!({"messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("ask the demo");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("Paris"));
+    assert_eq!(
+        ee_e2e::http_request(addr, "GET", "/", &[], b"")
+            .unwrap()
+            .status,
+        200
+    );
+
+    let status = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .expect("kill -INT");
+    assert!(status.success());
+    let exit = child.wait().expect("ee demo exits");
+    assert!(exit.success(), "{exit}");
+    let progress = progress.join().expect("stderr reader");
+    for step in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"] {
+        assert!(progress.contains(step), "{progress}");
+    }
+    for file in ["key.json", "server.gguf", "bundle/bundle.json"] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+}
