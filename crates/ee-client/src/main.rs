@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
-use ee_client::model_tool::{encrypt_model, KeySource, ModelText};
+use ee_client::model_tool::{encrypt_model, EncryptSummary, KeySource, ModelText};
 use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
 use ee_core::Key;
 use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams};
@@ -163,6 +163,29 @@ pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// `encrypt_model` with a progress bar over the tensor bytes written.
+pub(crate) fn encrypt_with_progress(
+    model: &Path,
+    server_out: &Path,
+    client_out: &Path,
+    key_source: &KeySource,
+    label: &str,
+) -> Result<EncryptSummary> {
+    let bar = progress_bar(0, label);
+    let summary = encrypt_model(
+        model,
+        server_out,
+        client_out,
+        key_source,
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    );
+    bar.finish_and_clear();
+    Ok(summary?)
+}
+
 /// Logs to stderr; `RUST_LOG` overrides the default level.
 pub(crate) fn init_logging(default: &str) {
     tracing_subscriber::fmt()
@@ -222,18 +245,13 @@ fn main() -> Result<()> {
                 warn_identity_key();
             }
             let started = Instant::now();
-            let bar = progress_bar(0, "encrypting");
-            let summary = encrypt_model(
+            let summary = encrypt_with_progress(
                 &args.model,
                 &args.server_out,
                 &args.client_out,
                 &key_source,
-                &mut |done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                },
+                "encrypting",
             )?;
-            bar.finish_and_clear();
             let r = &summary.report;
             println!(
                 "server artifact: {} ({} bytes, sha256 {})",

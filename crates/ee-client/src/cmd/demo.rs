@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use clap::Args;
 use ee_client::fetch::{fetch_model, ModelSource};
-use ee_client::model_tool::{encrypt_model, KeySource};
+use ee_client::model_tool::KeySource;
 use ee_client::template::ChatFormat;
 use ee_core::Key;
 use ee_server::config::ServerConfig;
@@ -18,7 +18,7 @@ use indicatif::ProgressBar;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::{default_model, progress_bar};
+use crate::{default_model, encrypt_with_progress};
 
 #[derive(Args)]
 pub(crate) struct DemoArgs {
@@ -90,18 +90,13 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     step(3, "transforming the model with the key");
     let artifact = args.dir.join("server.gguf");
     let bundle = args.dir.join("bundle");
-    let bar = progress_bar(0, "      encrypting");
-    let summary = encrypt_model(
+    let summary = encrypt_with_progress(
         &args.model,
         &artifact,
         &bundle,
         &KeySource::File(key_path),
-        &mut |done, total| {
-            bar.set_length(total);
-            bar.set_position(done);
-        },
+        "      encrypting",
     )?;
-    bar.finish_and_clear();
     eprintln!(
         "      server artifact {} (sha256 {}…)",
         artifact.display(),
