@@ -79,6 +79,9 @@ pub struct PlainLogprob {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChoiceDelta {
     pub text: String,
+    /// Where `text` starts in the choice's answer, in characters
+    /// (completions' logprobs report it).
+    pub text_offset: usize,
     /// What the server sent, kept for display ("what the server saw").
     pub encrypted_ids: Vec<u32>,
     pub logprobs: Vec<PlainLogprob>,
@@ -91,6 +94,8 @@ pub struct ChoiceDecoder<'a> {
     text: StreamDecoder<'a>,
     stops: StopMatcher,
     pub output: String,
+    /// Characters in `output`, kept so a delta's offset costs nothing.
+    output_chars: usize,
     pub encrypted_ids: Vec<u32>,
     pub logprobs: Vec<PlainLogprob>,
     pub completion_tokens: usize,
@@ -106,6 +111,7 @@ impl<'a> ChoiceDecoder<'a> {
             text: keys.codec().stream(),
             stops: StopMatcher::new(stops),
             output: String::new(),
+            output_chars: 0,
             encrypted_ids: Vec::new(),
             logprobs: Vec::new(),
             completion_tokens: 0,
@@ -121,7 +127,10 @@ impl<'a> ChoiceDecoder<'a> {
     /// Applies a server delta. After a stop string matched, the rest of the
     /// server's output for this choice is ignored.
     pub fn push(&mut self, delta: &ServerDelta) -> Result<ChoiceDelta, Error> {
-        let mut out = ChoiceDelta::default();
+        let mut out = ChoiceDelta {
+            text_offset: self.output_chars,
+            ..ChoiceDelta::default()
+        };
         if self.is_finished() {
             return Ok(out);
         }
@@ -155,6 +164,7 @@ impl<'a> ChoiceDecoder<'a> {
             out.finish = out.finish.or(delta.finish_reason);
         }
         self.output.push_str(&out.text);
+        self.output_chars += out.text.chars().count();
         self.encrypted_ids.extend_from_slice(&out.encrypted_ids);
         self.logprobs.extend(out.logprobs.iter().cloned());
         self.finish = out.finish;

@@ -16,6 +16,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ee_core::wire::ErrorEnvelope;
 use ee_server::error::ApiError;
 use ee_server::routes::read_json;
 use futures_util::stream;
@@ -46,47 +47,79 @@ pub fn router(session: Arc<Session>) -> Router {
         .with_state(session)
 }
 
-/// An error as the OpenAI client sees it: the proxy's own 400s, the
-/// server's errors relayed with their status, 502 when the server is
-/// unreachable or wrong.
-fn error_response(e: SessionError) -> Response {
-    let message = e.to_string();
-    match e {
-        SessionError::Request(r) => match r.param {
-            Some(p) => ApiError::invalid(&p, r.message),
-            None => ApiError::bad_request(r.message),
-        }
-        .into_response(),
-        SessionError::Upstream(UpstreamError::Refused {
-            status,
-            envelope,
-            retry_after,
-        }) => {
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let mut response = (status, Json(envelope)).into_response();
-            if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
+/// An error as the OpenAI client sees it: the proxy's own (a 400 naming the
+/// parameter; 502 when the server is unreachable, wrong or garbled), or the
+/// server's own envelope, relayed with its status.
+enum ClientError {
+    Own(ApiError),
+    Relayed {
+        status: StatusCode,
+        envelope: ErrorEnvelope,
+        retry_after: Option<String>,
+    },
+}
+
+impl From<SessionError> for ClientError {
+    fn from(e: SessionError) -> Self {
+        let message = e.to_string();
+        ClientError::Own(match e {
+            SessionError::Request(r) => match r.param {
+                Some(p) => ApiError::invalid(&p, r.message),
+                None => ApiError::bad_request(r.message),
+            },
+            SessionError::Upstream(UpstreamError::Refused {
+                status,
+                envelope,
+                retry_after,
+            }) => {
+                return ClientError::Relayed {
+                    status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                    envelope,
+                    retry_after,
+                }
             }
-            response
-        }
-        SessionError::Upstream(UpstreamError::Unreachable { .. }) => {
-            ApiError::bad_gateway(message, "upstream_unreachable").into_response()
-        }
-        SessionError::Upstream(UpstreamError::Protocol(_)) | SessionError::Decode(_) => {
-            ApiError::bad_gateway(message, "upstream_protocol_error").into_response()
-        }
-        SessionError::WrongServer { .. } => {
-            ApiError::bad_gateway(message, "artifact_mismatch").into_response()
+            SessionError::Upstream(UpstreamError::Unreachable { .. }) => {
+                ApiError::bad_gateway(message, "upstream_unreachable")
+            }
+            SessionError::Upstream(UpstreamError::Protocol(_)) | SessionError::Decode(_) => {
+                ApiError::bad_gateway(message, "upstream_protocol_error")
+            }
+            SessionError::WrongServer { .. } => ApiError::bad_gateway(message, "artifact_mismatch"),
+        })
+    }
+}
+
+impl ClientError {
+    /// The envelope alone, for an error that arrives mid-stream.
+    fn envelope(&self) -> ErrorEnvelope {
+        match self {
+            ClientError::Own(e) => e.envelope(),
+            ClientError::Relayed { envelope, .. } => envelope.clone(),
         }
     }
 }
 
-fn error_json(e: SessionError) -> Value {
-    let message = e.to_string();
-    match e {
-        SessionError::Upstream(UpstreamError::Refused { envelope, .. }) => json!(envelope),
-        _ => json!(ApiError::bad_gateway(message, "upstream_error").envelope()),
+impl IntoResponse for ClientError {
+    fn into_response(self) -> Response {
+        match self {
+            ClientError::Own(e) => e.into_response(),
+            ClientError::Relayed {
+                status,
+                envelope,
+                retry_after,
+            } => {
+                let mut response = (status, Json(envelope)).into_response();
+                if let Some(v) = retry_after.and_then(|v| HeaderValue::from_str(&v).ok()) {
+                    response.headers_mut().insert(header::RETRY_AFTER, v);
+                }
+                response
+            }
+        }
     }
+}
+
+fn error_response(e: SessionError) -> Response {
+    ClientError::from(e).into_response()
 }
 
 async fn models(State(session): State<Arc<Session>>) -> Response {
@@ -197,7 +230,7 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                 Ok(Some(d)) => d,
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(data(error_json(e))).await;
+                    let _ = tx.send(data(json!(ClientError::from(e).envelope()))).await;
                     break;
                 }
             };
@@ -210,10 +243,8 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                 if !worth_sending {
                     continue;
                 }
-                let shown = generation.decoders[i].output.chars().count();
-                let offset = shown - delta.text.chars().count();
                 if tx
-                    .send(data(meta.chunk(i, &delta, first[i], offset)))
+                    .send(data(meta.chunk(i, &delta, first[i])))
                     .await
                     .is_err()
                 {

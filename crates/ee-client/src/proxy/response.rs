@@ -43,16 +43,9 @@ impl AnswerMeta {
         })
     }
 
-    /// A streamed chunk for one choice. `text_offset` is where this delta's
-    /// text starts in the choice (completions' logprobs report it).
-    pub fn chunk(
-        &self,
-        index: usize,
-        delta: &ChoiceDelta,
-        first: bool,
-        text_offset: usize,
-    ) -> Value {
-        let logprobs = self.logprobs_json(&delta.logprobs, text_offset);
+    /// A streamed chunk for one choice.
+    pub fn chunk(&self, index: usize, delta: &ChoiceDelta, first: bool) -> Value {
+        let logprobs = self.logprobs_json(&delta.logprobs, delta.text_offset);
         let mut choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut d = json!({"content": delta.text});
