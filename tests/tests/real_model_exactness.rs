@@ -79,11 +79,11 @@ fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
                 (0..p_logits.len()).find(|&i| p_logits[i].to_bits() != unpermuted[i].to_bits());
             assert_eq!(first_diff, None, "{prompt:?}: logits differ at step {step}");
             let p_tok = p_sampler
-                .sample(&p_logits, plain.tie_keys(), 0)
+                .sample(&p_logits, plain.tie_keys(), None)
                 .unwrap()
                 .token;
             let e_tok = e_sampler
-                .sample(&e_logits, enc.tie_keys(), 0)
+                .sample(&e_logits, enc.tie_keys(), None)
                 .unwrap()
                 .token;
             assert_eq!(

@@ -78,7 +78,7 @@ pub fn generate(
             });
         }
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        let sampled = sampler.sample(&row, model.tie_keys(), 0)?;
+        let sampled = sampler.sample(&row, model.tie_keys(), None)?;
         on_token(&sampled);
         let token = sampled.token;
         tokens.push(sampled);

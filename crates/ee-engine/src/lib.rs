@@ -23,7 +23,7 @@ pub use config::LlamaConfig;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use llama::{LlamaModel, LoadOptions, SeqStep};
-pub use sampler::{Sampled, Sampler, SamplingParams};
+pub use sampler::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerConfig, SequenceEvent, SequenceRequest, SubmitError};
 
 /// Errors of the engine.

@@ -18,6 +18,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use ee_core::gguf::GgufHeader;
+use rayon::prelude::*;
 
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
@@ -298,31 +299,39 @@ impl LlamaModel {
             layer.wv.forward(h)?,
         );
         let group = c.n_head / c.n_kv_head;
-        let mut outputs = Vec::with_capacity(batch.len());
+        // Sequences attend independently, so they run in parallel.
+        let mut first_rows = Vec::with_capacity(batch.len());
         let mut row = 0;
-        for step in batch.iter_mut() {
-            let n = step.tokens.len();
-            let pos = step.cache.len();
-            let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor, Error> {
-                Ok(t.narrow(0, row, n)?
-                    .reshape((n, n_heads, c.head_dim))?
-                    .transpose(0, 1)?
-                    .contiguous()?)
-            };
-            let cos = self.cos.narrow(0, pos, n)?;
-            let sin = self.sin.narrow(0, pos, n)?;
-            // GGUF llama stores q/k rows so that RoPE pairs are interleaved.
-            let rope = |t: Tensor| -> Result<Tensor, Error> {
-                Ok(candle_nn::rotary_emb::rope_i(&t.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
-            };
-            let q_s = rope(heads(&q, c.n_head)?)?;
-            let k_s = rope(heads(&k, c.n_kv_head)?)?;
-            let v_s = heads(&v, c.n_kv_head)?;
-            let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
-            let total = pos + n;
-            let out = if n == 1 {
-                self.decode_attention(&q_s, &k_all, &v_all)?
-            } else {
+        for step in batch.iter() {
+            first_rows.push(row);
+            row += step.tokens.len();
+        }
+        let outputs = batch
+            .par_iter_mut()
+            .zip(first_rows)
+            .map(|(step, row)| -> Result<Tensor, Error> {
+                let n = step.tokens.len();
+                let pos = step.cache.len();
+                let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor, Error> {
+                    Ok(t.narrow(0, row, n)?
+                        .reshape((n, n_heads, c.head_dim))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                let cos = self.cos.narrow(0, pos, n)?;
+                let sin = self.sin.narrow(0, pos, n)?;
+                // GGUF llama stores q/k rows so that RoPE pairs are interleaved.
+                let rope = |t: Tensor| -> Result<Tensor, Error> {
+                    Ok(candle_nn::rotary_emb::rope_i(&t.unsqueeze(0)?, &cos, &sin)?.squeeze(0)?)
+                };
+                let q_s = rope(heads(&q, c.n_head)?)?;
+                let k_s = rope(heads(&k, c.n_kv_head)?)?;
+                let v_s = heads(&v, c.n_kv_head)?;
+                let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
+                let total = pos + n;
+                if n == 1 {
+                    return self.decode_attention(&q_s, &k_all, &v_all);
+                }
                 // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
                 let rep = |t: &Tensor| -> Result<Tensor, Error> {
                     Ok(t.unsqueeze(1)?
@@ -336,11 +345,9 @@ impl LlamaModel {
                 }
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
                 let out = probs.matmul(&rep(&v_all)?)?;
-                out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?
-            };
-            outputs.push(out);
-            row += n;
-        }
+                Ok(out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
@@ -442,7 +449,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// The pool every forward pass runs in. The calling thread joins it for the
 /// whole pass, so its serial work (attention, norms) does not compete for
 /// the cores with idle workers spinning between parallel matmuls.
-fn compute_pool() -> &'static rayon::ThreadPool {
+pub(crate) fn compute_pool() -> &'static rayon::ThreadPool {
     static POOL: std::sync::OnceLock<rayon::ThreadPool> = std::sync::OnceLock::new();
     POOL.get_or_init(|| {
         rayon::ThreadPoolBuilder::new()

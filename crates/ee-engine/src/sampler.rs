@@ -113,13 +113,19 @@ impl SamplingParams {
     }
 }
 
-/// A drawn token with its log-probability and, if asked, the top alternatives
-/// (log-probabilities of the penalised distribution before temperature).
+/// A drawn token, with its log-probabilities when they were asked for.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub token: u32,
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Log-probabilities of the penalised distribution before temperature: the
+/// drawn token's and the most likely alternatives'.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
     pub logprob: f32,
-    pub top_logprobs: Vec<(u32, f32)>,
+    pub top: Vec<(u32, f32)>,
 }
 
 #[derive(Clone, Copy)]
@@ -216,13 +222,14 @@ impl Sampler {
         l
     }
 
-    /// Draws the next token, records it in the history, and reports
-    /// `top_logprobs` alternatives (0 for none).
+    /// Draws the next token and records it in the history. With
+    /// `logprobs: Some(n)` it also reports log-probabilities with `n`
+    /// alternatives; without, greedy decoding skips the softmax entirely.
     pub fn sample(
         &mut self,
         logits: &[f32],
         tie_keys: &[u64],
-        top_logprobs: usize,
+        logprobs: Option<usize>,
     ) -> Result<Sampled, Error> {
         if logits.len() != tie_keys.len() || logits.is_empty() {
             return Err(Error::Model(format!(
@@ -241,108 +248,107 @@ impl Sampler {
             return Err(Error::Model("no finite logit to sample from".into()));
         }
         let p = &self.params;
-        let greedy = p.temperature == 0.0 || p.top_k == 1;
-        let temperature = if greedy { 1.0 } else { p.temperature };
-        let min_mass = (f64::from(p.min_p) * 2f64.powi(FRAC_BITS)) as u64;
-        let mut cands: Vec<Candidate> = l
-            .iter()
-            .zip(tie_keys)
-            .enumerate()
-            .map(|(id, (&logit, &tie))| Candidate {
-                logit,
-                tie,
-                id: id as u32,
-                mass: mass(logit, max, temperature),
-            })
-            .filter(|c| !c.logit.is_nan())
-            .collect();
-
-        let token = if greedy {
-            let best = cands
-                .iter()
-                .min_by(|a, b| by_probability(a, b))
-                .expect("max is finite, so a candidate exists");
-            best.id
+        let token = if p.temperature == 0.0 || p.top_k == 1 {
+            candidates(&l, tie_keys, max, None)
+                .min_by(by_probability)
+                .expect("max is finite, so a candidate exists")
+                .id
         } else {
-            let mut kept = cands.clone();
-            kept.retain(|c| c.mass > 0 && c.mass >= min_mass);
-            if p.top_k > 0 && p.top_k < kept.len() {
-                order_prefix(&mut kept, p.top_k);
-                kept.truncate(p.top_k);
-            }
-            // Exact integer totals: independent of storage order.
-            let total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
-            let mut ordered = PREFIX.min(kept.len());
-            order_prefix(&mut kept, ordered);
-            let mut walk = |limit: u128, kept: &mut Vec<Candidate>| -> usize {
-                // Index of the first candidate at which the cumulative mass exceeds `limit`.
-                let mut cum = 0u128;
-                let mut i = 0;
-                loop {
-                    if i == ordered && ordered < kept.len() {
-                        kept[ordered..].sort_unstable_by(by_probability);
-                        ordered = kept.len();
-                    }
-                    cum += u128::from(kept[i].mass);
-                    if cum > limit || i + 1 == kept.len() {
-                        return i;
-                    }
-                    i += 1;
-                }
-            };
-            if p.top_p < 1.0 {
-                let threshold = (total as f64 * f64::from(p.top_p)).ceil() as u128;
-                let last = walk(threshold.saturating_sub(1), &mut kept);
-                kept.truncate(last + 1);
-            }
-            let kept_total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
-            let draw = uniform_u128(&mut self.rng, kept_total);
-            let chosen = walk(draw, &mut kept);
-            kept[chosen].id
+            self.draw(candidates(&l, tie_keys, max, Some(p.temperature)).collect())
         };
-
-        // At temperature 1 the masses already are the logprob weights.
-        let reuse = temperature == 1.0;
-        let sampled = self.logprobs(&mut cands, max, token, top_logprobs, reuse);
+        let logprobs = logprobs.map(|top| {
+            token_logprobs(
+                &mut candidates(&l, tie_keys, max, Some(1.0)).collect::<Vec<_>>(),
+                max,
+                token,
+                top,
+            )
+        });
         *self.generated.entry(token).or_insert(0) += 1;
         self.seen.insert(token);
-        Ok(sampled)
+        Ok(Sampled { token, logprobs })
     }
 
-    /// Log-probabilities under the penalised distribution at temperature 1.
-    fn logprobs(
-        &self,
-        cands: &mut [Candidate],
-        max: f32,
-        token: u32,
-        top: usize,
-        masses_at_t1: bool,
-    ) -> Sampled {
-        let unit = 2f64.powi(FRAC_BITS);
-        let total: u128 = match masses_at_t1 {
-            true => cands.iter().map(|c| u128::from(c.mass)).sum(),
-            false => cands
-                .iter()
-                .map(|c| u128::from(mass(c.logit, max, 1.0)))
-                .sum(),
+    /// A seeded draw among `kept` after min-p, top-k and top-p.
+    fn draw(&mut self, mut kept: Vec<Candidate>) -> u32 {
+        let p = &self.params;
+        let min_mass = (f64::from(p.min_p) * 2f64.powi(FRAC_BITS)) as u64;
+        kept.retain(|c| c.mass > 0 && c.mass >= min_mass);
+        if p.top_k > 0 && p.top_k < kept.len() {
+            order_prefix(&mut kept, p.top_k);
+            kept.truncate(p.top_k);
+        }
+        // Exact integer totals: independent of storage order.
+        let total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
+        let mut ordered = PREFIX.min(kept.len());
+        order_prefix(&mut kept, ordered);
+        let mut walk = |limit: u128, kept: &mut Vec<Candidate>| -> usize {
+            // Index of the first candidate at which the cumulative mass exceeds `limit`.
+            let mut cum = 0u128;
+            let mut i = 0;
+            loop {
+                if i == ordered && ordered < kept.len() {
+                    kept[ordered..].sort_unstable_by(by_probability);
+                    ordered = kept.len();
+                }
+                cum += u128::from(kept[i].mass);
+                if cum > limit || i + 1 == kept.len() {
+                    return i;
+                }
+                i += 1;
+            }
         };
-        let log_z = (total as f64 / unit).ln();
-        let logprob = |logit: f32| (f64::from(logit - max) - log_z) as f32;
-        let chosen = cands
-            .iter()
-            .find(|c| c.id == token)
-            .map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
-        order_prefix(cands, top);
-        let top_logprobs = cands
+        if p.top_p < 1.0 {
+            let threshold = (total as f64 * f64::from(p.top_p)).ceil() as u128;
+            let last = walk(threshold.saturating_sub(1), &mut kept);
+            kept.truncate(last + 1);
+        }
+        let kept_total: u128 = kept.iter().map(|c| u128::from(c.mass)).sum();
+        let draw = uniform_u128(&mut self.rng, kept_total);
+        let chosen = walk(draw, &mut kept);
+        kept[chosen].id
+    }
+}
+
+/// The non-NaN logits as candidates, with masses at `temperature` (none
+/// computed, all zero, for `None`: greedy only needs the order).
+fn candidates<'a>(
+    logits: &'a [f32],
+    tie_keys: &'a [u64],
+    max: f32,
+    temperature: Option<f32>,
+) -> impl Iterator<Item = Candidate> + 'a {
+    logits
+        .iter()
+        .zip(tie_keys)
+        .enumerate()
+        .filter(|(_, (logit, _))| !logit.is_nan())
+        .map(move |(id, (&logit, &tie))| Candidate {
+            logit,
+            tie,
+            id: id as u32,
+            mass: temperature.map_or(0, |t| mass(logit, max, t)),
+        })
+}
+
+/// Log-probabilities from candidates whose masses are at temperature 1.
+fn token_logprobs(cands: &mut [Candidate], max: f32, token: u32, top: usize) -> TokenLogprobs {
+    let unit = 2f64.powi(FRAC_BITS);
+    let total: u128 = cands.iter().map(|c| u128::from(c.mass)).sum();
+    let log_z = (total as f64 / unit).ln();
+    let logprob = |logit: f32| (f64::from(logit - max) - log_z) as f32;
+    let chosen = cands
+        .iter()
+        .find(|c| c.id == token)
+        .map_or(f32::NEG_INFINITY, |c| logprob(c.logit));
+    order_prefix(cands, top);
+    TokenLogprobs {
+        logprob: chosen,
+        top: cands
             .iter()
             .take(top)
             .map(|c| (c.id, logprob(c.logit)))
-            .collect();
-        Sampled {
-            token,
-            logprob: chosen,
-            top_logprobs,
-        }
+            .collect(),
     }
 }
 
@@ -384,11 +390,11 @@ mod tests {
     #[test]
     fn greedy_picks_the_max_and_breaks_ties_by_key() {
         let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
-        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &keys(3), 0).unwrap().token, 1);
+        assert_eq!(s.sample(&[0.1, 3.0, 2.0], &keys(3), None).unwrap().token, 1);
         let tie = [1.0, 5.0, 5.0];
-        let t = s.sample(&tie, &[0, 1, 2], 0).unwrap().token;
+        let t = s.sample(&tie, &[0, 1, 2], None).unwrap().token;
         assert_eq!(t, 2, "tie goes to the larger key");
-        assert_eq!(s.sample(&tie, &[0, 2, 1], 0).unwrap().token, 1);
+        assert_eq!(s.sample(&tie, &[0, 2, 1], None).unwrap().token, 1);
     }
 
     #[test]
@@ -443,20 +449,21 @@ mod tests {
             for step in 0..50 {
                 let logits = random_logits(n, step + 100 * i as u64);
                 let enc_logits = perm.scatter(&logits).unwrap();
-                let a = plain.sample(&logits, &plain_keys, 3).unwrap();
-                let b = enc.sample(&enc_logits, &enc_keys, 3).unwrap();
+                let a = plain.sample(&logits, &plain_keys, Some(3)).unwrap();
+                let b = enc.sample(&enc_logits, &enc_keys, Some(3)).unwrap();
                 assert_eq!(
                     perm.decrypt(b.token).unwrap(),
                     a.token,
                     "params {i} step {step}"
                 );
+                let (a, b) = (a.logprobs.unwrap(), b.logprobs.unwrap());
                 assert_eq!(a.logprob, b.logprob);
                 let dec: Vec<_> = b
-                    .top_logprobs
+                    .top
                     .iter()
                     .map(|&(t, p)| (perm.decrypt(t).unwrap(), p))
                     .collect();
-                assert_eq!(dec, a.top_logprobs);
+                assert_eq!(dec, a.top);
             }
         }
     }
@@ -474,7 +481,7 @@ mod tests {
             )
             .unwrap();
             (0..20)
-                .map(|_| s.sample(&logits, &keys(1000), 0).unwrap().token)
+                .map(|_| s.sample(&logits, &keys(1000), None).unwrap().token)
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(1), draw(1));
@@ -494,7 +501,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..100 {
-            assert!(s.sample(&logits, &keys(100), 0).unwrap().token >= 97);
+            assert!(s.sample(&logits, &keys(100), None).unwrap().token >= 97);
         }
         let mut peaked = vec![0.0f32; 100];
         peaked[42] = 20.0;
@@ -508,7 +515,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..50 {
-            assert_eq!(s.sample(&peaked, &keys(100), 0).unwrap().token, 42);
+            assert_eq!(s.sample(&peaked, &keys(100), None).unwrap().token, 42);
         }
     }
 
@@ -516,12 +523,15 @@ mod tests {
     fn logprobs_are_normalised() {
         let mut s = Sampler::new(SamplingParams::greedy(), &[]).unwrap();
         let out = s
-            .sample(&[0.0, 0.0f32.ln_1p(), 1.0, 2.0], &keys(4), 4)
+            .sample(&[0.0, 0.0f32.ln_1p(), 1.0, 2.0], &keys(4), Some(4))
             .unwrap();
-        let total: f32 = out.top_logprobs.iter().map(|(_, lp)| lp.exp()).sum();
+        let lp = out.logprobs.unwrap();
+        let total: f32 = lp.top.iter().map(|(_, lp)| lp.exp()).sum();
         assert!((total - 1.0).abs() < 1e-5, "{total}");
-        assert_eq!(out.top_logprobs[0].0, 3);
-        assert_eq!(out.logprob, out.top_logprobs[0].1);
+        assert_eq!(lp.top[0].0, 3);
+        assert_eq!(lp.logprob, lp.top[0].1);
+        let quiet = s.sample(&[0.0, 1.0], &keys(2), None).unwrap();
+        assert_eq!((quiet.token, quiet.logprobs), (1, None));
     }
 
     #[test]
@@ -576,6 +586,6 @@ mod tests {
             &[1],
         )
         .unwrap();
-        assert_eq!(s.sample(&[1.0, 2.0, 1.5], &keys(3), 0).unwrap().token, 2);
+        assert_eq!(s.sample(&[1.0, 2.0, 1.5], &keys(3), None).unwrap().token, 2);
     }
 }

@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 
+use rayon::prelude::*;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::generate::FinishReason;
 use crate::kv_cache::KvCache;
-use crate::llama::{LlamaModel, SeqStep};
+use crate::llama::{compute_pool, LlamaModel, SeqStep};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
 
@@ -282,30 +283,45 @@ impl EngineLoop {
             }
             self.model.forward(&mut steps)?.to_vec2::<f32>()?
         };
-        let mut finished = Vec::new();
-        for ((i, tokens, samples), row) in plan.iter().zip(&logits) {
-            let seq = &mut self.running[*i];
+        // Sequences sample in parallel: each has its own sampler, history and RNG.
+        let mut to_sample = Vec::new();
+        let mut planned = plan.iter().zip(&logits).peekable();
+        for (i, seq) in self.running.iter_mut().enumerate() {
+            let Some(((_, tokens, samples), row)) = planned.next_if(|((j, _, _), _)| *j == i)
+            else {
+                continue;
+            };
             if seq.last.is_none() {
                 seq.fed += tokens.len();
             }
-            if !samples {
-                continue;
+            if *samples {
+                to_sample.push((i, seq, row.as_slice()));
             }
-            let sampled = seq.sampler.sample(
-                row,
-                self.model.tie_keys(),
-                seq.request.top_logprobs.unwrap_or(0),
-            )?;
+        }
+        let tie_keys = self.model.tie_keys();
+        let sampled: Vec<(usize, Result<Sampled, Error>)> = compute_pool().install(|| {
+            to_sample
+                .into_par_iter()
+                .map(|(i, seq, row)| {
+                    let top_logprobs = seq.request.top_logprobs;
+                    (i, seq.sampler.sample(row, tie_keys, top_logprobs))
+                })
+                .collect()
+        });
+        let mut finished = Vec::new();
+        for (i, sampled) in sampled {
+            let sampled = sampled?;
+            let seq = &mut self.running[i];
             let token = sampled.token;
             seq.generated += 1;
             seq.last = Some(token);
             let _ = seq.events.send(SequenceEvent::Token(sampled));
             if seq.request.stop_token_ids.contains(&token) {
-                finished.push((*i, FinishReason::Stop));
+                finished.push((i, FinishReason::Stop));
             } else if seq.generated >= seq.request.max_tokens
                 || seq.cache.len() >= self.model.context_length()
             {
-                finished.push((*i, FinishReason::Length));
+                finished.push((i, FinishReason::Length));
             }
         }
         for (i, reason) in finished.iter().rev() {

@@ -191,19 +191,6 @@ impl Job {
         }
     }
 
-    fn token_logprob(&self, s: &Sampled) -> TokenLogprob {
-        let top = s
-            .top_logprobs
-            .iter()
-            .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
-            .collect();
-        TokenLogprob {
-            token_id: s.token,
-            logprob: s.logprob,
-            top_logprobs: top,
-        }
-    }
-
     /// Records an event; returns the new token (if any) for streaming.
     fn apply(
         &mut self,
@@ -214,7 +201,16 @@ impl Job {
         let now = Instant::now();
         match event {
             SequenceEvent::Token(s) => {
-                let lp = self.want_logprobs.map(|_| self.token_logprob(&s));
+                // The engine reports logprobs exactly when the request asked.
+                let lp = s.logprobs.as_ref().map(|lp| TokenLogprob {
+                    token_id: s.token,
+                    logprob: lp.logprob,
+                    top_logprobs: lp
+                        .top
+                        .iter()
+                        .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
+                        .collect(),
+                });
                 let choice = &mut self.choices[index];
                 match choice.last_token_at {
                     None => state

@@ -56,7 +56,7 @@ fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
     let t = Instant::now();
     for _ in 0..n {
-        let token = sampler.sample(&row, model.tie_keys(), 0)?.token;
+        let token = sampler.sample(&row, model.tie_keys(), None)?.token;
         row = model
             .forward(&mut [SeqStep {
                 tokens: &[token],
