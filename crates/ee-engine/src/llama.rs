@@ -375,32 +375,20 @@ impl LlamaModel {
             return Err(Error::Model("unexpected KV cache layout".into()));
         }
         let mut out = vec![0f32; c.n_head * hd];
-        let mut scores = vec![0f32; total - first];
-        for h in 0..c.n_head {
-            let g = h / group;
-            let qh = &q[h * hd..][..hd];
-            let k_base = k_layout.start_offset() + g * k_stride[0];
-            let v_base = v_layout.start_offset() + g * v_stride[0];
-            let mut max = f32::NEG_INFINITY;
-            for (s, score) in (first..total).zip(scores.iter_mut()) {
-                let key = &k_data[k_base + s * hd..][..hd];
-                *score = dot(qh, key) * scale;
-                max = max.max(*score);
-            }
-            let mut sum = 0f32;
-            for score in scores.iter_mut() {
-                *score = (*score - max).exp();
-                sum += *score;
-            }
-            let oh = &mut out[h * hd..][..hd];
-            for (s, p) in (first..total).zip(&scores) {
-                let value = &v_data[v_base + s * hd..][..hd];
-                let w = p / sum;
-                for (o, x) in oh.iter_mut().zip(value) {
-                    *o += w * x;
-                }
-            }
-        }
+        attend(
+            &OneTokenAttention {
+                q: &q,
+                keys: &k_data[k_layout.start_offset()..],
+                values: &v_data[v_layout.start_offset()..],
+                k_head_stride: k_stride[0],
+                v_head_stride: v_stride[0],
+                head_dim: hd,
+                group,
+                positions: first..total,
+                scale,
+            },
+            &mut out,
+        );
         Ok(Tensor::from_vec(out, (1, c.n_head * hd), &self.device)?)
     }
 
@@ -427,8 +415,75 @@ impl LlamaModel {
     }
 }
 
+/// One new token's attention over cached keys and values, per q-head.
+struct OneTokenAttention<'a> {
+    /// `[n_head * head_dim]`.
+    q: &'a [f32],
+    /// Cache storage from the layer's first key/value: rows of `head_dim`,
+    /// kv-heads `*_head_stride` apart.
+    keys: &'a [f32],
+    values: &'a [f32],
+    k_head_stride: usize,
+    v_head_stride: usize,
+    head_dim: usize,
+    /// q-heads per kv-head.
+    group: usize,
+    /// Cached positions attended to.
+    positions: std::ops::Range<usize>,
+    scale: f32,
+}
+
+/// Runs [`attend_portable`], as an AVX2 build when the CPU has it: the same
+/// operations in the same order, so the same bits, in wider registers.
+fn attend(a: &OneTokenAttention<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() {
+        // SAFETY: the CPU reports AVX2 and FMA.
+        return unsafe { attend_avx2(a, out) };
+    }
+    attend_portable(a, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(a: &OneTokenAttention<'_>, out: &mut [f32]) {
+    attend_portable(a, out)
+}
+
+/// Softmax-weighted sum of values for each q-head; `out` is `[n_head * hd]`.
+#[inline(always)]
+fn attend_portable(a: &OneTokenAttention<'_>, out: &mut [f32]) {
+    let hd = a.head_dim;
+    let mut scores = vec![0f32; a.positions.len()];
+    for (h, (qh, oh)) in
+        a.q.chunks_exact(hd)
+            .zip(out.chunks_exact_mut(hd))
+            .enumerate()
+    {
+        let keys = &a.keys[(h / a.group) * a.k_head_stride..];
+        let values = &a.values[(h / a.group) * a.v_head_stride..];
+        let mut max = f32::NEG_INFINITY;
+        for (s, score) in a.positions.clone().zip(scores.iter_mut()) {
+            *score = dot(qh, &keys[s * hd..][..hd]) * a.scale;
+            max = max.max(*score);
+        }
+        let mut sum = 0f32;
+        for score in scores.iter_mut() {
+            *score = (*score - max).exp();
+            sum += *score;
+        }
+        for (s, p) in a.positions.clone().zip(&scores) {
+            let w = p / sum;
+            for (o, x) in oh.iter_mut().zip(&values[s * hd..][..hd]) {
+                *o += w * x;
+            }
+        }
+    }
+}
+
 /// A dot product in eight independent lanes, which the compiler vectorizes
 /// (a plain iterator sum must keep its sequential float order, and does not).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -142,40 +142,37 @@ impl QuantMatrix {
 
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let nb = self.cols / BLOCK;
-        let acts: Vec<ActBlock> = x.chunks_exact(BLOCK).map(quantize_block).collect();
+        let acts = quantize_activations(x);
         let n = self.rows;
         let threads = rayon::current_num_threads().max(1);
         let chunk = (n / (threads * 4)).clamp(8, 256);
         let use_avx2 = has_avx2();
-        let parts: Vec<Vec<f32>> = (0..n.div_ceil(chunk))
-            .into_par_iter()
-            .map(|c| {
-                let (r0, r1) = (c * chunk, ((c + 1) * chunk).min(n));
-                let mut out = Vec::with_capacity((r1 - r0) * m);
-                for r in r0..r1 {
+        // Computed weight row by weight row, so `yt` is `[n][m]`.
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(chunk * m)
+            .enumerate()
+            .for_each(|(c, outputs)| {
+                for (r, out) in (c * chunk..).zip(outputs.chunks_exact_mut(m)) {
                     let mut i = 0;
                     // Four activation rows share each unpacked weight block.
                     while i + 4 <= m {
                         let a: [&[ActBlock]; 4] =
                             std::array::from_fn(|k| &acts[(i + k) * nb..][..nb]);
-                        out.extend(self.dot_row_x4(r, a, use_avx2));
+                        out[i..i + 4].copy_from_slice(&self.dot_row_x4(r, a, use_avx2));
                         i += 4;
                     }
-                    for i in i..m {
-                        out.push(self.dot_row(r, &acts[i * nb..][..nb], use_avx2));
+                    for (i, o) in out.iter_mut().enumerate().skip(i) {
+                        *o = self.dot_row(r, &acts[i * nb..][..nb], use_avx2);
                     }
                 }
-                out
-            })
-            .collect();
+            });
+        if m == 1 {
+            return yt;
+        }
         let mut y = vec![0f32; m * n];
-        let mut r = 0;
-        for part in parts {
-            for row_outputs in part.chunks_exact(m) {
-                for (i, v) in row_outputs.iter().enumerate() {
-                    y[i * n + r] = *v;
-                }
-                r += 1;
+        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
+            for (o, v) in y_row.iter_mut().zip(yt[i..].iter().step_by(m)) {
+                *o = *v;
             }
         }
         y
@@ -214,11 +211,41 @@ impl CustomOp1 for QuantMatrix {
     }
 }
 
+/// Quantizes activation rows block by block, with the AVX2 build of the
+/// same code when the CPU has it (results are identical: `round` compiles to
+/// an exact instruction sequence instead of a libm call).
+fn quantize_activations(x: &[f32]) -> Vec<ActBlock> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU reports AVX2 and FMA.
+        return unsafe { quantize_activations_avx2(x) };
+    }
+    x.chunks_exact(BLOCK).map(quantize_block).collect()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_activations_avx2(x: &[f32]) -> Vec<ActBlock> {
+    let mut blocks = Vec::with_capacity(x.len() / BLOCK);
+    for block in x.chunks_exact(BLOCK) {
+        blocks.push(quantize_block(block));
+    }
+    blocks
+}
+
 /// 8-bit activation quantization exactly as candle does it (ggml's Q8_1;
 /// Q8_0 is the same without the sum), scales rounded through f16, so our
 /// logits match the reference implementation.
+#[inline(always)]
 fn quantize_block(x: &[f32]) -> ActBlock {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // Eight independent maxima (max is exact in any order) so it vectorizes.
+    let mut lanes = [0f32; 8];
+    for chunk in x.chunks_exact(8) {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = lanes.iter().fold(0f32, |m, &v| m.max(v));
     let d = amax / 127.0;
     let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
     let mut q = [0i8; BLOCK];
@@ -237,12 +264,12 @@ fn quantize_block(x: &[f32]) -> ActBlock {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn has_avx2() -> bool {
+pub(crate) fn has_avx2() -> bool {
     false
 }
 
@@ -489,6 +516,31 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn vectorized_quantization_is_bit_identical() {
+        // Random values, plus blocks scaled by exactly 1 holding halves,
+        // where rounding modes differ.
+        let mut x = Tensor::randn(0f32, 3.0, (1, 32 * 64), &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, v) in x[..32 * 8].iter_mut().enumerate() {
+            *v = match i % 32 {
+                31 => 127.0,
+                j => j as f32 - 15.5,
+            };
+        }
+        let bits = |b: &ActBlock| (b.d.to_bits(), b.s.to_bits(), b.q);
+        let fast: Vec<_> = quantize_activations(&x).iter().map(bits).collect();
+        let plain: Vec<_> = x
+            .chunks_exact(BLOCK)
+            .map(|b| bits(&quantize_block(b)))
+            .collect();
+        assert_eq!(fast, plain);
     }
 
     #[test]
