@@ -102,36 +102,35 @@ impl QuantMatrix {
         Ok(Self { rows, cols, blocks })
     }
 
-    /// Output row `r` for four activation rows; each result is bit-identical
-    /// to [`dot_row`](Self::dot_row)'s (same operations, same order).
-    fn dot_row_x4(&self, r: usize, a: [&[ActBlock]; 4], use_avx2: bool) -> [f32; 4] {
-        #[cfg(target_arch = "x86_64")]
-        if use_avx2 {
-            let nb = self.cols / BLOCK;
-            // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
-            return unsafe {
-                match &self.blocks {
-                    Blocks::Q4_1 { scales, codes } => {
-                        dot_q4_1_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a)
-                    }
-                    Blocks::Q8_0 { scales, codes } => {
-                        dot_q8_0_avx2_x4(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a)
-                    }
-                }
-            };
-        }
-        a.map(|a| self.dot_row(r, a, use_avx2))
-    }
-
-    /// Output row `r` for one activation row's blocks `a`.
-    fn dot_row(&self, r: usize, a: &[ActBlock], use_avx2: bool) -> f32 {
+    /// Output row `r` for `N` activation rows at once. Each result is
+    /// bit-identical whatever `N` and whichever SIMD kernel (same integer
+    /// sums, same float operations in the same order), so a row's outputs
+    /// depend neither on how many rows share the call nor on the CPU.
+    fn dot_rows<const N: usize>(&self, r: usize, a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
         let nb = self.cols / BLOCK;
+        let a = a.map(|a| &a[..nb]);
         match &self.blocks {
             Blocks::Q4_1 { scales, codes } => {
-                dot_q4_1(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2)
+                let (w_s, w_q) = (&scales[r * nb..][..nb], &codes[r * nb..][..nb]);
+                // SAFETY: `isa` names instructions the CPU reports (see `Isa::detect`).
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni => unsafe { dot_q4_1_vnni(w_s, w_q, a) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { dot_q4_1_avx2(w_s, w_q, a) },
+                    Isa::Portable => a.map(|a| dot_q4_1_scalar(w_s, w_q, a)),
+                }
             }
             Blocks::Q8_0 { scales, codes } => {
-                dot_q8_0(&scales[r * nb..][..nb], &codes[r * nb..][..nb], a, use_avx2)
+                let (w_s, w_q) = (&scales[r * nb..][..nb], &codes[r * nb..][..nb]);
+                // SAFETY: as above.
+                match isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni => unsafe { dot_q8_0_vnni(w_s, w_q, a) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { dot_q8_0_avx2(w_s, w_q, a) },
+                    Isa::Portable => a.map(|a| dot_q8_0_scalar(w_s, w_q, a)),
+                }
             }
         }
     }
@@ -146,23 +145,28 @@ impl QuantMatrix {
         let n = self.rows;
         let threads = rayon::current_num_threads().max(1);
         let chunk = (n / (threads * 4)).clamp(8, 256);
-        let use_avx2 = has_avx2();
+        let isa = Isa::detect();
         // Computed weight row by weight row, so `yt` is `[n][m]`.
         let mut yt = vec![0f32; n * m];
         yt.par_chunks_mut(chunk * m)
             .enumerate()
             .for_each(|(c, outputs)| {
                 for (r, out) in (c * chunk..).zip(outputs.chunks_exact_mut(m)) {
+                    // Up to eight activation rows share each unpacked weight block.
                     let mut i = 0;
-                    // Four activation rows share each unpacked weight block.
-                    while i + 4 <= m {
-                        let a: [&[ActBlock]; 4] =
-                            std::array::from_fn(|k| &acts[(i + k) * nb..][..nb]);
-                        out[i..i + 4].copy_from_slice(&self.dot_row_x4(r, a, use_avx2));
+                    let act_row = |i: usize| &acts[i * nb..][..nb];
+                    while i + 8 <= m {
+                        let a: [&[ActBlock]; 8] = std::array::from_fn(|k| act_row(i + k));
+                        out[i..i + 8].copy_from_slice(&self.dot_rows(r, a, isa));
+                        i += 8;
+                    }
+                    if i + 4 <= m {
+                        let a: [&[ActBlock]; 4] = std::array::from_fn(|k| act_row(i + k));
+                        out[i..i + 4].copy_from_slice(&self.dot_rows(r, a, isa));
                         i += 4;
                     }
                     for (i, o) in out.iter_mut().enumerate().skip(i) {
-                        *o = self.dot_row(r, &acts[i * nb..][..nb], use_avx2);
+                        *o = self.dot_rows(r, [act_row(i)], isa)[0];
                     }
                 }
             });
@@ -273,28 +277,48 @@ pub(crate) fn has_avx2() -> bool {
     false
 }
 
-/// Q4_1: Σ over blocks of `d_w * d_a * Σ(q_w * q_a) + m_w * s_a`.
-fn dot_q4_1(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock], use_avx2: bool) -> f32 {
+/// The SIMD kernels a CPU can run, best first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Isa {
+    /// AVX-512 VNNI (256-bit forms): one instruction per byte dot product.
     #[cfg(target_arch = "x86_64")]
-    if use_avx2 {
-        // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
-        return unsafe { dot_q4_1_avx2(w_s, w_q, a) };
+    Avx512Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if has_avx2() && has!("avx512vnni") && has!("avx512vl") {
+                return Isa::Avx512Vnni;
+            }
+            if has_avx2() {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Portable
     }
-    let _ = use_avx2;
-    dot_q4_1_scalar(w_s, w_q, a)
+
+    /// This CPU's kernels, and the ones it falls back to, for tests.
+    #[cfg(test)]
+    fn available() -> Vec<Isa> {
+        let all = [
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2,
+            Isa::Portable,
+        ];
+        let best = Isa::detect();
+        all.into_iter().skip_while(|isa| *isa != best).collect()
+    }
 }
 
 /// Q8_0: Σ over blocks of `d_w * d_a * Σ(q_w * q_a)`.
-fn dot_q8_0(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock], use_avx2: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2 {
-        // SAFETY: `use_avx2` is only set when the CPU reports AVX2 and FMA.
-        return unsafe { dot_q8_0_avx2(w_s, w_q, a) };
-    }
-    let _ = use_avx2;
-    dot_q8_0_scalar(w_s, w_q, a)
-}
-
 fn dot_q8_0_scalar(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32 {
     let mut acc = 0f32;
     for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
@@ -308,6 +332,7 @@ fn dot_q8_0_scalar(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32 {
     acc
 }
 
+/// Q4_1: Σ over blocks of `d_w * d_a * Σ(q_w * q_a) + m_w * s_a`.
 fn dot_q4_1_scalar(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock]) -> f32 {
     let mut acc = 0f32;
     for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
@@ -330,123 +355,146 @@ unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
 }
 
+/// Q8_0 dot products of one weight row with `N` activation rows: each
+/// weight block's sign split is shared by the rows. `dot` sums products of
+/// unsigned by signed bytes, four adjacent ones per i32 lane.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_0_avx2(w_s: &[f32], w_q: &[[i8; BLOCK]], a: &[ActBlock]) -> f32 {
+#[inline(always)]
+unsafe fn q8_0_rows<const N: usize>(
+    w_s: &[f32],
+    w_q: &[[i8; BLOCK]],
+    a: [&[ActBlock]; N],
+    dot: impl Fn(std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i,
+) -> [f32; N] {
     use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
-        let w = _mm256_loadu_si256(q.as_ptr().cast());
-        let x = _mm256_loadu_si256(a.q.as_ptr().cast());
-        // maddubs takes u8 x i8: move w's sign onto x (ggml's trick). Pairs
-        // sum to at most 2 * 127 * 128, which fits i16.
-        let sums = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)),
-            ones,
-        );
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(s * a.d), _mm256_cvtepi32_ps(sums), acc);
-    }
-    hsum(acc)
-}
-
-/// [`dot_q8_0_avx2`] for four activation rows at once, sharing each weight
-/// block's sign split.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_0_avx2_x4(w_s: &[f32], w_q: &[[i8; BLOCK]], a: [&[ActBlock]; 4]) -> [f32; 4] {
-    use std::arch::x86_64::*;
-    let ones = _mm256_set1_epi16(1);
-    let (mut acc0, mut acc1, mut acc2, mut acc3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
-    let [a0, a1, a2, a3] = a;
+    let nb = w_s.len().min(w_q.len());
+    assert!(a.iter().all(|a| a.len() >= nb));
+    let mut acc = [_mm256_setzero_ps(); N];
     for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
         let w = _mm256_loadu_si256(q.as_ptr().cast());
+        // The byte products take u8 x i8: move w's sign onto x (ggml's trick).
         let w_abs = _mm256_sign_epi8(w, w);
-        let step = |acc: __m256, x: &ActBlock| {
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            // SAFETY: b < nb <= a.len(), checked above.
+            let x = a.get_unchecked(b);
             let x_signed = _mm256_sign_epi8(_mm256_loadu_si256(x.q.as_ptr().cast()), w);
-            let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w_abs, x_signed), ones);
-            _mm256_fmadd_ps(_mm256_set1_ps(s * x.d), _mm256_cvtepi32_ps(sums), acc)
-        };
-        acc0 = step(acc0, &a0[b]);
-        acc1 = step(acc1, &a1[b]);
-        acc2 = step(acc2, &a2[b]);
-        acc3 = step(acc3, &a3[b]);
+            let sums = dot(w_abs, x_signed);
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(s * x.d), _mm256_cvtepi32_ps(sums), *acc);
+        }
     }
-    [hsum(acc0), hsum(acc1), hsum(acc2), hsum(acc3)]
+    acc.map(|acc| hsum(acc))
 }
 
-/// [`dot_q4_1_avx2`] for four activation rows at once: each weight block is
-/// unpacked once, and the four accumulators are independent chains.
+/// Q4_1 dot products of one weight row with `N` activation rows: each
+/// weight block is unpacked once, and the `N` accumulators are independent.
+/// For more than four rows the min terms are summed in a second pass, which
+/// keeps eight accumulators in registers (each row's min sum is its own
+/// chain either way, so the bits are the same). `dot` as for [`q8_0_rows`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q4_1_avx2_x4(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: [&[ActBlock]; 4]) -> [f32; 4] {
+#[inline(always)]
+unsafe fn q4_1_rows<const N: usize>(
+    w_s: &[[f32; 2]],
+    w_q: &[[u8; 16]],
+    a: [&[ActBlock]; N],
+    dot: impl Fn(std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i,
+) -> [f32; N] {
     use std::arch::x86_64::*;
+    let nb = w_s.len().min(w_q.len());
+    assert!(a.iter().all(|a| a.len() >= nb));
     let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let (mut acc0, mut acc1, mut acc2, mut acc3) = (
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-        _mm256_setzero_ps(),
-    );
-    let (mut min0, mut min1, mut min2, mut min3) = (0f32, 0f32, 0f32, 0f32);
-    let [a0, a1, a2, a3] = a;
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut min = [0f32; N];
+    let min_inline = N <= 4;
     for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
         let packed = _mm_loadu_si128(q.as_ptr().cast());
         let w = _mm256_set_m128i(
             _mm_and_si128(_mm_srli_epi16(packed, 4), low),
             _mm_and_si128(packed, low),
         );
-        let step = |acc: __m256, x: &ActBlock| {
-            let sums = _mm256_madd_epi16(
-                _mm256_maddubs_epi16(w, _mm256_loadu_si256(x.q.as_ptr().cast())),
-                ones,
-            );
-            _mm256_fmadd_ps(_mm256_set1_ps(s[0] * x.d), _mm256_cvtepi32_ps(sums), acc)
-        };
-        let (x0, x1, x2, x3) = (&a0[b], &a1[b], &a2[b], &a3[b]);
-        acc0 = step(acc0, x0);
-        acc1 = step(acc1, x1);
-        acc2 = step(acc2, x2);
-        acc3 = step(acc3, x3);
-        min0 += s[1] * x0.s;
-        min1 += s[1] * x1.s;
-        min2 += s[1] * x2.s;
-        min3 += s[1] * x3.s;
+        for (acc, a) in acc.iter_mut().zip(&a) {
+            // SAFETY: b < nb <= a.len(), checked above.
+            let x = a.get_unchecked(b);
+            let sums = dot(w, _mm256_loadu_si256(x.q.as_ptr().cast()));
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(s[0] * x.d), _mm256_cvtepi32_ps(sums), *acc);
+        }
+        if min_inline {
+            for (min, a) in min.iter_mut().zip(&a) {
+                *min += s[1] * a.get_unchecked(b).s;
+            }
+        }
     }
-    [
-        hsum(acc0) + min0,
-        hsum(acc1) + min1,
-        hsum(acc2) + min2,
-        hsum(acc3) + min3,
-    ]
+    if !min_inline {
+        // The rows' sums are independent chains, interleaved so they overlap.
+        for (b, s) in w_s.iter().enumerate() {
+            for (min, a) in min.iter_mut().zip(&a) {
+                *min += s[1] * a.get_unchecked(b).s;
+            }
+        }
+    }
+    std::array::from_fn(|k| hsum(acc[k]) + min[k])
+}
+
+/// AVX2 byte dot products: pairs to i16, then pairs of those to i32. Pairs
+/// never saturate i16 here: at most 2 * 127 * 128 (Q8_0), 2 * 15 * 127 (Q4_1).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn maddubs_i32(
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
+}
+
+/// VNNI byte dot products: the same i32 lanes in one instruction.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dpbusd_i32(
+    w: std::arch::x86_64::__m256i,
+    x: std::arch::x86_64::__m256i,
+) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q4_1_avx2(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock]) -> f32 {
-    use std::arch::x86_64::*;
-    let low = _mm_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut acc_min = 0f32;
-    for ((s, q), a) in w_s.iter().zip(w_q).zip(a) {
-        let packed = _mm_loadu_si128(q.as_ptr().cast());
-        let lo = _mm_and_si128(packed, low);
-        let hi = _mm_and_si128(_mm_srli_epi16(packed, 4), low);
-        let w = _mm256_set_m128i(hi, lo);
-        let x = _mm256_loadu_si256(a.q.as_ptr().cast());
-        // u8 x i8 pairs summed to i16 (at most 2 * 15 * 127, no saturation), then to i32.
-        let sums = _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(s[0] * a.d), _mm256_cvtepi32_ps(sums), acc);
-        acc_min += s[1] * a.s;
-    }
-    hsum(acc) + acc_min
+unsafe fn dot_q8_0_avx2<const N: usize>(
+    w_s: &[f32],
+    w_q: &[[i8; BLOCK]],
+    a: [&[ActBlock]; N],
+) -> [f32; N] {
+    q8_0_rows(w_s, w_q, a, |w, x| maddubs_i32(w, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+unsafe fn dot_q8_0_vnni<const N: usize>(
+    w_s: &[f32],
+    w_q: &[[i8; BLOCK]],
+    a: [&[ActBlock]; N],
+) -> [f32; N] {
+    q8_0_rows(w_s, w_q, a, |w, x| dpbusd_i32(w, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_q4_1_avx2<const N: usize>(
+    w_s: &[[f32; 2]],
+    w_q: &[[u8; 16]],
+    a: [&[ActBlock]; N],
+) -> [f32; N] {
+    q4_1_rows(w_s, w_q, a, |w, x| maddubs_i32(w, x))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
+unsafe fn dot_q4_1_vnni<const N: usize>(
+    w_s: &[[f32; 2]],
+    w_q: &[[u8; 16]],
+    a: [&[ActBlock]; N],
+) -> [f32; N] {
+    q4_1_rows(w_s, w_q, a, |w, x| dpbusd_i32(w, x))
 }
 
 #[cfg(test)]
@@ -494,26 +542,27 @@ mod tests {
     }
 
     #[test]
-    fn avx2_and_scalar_paths_agree() {
-        if !has_avx2() {
-            return;
-        }
+    fn simd_kernels_agree_with_the_portable_one_and_each_other() {
         for dtype in FORMATS {
             let (mat, _, x) = setup(dtype, 5, 256, 1);
-            let acts: Vec<ActBlock> = x
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-                .chunks_exact(BLOCK)
-                .map(quantize_block)
-                .collect();
+            let acts = quantize_activations(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             for r in 0..5 {
-                let (a, b) = (mat.dot_row(r, &acts, false), mat.dot_row(r, &acts, true));
-                assert!(
-                    (a - b).abs() <= 1e-4 * a.abs().max(1.0),
-                    "{dtype:?}: {a} vs {b}"
-                );
+                let results: Vec<f32> = Isa::available()
+                    .into_iter()
+                    .map(|isa| mat.dot_rows(r, [&acts[..]], isa)[0])
+                    .collect();
+                let (portable, simd) = results.split_last().unwrap();
+                for v in simd {
+                    assert!(
+                        (v - portable).abs() <= 1e-4 * portable.abs().max(1.0),
+                        "{dtype:?}: {v} vs {portable}"
+                    );
+                    assert_eq!(
+                        v.to_bits(),
+                        simd[0].to_bits(),
+                        "{dtype:?}: SIMD kernels differ"
+                    );
+                }
             }
         }
     }
@@ -544,21 +593,26 @@ mod tests {
     }
 
     #[test]
-    fn four_activation_rows_at_once_are_bit_identical_to_one() {
+    fn four_or_eight_activation_rows_at_once_are_bit_identical_to_one() {
         for dtype in FORMATS {
-            let (mat, _, x) = setup(dtype, 3, 256, 4);
+            let (mat, _, x) = setup(dtype, 3, 256, 8);
             let flat = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let acts: Vec<ActBlock> = flat.chunks_exact(BLOCK).map(quantize_block).collect();
-            let rows: [&[ActBlock]; 4] = std::array::from_fn(|k| &acts[k * 8..][..8]);
-            for avx2 in [false, has_avx2()] {
-                let four = mat.dot_row_x4(1, rows, avx2);
-                for k in 0..4 {
-                    assert_eq!(
-                        four[k].to_bits(),
-                        mat.dot_row(1, rows[k], avx2).to_bits(),
-                        "{dtype:?} avx2={avx2}"
-                    );
-                }
+            let rows: [&[ActBlock]; 8] = std::array::from_fn(|k| &acts[k * 8..][..8]);
+            for isa in Isa::available() {
+                let one: Vec<u32> = rows
+                    .iter()
+                    .map(|row| mat.dot_rows(1, [*row], isa)[0].to_bits())
+                    .collect();
+                let eight = mat.dot_rows(1, rows, isa).map(f32::to_bits);
+                let four = [
+                    mat.dot_rows(1, [rows[0], rows[1], rows[2], rows[3]], isa),
+                    mat.dot_rows(1, [rows[4], rows[5], rows[6], rows[7]], isa),
+                ]
+                .concat();
+                assert_eq!(eight.to_vec(), one, "{dtype:?} {isa:?}");
+                let four: Vec<u32> = four.into_iter().map(f32::to_bits).collect();
+                assert_eq!(four, one, "{dtype:?} {isa:?}");
             }
         }
     }
@@ -566,7 +620,7 @@ mod tests {
     #[test]
     fn rows_are_independent_of_the_batch() {
         for dtype in FORMATS {
-            let (mat, _, x) = setup(dtype, 40, 64, 6);
+            let (mat, _, x) = setup(dtype, 40, 64, 13);
             let all = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
             for (i, row) in all.iter().enumerate() {
                 let one = mat
