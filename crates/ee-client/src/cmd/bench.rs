@@ -170,6 +170,10 @@ fn cpu_features() -> String {
         if std::arch::is_x86_feature_detected!("avx512f") {
             f.push("avx512f");
         }
+        // With AVX-512 VL, the engine's kernels use it (see ee_engine::quant).
+        if std::arch::is_x86_feature_detected!("avx512vnni") {
+            f.push("avx512vnni");
+        }
     }
     if f.is_empty() {
         "generic".into()
