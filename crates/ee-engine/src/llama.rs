@@ -34,13 +34,11 @@ enum Linear {
 
 impl Linear {
     fn new(name: &str, t: QTensor, opts: &LoadOptions) -> Result<Self, Error> {
-        let t = check_kernel_layout(name, t)?;
-        Ok(
-            match QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
-                true => Linear::Ours(QuantMatrix::from_qtensor(&t)?),
-                false => Linear::Candle(QMatMul::from_qtensor(t)?),
-            },
-        )
+        if QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
+            return Ok(Linear::Ours(QuantMatrix::from_qtensor(&t)?));
+        }
+        let t = check_candle_kernel_layout(name, t)?;
+        Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
@@ -515,8 +513,9 @@ pub(crate) fn compute_pool() -> &'static rayon::ThreadPool {
 }
 
 /// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic
-/// (poisoning the thread pool) on an odd count; refuse such a model at load.
-fn check_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
+/// (poisoning the thread pool) on an odd count; refuse such a matrix at load
+/// when candle's kernels would run it (ours take any count).
+fn check_candle_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> {
     if matches!(
         t.dtype(),
         GgmlDType::Q4_1 | GgmlDType::Q5_0 | GgmlDType::Q5_1

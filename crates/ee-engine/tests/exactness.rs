@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use ee_core::transform::write_server_artifact;
 use ee_core::{Key, Permutation};
 use ee_engine::testing::{write_tiny_model, TinySpec};
-use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams, SeqStep};
+use ee_engine::{generate, GenerateOptions, LlamaModel, LoadOptions, SamplingParams, SeqStep};
 
 struct Pair {
     _dir: tempfile::TempDir,
@@ -401,7 +401,7 @@ fn generation_stops_on_stop_token_and_respects_length() {
 }
 
 #[test]
-fn models_the_kernels_cannot_run_are_refused_at_load() {
+fn odd_block_counts_run_on_our_kernels_and_are_refused_on_candles() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("odd.gguf");
     // 96 values = 3 Q4_1 blocks per row: candle's kernel would panic on it.
@@ -412,7 +412,19 @@ fn models_the_kernels_cannot_run_are_refused_at_load() {
         ..TinySpec::llama_q4_1()
     };
     write_tiny_model(&path, &spec).unwrap();
-    let err = LlamaModel::load(&path).err().expect("load must fail");
+    let ours = LlamaModel::load(&path).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 4,
+        ..Default::default()
+    };
+    let out = generate(&ours, &[1, 2, 3], &opts, |_| {}).unwrap();
+    assert_eq!(out.token_ids().len(), 4);
+    let candle = LoadOptions {
+        candle_kernels: true,
+    };
+    let err = LlamaModel::load_with(&path, &candle)
+        .err()
+        .expect("load on candle's kernels must fail");
     assert!(err.to_string().contains("odd number of blocks"), "{err}");
 }
 
