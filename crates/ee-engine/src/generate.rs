@@ -70,33 +70,54 @@ pub fn generate(
     }
     let mut logits = logits.expect("prompt is not empty");
     let mut tokens = Vec::new();
+    if opts.max_tokens == 0 {
+        return Ok(Generation {
+            tokens,
+            finish_reason: FinishReason::Length,
+        });
+    }
     loop {
-        if tokens.len() >= opts.max_tokens {
-            return Ok(Generation {
-                tokens,
-                finish_reason: FinishReason::Length,
-            });
-        }
         let row = logits.squeeze(0)?.to_vec1::<f32>()?;
         let sampled = sampler.sample(&row, model.tie_keys(), None)?;
         on_token(&sampled);
         let token = sampled.token;
         tokens.push(sampled);
-        if opts.stop_token_ids.contains(&token) {
+        let context_full = cache.len() >= model.context_length();
+        let finished = finish_reason(
+            token,
+            &opts.stop_token_ids,
+            tokens.len(),
+            opts.max_tokens,
+            context_full,
+        );
+        if let Some(finish_reason) = finished {
             return Ok(Generation {
                 tokens,
-                finish_reason: FinishReason::Stop,
-            });
-        }
-        if cache.len() >= model.context_length() {
-            return Ok(Generation {
-                tokens,
-                finish_reason: FinishReason::Length,
+                finish_reason,
             });
         }
         logits = model.forward(&mut [SeqStep {
             tokens: &[token],
             cache: &mut cache,
         }])?;
+    }
+}
+
+/// Whether a sequence ends once it has drawn `token`, its `generated`-th:
+/// a stop token stops it (and is kept), else the token budget or a full
+/// context ends it. The scheduler and [`generate`] share this rule.
+pub(crate) fn finish_reason(
+    token: u32,
+    stop_token_ids: &[u32],
+    generated: usize,
+    max_tokens: usize,
+    context_full: bool,
+) -> Option<FinishReason> {
+    if stop_token_ids.contains(&token) {
+        Some(FinishReason::Stop)
+    } else if generated >= max_tokens || context_full {
+        Some(FinishReason::Length)
+    } else {
+        None
     }
 }

@@ -15,7 +15,7 @@ use std::thread;
 use rayon::prelude::*;
 use tokio::sync::mpsc as tokio_mpsc;
 
-use crate::generate::FinishReason;
+use crate::generate::{finish_reason, FinishReason};
 use crate::kv_cache::KvCache;
 use crate::llama::{compute_pool, LlamaModel, SeqStep};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
@@ -316,12 +316,16 @@ impl EngineLoop {
             seq.generated += 1;
             seq.last = Some(token);
             let _ = seq.events.send(SequenceEvent::Token(sampled));
-            if seq.request.stop_token_ids.contains(&token) {
-                finished.push((i, FinishReason::Stop));
-            } else if seq.generated >= seq.request.max_tokens
-                || seq.cache.len() >= self.model.context_length()
-            {
-                finished.push((i, FinishReason::Length));
+            let context_full = seq.cache.len() >= self.model.context_length();
+            let request = &seq.request;
+            if let Some(reason) = finish_reason(
+                token,
+                &request.stop_token_ids,
+                seq.generated,
+                request.max_tokens,
+                context_full,
+            ) {
+                finished.push((i, reason));
             }
         }
         for (i, reason) in finished.iter().rev() {
