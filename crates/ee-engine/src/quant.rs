@@ -1,11 +1,13 @@
-//! Q4_1 and Q8_0 weight matmuls with runtime-detected AVX2 kernels.
+//! Q4_1 and Q8_0 weight matmuls with runtime-detected SIMD kernels.
 //!
 //! In a portable build candle's CPU dot products for these formats are
 //! scalar, and they hold nearly all of the default model's weights (Q4_1
 //! layers, a Q8_0 embedding that doubles as the output head). These kernels
 //! quantize each activation row to 8 bits once per matmul, exactly as candle
-//! and llama.cpp do, and compute each output with AVX2 integer dot products
-//! when the CPU has them, chosen at run time so builds stay portable.
+//! and llama.cpp do, and compute each output with AVX-512 VNNI or AVX2
+//! integer dot products when the CPU has them, chosen at run time so builds
+//! stay portable. Up to eight activation rows (a decode batch) share each
+//! weight block as it is unpacked.
 //!
 //! Every activation row is computed on its own, in a fixed order, so a
 //! sequence's outputs do not depend on what else is in the batch.
@@ -15,6 +17,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::Error;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 const BLOCK: usize = 32;
 /// On-disk Q4_1 block: f16 scale, f16 min, 16 bytes of 4-bit codes.
@@ -115,9 +120,9 @@ impl QuantMatrix {
                 // SAFETY: `isa` names instructions the CPU reports (see `Isa::detect`).
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => unsafe { dot_q4_1_vnni(w_s, w_q, a) },
+                    Isa::Avx512Vnni => unsafe { x86::dot_q4_1_vnni(w_s, w_q, a) },
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { dot_q4_1_avx2(w_s, w_q, a) },
+                    Isa::Avx2 => unsafe { x86::dot_q4_1_avx2(w_s, w_q, a) },
                     Isa::Portable => a.map(|a| dot_q4_1_scalar(w_s, w_q, a)),
                 }
             }
@@ -126,9 +131,9 @@ impl QuantMatrix {
                 // SAFETY: as above.
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => unsafe { dot_q8_0_vnni(w_s, w_q, a) },
+                    Isa::Avx512Vnni => unsafe { x86::dot_q8_0_vnni(w_s, w_q, a) },
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => unsafe { dot_q8_0_avx2(w_s, w_q, a) },
+                    Isa::Avx2 => unsafe { x86::dot_q8_0_avx2(w_s, w_q, a) },
                     Isa::Portable => a.map(|a| dot_q8_0_scalar(w_s, w_q, a)),
                 }
             }
@@ -222,19 +227,9 @@ fn quantize_activations(x: &[f32]) -> Vec<ActBlock> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
         // SAFETY: the CPU reports AVX2 and FMA.
-        return unsafe { quantize_activations_avx2(x) };
+        return unsafe { x86::quantize_activations_avx2(x) };
     }
     x.chunks_exact(BLOCK).map(quantize_block).collect()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn quantize_activations_avx2(x: &[f32]) -> Vec<ActBlock> {
-    let mut blocks = Vec::with_capacity(x.len() / BLOCK);
-    for block in x.chunks_exact(BLOCK) {
-        blocks.push(quantize_block(block));
-    }
-    blocks
 }
 
 /// 8-bit activation quantization exactly as candle does it (ggml's Q8_1;
@@ -344,157 +339,6 @@ fn dot_q4_1_scalar(w_s: &[[f32; 2]], w_q: &[[u8; 16]], a: &[ActBlock]) -> f32 {
         acc += s[0] * a.d * isum as f32 + s[1] * a.s;
     }
     acc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
-    use std::arch::x86_64::*;
-    let half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    let quad = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps(quad, quad, 1)))
-}
-
-/// Q8_0 dot products of one weight row with `N` activation rows: each
-/// weight block's sign split is shared by the rows. `dot` sums products of
-/// unsigned by signed bytes, four adjacent ones per i32 lane.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn q8_0_rows<const N: usize>(
-    w_s: &[f32],
-    w_q: &[[i8; BLOCK]],
-    a: [&[ActBlock]; N],
-    dot: impl Fn(std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i,
-) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let nb = w_s.len().min(w_q.len());
-    assert!(a.iter().all(|a| a.len() >= nb));
-    let mut acc = [_mm256_setzero_ps(); N];
-    for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
-        let w = _mm256_loadu_si256(q.as_ptr().cast());
-        // The byte products take u8 x i8: move w's sign onto x (ggml's trick).
-        let w_abs = _mm256_sign_epi8(w, w);
-        for (acc, a) in acc.iter_mut().zip(&a) {
-            // SAFETY: b < nb <= a.len(), checked above.
-            let x = a.get_unchecked(b);
-            let x_signed = _mm256_sign_epi8(_mm256_loadu_si256(x.q.as_ptr().cast()), w);
-            let sums = dot(w_abs, x_signed);
-            *acc = _mm256_fmadd_ps(_mm256_set1_ps(s * x.d), _mm256_cvtepi32_ps(sums), *acc);
-        }
-    }
-    acc.map(|acc| hsum(acc))
-}
-
-/// Q4_1 dot products of one weight row with `N` activation rows: each
-/// weight block is unpacked once, and the `N` accumulators are independent.
-/// For more than four rows the min terms are summed in a second pass, which
-/// keeps eight accumulators in registers (each row's min sum is its own
-/// chain either way, so the bits are the same). `dot` as for [`q8_0_rows`].
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn q4_1_rows<const N: usize>(
-    w_s: &[[f32; 2]],
-    w_q: &[[u8; 16]],
-    a: [&[ActBlock]; N],
-    dot: impl Fn(std::arch::x86_64::__m256i, std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256i,
-) -> [f32; N] {
-    use std::arch::x86_64::*;
-    let nb = w_s.len().min(w_q.len());
-    assert!(a.iter().all(|a| a.len() >= nb));
-    let low = _mm_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); N];
-    let mut min = [0f32; N];
-    let min_inline = N <= 4;
-    for (b, (s, q)) in w_s.iter().zip(w_q).enumerate() {
-        let packed = _mm_loadu_si128(q.as_ptr().cast());
-        let w = _mm256_set_m128i(
-            _mm_and_si128(_mm_srli_epi16(packed, 4), low),
-            _mm_and_si128(packed, low),
-        );
-        for (acc, a) in acc.iter_mut().zip(&a) {
-            // SAFETY: b < nb <= a.len(), checked above.
-            let x = a.get_unchecked(b);
-            let sums = dot(w, _mm256_loadu_si256(x.q.as_ptr().cast()));
-            *acc = _mm256_fmadd_ps(_mm256_set1_ps(s[0] * x.d), _mm256_cvtepi32_ps(sums), *acc);
-        }
-        if min_inline {
-            for (min, a) in min.iter_mut().zip(&a) {
-                *min += s[1] * a.get_unchecked(b).s;
-            }
-        }
-    }
-    if !min_inline {
-        // The rows' sums are independent chains, interleaved so they overlap.
-        for (b, s) in w_s.iter().enumerate() {
-            for (min, a) in min.iter_mut().zip(&a) {
-                *min += s[1] * a.get_unchecked(b).s;
-            }
-        }
-    }
-    std::array::from_fn(|k| hsum(acc[k]) + min[k])
-}
-
-/// AVX2 byte dot products: pairs to i16, then pairs of those to i32. Pairs
-/// never saturate i16 here: at most 2 * 127 * 128 (Q8_0), 2 * 15 * 127 (Q4_1).
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn maddubs_i32(
-    w: std::arch::x86_64::__m256i,
-    x: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1))
-}
-
-/// VNNI byte dot products: the same i32 lanes in one instruction.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn dpbusd_i32(
-    w: std::arch::x86_64::__m256i,
-    x: std::arch::x86_64::__m256i,
-) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q8_0_avx2<const N: usize>(
-    w_s: &[f32],
-    w_q: &[[i8; BLOCK]],
-    a: [&[ActBlock]; N],
-) -> [f32; N] {
-    q8_0_rows(w_s, w_q, a, |w, x| maddubs_i32(w, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-unsafe fn dot_q8_0_vnni<const N: usize>(
-    w_s: &[f32],
-    w_q: &[[i8; BLOCK]],
-    a: [&[ActBlock]; N],
-) -> [f32; N] {
-    q8_0_rows(w_s, w_q, a, |w, x| dpbusd_i32(w, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_q4_1_avx2<const N: usize>(
-    w_s: &[[f32; 2]],
-    w_q: &[[u8; 16]],
-    a: [&[ActBlock]; N],
-) -> [f32; N] {
-    q4_1_rows(w_s, w_q, a, |w, x| maddubs_i32(w, x))
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,avx512vnni,avx512vl")]
-unsafe fn dot_q4_1_vnni<const N: usize>(
-    w_s: &[[f32; 2]],
-    w_q: &[[u8; 16]],
-    a: [&[ActBlock]; N],
-) -> [f32; N] {
-    q4_1_rows(w_s, w_q, a, |w, x| dpbusd_i32(w, x))
 }
 
 #[cfg(test)]
