@@ -4,7 +4,8 @@
 //! One [`LlamaModel::forward`] call advances any number of sequences, each
 //! with its own KV cache and position, by any number of tokens each (a
 //! prefill chunk or a single decode token). Token rows of all sequences are
-//! stacked for the weight matmuls; only attention runs per sequence. Every
+//! stacked for the weight matmuls; only attention runs per sequence, one
+//! sequence per rayon task. Every
 //! matmul computes each activation row independently, so a sequence's
 //! logits do not depend on what else is in the batch.
 //!

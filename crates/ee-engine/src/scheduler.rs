@@ -5,7 +5,8 @@
 //! drops sequences whose receiver is gone (a client that disconnected), and
 //! builds the next step: one token for every decoding sequence, then chunks
 //! of waiting prompts, oldest first, within a per-step token budget, so a
-//! long prompt never stalls the others' decoding.
+//! long prompt never stalls the others' decoding. After the step, the
+//! sequences whose prompt is done sample in parallel.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
