@@ -5,9 +5,9 @@
 //! with its own KV cache and position, by any number of tokens each (a
 //! prefill chunk or a single decode token). Token rows of all sequences are
 //! stacked for the weight matmuls; only attention runs per sequence, one
-//! sequence per rayon task. Every
-//! matmul computes each activation row independently, so a sequence's
-//! logits do not depend on what else is in the batch.
+//! sequence per rayon task. Every matmul computes each activation row
+//! independently, so a sequence's logits do not depend on what else is in
+//! the batch.
 //!
 //! The model is agnostic to EE: an encrypted artifact is loaded and run
 //! exactly like a plaintext one.
