@@ -5,7 +5,7 @@
 //!   sequence has its own [`KvCache`] and position (for continuous batching);
 //! - [`Sampler`]: permutation-equivariant sampling;
 //! - [`Scheduler`]: continuous batching on an engine thread;
-//! - [`generate`]: a single-sequence loop for the CLI, benchmarks and tests.
+//! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests.
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
 
