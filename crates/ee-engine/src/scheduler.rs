@@ -404,40 +404,73 @@ mod tests {
     #[test]
     fn concurrent_sequences_equal_the_same_sequences_alone() {
         let (_dir, model) = tiny();
-        // A small budget forces chunked prefill interleaved with decoding.
-        let sched = Scheduler::start(
-            model.clone(),
-            SchedulerConfig {
-                max_batch: 3,
-                max_queue: 16,
-                step_token_budget: 7,
-            },
-        );
-        let prompts: Vec<Vec<u32>> = (0..5)
+        let prompts: Vec<Vec<u32>> = (0..9)
             .map(|i| {
                 (0..(4 + 9 * i))
                     .map(|j| ((j * 31 + i * 7) % 250 + 3) as u32)
                     .collect()
             })
             .collect();
-        let receivers: Vec<_> = prompts
+        // Even-numbered sequences are greedy, odd ones draw with their own
+        // seed: sampling in parallel must keep each sequence's RNG its own.
+        let sampling = |i: usize| match i % 2 {
+            0 => SamplingParams::greedy(),
+            _ => SamplingParams {
+                temperature: 0.9,
+                seed: Some(i as u64),
+                ..Default::default()
+            },
+        };
+        let alone: Vec<Vec<u32>> = prompts
             .iter()
-            .map(|p| sched.submit(request(p.clone(), 12)).unwrap())
-            .collect();
-        for (p, rx) in prompts.iter().zip(receivers) {
-            let alone = generate(
-                &model,
-                p,
-                &GenerateOptions {
+            .enumerate()
+            .map(|(i, p)| {
+                let opts = GenerateOptions {
                     max_tokens: 12,
+                    sampling: sampling(i),
                     ..Default::default()
+                };
+                generate(&model, p, &opts, |_| {}).unwrap().token_ids()
+            })
+            .collect();
+        let greedy = |p: &[u32]| {
+            let opts = GenerateOptions {
+                max_tokens: 12,
+                ..Default::default()
+            };
+            generate(&model, p, &opts, |_| {}).unwrap().token_ids()
+        };
+        assert!(
+            (1..9).step_by(2).any(|i| alone[i] != greedy(&prompts[i])),
+            "the seeded draws must differ from greedy somewhere, or they test nothing"
+        );
+        // A small batch and budget force chunked prefill interleaved with
+        // decoding; a large one puts eight and more rows in one step.
+        for (max_batch, step_token_budget) in [(3, 7), (9, 64)] {
+            let sched = Scheduler::start(
+                model.clone(),
+                SchedulerConfig {
+                    max_batch,
+                    max_queue: 16,
+                    step_token_budget,
                 },
-                |_| {},
-            )
-            .unwrap();
-            let (tokens, reason) = collect(rx);
-            assert_eq!(tokens, alone.token_ids());
-            assert_eq!(reason, Some(FinishReason::Length));
+            );
+            let receivers: Vec<_> = prompts
+                .iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    let r = SequenceRequest {
+                        sampling: sampling(i),
+                        ..request(p.clone(), 12)
+                    };
+                    sched.submit(r).unwrap()
+                })
+                .collect();
+            for (i, rx) in receivers.into_iter().enumerate() {
+                let (tokens, reason) = collect(rx);
+                assert_eq!(tokens, alone[i], "sequence {i}, batch {max_batch}");
+                assert_eq!(reason, Some(FinishReason::Length));
+            }
         }
     }
 
