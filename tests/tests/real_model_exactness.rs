@@ -6,7 +6,7 @@ use ee_client::template::{ChatMessage, ChatTemplate};
 use ee_client::text::TextCodec;
 use ee_core::ClientBundle;
 use ee_e2e::{encrypt_real_model, model_path};
-use ee_engine::{generate, GenerateOptions, LlamaModel, Sampler, SamplingParams, SeqStep};
+use ee_engine::{generate, GenerateOptions, LlamaModel, Sampler, SamplingParams};
 
 const PROMPTS: [&str; 5] = [
     "What is the capital of France?",
@@ -38,10 +38,6 @@ fn chat_ids(codec: &TextCodec, template: &ChatTemplate, prompt: &str) -> Vec<u32
         .unwrap()
 }
 
-fn row(logits: &candle_core::Tensor) -> Vec<f32> {
-    logits.squeeze(0).unwrap().to_vec1().unwrap()
-}
-
 #[test]
 fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
     let pair = encrypt_real_model(&KeySource::Generate);
@@ -58,18 +54,8 @@ fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
         let enc_ids = perm.encrypt_all(&ids).unwrap();
         assert_ne!(ids, enc_ids);
         let (mut pc, mut ec) = (plain.new_cache(), enc.new_cache());
-        let mut p_logits = row(&plain
-            .forward(&mut [SeqStep {
-                tokens: &ids,
-                cache: &mut pc,
-            }])
-            .unwrap());
-        let mut e_logits = row(&enc
-            .forward(&mut [SeqStep {
-                tokens: &enc_ids,
-                cache: &mut ec,
-            }])
-            .unwrap());
+        let mut p_logits = plain.forward_one(&ids, &mut pc).unwrap();
+        let mut e_logits = enc.forward_one(&enc_ids, &mut ec).unwrap();
         let mut p_sampler = Sampler::new(SamplingParams::greedy(), &ids).unwrap();
         let mut e_sampler = Sampler::new(SamplingParams::greedy(), &enc_ids).unwrap();
         let mut generated = Vec::new();
@@ -92,18 +78,8 @@ fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
                 "{prompt:?}: greedy token differs at step {step}"
             );
             generated.push(p_tok);
-            p_logits = row(&plain
-                .forward(&mut [SeqStep {
-                    tokens: &[p_tok],
-                    cache: &mut pc,
-                }])
-                .unwrap());
-            e_logits = row(&enc
-                .forward(&mut [SeqStep {
-                    tokens: &[e_tok],
-                    cache: &mut ec,
-                }])
-                .unwrap());
+            p_logits = plain.forward_one(&[p_tok], &mut pc).unwrap();
+            e_logits = enc.forward_one(&[e_tok], &mut ec).unwrap();
         }
         assert_eq!(generated.len(), 64);
     }

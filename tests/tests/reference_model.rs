@@ -4,7 +4,7 @@
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use ee_e2e::model_path;
-use ee_engine::{LlamaModel, SeqStep};
+use ee_engine::LlamaModel;
 
 const PROMPT: [u32; 16] = [
     1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
@@ -25,16 +25,7 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
 
     let mut cache = ours.new_cache();
     let mut tokens = PROMPT.to_vec();
-    let mut ours_logits: Vec<f32> = ours
-        .forward(&mut [SeqStep {
-            tokens: &tokens,
-            cache: &mut cache,
-        }])
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mut ours_logits: Vec<f32> = ours.forward_one(&tokens, &mut cache).unwrap();
     let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -75,16 +66,7 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
         assert_eq!(a, b, "greedy token differs at step {step}");
         let pos = tokens.len();
         tokens.push(a);
-        ours_logits = ours
-            .forward(&mut [SeqStep {
-                tokens: &[a],
-                cache: &mut cache,
-            }])
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        ours_logits = ours.forward_one(&[a], &mut cache).unwrap();
         let input = Tensor::new(&[a], &Device::Cpu)
             .unwrap()
             .unsqueeze(0)
@@ -105,16 +87,7 @@ fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
         candle_kernels: true,
     };
     let ours = LlamaModel::load_with(&model_path(), &opts).unwrap();
-    let logits: Vec<f32> = ours
-        .forward(&mut [SeqStep {
-            tokens: &PROMPT,
-            cache: &mut ours.new_cache(),
-        }])
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let logits: Vec<f32> = ours.forward_one(&PROMPT, &mut ours.new_cache()).unwrap();
     let mut file = std::fs::File::open(model_path()).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();

@@ -3,7 +3,7 @@
 //! directly to batch many sequences; this loop serves the CLI, the benchmark
 //! and the exactness tests.
 
-use crate::llama::{LlamaModel, SeqStep};
+use crate::llama::LlamaModel;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
 
@@ -61,14 +61,10 @@ pub fn generate(
     opts.sampling.validate(model.vocab_size())?;
     let mut sampler = Sampler::new(opts.sampling.clone(), prompt)?;
     let mut cache = model.new_cache();
-    let mut logits = None;
+    let mut logits = Vec::new();
     for chunk in prompt.chunks(opts.prefill_chunk.max(1)) {
-        logits = Some(model.forward(&mut [SeqStep {
-            tokens: chunk,
-            cache: &mut cache,
-        }])?);
+        logits = model.forward_one(chunk, &mut cache)?;
     }
-    let mut logits = logits.expect("prompt is not empty");
     let mut tokens = Vec::new();
     if opts.max_tokens == 0 {
         return Ok(Generation {
@@ -77,8 +73,7 @@ pub fn generate(
         });
     }
     loop {
-        let row = logits.squeeze(0)?.to_vec1::<f32>()?;
-        let sampled = sampler.sample(&row, model.tie_keys(), None)?;
+        let sampled = sampler.sample(&logits, model.tie_keys(), None)?;
         on_token(&sampled);
         let token = sampled.token;
         tokens.push(sampled);
@@ -96,10 +91,7 @@ pub fn generate(
                 finish_reason,
             });
         }
-        logits = model.forward(&mut [SeqStep {
-            tokens: &[token],
-            cache: &mut cache,
-        }])?;
+        logits = model.forward_one(&[token], &mut cache)?;
     }
 }
 

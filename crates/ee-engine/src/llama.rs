@@ -217,6 +217,13 @@ impl LlamaModel {
         })
     }
 
+    /// [`forward`](Self::forward) for one sequence: the logits after its
+    /// last token, `[vocab]`.
+    pub fn forward_one(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>, Error> {
+        let logits = self.forward(&mut [SeqStep { tokens, cache }])?;
+        Ok(logits.squeeze(0)?.to_vec1()?)
+    }
+
     /// Like [`forward`](Self::forward) for one sequence, but returns the
     /// logits at every new position: `[tokens.len(), vocab]`.
     pub fn forward_all_positions(

@@ -154,17 +154,7 @@ fn batching_does_not_change_any_sequence() {
             .collect();
         let alone: Vec<Vec<f32>> = prompts
             .iter()
-            .map(|t| {
-                m.forward(&mut [SeqStep {
-                    tokens: t,
-                    cache: &mut m.new_cache(),
-                }])
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-            })
+            .map(|t| m.forward_one(t, &mut m.new_cache()).unwrap())
             .collect();
         let mut caches: Vec<_> = prompts.iter().map(|_| m.new_cache()).collect();
         let mut steps: Vec<SeqStep> = prompts
@@ -181,19 +171,8 @@ fn batching_does_not_change_any_sequence() {
         }
         // A decode step batched with a prefill chunk of another sequence.
         let mut solo_cache = m.new_cache();
-        m.forward(&mut [SeqStep {
-            tokens: &prompts[0],
-            cache: &mut solo_cache,
-        }])
-        .unwrap();
-        let solo = m
-            .forward(&mut [SeqStep {
-                tokens: &[9],
-                cache: &mut solo_cache,
-            }])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        m.forward_one(&prompts[0], &mut solo_cache).unwrap();
+        let solo = m.forward_one(&[9], &mut solo_cache).unwrap();
         let newcomer = prompt(9, m.vocab_size(), 7);
         let mut fresh = m.new_cache();
         let (c0, _) = caches.split_at_mut(1);
@@ -211,7 +190,7 @@ fn batching_does_not_change_any_sequence() {
             .unwrap()
             .to_vec2::<f32>()
             .unwrap();
-        assert_batch_invariant(&spec, name, &solo[0], &mixed[1]);
+        assert_batch_invariant(&spec, name, &solo, &mixed[1]);
     }
 }
 
@@ -220,31 +199,15 @@ fn chunked_prefill_matches_whole_prefill() {
     let p = pair(&TinySpec::llama_q4_1());
     let m = &p.plain;
     let tokens = prompt(40, m.vocab_size(), 3);
-    let whole = m
-        .forward(&mut [SeqStep {
-            tokens: &tokens,
-            cache: &mut m.new_cache(),
-        }])
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let whole = m.forward_one(&tokens, &mut m.new_cache()).unwrap();
     let mut cache = m.new_cache();
-    let mut last = None;
+    let mut chunked = Vec::new();
     for chunk in tokens.chunks(16) {
-        last = Some(
-            m.forward(&mut [SeqStep {
-                tokens: chunk,
-                cache: &mut cache,
-            }])
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap(),
-        );
+        chunked = m.forward_one(chunk, &mut cache).unwrap();
     }
-    let chunked = last.unwrap();
-    let max_diff = whole[0]
+    let max_diff = whole
         .iter()
-        .zip(&chunked[0])
+        .zip(&chunked)
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(max_diff < 1e-4, "chunked prefill differs by {max_diff}");
@@ -283,13 +246,7 @@ fn forward_pass_agrees_with_candle_quantized_llama() {
         let p = pair(&spec);
         let model = LlamaModel::load_with(&p.plain_path, &opts).unwrap();
         let tokens = prompt(24, model.vocab_size(), 4);
-        let ours = model
-            .forward(&mut [SeqStep {
-                tokens: &tokens,
-                cache: &mut model.new_cache(),
-            }])
-            .unwrap();
-        let ours: Vec<f32> = ours.squeeze(0).unwrap().to_vec1().unwrap();
+        let ours = model.forward_one(&tokens, &mut model.new_cache()).unwrap();
         let theirs = reference_logits(&p.plain_path, &tokens);
         let scale = theirs.iter().map(|x| x.abs()).fold(0f32, f32::max);
         let max_diff = ours
@@ -321,25 +278,11 @@ fn sliding_window_limits_attention() {
     let mut d = c.clone();
     c[0] = 10;
     d[0] = 11;
-    let lc = m
-        .forward(&mut [SeqStep {
-            tokens: &c,
-            cache: &mut m.new_cache(),
-        }])
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let ld = m
-        .forward(&mut [SeqStep {
-            tokens: &d,
-            cache: &mut m.new_cache(),
-        }])
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
+    let lc = m.forward_one(&c, &mut m.new_cache()).unwrap();
+    let ld = m.forward_one(&d, &mut m.new_cache()).unwrap();
     assert_eq!(
-        bits(&lc[0]),
-        bits(&ld[0]),
+        bits(&lc),
+        bits(&ld),
         "tokens beyond the window's reach must not matter"
     );
 }
@@ -468,16 +411,7 @@ fn decoding_token_by_token_reproduces_prefill_logits() {
             .unwrap();
         let mut cache = m.new_cache();
         for (i, t) in tokens.iter().enumerate() {
-            let row: Vec<f32> = m
-                .forward(&mut [SeqStep {
-                    tokens: &[*t],
-                    cache: &mut cache,
-                }])
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let row: Vec<f32> = m.forward_one(&[*t], &mut cache).unwrap();
             let scale = all[i].iter().fold(0f32, |a, x| a.max(x.abs()));
             let diff = row
                 .iter()

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ee_core::transform::write_server_artifact;
 use ee_core::Key;
-use ee_engine::{LlamaModel, Sampler, SamplingParams, SeqStep};
+use ee_engine::{LlamaModel, Sampler, SamplingParams};
 
 use crate::default_model;
 
@@ -46,24 +46,14 @@ fn median(v: &mut [f64]) -> f64 {
 fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     let mut cache = model.new_cache();
     let t = Instant::now();
-    let logits = model.forward(&mut [SeqStep {
-        tokens: prompt,
-        cache: &mut cache,
-    }])?;
+    let mut row = model.forward_one(prompt, &mut cache)?;
     let prefill = prompt.len() as f64 / t.elapsed().as_secs_f64();
 
     let mut sampler = Sampler::new(SamplingParams::greedy(), prompt)?;
-    let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
     let t = Instant::now();
     for _ in 0..n {
         let token = sampler.sample(&row, model.tie_keys(), None)?.token;
-        row = model
-            .forward(&mut [SeqStep {
-                tokens: &[token],
-                cache: &mut cache,
-            }])?
-            .squeeze(0)?
-            .to_vec1()?;
+        row = model.forward_one(&[token], &mut cache)?;
     }
     Ok((prefill, n as f64 / t.elapsed().as_secs_f64()))
 }
