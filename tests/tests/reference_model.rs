@@ -16,27 +16,31 @@ fn argmax(v: &[f32]) -> u32 {
         .unwrap() as u32
 }
 
+fn candle_model() -> ModelWeights {
+    let mut file = std::fs::File::open(model_path()).unwrap();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
+    ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap()
+}
+
+/// candle's logits after `tokens`, fed at position `pos`.
+fn candle_logits(model: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f32> {
+    let input = Tensor::new(tokens, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits = model.forward(&input, pos).unwrap();
+    logits.squeeze(0).unwrap().to_vec1().unwrap()
+}
+
 #[test]
 fn logits_agree_and_32_greedy_tokens_match_candle() {
     let ours = LlamaModel::load(&model_path()).unwrap();
-    let mut file = std::fs::File::open(model_path()).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
+    let mut theirs = candle_model();
 
     let mut cache = ours.new_cache();
     let mut tokens = PROMPT.to_vec();
     let mut ours_logits: Vec<f32> = ours.forward_one(&tokens, &mut cache).unwrap();
-    let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut their_logits: Vec<f32> = theirs
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mut their_logits = candle_logits(&mut theirs, &tokens, 0);
     for step in 0..32 {
         let scale = their_logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         // Activations are quantized to 8 bits before every quantized matmul.
@@ -67,17 +71,7 @@ fn logits_agree_and_32_greedy_tokens_match_candle() {
         let pos = tokens.len();
         tokens.push(a);
         ours_logits = ours.forward_one(&[a], &mut cache).unwrap();
-        let input = Tensor::new(&[a], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        their_logits = theirs
-            .forward(&input, pos)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        their_logits = candle_logits(&mut theirs, &[a], pos);
     }
 }
 
@@ -88,20 +82,8 @@ fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
     };
     let ours = LlamaModel::load_with(&model_path(), &opts).unwrap();
     let logits: Vec<f32> = ours.forward_one(&PROMPT, &mut ours.new_cache()).unwrap();
-    let mut file = std::fs::File::open(model_path()).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut theirs = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let input = Tensor::new(PROMPT.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let reference: Vec<f32> = theirs
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let mut theirs = candle_model();
+    let reference = candle_logits(&mut theirs, &PROMPT, 0);
     let scale = reference.iter().fold(0f32, |m, x| m.max(x.abs()));
     let diff = logits
         .iter()
