@@ -149,7 +149,7 @@ async fn serve<R: DeserializeOwned>(
         let loaded = state.loaded()?;
         check_model(loaded, model_of(&request))?;
         let valid = validator(&request, &loaded.limits)?;
-        Ok::<_, ApiError>(generate(state.clone(), valid, endpoint).await)
+        Ok::<_, ApiError>(generate(state.clone(), loaded, valid, endpoint).await)
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
 }
@@ -410,11 +410,12 @@ fn submit(loaded: &LoadedModel, v: &ValidRequest) -> Result<Events, ApiError> {
     Ok(stream::select_all(streams))
 }
 
-async fn generate(state: SharedState, v: ValidRequest, endpoint: Endpoint) -> Response {
-    let loaded = match state.loaded() {
-        Ok(l) => l,
-        Err(e) => return e.into_response(),
-    };
+async fn generate(
+    state: SharedState,
+    loaded: &LoadedModel,
+    v: ValidRequest,
+    endpoint: Endpoint,
+) -> Response {
     let events = match submit(loaded, &v) {
         Ok(e) => e,
         Err(e) => return e.into_response(),
