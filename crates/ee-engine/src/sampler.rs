@@ -248,22 +248,25 @@ impl Sampler {
             return Err(Error::Model("no finite logit to sample from".into()));
         }
         let p = &self.params;
+        // Logprobs need the masses at temperature 1: computed once, and
+        // reused by the draw when it samples at temperature 1 too.
+        let at_t1: Option<Vec<Candidate>> =
+            logprobs.map(|_| candidates(&l, tie_keys, max, Some(1.0)).collect());
         let token = if p.temperature == 0.0 || p.top_k == 1 {
             candidates(&l, tie_keys, max, None)
                 .min_by(by_probability)
                 .expect("max is finite, so a candidate exists")
                 .id
         } else {
-            self.draw(candidates(&l, tie_keys, max, Some(p.temperature)).collect())
+            let kept = match &at_t1 {
+                Some(c) if p.temperature == 1.0 => c.clone(),
+                _ => candidates(&l, tie_keys, max, Some(p.temperature)).collect(),
+            };
+            self.draw(kept)
         };
-        let logprobs = logprobs.map(|top| {
-            token_logprobs(
-                &mut candidates(&l, tie_keys, max, Some(1.0)).collect::<Vec<_>>(),
-                max,
-                token,
-                top,
-            )
-        });
+        let logprobs = logprobs
+            .zip(at_t1)
+            .map(|(top, mut cands)| token_logprobs(&mut cands, max, token, top));
         *self.generated.entry(token).or_insert(0) += 1;
         self.seen.insert(token);
         Ok(Sampled { token, logprobs })
