@@ -3,7 +3,7 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p ee-client --bin ee
+RUN cargo build --release --locked -p ee-cli --bin ee
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -18,7 +18,7 @@ pub fn model_path() -> PathBuf {
         });
     assert!(
         path.exists(),
-        "{} is missing: run `cargo run -p ee-client --bin ee -- fetch-model` first",
+        "{} is missing: run `cargo run -p ee-cli --bin ee -- fetch-model` first",
         path.display()
     );
     path
@@ -44,7 +44,7 @@ pub fn binary(name: &str) -> PathBuf {
         .to_owned();
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
     if !built.iter().any(|b| b == name) {
-        let package = if name == "ee" { "ee-client" } else { name };
+        let package = if name == "ee" { "ee-cli" } else { name };
         let mut cmd = std::process::Command::new(env!("CARGO"));
         cmd.args(["build", "--quiet", "-p", package, "--bin", name])
             .current_dir(workspace_root());

@@ -6,7 +6,7 @@ use ee_client::template::{ChatMessage, ChatTemplate};
 use ee_client::text::TextCodec;
 use ee_core::ClientBundle;
 use ee_e2e::{encrypt_real_model, model_path};
-use ee_engine::{generate, GenerateOptions, LlamaModel, Sampler, SamplingParams};
+use ee_engine::{generate, GenerateOptions, Sampler, SamplingParams};
 
 const PROMPTS: [&str; 5] = [
     "What is the capital of France?",
@@ -46,8 +46,8 @@ fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
         .key
         .vocab_permutation(pair.bundle.manifest.vocab_size);
     assert!(!perm.is_identity());
-    let plain = LlamaModel::load(&model_path()).unwrap();
-    let enc = LlamaModel::load(&pair.server_artifact).unwrap();
+    let plain = ee_engine::load(&model_path()).unwrap();
+    let enc = ee_engine::load(&pair.server_artifact).unwrap();
     let (codec, template) = client(&pair.bundle);
     for prompt in PROMPTS {
         let ids = chat_ids(&codec, &template, prompt);
@@ -92,8 +92,8 @@ fn seeded_sampling_at_temperature_0_8_decrypts_to_the_same_text() {
         .bundle
         .key
         .vocab_permutation(pair.bundle.manifest.vocab_size);
-    let plain = LlamaModel::load(&model_path()).unwrap();
-    let enc = LlamaModel::load(&pair.server_artifact).unwrap();
+    let plain = ee_engine::load(&model_path()).unwrap();
+    let enc = ee_engine::load(&pair.server_artifact).unwrap();
     let (codec, template) = client(&pair.bundle);
     let stops = pair.bundle.manifest.special_tokens.stop_ids.clone();
     for (i, prompt) in PROMPTS.iter().enumerate() {
@@ -114,8 +114,14 @@ fn seeded_sampling_at_temperature_0_8_decrypts_to_the_same_text() {
             stop_token_ids: perm.encrypt_all(&stops).unwrap(),
             ..opts.clone()
         };
-        let p = generate(&plain, &ids, &opts, |_| {}).unwrap();
-        let e = generate(&enc, &perm.encrypt_all(&ids).unwrap(), &enc_opts, |_| {}).unwrap();
+        let p = generate(plain.as_ref(), &ids, &opts, |_| {}).unwrap();
+        let e = generate(
+            enc.as_ref(),
+            &perm.encrypt_all(&ids).unwrap(),
+            &enc_opts,
+            |_| {},
+        )
+        .unwrap();
         let p_text = codec.decode(&p.token_ids()).unwrap();
         let e_text = codec
             .decode(&perm.decrypt_all(&e.token_ids()).unwrap())
@@ -130,7 +136,7 @@ fn seeded_sampling_at_temperature_0_8_decrypts_to_the_same_text() {
 
 #[test]
 fn different_seeds_give_different_samples() {
-    let plain = LlamaModel::load(&model_path()).unwrap();
+    let plain = ee_engine::load(&model_path()).unwrap();
     let pair = encrypt_real_model(&KeySource::Identity);
     let (codec, template) = client(&pair.bundle);
     let ids = chat_ids(&codec, &template, "Tell me a short story about a dragon.");
@@ -141,7 +147,7 @@ fn different_seeds_give_different_samples() {
             ..Default::default()
         };
         generate(
-            &plain,
+            plain.as_ref(),
             &ids,
             &GenerateOptions {
                 max_tokens: 24,

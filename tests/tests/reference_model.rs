@@ -4,7 +4,6 @@
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use ee_e2e::model_path;
-use ee_engine::LlamaModel;
 
 const PROMPT: [u32; 16] = [
     1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
@@ -34,7 +33,7 @@ fn candle_logits(model: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f3
 
 #[test]
 fn logits_agree_and_32_greedy_tokens_match_candle() {
-    let ours = LlamaModel::load(&model_path()).unwrap();
+    let ours = ee_engine::load(&model_path()).unwrap();
     let mut theirs = candle_model();
 
     let mut cache = ours.new_cache();
@@ -80,7 +79,7 @@ fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
     let opts = ee_engine::LoadOptions {
         candle_kernels: true,
     };
-    let ours = LlamaModel::load_with(&model_path(), &opts).unwrap();
+    let ours = ee_engine::load_with(&model_path(), &opts).unwrap();
     let logits: Vec<f32> = ours.forward_one(&PROMPT, &mut ours.new_cache()).unwrap();
     let mut theirs = candle_model();
     let reference = candle_logits(&mut theirs, &PROMPT, 0);

@@ -8,7 +8,7 @@ use ee_client::template::{ChatMessage, ChatTemplate};
 use ee_client::text::TextCodec;
 use ee_core::Permutation;
 use ee_e2e::{encrypt_real_model, http_request, model_path, EncryptedPair, ServerProcess};
-use ee_engine::{generate, GenerateOptions, LlamaModel};
+use ee_engine::{generate, GenerateOptions};
 use serde_json::{json, Value};
 
 struct Stack {
@@ -110,11 +110,11 @@ fn greedy_answers_through_the_server_decrypt_to_the_plaintext_models() {
         s.pair.bundle.manifest.server_artifact.sha256.as_str()
     );
 
-    let plain = LlamaModel::load(&model_path()).unwrap();
+    let plain = ee_engine::load(&model_path()).unwrap();
     let prompt = s.prompt("What is the capital of France?");
     let stops = s.pair.bundle.manifest.special_tokens.stop_ids.clone();
     let local = generate(
-        &plain,
+        plain.as_ref(),
         &prompt,
         &GenerateOptions {
             max_tokens: 24,

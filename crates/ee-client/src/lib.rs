@@ -6,7 +6,7 @@
 //! ([`model_tool`]), and the model fetch ([`fetch`]). [`session`] talks to a
 //! blind server ([`upstream`]) and turns its encrypted answers back into
 //! text ([`decode`]); [`proxy`] puts an OpenAI-compatible HTTP face on it.
-//! The `ee` binary is its command line.
+//! The `ee` binary (crate `ee-cli`) is its command line.
 
 pub mod decode;
 pub mod fetch;
@@ -23,8 +23,6 @@ pub mod upstream;
 pub enum Error {
     #[error(transparent)]
     Core(#[from] ee_core::Error),
-    #[error(transparent)]
-    Engine(#[from] ee_engine::Error),
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]

@@ -2,8 +2,6 @@
 //! this bundle's artifact, then runs generations whose plaintext never
 //! leaves this process. The proxy and `ee chat` both drive it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use ee_core::wire::{ModelCard, Usage};
 use tokio::sync::OnceCell;
 
@@ -66,19 +64,14 @@ impl Session {
         request: &'a Translated,
     ) -> Result<Generation<'a>, SessionError> {
         let card = self.server_model().await?;
-        let stream = self
-            .upstream
-            .stream(request.endpoint, &request.upstream_body)
-            .await?;
+        let stream = self.upstream.stream(&request.upstream).await?;
         let decoders = (0..request.choices)
             .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
             .collect();
         Ok(Generation {
             request,
             model: request.model.clone().unwrap_or_else(|| card.id.clone()),
-            created: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
+            created: ee_api::unix_now(),
             stream: Some(stream),
             decoders,
         })

@@ -4,10 +4,13 @@
 
 use std::time::Duration;
 
+use ee_api::sse::EventBuffer;
+
 use ee_core::wire::{
-    ChatCompletionResponse, CompletionResponse, ErrorEnvelope, FinishReason, ModelCard, ModelList,
-    TokenLogprob,
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
+    ErrorEnvelope, FinishReason, ModelCard, ModelList, TokenLogprob,
 };
+use serde::Serialize;
 
 /// Which generation endpoint of the server a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +24,24 @@ impl Endpoint {
         match self {
             Endpoint::Chat => "/v1/chat/completions",
             Endpoint::Completion => "/v1/completions",
+        }
+    }
+}
+
+/// A request to the blind server, typed: its prompts and stop tokens are
+/// encrypted IDs, never text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum UpstreamRequest {
+    Chat(ChatCompletionRequest),
+    Completion(CompletionRequest),
+}
+
+impl UpstreamRequest {
+    pub fn endpoint(&self) -> Endpoint {
+        match self {
+            UpstreamRequest::Chat(_) => Endpoint::Chat,
+            UpstreamRequest::Completion(_) => Endpoint::Completion,
         }
     }
 }
@@ -129,18 +150,15 @@ impl Upstream {
             .ok_or_else(|| UpstreamError::Protocol("/v1/models lists no model".into()))
     }
 
-    /// Starts a streamed generation. `body` must carry only encrypted IDs.
-    pub async fn stream(
-        &self,
-        endpoint: Endpoint,
-        body: &serde_json::Value,
-    ) -> Result<ServerStream, UpstreamError> {
+    /// Starts a streamed generation (`request` must ask to stream).
+    pub async fn stream(&self, request: &UpstreamRequest) -> Result<ServerStream, UpstreamError> {
+        let endpoint = request.endpoint();
         let url = format!("{}{}", self.base, endpoint.path());
-        let response = self.send(self.http.post(url).json(body)).await?;
+        let response = self.send(self.http.post(url).json(request)).await?;
         Ok(ServerStream {
             endpoint,
             response,
-            buffer: Vec::new(),
+            events: EventBuffer::default(),
         })
     }
 }
@@ -163,7 +181,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 pub struct ServerStream {
     endpoint: Endpoint,
     response: reqwest::Response,
-    buffer: Vec<u8>,
+    events: EventBuffer,
 }
 
 impl ServerStream {
@@ -171,8 +189,8 @@ impl ServerStream {
     /// `data: [DONE]`.
     pub async fn next(&mut self) -> Result<Option<Vec<ServerDelta>>, UpstreamError> {
         loop {
-            if let Some(event) = take_event(&mut self.buffer) {
-                let Some(data) = event_data(&event) else {
+            if let Some(event) = self.events.next_event() {
+                let Some(data) = event else {
                     continue; // a keep-alive comment
                 };
                 if data == "[DONE]" {
@@ -181,7 +199,7 @@ impl ServerStream {
                 return parse_chunk(self.endpoint, &data).map(Some);
             }
             match self.response.chunk().await {
-                Ok(Some(bytes)) => self.buffer.extend_from_slice(&bytes),
+                Ok(Some(bytes)) => self.events.push(&bytes),
                 Ok(None) => {
                     return Err(UpstreamError::Protocol(
                         "the stream ended before [DONE]".into(),
@@ -196,34 +214,6 @@ impl ServerStream {
             }
         }
     }
-}
-
-/// Removes and returns the first complete SSE event (up to a blank line,
-/// `\n\n` or `\r\n\r\n`, whichever comes first).
-fn take_event(buffer: &mut Vec<u8>) -> Option<String> {
-    let find = |sep: &[u8]| {
-        buffer
-            .windows(sep.len())
-            .position(|w| w == sep)
-            .map(|i| (i, i + sep.len()))
-    };
-    let (end, next) = [find(b"\n\n"), find(b"\r\n\r\n")]
-        .into_iter()
-        .flatten()
-        .min()?;
-    let event = String::from_utf8_lossy(&buffer[..end]).into_owned();
-    buffer.drain(..next);
-    Some(event)
-}
-
-/// The `data:` lines of an event, joined; `None` when it has none.
-fn event_data(event: &str) -> Option<String> {
-    let lines: Vec<&str> = event
-        .lines()
-        .filter_map(|l| l.strip_prefix("data:"))
-        .map(|d| d.strip_prefix(' ').unwrap_or(d))
-        .collect();
-    (!lines.is_empty()).then(|| lines.join("\n"))
 }
 
 fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<Vec<ServerDelta>, UpstreamError> {
@@ -273,21 +263,6 @@ fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<Vec<ServerDelta>, Upstr
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sse_events_split_on_blank_lines_and_skip_comments() {
-        let mut buf = b": keep-alive\n\ndata: {\"a\":1}\r\n\r\ndata: [DONE]\n\npartial".to_vec();
-        let first = take_event(&mut buf).unwrap();
-        assert_eq!(event_data(&first), None);
-        let second = take_event(&mut buf).unwrap();
-        assert_eq!(event_data(&second).unwrap(), "{\"a\":1}");
-        assert_eq!(
-            event_data(&take_event(&mut buf).unwrap()).unwrap(),
-            "[DONE]"
-        );
-        assert_eq!(take_event(&mut buf), None);
-        assert_eq!(buf, b"partial");
-    }
 
     #[test]
     fn chunks_parse_for_both_endpoints_and_errors_surface() {

@@ -11,12 +11,9 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
-use crate::gguf::{GgufHeader, TensorInfo, Value};
+use crate::gguf::{GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
 use crate::vocab::TOKENIZER_KEY_PREFIX;
 use crate::{Error, Permutation};
-
-/// Tensors whose rows are indexed by token ID.
-pub const VOCAB_ROW_TENSORS: [&str; 2] = ["token_embd.weight", "output.weight"];
 
 /// The sha256 of a file, as lowercase hex: the fingerprint of an artifact.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {

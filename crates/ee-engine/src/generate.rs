@@ -1,9 +1,9 @@
 //! Single-sequence generation: prefill, then decode until a stop token or the
-//! token budget. The server's scheduler drives [`LlamaModel::forward`]
+//! token budget. The server's scheduler drives [`CausalLm::forward`]
 //! directly to batch many sequences; this loop serves the CLI, the benchmark
 //! and the exactness tests.
 
-use crate::llama::LlamaModel;
+use crate::model::CausalLm;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
 
@@ -50,7 +50,7 @@ impl Generation {
 
 /// Generates from `prompt`, calling `on_token` as each token is drawn.
 pub fn generate(
-    model: &LlamaModel,
+    model: &dyn CausalLm,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_token: impl FnMut(&Sampled),

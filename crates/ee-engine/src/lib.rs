@@ -1,28 +1,41 @@
-//! `ee-engine`: runs Llama-family GGUF models, plaintext or EE-transformed
-//! alike.
+//! `ee-engine`: runs Llama-family models, plaintext or EE-transformed alike.
 //!
-//! - [`LlamaModel`]: loading and a batched forward pass in which every
-//!   sequence has its own [`KvCache`] and position (for continuous batching);
+//! A model is three things kept apart, as in candle and mistral.rs:
+//! - **what it is**: an architecture behind [`CausalLm`], one file each
+//!   under [`models`], with a batched forward pass in which every sequence
+//!   has its own [`KvCache`] and position (for continuous batching);
+//! - **where its weights come from**: a [`weights::WeightSource`] per file
+//!   format (GGUF, memory-mapped);
+//! - **its config**: [`LlamaConfig`], read from the file's metadata.
+//!
+//! [`loader`] puts them together. On top of any model:
 //! - [`Sampler`]: permutation-equivariant sampling;
 //! - [`Scheduler`]: continuous batching on an engine thread;
 //! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests.
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
 
+mod attention;
 pub mod config;
 pub mod generate;
 pub mod kv_cache;
-pub mod llama;
+pub mod linear;
+pub mod loader;
+pub mod model;
+pub mod models;
 pub mod quant;
 pub mod sampler;
 pub mod scheduler;
 #[doc(hidden)]
 pub mod testing;
+pub mod weights;
 
 pub use config::LlamaConfig;
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
-pub use llama::{LlamaModel, LoadOptions, SeqStep};
+pub use linear::LoadOptions;
+pub use loader::{load, load_with, ModelFiles};
+pub use model::{CausalLm, SeqStep};
 pub use sampler::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerConfig, SequenceEvent, SequenceRequest, SubmitError};
 

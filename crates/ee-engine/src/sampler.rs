@@ -4,7 +4,7 @@
 //! The server samples over encrypted IDs. For a seeded draw to decrypt to
 //! the token the plaintext model would draw, nothing may depend on token IDs:
 //! - candidates are walked in probability order, exact ties broken by a key
-//!   that travels with the token (see [`crate::LlamaModel::tie_keys`]);
+//!   that travels with the token (see [`crate::CausalLm::tie_keys`]);
 //! - probability masses are summed as integers, so the totals do not depend
 //!   on the order tokens are stored in (float sums would round differently).
 

@@ -18,7 +18,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::generate::{finish_reason, FinishReason};
 use crate::kv_cache::KvCache;
-use crate::llama::{compute_pool, LlamaModel, SeqStep};
+use crate::model::{compute_pool, CausalLm, SeqStep};
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
 
@@ -95,7 +95,7 @@ pub struct Scheduler {
 }
 
 impl Scheduler {
-    pub fn start(model: Arc<LlamaModel>, config: SchedulerConfig) -> Self {
+    pub fn start(model: Arc<dyn CausalLm>, config: SchedulerConfig) -> Self {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(SchedulerStats::default());
         let max_queue = config.max_queue;
@@ -158,7 +158,7 @@ impl Running {
 }
 
 struct EngineLoop {
-    model: Arc<LlamaModel>,
+    model: Arc<dyn CausalLm>,
     config: SchedulerConfig,
     stats: Arc<SchedulerStats>,
     waiting: VecDeque<Submission>,
@@ -166,7 +166,7 @@ struct EngineLoop {
 }
 
 impl EngineLoop {
-    fn new(model: Arc<LlamaModel>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
+    fn new(model: Arc<dyn CausalLm>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
         Self {
             model,
             config,
@@ -227,7 +227,7 @@ impl EngineLoop {
                 .sampling
                 .validate(self.model.vocab_size())
                 .and_then(|()| Sampler::new(request.sampling.clone(), &request.prompt))
-                .and_then(|s| check_request(&self.model, &request).map(|()| s));
+                .and_then(|s| check_request(self.model.as_ref(), &request).map(|()| s));
             match checked {
                 Ok(sampler) => {
                     let cache = self.model.new_cache();
@@ -337,7 +337,7 @@ impl EngineLoop {
 }
 
 /// Checks what the model itself constrains: IDs and context length.
-fn check_request(model: &LlamaModel, r: &SequenceRequest) -> Result<(), Error> {
+fn check_request(model: &dyn CausalLm, r: &SequenceRequest) -> Result<(), Error> {
     if r.prompt.is_empty() {
         return Err(Error::Model("empty prompt".into()));
     }
@@ -369,11 +369,11 @@ mod tests {
     use crate::testing::{write_tiny_model, TinySpec};
     use std::time::{Duration, Instant};
 
-    fn tiny() -> (tempfile::TempDir, Arc<LlamaModel>) {
+    fn tiny() -> (tempfile::TempDir, Arc<dyn CausalLm>) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.gguf");
         write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
-        let model = Arc::new(LlamaModel::load(&path).unwrap());
+        let model = crate::load(&path).unwrap();
         (dir, model)
     }
 
@@ -430,7 +430,9 @@ mod tests {
                     sampling: sampling(i),
                     ..Default::default()
                 };
-                generate(&model, p, &opts, |_| {}).unwrap().token_ids()
+                generate(model.as_ref(), p, &opts, |_| {})
+                    .unwrap()
+                    .token_ids()
             })
             .collect();
         let greedy = |p: &[u32]| {
@@ -438,7 +440,9 @@ mod tests {
                 max_tokens: 12,
                 ..Default::default()
             };
-            generate(&model, p, &opts, |_| {}).unwrap().token_ids()
+            generate(model.as_ref(), p, &opts, |_| {})
+                .unwrap()
+                .token_ids()
         };
         assert!(
             (1..9).step_by(2).any(|i| alone[i] != greedy(&prompts[i])),

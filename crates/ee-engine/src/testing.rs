@@ -12,6 +12,7 @@ use ee_core::rng::uniform_below;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
+use crate::weights::gguf::ggml_type_id;
 use crate::Error;
 
 /// Shape and format of a tiny model.
@@ -173,25 +174,6 @@ fn random_tensor(
 
 fn quantized(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>, Error> {
     Ok(QTensor::quantize(t, dtype)?.data()?.into_owned())
-}
-
-fn ggml_type_id(dtype: GgmlDType) -> u32 {
-    match dtype {
-        GgmlDType::F32 => 0,
-        GgmlDType::F16 => 1,
-        GgmlDType::Q4_0 => 2,
-        GgmlDType::Q4_1 => 3,
-        GgmlDType::Q5_0 => 6,
-        GgmlDType::Q5_1 => 7,
-        GgmlDType::Q8_0 => 8,
-        GgmlDType::Q8_1 => 9,
-        GgmlDType::Q2K => 10,
-        GgmlDType::Q3K => 11,
-        GgmlDType::Q4K => 12,
-        GgmlDType::Q5K => 13,
-        GgmlDType::Q6K => 14,
-        GgmlDType::Q8K => 15,
-    }
 }
 
 /// Writes a tiny random model with full tokenizer metadata and a ChatML

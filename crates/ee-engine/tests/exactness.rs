@@ -3,18 +3,19 @@
 //! and our forward pass vs candle-transformers' independent `quantized_llama`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use ee_core::transform::write_server_artifact;
 use ee_core::{Key, Permutation};
 use ee_engine::testing::{write_tiny_model, TinySpec};
-use ee_engine::{generate, GenerateOptions, LlamaModel, LoadOptions, SamplingParams, SeqStep};
+use ee_engine::{generate, CausalLm, GenerateOptions, LoadOptions, SamplingParams, SeqStep};
 
 struct Pair {
     _dir: tempfile::TempDir,
     plain_path: PathBuf,
-    plain: LlamaModel,
-    enc: LlamaModel,
+    plain: Arc<dyn CausalLm>,
+    enc: Arc<dyn CausalLm>,
     perm: Permutation,
 }
 
@@ -23,10 +24,10 @@ fn pair(spec: &TinySpec) -> Pair {
     let plain_path = dir.path().join("plain.gguf");
     let enc_path = dir.path().join("enc.gguf");
     write_tiny_model(&plain_path, spec).unwrap();
-    let plain = LlamaModel::load(&plain_path).unwrap();
+    let plain = ee_engine::load(&plain_path).unwrap();
     let perm = Key::from_bytes([spec.seed as u8; 32]).vocab_permutation(plain.vocab_size() as u32);
     write_server_artifact(&plain_path, &enc_path, &perm, &mut |_, _| {}).unwrap();
-    let enc = LlamaModel::load(&enc_path).unwrap();
+    let enc = ee_engine::load(&enc_path).unwrap();
     Pair {
         _dir: dir,
         plain_path,
@@ -128,10 +129,10 @@ fn greedy_and_seeded_generation_match_through_encryption() {
                 sampling: sampling.clone(),
                 ..Default::default()
             };
-            let plain = generate(&p.plain, &tokens, &opts, |_| {})
+            let plain = generate(p.plain.as_ref(), &tokens, &opts, |_| {})
                 .unwrap()
                 .token_ids();
-            let enc = generate(&p.enc, &enc_tokens, &opts, |_| {})
+            let enc = generate(p.enc.as_ref(), &enc_tokens, &opts, |_| {})
                 .unwrap()
                 .token_ids();
             assert_eq!(plain.len(), 24);
@@ -148,7 +149,7 @@ fn greedy_and_seeded_generation_match_through_encryption() {
 fn batching_does_not_change_any_sequence() {
     for (name, spec) in TinySpec::all_variants() {
         let p = pair(&spec);
-        let m = &p.plain;
+        let m = p.plain.as_ref();
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|i| prompt(5 + 7 * i, m.vocab_size(), i))
             .collect();
@@ -197,7 +198,7 @@ fn batching_does_not_change_any_sequence() {
 #[test]
 fn chunked_prefill_matches_whole_prefill() {
     let p = pair(&TinySpec::llama_q4_1());
-    let m = &p.plain;
+    let m = p.plain.as_ref();
     let tokens = prompt(40, m.vocab_size(), 3);
     let whole = m.forward_one(&tokens, &mut m.new_cache()).unwrap();
     let mut cache = m.new_cache();
@@ -244,7 +245,7 @@ fn forward_pass_agrees_with_candle_quantized_llama() {
         .filter(|(_, s)| s.sliding_window.is_none())
     {
         let p = pair(&spec);
-        let model = LlamaModel::load_with(&p.plain_path, &opts).unwrap();
+        let model = ee_engine::load_with(&p.plain_path, &opts).unwrap();
         let tokens = prompt(24, model.vocab_size(), 4);
         let ours = model.forward_one(&tokens, &mut model.new_cache()).unwrap();
         let theirs = reference_logits(&p.plain_path, &tokens);
@@ -270,7 +271,7 @@ fn sliding_window_limits_attention() {
         .unwrap()
         .1;
     let p = pair(&spec);
-    let m = &p.plain;
+    let m = p.plain.as_ref();
     // Information flows back at most n_layers x window positions (2 x 8 here):
     // two prompts that differ only before that reach give identical logits,
     // though a full-attention model would tell them apart.
@@ -290,7 +291,7 @@ fn sliding_window_limits_attention() {
 #[test]
 fn bad_inputs_are_errors() {
     let p = pair(&TinySpec::llama_q4_1());
-    let m = &p.plain;
+    let m = p.plain.as_ref();
     let too_big = m.vocab_size() as u32;
     assert!(m
         .forward(&mut [SeqStep {
@@ -318,7 +319,7 @@ fn bad_inputs_are_errors() {
 #[test]
 fn generation_stops_on_stop_token_and_respects_length() {
     let p = pair(&TinySpec::llama_q4_1());
-    let m = &p.plain;
+    let m = p.plain.as_ref();
     let tokens = prompt(8, m.vocab_size(), 6);
     let free = generate(
         m,
@@ -355,17 +356,17 @@ fn odd_block_counts_run_on_our_kernels_and_are_refused_on_candles() {
         ..TinySpec::llama_q4_1()
     };
     write_tiny_model(&path, &spec).unwrap();
-    let ours = LlamaModel::load(&path).unwrap();
+    let ours = ee_engine::load(&path).unwrap();
     let opts = GenerateOptions {
         max_tokens: 4,
         ..Default::default()
     };
-    let out = generate(&ours, &[1, 2, 3], &opts, |_| {}).unwrap();
+    let out = generate(ours.as_ref(), &[1, 2, 3], &opts, |_| {}).unwrap();
     assert_eq!(out.token_ids().len(), 4);
     let candle = LoadOptions {
         candle_kernels: true,
     };
-    let err = LlamaModel::load_with(&path, &candle)
+    let err = ee_engine::load_with(&path, &candle)
         .err()
         .expect("load on candle's kernels must fail");
     assert!(err.to_string().contains("odd number of blocks"), "{err}");
@@ -402,7 +403,7 @@ fn decoding_token_by_token_reproduces_prefill_logits() {
         ),
     ] {
         let p = pair(&spec);
-        let m = &p.plain;
+        let m = p.plain.as_ref();
         let tokens = prompt(30, m.vocab_size(), 8);
         let all = m
             .forward_all_positions(&tokens, &mut m.new_cache())

@@ -6,7 +6,6 @@
 //! crate is the HTTP layer only; batching and sampling live in `ee-engine`.
 
 pub mod config;
-pub mod error;
 pub mod metrics;
 pub mod routes;
 pub mod serve;
@@ -23,13 +22,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
+use ee_api::ApiError;
 use ee_core::wire::ModelCard;
 use ee_engine::Scheduler;
 use subtle::ConstantTimeEq;
 use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::config::ServerConfig;
-use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::validate::Limits;
 

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use ee_api::shutdown_signal;
 use ee_server::config::ServerConfig;
-use ee_server::serve::{serve, shutdown_signal};
+use ee_server::serve::serve;
 use ee_server::AppState;
 
 #[derive(Parser)]

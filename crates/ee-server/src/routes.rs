@@ -1,15 +1,15 @@
 //! Handlers: health, models, metrics, and the two generation endpoints,
 //! streaming (SSE) or not.
 
-use std::convert::Infallible;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use ee_api::{read_json, response_id, sse, unix_now, ApiError};
 use ee_core::wire::{
     AssistantTokens, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
     CompletionRequest, CompletionResponse, FinishReason, Logprobs, ModelList, TokenLogprob,
@@ -21,7 +21,6 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::error::ApiError;
 use crate::validate::{self, ValidRequest};
 use crate::{LoadedModel, SharedState};
 
@@ -56,38 +55,6 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         state.metrics.render(waiting, running),
     )
         .into_response()
-}
-
-/// Reads a JSON body: content type, size and nesting checked first, so each
-/// failure gets its own status and the envelope.
-pub async fn read_json<T: DeserializeOwned>(
-    headers: &HeaderMap,
-    body: Body,
-    max_bytes: usize,
-    max_depth: usize,
-) -> Result<T, ApiError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
-        });
-    if !json {
-        return Err(ApiError::unsupported_media_type());
-    }
-    let bytes = axum::body::to_bytes(body, max_bytes)
-        .await
-        .map_err(|_| ApiError::too_large(max_bytes))?;
-    let depth = validate::json_depth(&bytes);
-    if depth > max_depth {
-        return Err(ApiError::bad_request(format!(
-            "JSON nested {depth} deep; the limit is {max_depth}"
-        )));
-    }
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
 fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
@@ -370,12 +337,6 @@ impl Job {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 type Events = SelectAll<BoxStream<'static, (usize, SequenceEvent)>>;
 
 /// Submits every choice; on failure the already-submitted ones are dropped,
@@ -427,16 +388,10 @@ async fn generate(
         .fetch_add(prompt_tokens as u64, std::sync::atomic::Ordering::Relaxed);
     let started = Instant::now();
     let job = Job {
-        id: format!(
-            "{}-{:x}{:x}",
-            if matches!(endpoint, Endpoint::Chat) {
-                "chatcmpl"
-            } else {
-                "cmpl"
-            },
-            unix_now(),
-            rand_suffix()
-        ),
+        id: response_id(match endpoint {
+            Endpoint::Chat => "chatcmpl",
+            Endpoint::Completion => "cmpl",
+        }),
         created: unix_now(),
         model: loaded.card.id.clone(),
         endpoint,
@@ -451,13 +406,6 @@ async fn generate(
     } else {
         collect_response(state, job, events, deadline).await
     }
-}
-
-fn rand_suffix() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(unix_now());
-    h.finish() & 0xffff_ffff
 }
 
 async fn collect_response(
@@ -492,7 +440,7 @@ fn stream_response(
 ) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
-        let data = |v: serde_json::Value| Event::default().data(v.to_string());
+        let data = |v: serde_json::Value| sse::data(&v);
         loop {
             let next = tokio::select! {
                 _ = tx.closed() => return,
@@ -522,12 +470,7 @@ fn stream_response(
                 .send(data(job.chunk(0, None, None, Some(job.usage()))))
                 .await;
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let _ = tx.send(sse::done()).await;
     });
-    let body = stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-    });
-    Sse::new(body)
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    sse::response(rx)
 }

@@ -3,12 +3,10 @@
 
 use std::future::{Future, IntoFuture};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
-use ee_core::transform::sha256_file;
 use ee_core::wire::ModelCard;
-use ee_engine::{LlamaModel, Scheduler, SchedulerConfig};
+use ee_engine::{ModelFiles, Scheduler, SchedulerConfig};
 use tokio::net::TcpListener;
 
 use crate::validate::Limits;
@@ -16,8 +14,6 @@ use crate::{router, LoadedModel, SharedState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("loading {0}: {1}")]
-    Core(PathBuf, ee_core::Error),
     #[error("loading {0}: {1}")]
     Engine(PathBuf, ee_engine::Error),
     #[error("the model loader panicked")]
@@ -29,8 +25,10 @@ pub enum ServeError {
 /// Loads the artifact and installs it in `state`, which makes the server ready.
 pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     let started = Instant::now();
-    let sha256 = sha256_file(path).map_err(|e| ServeError::Core(path.into(), e))?;
-    let model = LlamaModel::load(path).map_err(|e| ServeError::Engine(path.into(), e))?;
+    let engine_err = |e| ServeError::Engine(path.into(), e);
+    let files = ModelFiles::open(path).map_err(engine_err)?;
+    let sha256 = files.sha256();
+    let model = files.load(&Default::default()).map_err(engine_err)?;
     let c = &state.config;
     let limits = Limits {
         vocab_size: model.vocab_size(),
@@ -41,16 +39,14 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     let card = ModelCard {
         id: c.model_id.clone(),
         object: "model".into(),
-        created: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        created: ee_api::unix_now(),
         owned_by: "ee".into(),
         artifact_sha256: sha256,
         vocab_size: model.vocab_size(),
         context_length: model.context_length(),
     };
     let scheduler = Scheduler::start(
-        Arc::new(model),
+        model,
         SchedulerConfig {
             max_batch: c.max_batch,
             max_queue: c.max_queue,
@@ -88,23 +84,4 @@ pub async fn serve(
             Err(_) => Err(ServeError::LoaderPanicked),
         },
     }
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }

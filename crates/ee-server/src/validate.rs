@@ -1,13 +1,12 @@
 //! Request validation, separate from inference: a request either becomes a
 //! [`ValidRequest`] the scheduler can run as is, or a 400 naming the field.
 
+use ee_api::ApiError;
 use ee_core::wire::{
     ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent,
     PromptInput,
 };
 use ee_engine::SamplingParams;
-
-use crate::error::ApiError;
 
 /// What the model constrains.
 #[derive(Debug, Clone, Copy)]
@@ -33,32 +32,6 @@ pub struct ValidRequest {
 
 const TEXT_REFUSED: &str = "this server only accepts encrypted token IDs; it has no tokenizer. \
 Send text through the ee client proxy, which encrypts it";
-
-/// The deepest `[`/`{` nesting in a JSON text, strings skipped.
-pub fn json_depth(body: &[u8]) -> usize {
-    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                max = max.max(depth);
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    max
-}
 
 fn check_ids(param: &str, ids: &[u32], limits: &Limits) -> Result<(), ApiError> {
     match ids.iter().find(|&&t| t as usize >= limits.vocab_size) {
@@ -432,11 +405,5 @@ mod tests {
         .unwrap();
         let err = chat(&text, &LIMITS).unwrap_err();
         assert!(err.message.contains("only accepts encrypted token IDs"));
-    }
-
-    #[test]
-    fn json_depth_skips_strings() {
-        assert_eq!(json_depth(br#"{"a": [[1]], "b": "[[[[[["}"#), 3);
-        assert_eq!(json_depth(br#"{"a": "\"[["}"#), 1);
     }
 }

@@ -6,20 +6,17 @@
 pub mod request;
 pub mod response;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::sse::Event;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use ee_api::{read_json, response_id, sse, ApiError};
 use ee_core::wire::ErrorEnvelope;
-use ee_server::error::ApiError;
-use ee_server::routes::read_json;
-use futures_util::stream;
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -150,12 +147,10 @@ async fn completions(
 }
 
 fn answer_id(endpoint: Endpoint) -> String {
-    let prefix = match endpoint {
+    response_id(match endpoint {
         Endpoint::Chat => "chatcmpl",
         Endpoint::Completion => "cmpl",
-    };
-    let random = ee_core::rng::os_random_bytes().unwrap_or_default();
-    format!("{prefix}-{}", hex::encode(&random[..12]))
+    })
 }
 
 async fn answer(
@@ -213,7 +208,7 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                 return;
             }
         };
-        let data = |v: Value| Event::default().data(v.to_string());
+        let data = |v: Value| sse::data(&v);
         let meta = AnswerMeta::of(&generation, answer_id(request.endpoint));
         if request.trace {
             let _ = tx
@@ -256,17 +251,10 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
         if request.include_usage {
             let _ = tx.send(data(meta.usage_chunk(&generation.usage()))).await;
         }
-        let _ = tx.send(Event::default().data("[DONE]")).await;
+        let _ = tx.send(sse::done()).await;
     });
     match started_rx.await {
-        Ok(Ok(())) => {
-            let body = stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
-            });
-            Sse::new(body)
-                .keep_alive(KeepAlive::default())
-                .into_response()
-        }
+        Ok(Ok(())) => sse::response(rx),
         Ok(Err(e)) => error_response(e),
         Err(_) => ApiError::internal("the request task ended early").into_response(),
     }

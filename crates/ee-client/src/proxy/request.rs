@@ -1,15 +1,21 @@
 //! Validation and translation of a plaintext OpenAI request into the blind
-//! server's encrypted one. Everything that needs the key or the tokenizer is
-//! checked here; plain numeric fields (temperature, max_tokens, …) pass
-//! through and the server validates them, so there is one set of limits.
+//! server's encrypted one, typed as `ee_core::wire` defines it. Everything
+//! that needs the key or the tokenizer is checked here; plain numeric fields
+//! (temperature, max_tokens, …) are only type-checked and the server
+//! validates their ranges, so there is one set of limits.
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Map, Value};
+use ee_core::wire::{
+    self, ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent,
+    PromptInput,
+};
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
 
 use crate::keyholder::KeyHolder;
 use crate::template::ChatMessage;
-use crate::upstream::Endpoint;
+use crate::upstream::{Endpoint, UpstreamRequest};
 
 /// A 400 about the plaintext request.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,7 +31,7 @@ fn invalid(param: &str, message: impl Into<String>) -> RequestError {
     }
 }
 
-/// Fields passed to the server unchanged (it validates them).
+/// Fields passed to the server as they are (it validates them).
 const PASSED: &[&str] = &[
     "model",
     "max_tokens",
@@ -70,7 +76,7 @@ pub enum LogprobsShape {
 #[derive(Debug, Clone)]
 pub struct Translated {
     pub endpoint: Endpoint,
-    pub upstream_body: Value,
+    pub upstream: UpstreamRequest,
     pub stream: bool,
     pub include_usage: bool,
     pub stops: Vec<String>,
@@ -134,39 +140,6 @@ pub fn translate(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid("prompt", e.to_string()))?;
 
-    let mut out = Map::new();
-    for k in PASSED {
-        if let Some(v) = body.get(*k) {
-            out.insert((*k).into(), v.clone());
-        }
-    }
-    match endpoint {
-        Endpoint::Chat => {
-            // One message holds the whole rendered conversation: the server
-            // needs no turn boundaries, so it is not given them.
-            out.insert(
-                "messages".into(),
-                json!([{"role": "user", "content": [{"type": "token_ids", "token_ids": encrypted_prompts[0]}]}]),
-            );
-            for k in ["logprobs", "top_logprobs"] {
-                if let Some(v) = body.get(k) {
-                    out.insert(k.into(), v.clone());
-                }
-            }
-        }
-        Endpoint::Completion => {
-            out.insert("prompt".into(), json!(encrypted_prompts));
-            if let Some(v) = body.get("logprobs") {
-                out.insert("logprobs".into(), v.clone());
-            }
-        }
-    }
-    let logprobs = match (endpoint, null_is_absent("logprobs")) {
-        (_, None) | (Endpoint::Chat, Some(Value::Bool(false))) => LogprobsShape::None,
-        (Endpoint::Chat, Some(_)) => LogprobsShape::Chat,
-        (Endpoint::Completion, Some(_)) => LogprobsShape::Completion,
-    };
-
     let mut stop_ids: Vec<u32> = keys.stop_ids().to_vec();
     stop_ids.extend(parse_token_ids(
         keys,
@@ -175,15 +148,75 @@ pub fn translate(
     )?);
     stop_ids.sort_unstable();
     stop_ids.dedup();
-    out.insert(
-        "stop_token_ids".into(),
-        json!(keys
-            .encrypt(&stop_ids)
-            .map_err(|e| invalid("stop_token_ids", e.to_string()))?),
-    );
-    if let Some(bias) = null_is_absent("logit_bias") {
-        out.insert("logit_bias".into(), encrypt_logit_bias(keys, bias)?);
-    }
+    let fields = GenerationFields {
+        max_tokens: typed(body, "max_tokens", "an integer")?,
+        max_completion_tokens: typed(body, "max_completion_tokens", "an integer")?,
+        n: typed(body, "n", "an integer")?,
+        temperature: typed(body, "temperature", "a number")?,
+        top_p: typed(body, "top_p", "a number")?,
+        top_k: typed(body, "top_k", "an integer")?,
+        min_p: typed(body, "min_p", "a number")?,
+        seed: typed(body, "seed", "a non-negative integer")?,
+        presence_penalty: typed(body, "presence_penalty", "a number")?,
+        frequency_penalty: typed(body, "frequency_penalty", "a number")?,
+        repetition_penalty: typed(body, "repetition_penalty", "a number")?,
+        logit_bias: null_is_absent("logit_bias")
+            .map(|b| encrypt_logit_bias(keys, b))
+            .transpose()?,
+        stop_token_ids: Some(
+            keys.encrypt(&stop_ids)
+                .map_err(|e| invalid("stop_token_ids", e.to_string()))?,
+        ),
+        ignore_eos: typed(body, "ignore_eos", "true or false")?.unwrap_or(false),
+        // The proxy always streams from the server, so that a stop string
+        // can cancel the rest at once; it counts usage itself.
+        stream: true,
+        stream_options: None,
+        user: typed(body, "user", "a string")?,
+    };
+    let n = fields.n.unwrap_or(1).max(1) as usize;
+    let model = typed::<String>(body, "model", "a string")?;
+    let (upstream, logprobs) = match endpoint {
+        Endpoint::Chat => {
+            let logprobs = typed(body, "logprobs", "true or false")?.unwrap_or(false);
+            // One message holds the whole rendered conversation: the server
+            // needs no turn boundaries, so it is not given them.
+            let message = wire::ChatMessage {
+                role: "user".into(),
+                content: MessageContent::Parts(vec![ContentPart::TokenIds {
+                    token_ids: encrypted_prompts[0].clone(),
+                }]),
+            };
+            let request = ChatCompletionRequest {
+                model: model.clone(),
+                messages: vec![message],
+                logprobs,
+                top_logprobs: typed(body, "top_logprobs", "an integer")?,
+                fields,
+                unknown: BTreeMap::new(),
+            };
+            let shape = match logprobs {
+                true => LogprobsShape::Chat,
+                false => LogprobsShape::None,
+            };
+            (UpstreamRequest::Chat(request), shape)
+        }
+        Endpoint::Completion => {
+            let logprobs = typed(body, "logprobs", "an integer")?;
+            let request = CompletionRequest {
+                model: model.clone(),
+                prompt: PromptInput::Batch(encrypted_prompts.clone()),
+                logprobs,
+                fields,
+                unknown: BTreeMap::new(),
+            };
+            let shape = match logprobs {
+                Some(_) => LogprobsShape::Completion,
+                None => LogprobsShape::None,
+            };
+            (UpstreamRequest::Completion(request), shape)
+        }
+    };
     let stream = flag(null_is_absent("stream"), "stream")?;
     let include_usage = match null_is_absent("stream_options") {
         None => false,
@@ -204,14 +237,9 @@ pub fn translate(
             ))
         }
     };
-    // The proxy always streams from the server, so that a stop string can
-    // cancel the rest at once; it counts usage itself.
-    out.insert("stream".into(), Value::Bool(true));
-
-    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1) as usize;
     Ok(Translated {
         endpoint,
-        upstream_body: Value::Object(out),
+        upstream,
         stream,
         include_usage,
         stops: parse_stops(null_is_absent("stop"))?,
@@ -220,8 +248,23 @@ pub fn translate(
         encrypted_prompts,
         logprobs,
         trace: flag(null_is_absent("ee_trace"), "ee_trace")?,
-        model: body.get("model").and_then(Value::as_str).map(str::to_owned),
+        model,
     })
+}
+
+/// A field the server validates, type-checked here so that a wrong type is
+/// a 400 naming it; `null` is absent.
+fn typed<T: DeserializeOwned>(
+    body: &Map<String, Value>,
+    param: &str,
+    what: &str,
+) -> Result<Option<T>, RequestError> {
+    match body.get(param) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|_| invalid(param, format!("{param} must be {what}"))),
+    }
 }
 
 fn flag(v: Option<&Value>, param: &str) -> Result<bool, RequestError> {
@@ -399,7 +442,7 @@ fn parse_stops(v: Option<&Value>) -> Result<Vec<String>, RequestError> {
 }
 
 /// `logit_bias` keys are plaintext token IDs; the server gets encrypted ones.
-fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<Value, RequestError> {
+fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<BTreeMap<String, f64>, RequestError> {
     let Value::Object(map) = v else {
         return Err(invalid(
             "logit_bias",
@@ -421,9 +464,12 @@ fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<Value, RequestError
         let cipher = keys
             .encrypt(&[id])
             .map_err(|e| invalid("logit_bias", e.to_string()))?[0];
-        out.insert(cipher.to_string(), bias.clone());
+        let bias = bias
+            .as_f64()
+            .ok_or_else(|| invalid("logit_bias", "logit_bias values must be numbers"))?;
+        out.insert(cipher.to_string(), bias);
     }
-    Ok(json!(out))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -432,6 +478,7 @@ mod tests {
     use crate::model_tool::{encrypt_model, KeySource};
     use crate::template::ChatFormat;
     use ee_engine::testing::{write_tiny_model, TinySpec};
+    use serde_json::json;
 
     fn tiny_keys() -> (tempfile::TempDir, KeyHolder) {
         let dir = tempfile::tempdir().unwrap();
@@ -464,7 +511,7 @@ mod tests {
                 "temperature": 0.5, "n": 2, "stop": "END", "logit_bias": {"5": -3}, "stop_token_ids": [4]})),
         )
         .unwrap();
-        let up = &t.upstream_body;
+        let up = serde_json::to_value(&t.upstream).unwrap();
         assert_eq!(up["temperature"], json!(0.5));
         assert_eq!(up["stream"], json!(true));
         let messages = up["messages"].as_array().unwrap();
@@ -506,7 +553,8 @@ mod tests {
             )
             .unwrap();
             assert_eq!(t.encrypted_prompts.len(), n, "{prompt}");
-            assert_eq!(t.upstream_body["prompt"], json!(t.encrypted_prompts));
+            let up = serde_json::to_value(&t.upstream).unwrap();
+            assert_eq!(up["prompt"], json!(t.encrypted_prompts));
             assert_eq!(t.logprobs, LogprobsShape::Completion);
         }
         let ids = translate(

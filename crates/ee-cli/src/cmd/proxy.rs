@@ -89,6 +89,6 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(server = session.upstream.base_url(), "proxy listening on http://{addr} (OpenAI base_url http://{addr}/v1, chat page http://{addr}/)");
-        serve(listener, session, ee_server::serve::shutdown_signal()).await
+        serve(listener, session, ee_api::shutdown_signal()).await
     })
 }

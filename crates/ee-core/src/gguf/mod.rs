@@ -10,6 +10,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use crate::Error;
 
+pub mod names;
+
+pub use names::VOCAB_ROW_TENSORS;
+
 const MAGIC: [u8; 4] = *b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
 /// Sanity bound on any length read from a file, so a corrupt header is an

@@ -1,4 +1,5 @@
-//! Every error leaves the server as OpenAI's envelope with the right status.
+//! Every error leaves the server or the proxy as OpenAI's envelope with
+//! the right status.
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

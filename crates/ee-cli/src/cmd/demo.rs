@@ -171,7 +171,7 @@ async fn serve(args: DemoArgs, artifact: PathBuf, bundle: PathBuf, started: Inst
     use std::io::Write;
     std::io::stdout().flush()?;
 
-    ee_server::serve::shutdown_signal().await;
+    ee_api::shutdown_signal().await;
     eprintln!("stopping…");
     let _ = stop_tx.send(true);
     proxy.await??;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ee_core::transform::write_server_artifact;
 use ee_core::Key;
-use ee_engine::{LlamaModel, Sampler, SamplingParams};
+use ee_engine::{CausalLm, Sampler, SamplingParams};
 
 use crate::default_model;
 
@@ -43,7 +43,7 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 /// Times one prefill of `prompt` and a greedy decode of `n` tokens.
-fn measure(model: &LlamaModel, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
+fn measure(model: &dyn CausalLm, prompt: &[u32], n: usize) -> Result<(f64, f64)> {
     let mut cache = model.new_cache();
     let t = Instant::now();
     let mut row = model.forward_one(prompt, &mut cache)?;
@@ -66,13 +66,13 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let enc_path = dir.path().join("encrypted.gguf");
-    let plain = LlamaModel::load(&args.model)
+    let plain = ee_engine::load(&args.model)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let perm = Key::generate()?.vocab_permutation(plain.vocab_size() as u32);
     let t = Instant::now();
     write_server_artifact(&args.model, &enc_path, &perm, &mut |_, _| {})?;
     let transform_secs = t.elapsed().as_secs_f64();
-    let enc = LlamaModel::load(&enc_path)?;
+    let enc = ee_engine::load(&enc_path)?;
 
     let needed = args.prompt_tokens.max(1) + args.gen_tokens;
     if needed > plain.context_length() {
@@ -89,8 +89,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let enc_prompt = perm.encrypt_all(&prompt)?;
 
     // Warm-up (page in weights, size thread pools), not counted.
-    measure(&plain, &prompt[..prompt.len().min(16)], 4)?;
-    measure(&enc, &enc_prompt[..prompt.len().min(16)], 4)?;
+    measure(plain.as_ref(), &prompt[..prompt.len().min(16)], 4)?;
+    measure(enc.as_ref(), &enc_prompt[..prompt.len().min(16)], 4)?;
     let mut plain_speeds = Speeds {
         prefill: vec![],
         decode: vec![],
@@ -110,7 +110,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
             runs.reverse();
         }
         for (model, tokens, speeds) in runs {
-            let (p, d) = measure(model, tokens, args.gen_tokens)?;
+            let (p, d) = measure(model.as_ref(), tokens, args.gen_tokens)?;
             speeds.prefill.push(p);
             speeds.decode.push(d);
         }

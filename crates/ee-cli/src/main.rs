@@ -12,7 +12,7 @@ use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
 use ee_client::model_tool::{encrypt_model, EncryptSummary, KeySource, ModelText};
 use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
 use ee_core::Key;
-use ee_engine::{generate, GenerateOptions, LlamaModel, SamplingParams};
+use ee_engine::{generate, GenerateOptions, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
@@ -302,7 +302,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
         template.render(&messages, true)?
     };
     let ids = codec.encode(&prompt)?;
-    let model = LlamaModel::load(&args.model)?;
+    let model = ee_engine::load(&args.model)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,
         stop_token_ids: text.special.stop_ids.clone(),
@@ -313,13 +313,15 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let mut stream = codec.stream();
     let mut stdout = std::io::stdout().lock();
     let mut failure = None;
-    let generation = generate(&model, &ids, &opts, |s| match stream.push(s.token) {
-        Ok(Some(piece)) => {
-            let _ = write!(stdout, "{piece}");
-            let _ = stdout.flush();
+    let generation = generate(model.as_ref(), &ids, &opts, |s| {
+        match stream.push(s.token) {
+            Ok(Some(piece)) => {
+                let _ = write!(stdout, "{piece}");
+                let _ = stdout.flush();
+            }
+            Ok(None) => {}
+            Err(e) => failure = Some(e),
         }
-        Ok(None) => {}
-        Err(e) => failure = Some(e),
     })?;
     if let Some(e) = failure {
         return Err(e.into());

@@ -1,30 +1,19 @@
-//! Llama/Mistral hyper-parameters, read from GGUF metadata.
+//! The config from GGUF metadata.
 
-use ee_core::gguf::{GgufHeader, Value};
+use ee_core::gguf::Value;
 
+use super::LlamaConfig;
+use crate::weights::gguf::GgufWeights;
 use crate::Error;
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaConfig {
-    pub architecture: String,
-    pub n_layers: usize,
-    pub n_embd: usize,
-    pub n_ff: usize,
-    pub n_head: usize,
-    pub n_kv_head: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub context_length: usize,
-    pub rms_eps: f64,
-    pub rope_freq_base: f32,
-    /// Linear RoPE scaling: positions are divided by this factor.
-    pub rope_linear_scale: f32,
-    /// Mistral-style sliding-window attention, in tokens.
-    pub sliding_window: Option<usize>,
-}
-
 impl LlamaConfig {
-    pub fn from_gguf(h: &GgufHeader) -> Result<Self, Error> {
+    /// Reads the config from a GGUF file's metadata (`{arch}.*` keys) and
+    /// its `rope_freqs.weight`, as llama.cpp does.
+    ///
+    /// Errors: an architecture other than `llama` or `mistral`, missing or
+    /// inconsistent keys, partial RoPE, or a RoPE scaling type we lack.
+    pub fn from_gguf(weights: &GgufWeights) -> Result<Self, Error> {
+        let h = weights.header();
         let arch = h.architecture()?.to_owned();
         if !matches!(arch.as_str(), "llama" | "mistral") {
             return Err(Error::Unsupported(format!(
@@ -66,6 +55,15 @@ impl LlamaConfig {
             Some("linear") => float("rope.scaling.factor").unwrap_or(1.0) as f32,
             Some(other) => return Err(Error::Unsupported(format!("RoPE scaling {other:?}"))),
         };
+        let rope_freq_factors = match h.tensor("rope_freqs.weight") {
+            Some(_) => Some(
+                weights
+                    .gguf_tensor("rope_freqs.weight")?
+                    .to_f32()?
+                    .to_vec1::<f32>()?,
+            ),
+            None => None,
+        };
         Ok(Self {
             n_layers: uint("block_count")?,
             n_embd,
@@ -78,6 +76,7 @@ impl LlamaConfig {
             rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
             rope_freq_base: float("rope.freq_base").unwrap_or(10_000.0) as f32,
             rope_linear_scale,
+            rope_freq_factors,
             sliding_window: opt_uint("attention.sliding_window").filter(|&w| w > 0),
             architecture: arch,
         })

@@ -1,0 +1,21 @@
+//! `ee-api`: the OpenAI-compatible HTTP layer both sides of EE speak.
+//!
+//! The blind server and the client proxy each serve an OpenAI-shaped API,
+//! and the proxy is also a client of the server's. What they share lives
+//! here, once:
+//! - [`ApiError`]: OpenAI's error envelope with its HTTP status;
+//! - [`read_json`]: a JSON body, its content type, size and depth checked;
+//! - [`sse`]: server-sent events out ([`sse::response`]) and in
+//!   ([`sse::EventBuffer`]);
+//! - [`response_id`] and [`unix_now`] for response envelopes;
+//! - [`shutdown_signal`]: Ctrl-C or SIGTERM.
+//!
+//! The request and response bodies themselves are `ee_core::wire`'s types:
+//! plain data, with no HTTP in them.
+
+mod error;
+mod http;
+pub mod sse;
+
+pub use error::ApiError;
+pub use http::{json_depth, read_json, response_id, shutdown_signal, unix_now};

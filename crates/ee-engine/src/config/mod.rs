@@ -1,0 +1,27 @@
+//! Llama/Mistral hyper-parameters, one module per source: GGUF metadata
+//! ([`gguf`]).
+
+mod gguf;
+
+/// The hyper-parameters of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub architecture: String,
+    pub n_layers: usize,
+    pub n_embd: usize,
+    pub n_ff: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub context_length: usize,
+    pub rms_eps: f64,
+    pub rope_freq_base: f32,
+    /// Linear RoPE scaling: positions are divided by this factor.
+    pub rope_linear_scale: f32,
+    /// Per-frequency divisors of RoPE's inverse frequencies, `[head_dim / 2]`
+    /// (Llama 3's long-context scaling): GGUF's `rope_freqs.weight`.
+    pub rope_freq_factors: Option<Vec<f32>>,
+    /// Mistral-style sliding-window attention, in tokens.
+    pub sliding_window: Option<usize>,
+}

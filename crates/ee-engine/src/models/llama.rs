@@ -1,0 +1,321 @@
+//! The Llama architecture (`LlamaForCausalLM`), and Mistral
+//! (`MistralForCausalLM`), which is Llama with sliding-window attention:
+//! a plain forward pass over any [`WeightSource`], built for continuous
+//! batching.
+//!
+//! One [`CausalLm::forward`] call advances any number of sequences, each
+//! with its own KV cache and position, by any number of tokens each (a
+//! prefill chunk or a single decode token). Token rows of all sequences are
+//! stacked for the weight matmuls; only attention runs per sequence, one
+//! sequence per rayon task. Every matmul computes each activation row
+//! independently, so a sequence's logits do not depend on what else is in
+//! the batch.
+//!
+//! The model is agnostic to EE: an encrypted artifact is loaded and run
+//! exactly like a plaintext one.
+
+use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
+
+use crate::attention::decode_attention;
+use crate::config::LlamaConfig;
+use crate::kv_cache::KvCache;
+use crate::linear::{Linear, LoadOptions};
+use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep};
+use crate::weights::{RopeLayout, WeightSource};
+use crate::Error;
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
+}
+
+pub struct LlamaModel {
+    pub config: LlamaConfig,
+    embedding: Tensor,
+    layers: Vec<Layer>,
+    output_norm: Tensor,
+    output: Linear,
+    /// RoPE tables `[context_length, head_dim / 2]`.
+    cos: Tensor,
+    sin: Tensor,
+    rope_layout: RopeLayout,
+    /// Per-token tie-break keys; see [`CausalLm::tie_keys`].
+    tie_keys: Vec<u64>,
+    device: Device,
+}
+
+impl CausalLm for LlamaModel {
+    fn architecture(&self) -> &str {
+        &self.config.architecture
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+
+    fn context_length(&self) -> usize {
+        self.config.context_length
+    }
+
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.n_layers, self.config.context_length)
+    }
+
+    fn tie_keys(&self) -> &[u64] {
+        &self.tie_keys
+    }
+
+    fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Tensor, Error> {
+        compute_pool().install(|| {
+            let (hidden, last_rows) = self.forward_hidden(batch)?;
+            let last = hidden.index_select(&Tensor::new(last_rows.as_slice(), &self.device)?, 0)?;
+            self.logits(&last)
+        })
+    }
+
+    fn forward_all_positions(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor, Error> {
+        compute_pool().install(|| {
+            let (hidden, _) = self.forward_hidden(&mut [SeqStep { tokens, cache }])?;
+            self.logits(&hidden)
+        })
+    }
+}
+
+impl LlamaModel {
+    /// Builds the model from `weights`, named as Hugging Face names them.
+    pub fn new(
+        config: LlamaConfig,
+        weights: &dyn WeightSource,
+        opts: &LoadOptions,
+    ) -> Result<Self, Error> {
+        let device = Device::Cpu;
+        let embedding = weights.tensor("model.embed_tokens.weight")?;
+        let output = match weights.contains("lm_head.weight") {
+            true => weights.tensor("lm_head.weight")?,
+            false => weights.tensor("model.embed_tokens.weight")?,
+        };
+        if output.shape.first() != Some(&config.vocab_size) {
+            return Err(Error::Model(format!(
+                "output head {} has shape {:?}, vocabulary {}",
+                output.name, output.shape, config.vocab_size
+            )));
+        }
+        let tie_keys = output.row_hashes()?;
+        let mut layers = Vec::with_capacity(config.n_layers);
+        for i in 0..config.n_layers {
+            let name = |n: &str| format!("model.layers.{i}.{n}.weight");
+            let linear = |n: &str| weights.tensor(&name(n))?.to_linear(opts);
+            let norm = |n: &str| weights.tensor(&name(n))?.to_f32();
+            layers.push(Layer {
+                attn_norm: norm("input_layernorm")?,
+                wq: linear("self_attn.q_proj")?,
+                wk: linear("self_attn.k_proj")?,
+                wv: linear("self_attn.v_proj")?,
+                wo: linear("self_attn.o_proj")?,
+                ffn_norm: norm("post_attention_layernorm")?,
+                w_gate: linear("mlp.gate_proj")?,
+                w_up: linear("mlp.up_proj")?,
+                w_down: linear("mlp.down_proj")?,
+            });
+        }
+        let (cos, sin) = rope_tables(&config, &device)?;
+        Ok(Self {
+            embedding: embedding.to_f32()?,
+            layers,
+            output_norm: weights.tensor("model.norm.weight")?.to_f32()?,
+            output: output.to_linear(opts)?,
+            cos,
+            sin,
+            rope_layout: weights.rope_layout(),
+            tie_keys,
+            device,
+            config,
+        })
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
+        let normed =
+            candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
+        self.output.forward(&normed)
+    }
+
+    /// Runs every layer; returns the final hidden states of all new tokens
+    /// `[total_tokens, n_embd]` and the row of each sequence's last token.
+    fn forward_hidden(&self, batch: &mut [SeqStep<'_>]) -> Result<(Tensor, Vec<u32>), Error> {
+        let (ids, last_rows) = stack_steps(batch, self.vocab_size(), self.context_length())?;
+        let mut x = self
+            .embedding
+            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        for (li, layer) in self.layers.iter().enumerate() {
+            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
+            let attn = self.attention(li, layer, &h, batch)?;
+            x = (x + layer.wo.forward(&attn)?)?;
+            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+            let gated =
+                (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
+            x = (x + layer.w_down.forward(&gated)?)?;
+        }
+        for step in batch.iter_mut() {
+            step.cache.advance(step.tokens.len());
+        }
+        Ok((x, last_rows))
+    }
+
+    /// Self-attention of one layer, per sequence, over stacked rows `h`.
+    fn attention(
+        &self,
+        li: usize,
+        layer: &Layer,
+        h: &Tensor,
+        batch: &mut [SeqStep<'_>],
+    ) -> Result<Tensor, Error> {
+        let c = &self.config;
+        let (q, k, v) = (
+            layer.wq.forward(h)?,
+            layer.wk.forward(h)?,
+            layer.wv.forward(h)?,
+        );
+        let group = c.n_head / c.n_kv_head;
+        // Sequences attend independently, so they run in parallel.
+        let mut first_rows = Vec::with_capacity(batch.len());
+        let mut row = 0;
+        for step in batch.iter() {
+            first_rows.push(row);
+            row += step.tokens.len();
+        }
+        let outputs = batch
+            .par_iter_mut()
+            .zip(first_rows)
+            .map(|(step, row)| -> Result<Tensor, Error> {
+                let n = step.tokens.len();
+                let pos = step.cache.len();
+                let heads = |t: &Tensor, n_heads: usize| -> Result<Tensor, Error> {
+                    Ok(t.narrow(0, row, n)?
+                        .reshape((n, n_heads, c.head_dim))?
+                        .transpose(0, 1)?
+                        .contiguous()?)
+                };
+                let cos = self.cos.narrow(0, pos, n)?;
+                let sin = self.sin.narrow(0, pos, n)?;
+                let rope = |t: Tensor| -> Result<Tensor, Error> {
+                    let t = t.unsqueeze(0)?;
+                    let t = match self.rope_layout {
+                        RopeLayout::Interleaved => candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?,
+                        RopeLayout::HalfSplit => candle_nn::rotary_emb::rope(&t, &cos, &sin)?,
+                    };
+                    Ok(t.squeeze(0)?)
+                };
+                let q_s = rope(heads(&q, c.n_head)?)?;
+                let k_s = rope(heads(&k, c.n_kv_head)?)?;
+                let v_s = heads(&v, c.n_kv_head)?;
+                let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
+                let total = pos + n;
+                if n == 1 {
+                    return decode_attention(&q_s, &k_all, &v_all, c.sliding_window);
+                }
+                // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
+                let rep = |t: &Tensor| -> Result<Tensor, Error> {
+                    Ok(t.unsqueeze(1)?
+                        .expand((c.n_kv_head, group, total, c.head_dim))?
+                        .reshape((c.n_head, total, c.head_dim))?)
+                };
+                let scale = 1.0 / (c.head_dim as f64).sqrt();
+                let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
+                if let Some(mask) = self.attention_mask(n, pos, total)? {
+                    scores = scores.broadcast_add(&mask)?;
+                }
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+                let out = probs.matmul(&rep(&v_all)?)?;
+                Ok(out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?)
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok(Tensor::cat(&outputs, 0)?)
+    }
+
+    /// Additive mask `[n, total]` for `n` new tokens at `pos`: causal,
+    /// plus the sliding window when the model has one. `None` when nothing
+    /// is masked (a decode step within the window).
+    fn attention_mask(&self, n: usize, pos: usize, total: usize) -> Result<Option<Tensor>, Error> {
+        let window = self.config.sliding_window;
+        if n == 1 && window.is_none_or(|w| total <= w) {
+            return Ok(None);
+        }
+        let mut mask = vec![0f32; n * total];
+        for (i, row) in mask.chunks_exact_mut(total).enumerate() {
+            let query_pos = pos + i;
+            for (key_pos, m) in row.iter_mut().enumerate() {
+                let future = key_pos > query_pos;
+                let too_old = window.is_some_and(|w| query_pos.saturating_sub(key_pos) >= w);
+                if future || too_old {
+                    *m = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(mask, (n, total), &self.device)?))
+    }
+}
+
+/// cos/sin tables for every position up to the context length.
+fn rope_tables(c: &LlamaConfig, device: &Device) -> Result<(Tensor, Tensor), Error> {
+    let half = c.head_dim / 2;
+    let freq_factors = c.rope_freq_factors.as_deref();
+    if freq_factors.is_some_and(|f| f.len() != half) {
+        return Err(Error::Model(
+            "the RoPE frequency factors have the wrong length".into(),
+        ));
+    }
+    let inv_freq: Vec<f32> = (0..half)
+        .map(|i| {
+            let f = 1.0 / c.rope_freq_base.powf((2 * i) as f32 / c.head_dim as f32);
+            f / freq_factors.map_or(1.0, |ff| ff[i])
+        })
+        .collect();
+    let positions = Tensor::arange(0u32, c.context_length as u32, device)?.to_dtype(DType::F32)?;
+    let positions = (positions / f64::from(c.rope_linear_scale))?;
+    let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
+    let angles = positions
+        .reshape((c.context_length, 1))?
+        .matmul(&inv_freq)?;
+    Ok((angles.cos()?.contiguous()?, angles.sin()?.contiguous()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::gguf::GgufWeights;
+
+    #[test]
+    fn rope_tables_cover_the_whole_context_not_just_4096() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let spec = crate::testing::TinySpec {
+            context_length: 8192,
+            ..crate::testing::TinySpec::llama_q4_1()
+        };
+        crate::testing::write_tiny_model(&path, &spec).unwrap();
+        let config = LlamaConfig::from_gguf(&GgufWeights::open(&path).unwrap()).unwrap();
+        let (cos, sin) = rope_tables(&config, &Device::Cpu).unwrap();
+        assert_eq!(cos.dims(), &[8192, config.head_dim / 2]);
+        let (c, s): (Vec<f32>, Vec<f32>) = (
+            cos.get(8191).unwrap().to_vec1().unwrap(),
+            sin.get(8191).unwrap().to_vec1().unwrap(),
+        );
+        assert!((c[0] - 8191f32.cos()).abs() < 1e-3 && (s[0] - 8191f32.sin()).abs() < 1e-3);
+        let scaled = LlamaConfig {
+            rope_linear_scale: 2.0,
+            ..config.clone()
+        };
+        let (half_cos, _) = rope_tables(&scaled, &Device::Cpu).unwrap();
+        let want: Vec<f32> = cos.get(4000).unwrap().to_vec1().unwrap();
+        let got: Vec<f32> = half_cos.get(8000).unwrap().to_vec1().unwrap();
+        assert!(want.iter().zip(&got).all(|(a, b)| (a - b).abs() < 1e-4));
+    }
+}

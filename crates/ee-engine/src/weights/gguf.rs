@@ -1,0 +1,176 @@
+//! GGUF weights, memory-mapped: the header is parsed once from the map and
+//! tensors are handed out as borrowed byte ranges.
+
+use std::fs::File;
+use std::io::Cursor;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::GgmlDType;
+use ee_core::gguf::{names::gguf_name, GgufHeader};
+use memmap2::Mmap;
+use sha2::{Digest, Sha256};
+
+use super::{RopeLayout, StoredDType, StoredTensor, WeightSource};
+use crate::Error;
+
+/// ggml's type IDs (`enum ggml_type` in ggml.h) for the types candle reads.
+const GGML_TYPES: [(u32, GgmlDType); 14] = [
+    (0, GgmlDType::F32),
+    (1, GgmlDType::F16),
+    (2, GgmlDType::Q4_0),
+    (3, GgmlDType::Q4_1),
+    (6, GgmlDType::Q5_0),
+    (7, GgmlDType::Q5_1),
+    (8, GgmlDType::Q8_0),
+    (9, GgmlDType::Q8_1),
+    (10, GgmlDType::Q2K),
+    (11, GgmlDType::Q3K),
+    (12, GgmlDType::Q4K),
+    (13, GgmlDType::Q5K),
+    (14, GgmlDType::Q6K),
+    (15, GgmlDType::Q8K),
+];
+
+/// The ggml type ID of a candle ggml type.
+pub fn ggml_type_id(dtype: GgmlDType) -> u32 {
+    GGML_TYPES
+        .iter()
+        .find(|(_, d)| *d == dtype)
+        .map_or(u32::MAX, |(id, _)| *id)
+}
+
+/// A GGUF file, mapped.
+pub struct GgufWeights {
+    path: PathBuf,
+    map: Mmap,
+    header: GgufHeader,
+}
+
+impl GgufWeights {
+    /// Maps `path` and parses its header.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let file = File::open(path)
+            .map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
+        // SAFETY: the map is read-only. A model file rewritten while it is
+        // served is outside what we guard against; llama.cpp and candle map
+        // model files the same way.
+        let map = unsafe { Mmap::map(&file) }
+            .map_err(|e| Error::Model(format!("mapping {}: {e}", path.display())))?;
+        let header = GgufHeader::read(&mut Cursor::new(&map[..]))
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            path: path.to_owned(),
+            map,
+            header,
+        })
+    }
+
+    pub fn header(&self) -> &GgufHeader {
+        &self.header
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The sha256 of the whole file, as lowercase hex: the artifact's
+    /// fingerprint, hashed from the map the weights are read from.
+    pub fn sha256(&self) -> String {
+        hex::encode(Sha256::digest(&self.map[..]))
+    }
+
+    /// A tensor by its GGUF name (GGUF-only tensors such as
+    /// `rope_freqs.weight`).
+    pub fn gguf_tensor(&self, name: &str) -> Result<StoredTensor<'_>, Error> {
+        let err =
+            |what: String| Error::Model(format!("{}: tensor {name}: {what}", self.path.display()));
+        let info = self
+            .header
+            .tensor(name)
+            .ok_or_else(|| err("not in the file".into()))?;
+        let dtype = GGML_TYPES
+            .iter()
+            .find(|(id, _)| *id == info.ggml_type)
+            .map(|(_, d)| *d)
+            .ok_or_else(|| err(format!("unsupported ggml type {}", info.ggml_type)))?;
+        let n_bytes = info.n_bytes().map_err(|e| err(e.to_string()))?;
+        let start = self.header.tensor_data_offset(info);
+        let range = usize::try_from(start)
+            .ok()
+            .zip(usize::try_from(n_bytes).ok())
+            .and_then(|(s, n)| Some(s..s.checked_add(n)?))
+            .filter(|r| r.end <= self.map.len())
+            .ok_or_else(|| err(format!("the file is truncated ({} bytes)", self.map.len())))?;
+        Ok(StoredTensor {
+            name: name.to_owned(),
+            dtype: StoredDType::Ggml(dtype),
+            // ggml lists the contiguous dimension first.
+            shape: info.dims.iter().rev().map(|&d| d as usize).collect(),
+            bytes: &self.map[range],
+        })
+    }
+}
+
+impl WeightSource for GgufWeights {
+    fn contains(&self, name: &str) -> bool {
+        gguf_name(name).is_some_and(|g| self.header.tensor(&g).is_some())
+    }
+
+    fn tensor(&self, name: &str) -> Result<StoredTensor<'_>, Error> {
+        let g = gguf_name(name).ok_or_else(|| {
+            Error::Model(format!(
+                "{}: GGUF has no name for {name}",
+                self.path.display()
+            ))
+        })?;
+        self.gguf_tensor(&g)
+    }
+
+    fn rope_layout(&self) -> RopeLayout {
+        RopeLayout::Interleaved
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{write_tiny_model, TinySpec};
+
+    #[test]
+    fn tensors_come_by_hf_name_and_the_hash_is_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
+        let w = GgufWeights::open(&path).unwrap();
+        assert_eq!(w.sha256(), ee_core::transform::sha256_file(&path).unwrap());
+        let q = w.tensor("model.layers.1.self_attn.q_proj.weight").unwrap();
+        assert_eq!(q.name, "blk.1.attn_q.weight");
+        assert_eq!(q.shape, vec![64, 64]);
+        assert_eq!(q.dtype, StoredDType::Ggml(GgmlDType::Q4_1));
+        assert_eq!(q.bytes.len(), 64 * 2 * 20);
+        assert!(w.contains("model.embed_tokens.weight"));
+        assert!(!w.contains("lm_head.weight"), "the tiny model is tied");
+        let err = w.tensor("model.layers.9.mlp.up_proj.weight").err().unwrap();
+        assert!(err.to_string().contains("blk.9.ffn_up.weight"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_file_names_the_file_and_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(len - 100).unwrap();
+        let w = GgufWeights::open(&path).unwrap();
+        let err = w.tensor("model.norm.weight").err().unwrap().to_string();
+        assert!(
+            err.contains("m.gguf")
+                && err.contains("output_norm.weight")
+                && err.contains("truncated"),
+            "{err}"
+        );
+        let err = crate::load(&path).err().unwrap().to_string();
+        assert!(err.contains("truncated"), "{err}");
+    }
+}

@@ -1,0 +1,99 @@
+//! Where a model's weights come from: one weight source per file format,
+//! behind [`WeightSource`], as candle's `VarBuilder` backends and mistral.rs'
+//! per-format loaders separate them.
+//!
+//! Architectures ask for tensors by their Hugging Face names
+//! (`model.layers.0.self_attn.q_proj.weight`); a source translates to its
+//! own naming and hands out the stored bytes, borrowed from a memory map, so
+//! the file is read once and never held twice.
+
+pub mod gguf;
+
+use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+use crate::linear::{Linear, LoadOptions};
+use crate::Error;
+
+/// How a source stores the rows of the query and key projections, which
+/// decides how RoPE pairs dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Pairs `(2i, 2i+1)`: llama.cpp reorders q/k rows so when it converts
+    /// to GGUF (candle's `rope_i`).
+    Interleaved,
+    /// Pairs `(i, i + head_dim/2)`: Hugging Face's `rotate_half` (candle's
+    /// `rope`).
+    HalfSplit,
+}
+
+/// Element type of a stored tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredDType {
+    /// A ggml type: float or block-quantized.
+    Ggml(GgmlDType),
+}
+
+/// A tensor as stored: its bytes (borrowed from the map), type and shape.
+pub struct StoredTensor<'a> {
+    /// The name in the file, for error messages.
+    pub name: String,
+    pub dtype: StoredDType,
+    /// Row-major shape, outermost first: `[rows, cols]` for a matrix.
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+impl StoredTensor<'_> {
+    fn qtensor(&self) -> Result<QTensor, Error> {
+        let StoredDType::Ggml(dtype) = self.dtype;
+        qtensor_from_ggml(dtype, self.bytes, self.shape.clone(), &Device::Cpu)
+            .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))
+    }
+
+    /// The tensor as f32 values (norm weights, the embedding table).
+    pub fn to_f32(&self) -> Result<Tensor, Error> {
+        Ok(self.qtensor()?.dequantize(&Device::Cpu)?)
+    }
+
+    /// A weight matrix `[out, in]` ready for matmuls.
+    pub fn to_linear(&self, opts: &LoadOptions) -> Result<Linear, Error> {
+        Linear::from_qtensor(&self.name, self.qtensor()?, opts)
+    }
+
+    /// An FNV-1a hash of each stored row. Rows move whole under the
+    /// vocabulary permutation, so a row's hash travels with its token.
+    pub fn row_hashes(&self) -> Result<Vec<u64>, Error> {
+        let rows = self.shape.first().copied().unwrap_or(0);
+        if rows == 0 || self.bytes.len() % rows != 0 {
+            return Err(Error::Model(format!(
+                "tensor {}: {} bytes do not split into {rows} rows",
+                self.name,
+                self.bytes.len()
+            )));
+        }
+        Ok(self
+            .bytes
+            .chunks_exact(self.bytes.len() / rows)
+            .map(fnv1a)
+            .collect())
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// A model's weights, by Hugging Face tensor name.
+pub trait WeightSource {
+    /// Whether the model stores this tensor (an untied `lm_head.weight`).
+    fn contains(&self, name: &str) -> bool;
+
+    /// The stored tensor. Errors name the tensor and the file.
+    fn tensor(&self, name: &str) -> Result<StoredTensor<'_>, Error>;
+
+    /// How q/k rows are laid out for RoPE.
+    fn rope_layout(&self) -> RopeLayout;
+}
