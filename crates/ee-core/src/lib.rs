@@ -1,8 +1,10 @@
 //! `ee-core`: the pure heart of Equivariant Encryption (EE).
 //!
 //! - [`Key`] and the [`Permutation`]s derived from it;
-//! - [`gguf`]: a streaming GGUF reader/writer, and [`transform`], which
-//!   writes the server artifact (vocabulary rows permuted, tokenizer gone);
+//! - a module per model file format: [`gguf`] (a streaming reader/writer,
+//!   tensor names) and [`safetensors`] (Hugging Face checkpoints);
+//! - [`transform`], which writes the server artifact (vocabulary rows
+//!   permuted, tokenizer gone);
 //! - [`vocab`]: the tokenizer metadata only the client may keep, and its
 //!   Hugging Face `tokenizer.json` form;
 //! - [`bundle`]: the client bundle format;
@@ -16,6 +18,7 @@ pub mod gguf;
 pub mod key;
 pub mod perm;
 pub mod rng;
+pub mod safetensors;
 pub mod transform;
 pub mod vocab;
 pub mod wire;

@@ -3,6 +3,7 @@
 
 use candle_core::{Device, Tensor};
 
+use crate::float::dot;
 use crate::Error;
 
 /// Attention of one new token over its cache, read in place: a decode step
@@ -116,24 +117,4 @@ fn attend_portable(a: &OneTokenAttention<'_>, out: &mut [f32]) {
             }
         }
     }
-}
-
-/// A dot product in eight independent lanes, which the compiler vectorizes
-/// (a plain iterator sum must keep its sequential float order, and does not).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
 }

@@ -17,6 +17,7 @@
 
 mod attention;
 pub mod config;
+pub mod float;
 pub mod generate;
 pub mod kv_cache;
 pub mod linear;

@@ -1,9 +1,10 @@
 //! Weight matrices: our runtime-dispatched kernels where we have them
-//! (Q4_1, Q8_0), candle's `QMatMul` otherwise.
+//! (Q4_1, Q8_0, and float weights as stored), candle's `QMatMul` otherwise.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Module, Tensor};
 
+use crate::float::FloatMatrix;
 use crate::quant::QuantMatrix;
 use crate::Error;
 
@@ -20,6 +21,7 @@ pub struct LoadOptions {
 /// `[rows, in]` to `[rows, out]`, each row on its own.
 pub enum Linear {
     Ours(QuantMatrix),
+    Float(FloatMatrix),
     Candle(QMatMul),
 }
 
@@ -35,6 +37,7 @@ impl Linear {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
         match self {
             Linear::Ours(m) => m.forward(x),
+            Linear::Float(m) => m.forward(x),
             Linear::Candle(m) => Ok(m.forward(x)?),
         }
     }

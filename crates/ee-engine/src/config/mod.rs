@@ -1,7 +1,8 @@
 //! Llama/Mistral hyper-parameters, one module per source: GGUF metadata
-//! ([`gguf`]).
+//! (`gguf.rs`) and Hugging Face's `config.json` (`hf.rs`).
 
 mod gguf;
+mod hf;
 
 /// The hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone, PartialEq)]
@@ -20,7 +21,8 @@ pub struct LlamaConfig {
     /// Linear RoPE scaling: positions are divided by this factor.
     pub rope_linear_scale: f32,
     /// Per-frequency divisors of RoPE's inverse frequencies, `[head_dim / 2]`
-    /// (Llama 3's long-context scaling): GGUF's `rope_freqs.weight`.
+    /// (Llama 3's long-context scaling): GGUF's `rope_freqs.weight`, or
+    /// computed from `rope_scaling` in `config.json`.
     pub rope_freq_factors: Option<Vec<f32>>,
     /// Mistral-style sliding-window attention, in tokens.
     pub sliding_window: Option<usize>,

@@ -97,40 +97,38 @@ impl LlamaModel {
         opts: &LoadOptions,
     ) -> Result<Self, Error> {
         let device = Device::Cpu;
-        let embedding = weights.tensor("model.embed_tokens.weight")?;
+        let c = &config;
+        let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
+        let tensor = |name: &str, shape: &[usize]| weights.tensor(name)?.expect_shape(shape);
+        let embedding = tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
         let output = match weights.contains("lm_head.weight") {
-            true => weights.tensor("lm_head.weight")?,
-            false => weights.tensor("model.embed_tokens.weight")?,
+            true => tensor("lm_head.weight", &[c.vocab_size, d])?,
+            false => tensor("model.embed_tokens.weight", &[c.vocab_size, d])?,
         };
-        if output.shape.first() != Some(&config.vocab_size) {
-            return Err(Error::Model(format!(
-                "output head {} has shape {:?}, vocabulary {}",
-                output.name, output.shape, config.vocab_size
-            )));
-        }
         let tie_keys = output.row_hashes()?;
-        let mut layers = Vec::with_capacity(config.n_layers);
-        for i in 0..config.n_layers {
+        let mut layers = Vec::with_capacity(c.n_layers);
+        for i in 0..c.n_layers {
             let name = |n: &str| format!("model.layers.{i}.{n}.weight");
-            let linear = |n: &str| weights.tensor(&name(n))?.to_linear(opts);
-            let norm = |n: &str| weights.tensor(&name(n))?.to_f32();
+            let linear = |n: &str, shape: [usize; 2]| tensor(&name(n), &shape)?.to_linear(opts);
+            let norm = |n: &str| tensor(&name(n), &[d])?.to_f32();
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,
-                wq: linear("self_attn.q_proj")?,
-                wk: linear("self_attn.k_proj")?,
-                wv: linear("self_attn.v_proj")?,
-                wo: linear("self_attn.o_proj")?,
+                wq: linear("self_attn.q_proj", [q, d])?,
+                wk: linear("self_attn.k_proj", [kv, d])?,
+                wv: linear("self_attn.v_proj", [kv, d])?,
+                wo: linear("self_attn.o_proj", [d, q])?,
                 ffn_norm: norm("post_attention_layernorm")?,
-                w_gate: linear("mlp.gate_proj")?,
-                w_up: linear("mlp.up_proj")?,
-                w_down: linear("mlp.down_proj")?,
+                w_gate: linear("mlp.gate_proj", [c.n_ff, d])?,
+                w_up: linear("mlp.up_proj", [c.n_ff, d])?,
+                w_down: linear("mlp.down_proj", [d, c.n_ff])?,
             });
         }
+        let output_norm = tensor("model.norm.weight", &[d])?.to_f32()?;
         let (cos, sin) = rope_tables(&config, &device)?;
         Ok(Self {
             embedding: embedding.to_f32()?,
             layers,
-            output_norm: weights.tensor("model.norm.weight")?.to_f32()?,
+            output_norm,
             output: output.to_linear(opts)?,
             cos,
             sin,

@@ -8,10 +8,13 @@
 //! the file is read once and never held twice.
 
 pub mod gguf;
+pub mod safetensors;
 
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use half::{bf16, f16};
 
+use crate::float::{FloatMatrix, FloatWeights};
 use crate::linear::{Linear, LoadOptions};
 use crate::Error;
 
@@ -30,8 +33,12 @@ pub enum RopeLayout {
 /// Element type of a stored tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoredDType {
-    /// A ggml type: float or block-quantized.
+    /// A ggml type (GGUF): float or block-quantized.
     Ggml(GgmlDType),
+    /// Little-endian IEEE floats (safetensors).
+    F32,
+    F16,
+    BF16,
 }
 
 /// A tensor as stored: its bytes (borrowed from the map), type and shape.
@@ -45,27 +52,89 @@ pub struct StoredTensor<'a> {
 }
 
 impl StoredTensor<'_> {
-    fn qtensor(&self) -> Result<QTensor, Error> {
-        let StoredDType::Ggml(dtype) = self.dtype;
+    fn qtensor(&self, dtype: GgmlDType) -> Result<QTensor, Error> {
         qtensor_from_ggml(dtype, self.bytes, self.shape.clone(), &Device::Cpu)
             .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))
     }
 
-    /// The tensor as f32 values (norm weights, the embedding table).
-    pub fn to_f32(&self) -> Result<Tensor, Error> {
-        Ok(self.qtensor()?.dequantize(&Device::Cpu)?)
+    /// The values of a float tensor, in their stored type.
+    fn float_weights(&self) -> Result<FloatWeights, Error> {
+        fn words<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+            bytes
+                .chunks_exact(N)
+                .map(|c| f(c.try_into().expect("chunks of N bytes")))
+                .collect()
+        }
+        Ok(match self.dtype {
+            StoredDType::F32 => FloatWeights::F32(words(self.bytes, f32::from_le_bytes)),
+            StoredDType::F16 => FloatWeights::F16(words(self.bytes, f16::from_le_bytes)),
+            StoredDType::BF16 => FloatWeights::BF16(words(self.bytes, bf16::from_le_bytes)),
+            StoredDType::Ggml(t) => {
+                return Err(Error::Model(format!(
+                    "tensor {}: {t:?} is not a plain float type",
+                    self.name
+                )))
+            }
+        })
     }
 
-    /// A weight matrix `[out, in]` ready for matmuls.
+    /// Checks the shape against what the architecture expects.
+    pub fn expect_shape(self, shape: &[usize]) -> Result<Self, Error> {
+        if self.shape != shape {
+            return Err(Error::Model(format!(
+                "tensor {} has shape {:?}; the config implies {shape:?}",
+                self.name, self.shape
+            )));
+        }
+        Ok(self)
+    }
+
+    /// The tensor as f32 values (norm weights, the embedding table).
+    pub fn to_f32(&self) -> Result<Tensor, Error> {
+        let values = match self.dtype {
+            StoredDType::Ggml(t) => return Ok(self.qtensor(t)?.dequantize(&Device::Cpu)?),
+            StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 => {
+                match self.float_weights()? {
+                    FloatWeights::F32(v) => v,
+                    FloatWeights::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+                    FloatWeights::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
+                }
+            }
+        };
+        Ok(Tensor::from_vec(
+            values,
+            self.shape.as_slice(),
+            &Device::Cpu,
+        )?)
+    }
+
+    /// A weight matrix `[out, in]` ready for matmuls: block-quantized ones
+    /// through our or candle's kernels, float ones through ours, kept in
+    /// their stored type.
     pub fn to_linear(&self, opts: &LoadOptions) -> Result<Linear, Error> {
-        Linear::from_qtensor(&self.name, self.qtensor()?, opts)
+        match self.dtype {
+            StoredDType::Ggml(t) => Linear::from_qtensor(&self.name, self.qtensor(t)?, opts),
+            StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 => {
+                let [rows, cols] = self.shape[..] else {
+                    return Err(Error::Model(format!(
+                        "tensor {} has shape {:?}, not a matrix",
+                        self.name, self.shape
+                    )));
+                };
+                Ok(Linear::Float(FloatMatrix::new(
+                    rows,
+                    cols,
+                    self.float_weights()?,
+                )?))
+            }
+        }
     }
 
     /// An FNV-1a hash of each stored row. Rows move whole under the
     /// vocabulary permutation, so a row's hash travels with its token.
     pub fn row_hashes(&self) -> Result<Vec<u64>, Error> {
         let rows = self.shape.first().copied().unwrap_or(0);
-        if rows == 0 || self.bytes.len() % rows != 0 {
+        if rows == 0 || !self.bytes.len().is_multiple_of(rows) {
             return Err(Error::Model(format!(
                 "tensor {}: {} bytes do not split into {rows} rows",
                 self.name,

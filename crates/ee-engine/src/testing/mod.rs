@@ -1,5 +1,8 @@
-//! Tiny generated GGUF models for fast tests of every supported architecture
-//! and weight format. Not part of the public API.
+//! Tiny generated models for fast tests of every supported architecture
+//! and weight format: GGUF here, Hugging Face checkpoints in [`hf`]. Not
+//! part of the public API.
+
+pub mod hf;
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -160,7 +163,7 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
     (tokens, types, merges)
 }
 
-fn random_tensor(
+pub(crate) fn random_tensor(
     rng: &mut ChaCha20Rng,
     shape: (usize, usize),
     scale: f32,

@@ -1,0 +1,304 @@
+//! Hugging Face checkpoints (config.json + safetensors) through the model
+//! seam, against candle-transformers' independent `llama.rs` and
+//! `mistral.rs` on tiny random-weight checkpoints; shards; bad inputs.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, mistral};
+use ee_engine::testing::hf::{write_tiny_hf_model, TinyHfSpec};
+use ee_engine::testing::TinySpec;
+use safetensors::tensor::Dtype;
+use serde_json::json;
+
+fn written(spec: &TinyHfSpec) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_tiny_hf_model(dir.path(), spec).unwrap();
+    dir
+}
+
+fn safetensors_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn reference_weights(dir: &Path) -> VarBuilder<'static> {
+    // SAFETY: the files are ours and stay unchanged during the test.
+    unsafe {
+        VarBuilder::from_mmaped_safetensors(&safetensors_files(dir), DType::F32, &Device::Cpu)
+    }
+    .unwrap()
+}
+
+fn config_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap()
+}
+
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 37 + 5) % vocab) as u32).collect()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    (0..v.len()).max_by(|&i, &j| v[i].total_cmp(&v[j])).unwrap() as u32
+}
+
+const TOLERANCE: f32 = 2e-3;
+
+/// Our engine and candle's `llama.rs` on the same checkpoint: the logits
+/// after a 20-token prompt, then 32 greedy tokens, each step's logits.
+fn agrees_with_candle_llama(name: &str, spec: &TinyHfSpec) {
+    let dir = written(spec);
+    let ours = ee_engine::load(dir.path()).unwrap();
+    let config: llama::LlamaConfig = serde_json::from_value(config_json(dir.path())).unwrap();
+    let config = config.into_config(false);
+    let reference = llama::Llama::load(reference_weights(dir.path()), &config).unwrap();
+    let mut their_cache = llama::Cache::new(true, DType::F32, &config, &Device::Cpu).unwrap();
+    let mut our_cache = ours.new_cache();
+
+    let tokens = prompt(20, ours.vocab_size());
+    let run = |t: &[u32], pos: usize, cache: &mut llama::Cache| -> Vec<f32> {
+        let input = Tensor::new(t, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        reference
+            .forward(&input, pos, cache)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut mine = ours.forward_one(&tokens, &mut our_cache).unwrap();
+    let mut theirs = run(&tokens, 0, &mut their_cache);
+    for (step, pos) in (0..32).zip(tokens.len()..) {
+        let diff = max_diff(&mine, &theirs);
+        assert!(
+            diff < TOLERANCE,
+            "{name}: step {step}: logits differ by {diff}"
+        );
+        let next = argmax(&mine);
+        assert_eq!(next, argmax(&theirs), "{name}: greedy token {step} differs");
+        mine = ours.forward_one(&[next], &mut our_cache).unwrap();
+        theirs = run(&[next], pos, &mut their_cache);
+    }
+}
+
+#[test]
+fn llama_checkpoints_agree_with_candle_transformers_llama() {
+    let base = TinyHfSpec::llama(Dtype::F32);
+    agrees_with_candle_llama("f32, tied", &base);
+    agrees_with_candle_llama(
+        "bf16, untied",
+        &TinyHfSpec {
+            dtype: Dtype::BF16,
+            shape: TinySpec {
+                untied_output: true,
+                seed: 11,
+                ..base.shape.clone()
+            },
+            ..base.clone()
+        },
+    );
+    // Three q-heads per kv-head, and Llama 3's RoPE scaling with an original
+    // context short enough that every regime of it is used.
+    agrees_with_candle_llama(
+        "f16, gqa 3, llama3 rope",
+        &TinyHfSpec {
+            dtype: Dtype::F16,
+            shape: TinySpec {
+                n_embd: 192,
+                n_head: 6,
+                n_kv_head: 2,
+                seed: 12,
+                ..base.shape.clone()
+            },
+            rope_scaling: Some(
+                json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+            ),
+            ..base
+        },
+    );
+}
+
+/// candle's `mistral.rs` masks key `j` for query `i` when `j + w < i`, so it
+/// attends to `w + 1` positions, where transformers' `sliding_window_overlay`
+/// and llama.cpp's `is_masked_swa` attend to `w` (ours too). It is given
+/// `w - 1` to mean the same window. Its decode steps ignore the window, so
+/// only the prefill is compared, with the prompt well past the window.
+#[test]
+fn a_mistral_checkpoint_with_a_short_sliding_window_agrees_with_candle_mistral() {
+    let window = 8;
+    let spec = TinyHfSpec {
+        shape: TinySpec {
+            architecture: "mistral",
+            sliding_window: Some(window),
+            untied_output: true,
+            seed: 13,
+            ..TinySpec::llama_q4_1()
+        },
+        // An explicit head_dim wider than hidden_size / heads, as Mistral
+        // Nemo's.
+        head_dim: Some(32),
+        ..TinyHfSpec::llama(Dtype::BF16)
+    };
+    let dir = written(&spec);
+    let ours = ee_engine::load(dir.path()).unwrap();
+    let mut config = config_json(dir.path());
+    config["sliding_window"] = json!(window - 1);
+    let config: mistral::Config = serde_json::from_value(config).unwrap();
+    let mut reference = mistral::Model::new(&config, reference_weights(dir.path())).unwrap();
+    for n in [window / 2, 3 * window] {
+        let tokens = prompt(n, ours.vocab_size());
+        let mine = ours.forward_one(&tokens, &mut ours.new_cache()).unwrap();
+        reference.clear_kv_cache();
+        let input = Tensor::new(tokens.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let theirs: Vec<f32> = reference
+            .forward(&input, 0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let diff = max_diff(&mine, &theirs);
+        assert!(diff < TOLERANCE, "{n} tokens: logits differ by {diff}");
+    }
+    // The window matters: without it the same prompt gives other logits.
+    let mut wide = config_json(dir.path());
+    wide["sliding_window"] = json!(null);
+    std::fs::write(dir.path().join("config.json"), wide.to_string()).unwrap();
+    let unwindowed = ee_engine::load(dir.path()).unwrap();
+    let tokens = prompt(3 * window, ours.vocab_size());
+    let a = ours.forward_one(&tokens, &mut ours.new_cache()).unwrap();
+    let b = unwindowed
+        .forward_one(&tokens, &mut unwindowed.new_cache())
+        .unwrap();
+    assert!(max_diff(&a, &b) > 1e-3);
+}
+
+#[test]
+fn a_sharded_checkpoint_loads_the_same_as_a_single_file() {
+    let single = TinyHfSpec::llama(Dtype::BF16);
+    let sharded = TinyHfSpec {
+        shards: 3,
+        ..single.clone()
+    };
+    let (a, b) = (written(&single), written(&sharded));
+    assert_eq!(safetensors_files(b.path()).len(), 3);
+    assert!(b.path().join("model.safetensors.index.json").exists());
+    let (a, b) = (
+        ee_engine::load(a.path()).unwrap(),
+        ee_engine::load(b.path()).unwrap(),
+    );
+    let tokens = prompt(12, a.vocab_size());
+    let la = a.forward_one(&tokens, &mut a.new_cache()).unwrap();
+    let lb = b.forward_one(&tokens, &mut b.new_cache()).unwrap();
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&la), bits(&lb));
+    assert_eq!(a.tie_keys(), b.tie_keys());
+}
+
+fn load_error(dir: &Path) -> String {
+    match ee_engine::load(dir) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn bad_checkpoints_are_refused_with_the_file_named() {
+    let spec = TinyHfSpec {
+        shards: 2,
+        ..TinyHfSpec::llama(Dtype::F16)
+    };
+
+    let dir = written(&spec);
+    std::fs::remove_file(dir.path().join("config.json")).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("config.json"), "{err}");
+
+    let dir = written(&spec);
+    let mut config = config_json(dir.path());
+    config["architectures"] = json!(["GPT2LMHeadModel"]);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("GPT2LMHeadModel") && err.contains("config.json"),
+        "{err}"
+    );
+
+    let dir = written(&spec);
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("model-00002-of-00002.safetensors") && err.contains("missing"),
+        "{err}"
+    );
+
+    let dir = written(&spec);
+    let shard = dir.path().join("model-00001-of-00002.safetensors");
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len - 10)
+        .unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("model-00001-of-00002.safetensors"), "{err}");
+
+    // The config promises other shapes than the weights have.
+    let dir = written(&spec);
+    let mut config = config_json(dir.path());
+    config["intermediate_size"] = json!(96);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("mlp.gate_proj") && err.contains("shape"),
+        "{err}"
+    );
+
+    // A tensor in a dtype the engine does not run.
+    let dir = tempfile::tempdir().unwrap();
+    let single = TinyHfSpec::llama(Dtype::F32);
+    write_tiny_hf_model(dir.path(), &single).unwrap();
+    let path = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ints: Vec<u8> = vec![0; 4 * 64];
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| match name.as_str() {
+            "model.norm.weight" => (
+                name,
+                safetensors::tensor::TensorView::new(Dtype::I32, vec![64], &ints).unwrap(),
+            ),
+            _ => (name, view),
+        })
+        .collect();
+    let rewritten = safetensors::serialize(views, &None).unwrap();
+    std::fs::write(&path, rewritten).unwrap();
+    let err = load_error(dir.path());
+    assert!(
+        err.contains("model.norm.weight")
+            && err.contains("I32")
+            && err.contains("model.safetensors"),
+        "{err}"
+    );
+}
