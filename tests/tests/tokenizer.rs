@@ -5,7 +5,7 @@ use ee_e2e::model_path;
 
 #[test]
 fn round_trips_text_with_accents_emoji_and_whitespace() {
-    let (_, text) = ModelText::from_gguf(&model_path()).unwrap();
+    let text = ModelText::read(&model_path()).unwrap();
     let codec = text.codec().unwrap();
     for s in [
         "Hello, world!",
@@ -36,7 +36,7 @@ fn round_trips_text_with_accents_emoji_and_whitespace() {
 
 #[test]
 fn special_tokens_map_to_their_ids_and_known_text_to_known_ids() {
-    let (_, text) = ModelText::from_gguf(&model_path()).unwrap();
+    let text = ModelText::read(&model_path()).unwrap();
     let codec = text.codec().unwrap();
     assert_eq!(codec.encode("<|endoftext|>").unwrap(), vec![0]);
     assert_eq!(codec.encode("<|im_start|>").unwrap(), vec![1]);

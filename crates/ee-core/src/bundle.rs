@@ -44,6 +44,16 @@ pub struct SpecialTokens {
     pub stop_ids: Vec<u32>,
 }
 
+/// End-of-turn markers that stop generation when a vocabulary has them as
+/// control tokens (ChatML, Llama 3's two, Phi-3, Gemma).
+pub const END_OF_TURN_MARKERS: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+];
+
 /// `bundle.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleManifest {
@@ -66,7 +76,7 @@ impl SpecialTokens {
     /// of ChatML-style templates counts as a stop token alongside EOS.
     pub fn from_vocab(v: &GgufVocab) -> Self {
         let mut stop_ids: Vec<u32> = v.eos_token_id.into_iter().collect();
-        for marker in ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"] {
+        for marker in END_OF_TURN_MARKERS {
             if let Some(id) = v.tokens.iter().position(|t| t == marker) {
                 let id = id as u32;
                 if v.control_token_ids().contains(&id) && !stop_ids.contains(&id) {

@@ -5,8 +5,9 @@
 //!   tensor names) and [`safetensors`] (Hugging Face checkpoints);
 //! - [`transform`], which writes the server artifact (vocabulary rows
 //!   permuted, tokenizer gone);
-//! - [`vocab`]: the tokenizer metadata only the client may keep, and its
-//!   Hugging Face `tokenizer.json` form;
+//! - [`vocab`]: the tokenizer metadata of a GGUF, which only the client may
+//!   keep, and its Hugging Face `tokenizer.json` form; [`hf_text`]: the
+//!   tokenizer files of a Hugging Face checkpoint;
 //! - [`bundle`]: the client bundle format;
 //! - [`wire`]: the request/response types server and client share.
 //!
@@ -15,6 +16,7 @@
 
 pub mod bundle;
 pub mod gguf;
+pub mod hf_text;
 pub mod key;
 pub mod perm;
 pub mod rng;

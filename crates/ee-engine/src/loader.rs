@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ee_core::safetensors::directory_fingerprint;
+use ee_core::safetensors::{directory_fingerprint, CheckpointFiles};
 
 use crate::config::LlamaConfig;
 use crate::linear::LoadOptions;
@@ -20,9 +20,15 @@ pub enum ModelFiles {
     /// A Hugging Face directory: `config.json` and safetensors weights.
     HuggingFace {
         config_path: PathBuf,
-        config_bytes: Vec<u8>,
+        /// `config.json` and the shard index, if any: (file name, bytes).
+        small_files: Vec<(String, Vec<u8>)>,
         weights: SafetensorsWeights,
     },
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
 impl ModelFiles {
@@ -33,36 +39,41 @@ impl ModelFiles {
         if !path.is_dir() {
             return Ok(Self::Gguf(GgufWeights::open(path)?));
         }
-        let config_path = path.join("config.json");
-        let config_bytes = std::fs::read(&config_path)
-            .map_err(|e| Error::Model(format!("reading {}: {e}", config_path.display())))?;
+        let files = CheckpointFiles::find(path)?;
+        let small_files = std::iter::once(&files.config)
+            .chain(&files.index)
+            .map(|p| {
+                std::fs::read(p)
+                    .map(|b| (file_name(p), b))
+                    .map_err(|e| Error::Model(format!("reading {}: {e}", p.display())))
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self::HuggingFace {
-            config_path,
-            config_bytes,
-            weights: SafetensorsWeights::open(path)?,
+            config_path: files.config.clone(),
+            small_files,
+            weights: SafetensorsWeights::open(&files)?,
         })
     }
 
-    /// The sha256 of the model's bytes, as lowercase hex: the fingerprint a
-    /// client checks the server's artifact by. Read from the same map as
-    /// the weights, so the file is read from disk once.
+    /// The model's fingerprint, as lowercase hex, which a client checks the
+    /// server's artifact by: the sha256 of a GGUF file, or
+    /// [`directory_fingerprint`] of a checkpoint's files. Read from the same
+    /// maps as the weights, so the files are read from disk once.
     pub fn sha256(&self) -> String {
         match self {
             Self::Gguf(w) => w.sha256(),
             Self::HuggingFace {
-                config_bytes,
+                small_files,
                 weights,
                 ..
             } => {
-                let name = |p: &Path| {
-                    p.file_name()
-                        .map_or(String::new(), |n| n.to_string_lossy().into_owned())
-                };
-                let names: Vec<(String, &[u8])> =
-                    weights.files().map(|(p, b)| (name(p), b)).collect();
+                let shards: Vec<(String, &[u8])> =
+                    weights.files().map(|(p, b)| (file_name(p), b)).collect();
                 directory_fingerprint(
-                    std::iter::once(("config.json", config_bytes.as_slice()))
-                        .chain(names.iter().map(|(n, b)| (n.as_str(), *b))),
+                    small_files
+                        .iter()
+                        .map(|(n, b)| (n.as_str(), b.as_slice()))
+                        .chain(shards.iter().map(|(n, b)| (n.as_str(), *b))),
                 )
             }
         }
@@ -74,10 +85,10 @@ impl ModelFiles {
             Self::Gguf(w) => models::build(LlamaConfig::from_gguf(w)?, w, opts),
             Self::HuggingFace {
                 config_path,
-                config_bytes,
+                small_files,
                 weights,
             } => models::build(
-                LlamaConfig::from_hf_config(config_path, config_bytes)?,
+                LlamaConfig::from_hf_config(config_path, &small_files[0].1)?,
                 weights,
                 opts,
             ),

@@ -302,3 +302,83 @@ fn bad_checkpoints_are_refused_with_the_file_named() {
         "{err}"
     );
 }
+
+/// The transform of a checkpoint: encrypted logits are the plaintext ones,
+/// permuted, bit for bit; greedy text is the same; the artifact's config
+/// keeps no token IDs and its fingerprint is what the server computes.
+#[test]
+fn an_encrypted_checkpoint_is_exact_and_blind() {
+    use ee_core::transform::safetensors::write_hf_server_artifact;
+    use ee_engine::{generate, GenerateOptions, ModelFiles};
+
+    for spec in [
+        TinyHfSpec {
+            shape: TinySpec {
+                untied_output: true,
+                seed: 21,
+                ..TinySpec::llama_q4_1()
+            },
+            ..TinyHfSpec::llama(Dtype::BF16)
+        },
+        TinyHfSpec {
+            shards: 2,
+            ..TinyHfSpec::llama(Dtype::F16)
+        },
+    ] {
+        let plain_dir = written(&spec);
+        let out = tempfile::tempdir().unwrap();
+        let enc_dir = out.path().join("server");
+        let plain = ee_engine::load(plain_dir.path()).unwrap();
+        let perm = ee_core::Key::from_bytes([7; 32]).vocab_permutation(plain.vocab_size() as u32);
+        let mut calls = 0;
+        let report =
+            write_hf_server_artifact(plain_dir.path(), &enc_dir, &perm, &mut |_, _| calls += 1)
+                .unwrap();
+        assert!(calls > 0);
+        let expected: Vec<&str> = match spec.shape.untied_output {
+            true => vec!["lm_head.weight", "model.embed_tokens.weight"],
+            false => vec!["model.embed_tokens.weight"],
+        };
+        assert_eq!(report.permuted_tensors, expected);
+        assert_eq!(ModelFiles::open(&enc_dir).unwrap().sha256(), report.sha256);
+        let config = config_json(&enc_dir);
+        for key in ["bos_token_id", "eos_token_id"] {
+            assert!(config.get(key).is_none(), "{key} left in the server config");
+        }
+        assert!(!out.path().join("server.tmp").exists());
+
+        let enc = ee_engine::load(&enc_dir).unwrap();
+        let tokens = prompt(17, plain.vocab_size());
+        let enc_tokens = perm.encrypt_all(&tokens).unwrap();
+        let p = plain
+            .forward_all_positions(&tokens, &mut plain.new_cache())
+            .unwrap();
+        let e = enc
+            .forward_all_positions(&enc_tokens, &mut enc.new_cache())
+            .unwrap();
+        let (p, e): (Vec<Vec<f32>>, Vec<Vec<f32>>) = (p.to_vec2().unwrap(), e.to_vec2().unwrap());
+        for (pos, (pr, er)) in p.iter().zip(&e).enumerate() {
+            for (t, &v) in pr.iter().enumerate() {
+                let c = perm.encrypt(t as u32).unwrap() as usize;
+                assert_eq!(v.to_bits(), er[c].to_bits(), "position {pos}, token {t}");
+            }
+        }
+        let opts = GenerateOptions {
+            max_tokens: 24,
+            ..Default::default()
+        };
+        let gp = generate(plain.as_ref(), &tokens, &opts, |_| {})
+            .unwrap()
+            .token_ids();
+        let ge = generate(enc.as_ref(), &enc_tokens, &opts, |_| {})
+            .unwrap()
+            .token_ids();
+        assert_eq!(perm.decrypt_all(&ge).unwrap(), gp);
+
+        // A second transform into the same, now full, directory is refused.
+        let err = write_hf_server_artifact(plain_dir.path(), &enc_dir, &perm, &mut |_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not empty"), "{err}");
+    }
+}

@@ -17,7 +17,8 @@ use ee_server::AppState;
     about = "Blind inference server for EE-transformed models"
 )]
 struct Args {
-    /// The server artifact (EE-transformed GGUF) to host.
+    /// The server artifact to host: an EE-transformed .gguf, or the
+    /// directory `ee encrypt-model` wrote for a Hugging Face checkpoint.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1:8000).

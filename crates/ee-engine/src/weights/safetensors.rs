@@ -1,21 +1,17 @@
 //! Hugging Face safetensors weights: `model.safetensors`, or the shards that
 //! `model.safetensors.index.json` lists, each memory-mapped.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use ee_core::safetensors::CheckpointFiles;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 use safetensors::SafeTensors;
 
 use super::{RopeLayout, StoredDType, StoredTensor, WeightSource};
 use crate::Error;
-
-/// The single-file checkpoint's name.
-pub const SINGLE_FILE: &str = "model.safetensors";
-/// The index of a sharded checkpoint.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// One mapped `.safetensors` file.
 struct Shard {
@@ -31,11 +27,6 @@ pub struct SafetensorsWeights {
     shards: Vec<Shard>,
     /// Tensor name → shard.
     index: HashMap<String, usize>,
-}
-
-#[derive(serde::Deserialize)]
-struct ShardIndex {
-    weight_map: BTreeMap<String, String>,
 }
 
 fn map_shard(path: &Path) -> Result<Shard, Error> {
@@ -59,78 +50,33 @@ fn map_shard(path: &Path) -> Result<Shard, Error> {
 }
 
 impl SafetensorsWeights {
-    /// Maps the checkpoint in `dir`: the shards of `model.safetensors.index.json`
-    /// when there is one, else `model.safetensors`.
+    /// Maps the weight files of a checkpoint.
     ///
-    /// Errors name the file: neither present, an index that does not parse,
-    /// a shard it lists that is missing or lacks a tensor it is said to
-    /// hold, a truncated or corrupt file.
-    pub fn open(dir: &Path) -> Result<Self, Error> {
-        let index_path = dir.join(INDEX_FILE);
-        if !index_path.exists() {
-            let path = dir.join(SINGLE_FILE);
-            if !path.exists() {
-                return Err(Error::Model(format!(
-                    "{} has neither {SINGLE_FILE} nor {INDEX_FILE}",
-                    dir.display()
-                )));
+    /// Errors name the file: a truncated or corrupt one, or a tensor held
+    /// by two shards.
+    pub fn open(files: &CheckpointFiles) -> Result<Self, Error> {
+        let shards = files
+            .shards
+            .iter()
+            .map(|p| map_shard(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut index = HashMap::new();
+        for (s, shard) in shards.iter().enumerate() {
+            for name in shard.metadata.tensors().into_keys() {
+                if index.insert(name.clone(), s).is_some() {
+                    return Err(Error::Model(format!(
+                        "{}: tensor {name} is also in another shard",
+                        shard.path.display()
+                    )));
+                }
             }
-            let shard = map_shard(&path)?;
-            let index = shard
-                .metadata
-                .tensors()
-                .into_keys()
-                .map(|k| (k, 0))
-                .collect();
-            return Ok(Self {
-                shards: vec![shard],
-                index,
-            });
-        }
-        let text = std::fs::read_to_string(&index_path)
-            .map_err(|e| Error::Model(format!("reading {}: {e}", index_path.display())))?;
-        let listed: ShardIndex = serde_json::from_str(&text)
-            .map_err(|e| Error::Model(format!("{}: {e}", index_path.display())))?;
-        let mut files: Vec<&String> = listed.weight_map.values().collect();
-        files.sort();
-        files.dedup();
-        let mut shards = Vec::with_capacity(files.len());
-        for file in &files {
-            let path = dir.join(file);
-            if file.contains('/') || file.contains('\\') || !path.exists() {
-                return Err(Error::Model(format!(
-                    "{}: shard {file:?} is missing from {}",
-                    index_path.display(),
-                    dir.display()
-                )));
-            }
-            shards.push(map_shard(&path)?);
-        }
-        let mut index = HashMap::with_capacity(listed.weight_map.len());
-        for (name, file) in &listed.weight_map {
-            let s = files
-                .binary_search(&file)
-                .expect("every listed file was mapped");
-            if shards[s].metadata.info(name).is_none() {
-                return Err(Error::Model(format!(
-                    "{}: {name} is listed in {} but {file} does not hold it",
-                    dir.display(),
-                    INDEX_FILE
-                )));
-            }
-            index.insert(name.clone(), s);
         }
         Ok(Self { shards, index })
     }
 
-    /// The mapped files, in a fixed order, with their bytes.
+    /// The mapped files with their bytes.
     pub fn files(&self) -> impl Iterator<Item = (&Path, &[u8])> {
         self.shards.iter().map(|s| (s.path.as_path(), &s.map[..]))
-    }
-
-    /// Every tensor name.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(String::as_str)
     }
 }
 

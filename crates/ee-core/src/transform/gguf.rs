@@ -1,9 +1,6 @@
-//! The EE transform of a GGUF model: the server artifact.
-//!
-//! Rows of `token_embd.weight` (and `output.weight` when the model has its
-//! own output head) move to their encrypted positions by byte copy of whole
-//! quantized rows, so the transformed model computes exactly what the
-//! original does, on permuted IDs. Every `tokenizer.*` key is dropped.
+//! The server artifact of a GGUF model: rows of `token_embd.weight` (and
+//! `output.weight` when the model has its own output head) move as whole
+//! quantized rows; every `tokenizer.*` key is dropped.
 
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -11,29 +8,10 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::{permute_rows, TransformReport};
 use crate::gguf::{GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
 use crate::vocab::TOKENIZER_KEY_PREFIX;
 use crate::{Error, Permutation};
-
-/// The sha256 of a file, as lowercase hex: the fingerprint of an artifact.
-pub fn sha256_file(path: &Path) -> Result<String, Error> {
-    let mut f =
-        File::open(path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut f, &mut hasher)
-        .map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
-    Ok(hex::encode(hasher.finalize()))
-}
-
-/// What the transform wrote.
-#[derive(Debug, Clone)]
-pub struct TransformReport {
-    pub sha256: String,
-    pub bytes: u64,
-    pub vocab_size: u32,
-    /// Names of the tensors whose rows were permuted.
-    pub permuted_tensors: Vec<String>,
-}
 
 /// The number of token rows in the embedding: the vocabulary the key covers.
 pub fn embedding_vocab_size(header: &GgufHeader) -> Result<u32, Error> {
@@ -67,27 +45,6 @@ fn server_header(input: &GgufHeader, vocab_size: u32) -> Result<GgufHeader, Erro
         tensors: input.tensors.clone(),
         data_offset: 0,
     })
-}
-
-/// Moves whole rows: row `t` of `data` lands at row `π(t)`.
-fn permute_rows(t: &TensorInfo, data: &[u8], perm: &Permutation) -> Result<Vec<u8>, Error> {
-    let row = t.row_bytes()? as usize;
-    if t.n_rows() != perm.len() as u64 {
-        return Err(Error::Gguf(format!(
-            "{} has {} rows but the vocabulary has {}",
-            t.name,
-            t.n_rows(),
-            perm.len()
-        )));
-    }
-    let mut out = vec![0u8; data.len()];
-    for (plain, src) in data.chunks_exact(row).enumerate() {
-        let cipher = perm
-            .encrypt(plain as u32)
-            .expect("row count checked against the permutation") as usize;
-        out[cipher * row..(cipher + 1) * row].copy_from_slice(src);
-    }
-    Ok(out)
 }
 
 /// A writer that hashes everything passing through it.
@@ -159,7 +116,7 @@ pub fn write_server_artifact(
             if VOCAB_ROW_TENSORS.contains(&src.name.as_str()) {
                 let mut data = vec![0u8; n as usize];
                 reader.read_exact(&mut data)?;
-                w.write_all(&permute_rows(src, &data, perm)?)?;
+                w.write_all(&permute_rows(&src.name, &data, src.n_rows(), perm)?)?;
                 permuted.push(src.name.clone());
             } else {
                 let copied = std::io::copy(&mut (&mut reader).take(n), &mut w)?;
@@ -197,6 +154,7 @@ pub fn write_server_artifact(
 mod tests {
     use super::*;
     use crate::gguf::{write_gguf, ValueType};
+    use crate::transform::sha256_file;
     use crate::Key;
 
     fn tiny_model(path: &Path) {
