@@ -1,10 +1,48 @@
 //! Helpers shared by the end-to-end tests in `tests/tests/`: where the real
 //! model and the built binaries are, and a one-call encrypted model pair.
 
+pub mod hf_fixture;
+
 use std::path::{Path, PathBuf};
 
 use ee_client::model_tool::{encrypt_model, KeySource};
+use ee_client::template::{ChatMessage, ChatTemplate};
+use ee_client::text::TextCodec;
 use ee_core::ClientBundle;
+
+/// The exactness bar's prompts: chat questions in two languages and an
+/// emoji.
+pub const PROMPTS: [&str; 5] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain photosynthesis to a child in two sentences.",
+    "List three prime numbers greater than 100.",
+    "Traduis en français : « The weather is lovely today. » 🙂",
+];
+
+/// The bundle's tokenizer and chat template.
+pub fn client(bundle: &ClientBundle) -> (TextCodec, ChatTemplate) {
+    let st = &bundle.manifest.special_tokens;
+    let codec = TextCodec::from_file(&bundle.tokenizer_path(), st.bos_id, st.add_bos).unwrap();
+    let template = ChatTemplate::new(
+        bundle.manifest.chat_template.as_deref().unwrap(),
+        st.bos.as_deref(),
+        st.eos.as_deref(),
+    )
+    .unwrap();
+    (codec, template)
+}
+
+/// A one-message chat, rendered and tokenized (plaintext IDs).
+pub fn chat_ids(codec: &TextCodec, template: &ChatTemplate, prompt: &str) -> Vec<u32> {
+    codec
+        .encode(
+            &template
+                .render(&[ChatMessage::new("user", prompt)], true)
+                .unwrap(),
+        )
+        .unwrap()
+}
 
 /// The real default model. CI fetches it first (`ee fetch-model`); a missing
 /// model is a failure, not a skip, so the tests can never pass vacuously.
@@ -60,7 +98,7 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The real model encrypted with a fresh key: server artifact and bundle.
+/// A model encrypted with a key: server artifact and bundle.
 pub struct EncryptedPair {
     pub dir: tempfile::TempDir,
     pub server_artifact: PathBuf,
@@ -68,17 +106,19 @@ pub struct EncryptedPair {
 }
 
 pub fn encrypt_real_model(key: &KeySource) -> EncryptedPair {
+    encrypt(&model_path(), key)
+}
+
+/// `model` (a GGUF file or a checkpoint directory) encrypted with `key`.
+pub fn encrypt(model: &Path, key: &KeySource) -> EncryptedPair {
     let dir = tempfile::tempdir().expect("temp dir");
-    let server_artifact = dir.path().join("server.gguf");
+    let server_artifact = match model.is_dir() {
+        true => dir.path().join("server"),
+        false => dir.path().join("server.gguf"),
+    };
     let bundle_dir = dir.path().join("bundle");
-    encrypt_model(
-        &model_path(),
-        &server_artifact,
-        &bundle_dir,
-        key,
-        &mut |_, _| {},
-    )
-    .expect("encrypt the real model");
+    encrypt_model(model, &server_artifact, &bundle_dir, key, &mut |_, _| {})
+        .expect("encrypt the model");
     let bundle = ClientBundle::load(&bundle_dir).expect("load the bundle");
     EncryptedPair {
         dir,

@@ -180,3 +180,84 @@ fn fetch_model_from_a_local_path_is_idempotent() {
         ee_client::fetch::DEFAULT_MODEL_SHA256
     );
 }
+
+/// A Hugging Face checkpoint through the command line: placed by
+/// `fetch-model --from DIR`, encrypted into an artifact directory that
+/// carries no tokenizer, template or token IDs, and refused when the
+/// artifact directory is already full.
+#[test]
+fn a_checkpoint_is_fetched_and_encrypted_into_a_blind_directory() {
+    let source = ee_e2e::hf_fixture::real_hf_checkpoint(safetensors::tensor::Dtype::BF16);
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(binary("ee"))
+        .args(["fetch-model", "--from"])
+        .arg(&source)
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let placed = dir.path().join(source.file_name().unwrap());
+    assert!(placed.join("model.safetensors").exists() && placed.join("tokenizer.json").exists());
+    assert!(
+        !placed.join("README.md").exists(),
+        "only the checkpoint's files are placed"
+    );
+
+    let (server, client) = (dir.path().join("server"), dir.path().join("bundle"));
+    let encrypt = || {
+        Command::new(binary("ee"))
+            .args(["encrypt-model", "--model"])
+            .arg(&placed)
+            .arg("--server-out")
+            .arg(&server)
+            .arg("--client-out")
+            .arg(&client)
+            .output()
+            .unwrap()
+    };
+    let out = encrypt();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(&server)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["config.json", "model.safetensors"]);
+    let config = std::fs::read_to_string(server.join("config.json")).unwrap();
+    for leaked in ["bos_token_id", "eos_token_id", "im_start", "chat_template"] {
+        assert!(!config.contains(leaked), "{leaked} in the server config");
+    }
+    let weights = std::fs::read(server.join("model.safetensors")).unwrap();
+    for needle in ["<|im_start|>", "im_end", "chat_template"] {
+        assert!(
+            !weights
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes()),
+            "{needle} in the server weights"
+        );
+    }
+    let bundle = ClientBundle::load(&client).unwrap();
+    assert_eq!(
+        bundle.manifest.server_artifact.sha256,
+        ee_engine::ModelFiles::open(&server).unwrap().sha256()
+    );
+    assert_eq!(bundle.manifest.special_tokens.stop_ids, vec![2]);
+    assert!(bundle.manifest.chat_template.is_some());
+
+    let again = encrypt();
+    assert!(!again.status.success());
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("not empty") && !err.contains("panicked"),
+        "{err}"
+    );
+}

@@ -5,9 +5,14 @@
 use std::process::Command;
 
 use ee_client::model_tool::KeySource;
+use std::path::Path;
+
+use ee_e2e::hf_fixture::real_hf_checkpoint;
 use ee_e2e::{
-    binary, encrypt_real_model, workspace_root, EncryptedPair, RecordingRelay, ServerProcess,
+    binary, encrypt, encrypt_real_model, model_path, workspace_root, EncryptedPair, RecordingRelay,
+    ServerProcess,
 };
+use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
 
 /// Server, a relay that records the proxy↔server traffic, and the proxy.
@@ -19,7 +24,12 @@ struct Stack {
 }
 
 fn stack(key: KeySource) -> Stack {
-    let pair = encrypt_real_model(&key);
+    stack_of(&model_path(), key)
+}
+
+/// A stack for `model`: the default GGUF, or a checkpoint directory.
+fn stack_of(model: &Path, key: KeySource) -> Stack {
+    let pair = encrypt(model, &key);
     let server = ServerProcess::start(&pair.server_artifact, &[]);
     let relay = RecordingRelay::start(server.addr);
     let proxy = ServerProcess::proxy(&pair.bundle.dir, &relay.url());
@@ -83,8 +93,19 @@ fn first_sent_ids(capture: &str) -> Vec<u32> {
 
 #[test]
 fn encrypted_and_plaintext_stacks_say_the_same_and_the_wire_shows_no_words() {
-    let plain = stack(KeySource::Identity);
-    let secret = stack(KeySource::Generate);
+    say_the_same_and_show_no_words(&model_path());
+}
+
+/// The same for the real model as a Hugging Face checkpoint (bf16): the
+/// server hosts an artifact directory of safetensors.
+#[test]
+fn a_checkpoint_stack_says_the_same_as_its_plaintext_and_the_wire_shows_no_words() {
+    say_the_same_and_show_no_words(&real_hf_checkpoint(Dtype::BF16));
+}
+
+fn say_the_same_and_show_no_words(model: &Path) {
+    let plain = stack_of(model, KeySource::Identity);
+    let secret = stack_of(model, KeySource::Generate);
     let question = "What is the capital of France?";
     let poem = "Write a short poem about the ocean.";
     let cases = [
@@ -443,7 +464,18 @@ fn openai_package() -> std::path::PathBuf {
 
 #[test]
 fn the_official_openai_python_package_works_with_only_base_url_changed() {
-    let s = stack(KeySource::Generate);
+    openai_sdk_works_against(&stack(KeySource::Generate));
+}
+
+#[test]
+fn the_official_openai_python_package_works_against_a_checkpoint() {
+    openai_sdk_works_against(&stack_of(
+        &real_hf_checkpoint(Dtype::BF16),
+        KeySource::Generate,
+    ));
+}
+
+fn openai_sdk_works_against(s: &Stack) {
     let script = workspace_root()
         .join("tests")
         .join("py")

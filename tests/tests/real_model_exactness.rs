@@ -2,41 +2,8 @@
 //! computes exactly what the plaintext model computes.
 
 use ee_client::model_tool::KeySource;
-use ee_client::template::{ChatMessage, ChatTemplate};
-use ee_client::text::TextCodec;
-use ee_core::ClientBundle;
-use ee_e2e::{encrypt_real_model, model_path};
+use ee_e2e::{chat_ids, client, encrypt_real_model, model_path, PROMPTS};
 use ee_engine::{generate, GenerateOptions, Sampler, SamplingParams};
-
-const PROMPTS: [&str; 5] = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain photosynthesis to a child in two sentences.",
-    "List three prime numbers greater than 100.",
-    "Traduis en français : « The weather is lovely today. » 🙂",
-];
-
-fn client(bundle: &ClientBundle) -> (TextCodec, ChatTemplate) {
-    let st = &bundle.manifest.special_tokens;
-    let codec = TextCodec::from_file(&bundle.tokenizer_path(), st.bos_id, st.add_bos).unwrap();
-    let template = ChatTemplate::new(
-        bundle.manifest.chat_template.as_deref().unwrap(),
-        st.bos.as_deref(),
-        st.eos.as_deref(),
-    )
-    .unwrap();
-    (codec, template)
-}
-
-fn chat_ids(codec: &TextCodec, template: &ChatTemplate, prompt: &str) -> Vec<u32> {
-    codec
-        .encode(
-            &template
-                .render(&[ChatMessage::new("user", prompt)], true)
-                .unwrap(),
-        )
-        .unwrap()
-}
 
 #[test]
 fn logits_are_bit_identical_and_64_greedy_tokens_match_for_five_prompts() {
