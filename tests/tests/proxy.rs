@@ -537,3 +537,40 @@ fn openai_sdk_works_against(s: &Stack) {
         .is_some_and(|t| !t.is_empty()));
     assert_eq!(r["bad"]["status"], 400, "{}", r["bad"]);
 }
+
+/// A Mistral checkpoint (tiny, random weights, a sliding window shorter
+/// than the conversation) through server and proxy: the same greedy and
+/// seeded text with a secret key as with the identity key.
+#[test]
+fn a_mistral_checkpoint_stack_says_the_same_as_its_plaintext() {
+    use ee_engine::testing::hf::{write_tiny_hf_model, TinyHfSpec};
+    use ee_engine::testing::TinySpec;
+
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny-mistral");
+    std::fs::create_dir(&model).unwrap();
+    let spec = TinyHfSpec {
+        shape: TinySpec {
+            architecture: "mistral",
+            sliding_window: Some(8),
+            untied_output: true,
+            seed: 31,
+            ..TinySpec::llama_q4_1()
+        },
+        shards: 2,
+        ..TinyHfSpec::llama(Dtype::BF16)
+    };
+    write_tiny_hf_model(&model, &spec).unwrap();
+    let plain = stack_of(&model, KeySource::Identity);
+    let secret = stack_of(&model, KeySource::Generate);
+    for extra in [
+        json!({"temperature": 0, "max_tokens": 30}),
+        json!({"temperature": 0.9, "seed": 5, "max_tokens": 30, "stream": true}),
+    ] {
+        let body = chat("the theme of the tin", extra);
+        let a = answer_text(&plain, "/v1/chat/completions", &body);
+        let b = answer_text(&secret, "/v1/chat/completions", &body);
+        assert_eq!(a, b, "{body}");
+        assert!(!a.is_empty(), "{body}");
+    }
+}

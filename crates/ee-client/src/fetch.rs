@@ -359,12 +359,12 @@ mod checkpoint_tests {
             ..TinyHfSpec::llama(Dtype::BF16)
         };
         write_tiny_hf_model(&ckpt, &spec).unwrap();
+        fs::remove_file(ckpt.join(TOKENIZER_FILE)).unwrap();
         let dest = tempfile::tempdir().unwrap();
         let err = fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap_err();
         assert!(err.to_string().contains(TOKENIZER_FILE), "{err}");
 
         fs::write(ckpt.join(TOKENIZER_FILE), "{}").unwrap();
-        fs::write(ckpt.join(GENERATION_CONFIG_FILE), "{}").unwrap();
         fs::write(ckpt.join("README.md"), "not copied").unwrap();
         let placed = fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap();
         assert_eq!(placed, dest.path().join("tiny-llama"));
@@ -382,6 +382,7 @@ mod checkpoint_tests {
                 "model-00002-of-00002.safetensors",
                 "model.safetensors.index.json",
                 TOKENIZER_FILE,
+                TOKENIZER_CONFIG_FILE,
             ]
         );
         // Idempotent; a hash is for single files only.

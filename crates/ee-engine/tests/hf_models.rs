@@ -324,6 +324,16 @@ fn an_encrypted_checkpoint_is_exact_and_blind() {
             shards: 2,
             ..TinyHfSpec::llama(Dtype::F16)
         },
+        // Mistral, with a window shorter than the prompt and the answer.
+        TinyHfSpec {
+            shape: TinySpec {
+                architecture: "mistral",
+                sliding_window: Some(8),
+                seed: 22,
+                ..TinySpec::llama_q4_1()
+            },
+            ..TinyHfSpec::llama(Dtype::BF16)
+        },
     ] {
         let plain_dir = written(&spec);
         let out = tempfile::tempdir().unwrap();

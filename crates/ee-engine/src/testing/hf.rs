@@ -1,5 +1,7 @@
 //! Tiny generated Hugging Face checkpoints: `config.json` and safetensors
-//! weights, single-file or sharded, in f32, f16 or bf16.
+//! weights, single-file or sharded, in f32, f16 or bf16, with the tiny
+//! byte-level BPE vocabulary as `tokenizer.json`, a ChatML template in
+//! `tokenizer_config.json`, and `generation_config.json`.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +12,9 @@ use rand_core::SeedableRng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
-use super::{random_tensor, tiny_vocab, TinySpec};
+use ee_core::vocab::GgufVocab;
+
+use super::{random_tensor, tiny_vocab, TinySpec, TINY_CHAT_TEMPLATE};
 use crate::Error;
 
 /// A tiny HF checkpoint: the shape of a [`TinySpec`] (its `architecture`,
@@ -167,5 +171,35 @@ pub fn write_tiny_hf_model(dir: &Path, spec: &TinyHfSpec) -> Result<(), Error> {
         let index = json!({"metadata": {}, "weight_map": weight_map});
         std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).map_err(err)?;
     }
-    Ok(())
+    write_tokenizer_files(dir)
+}
+
+/// The tiny vocabulary's tokenizer files: BOS `<|im_start|>` (1, not
+/// added), EOS `<|im_end|>` (2).
+fn write_tokenizer_files(dir: &Path) -> Result<(), Error> {
+    let (tokens, token_types, merges) = tiny_vocab();
+    let vocab = GgufVocab {
+        model: "gpt2".into(),
+        pre: Some("smollm".into()),
+        token_types: token_types.into_iter().map(i64::from).collect(),
+        tokens,
+        merges,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        pad_token_id: Some(2),
+        unk_token_id: None,
+        add_bos_token: false,
+        add_eos_token: false,
+        chat_template: Some(TINY_CHAT_TEMPLATE.into()),
+    };
+    let write = |name: &str, v: serde_json::Value| {
+        std::fs::write(dir.join(name), v.to_string()).map_err(err)
+    };
+    write("tokenizer.json", vocab.to_hf_tokenizer_json()?)?;
+    write(
+        "tokenizer_config.json",
+        json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": false,
+               "chat_template": TINY_CHAT_TEMPLATE}),
+    )?;
+    write("generation_config.json", json!({"eos_token_id": 2}))
 }

@@ -144,6 +144,9 @@ fn byte_symbols() -> Vec<String> {
         .collect()
 }
 
+/// ChatML, as SmolLM2 and Qwen use it.
+pub const TINY_CHAT_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
+
 /// A small but real byte-level BPE vocabulary: 3 control tokens, the 256
 /// byte symbols and a few merges. Plaintext IDs: `<|endoftext|>` 0,
 /// `<|im_start|>` 1, `<|im_end|>` 2.
@@ -200,20 +203,35 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), Error> {
         (format!("{arch}.attention.head_count_kv"), u(spec.n_kv_head)),
         (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
         (format!("{arch}.rope.dimension_count"), u(head_dim)),
-        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
-        ("tokenizer.ggml.tokens".into(), Value::Array(ValueType::String, tokens.into_iter().map(Value::String).collect())),
-        ("tokenizer.ggml.token_type".into(), Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect())),
-        ("tokenizer.ggml.merges".into(), Value::Array(ValueType::String, merges.into_iter().map(Value::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::Array(
+                ValueType::String,
+                tokens.into_iter().map(Value::String).collect(),
+            ),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::Array(ValueType::I32, types.into_iter().map(Value::I32).collect()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::Array(
+                ValueType::String,
+                merges.into_iter().map(Value::String).collect(),
+            ),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), u(1)),
         ("tokenizer.ggml.eos_token_id".into(), u(2)),
         ("tokenizer.ggml.padding_token_id".into(), u(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            s("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-        ),
+        ("tokenizer.chat_template".into(), s(TINY_CHAT_TEMPLATE)),
     ];
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{arch}.attention.sliding_window"), u(w)));
