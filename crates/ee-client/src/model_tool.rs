@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::HfText;
-use ee_core::transform::safetensors::{config_vocab_size, read_config, write_hf_server_artifact};
+use ee_core::transform::safetensors::{config_vocab_size, read_config};
 use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
 use ee_core::vocab::GgufVocab;
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
@@ -143,10 +143,7 @@ pub fn encrypt_model(
         KeySource::Identity => Key::identity(),
     };
     let perm: Permutation = key.vocab_permutation(facts.vocab_size);
-    let report = match model.is_dir() {
-        true => write_hf_server_artifact(model, server_out, &perm, progress)?,
-        false => write_server_artifact(model, server_out, &perm, progress)?,
-    };
+    let report = write_server_artifact(model, server_out, &perm, progress)?;
     let manifest = BundleManifest {
         format: BUNDLE_FORMAT.into(),
         model_name: facts.name,

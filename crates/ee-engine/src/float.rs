@@ -12,8 +12,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
-use rayon::prelude::*;
 
+use crate::linear::{by_weight_rows, cpu_matmul};
 use crate::Error;
 
 /// Weights in their stored element type, row-major `[rows, cols]`.
@@ -72,36 +72,27 @@ impl FloatMatrix {
         }
     }
 
+    /// The stored element type: `F32`, `F16` or `BF16`.
+    pub fn format(&self) -> &'static str {
+        match self.weights {
+            FloatWeights::F32(_) => "F32",
+            FloatWeights::F16(_) => "F16",
+            FloatWeights::BF16(_) => "BF16",
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
         Ok(x.apply_op1_no_bwd(self)?)
     }
 
     /// `y = x · Wᵀ` for `m` activation rows `x` (`[m, cols]`): `[m, rows]`.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let n = self.rows;
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = (n / (threads * 4)).clamp(8, 256);
-        // Computed weight row by weight row, so `yt` is `[n][m]`.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, outputs)| {
-                let mut buf = vec![0f32; self.cols];
-                for (r, out) in (c * chunk..).zip(outputs.chunks_exact_mut(m)) {
-                    let w = self.row(r, &mut buf);
-                    dot_rows(w, x, out);
-                }
-            });
-        if m == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; m * n];
-        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
-            for (o, v) in y_row.iter_mut().zip(yt[i..].iter().step_by(m)) {
-                *o = *v;
+        by_weight_rows(self.rows, m, |rows, outputs| {
+            let mut buf = vec![0f32; self.cols];
+            for (r, out) in rows.zip(outputs.chunks_exact_mut(m)) {
+                dot_rows(self.row(r, &mut buf), x, out);
             }
-        }
-        y
+        })
     }
 }
 
@@ -124,8 +115,20 @@ unsafe fn dot_rows_avx2(w: &[f32], x: &[f32], out: &mut [f32]) {
 
 #[inline(always)]
 fn dot_rows_portable(w: &[f32], x: &[f32], out: &mut [f32]) {
-    for (o, xi) in out.iter_mut().zip(x.chunks_exact(w.len())) {
-        *o = dot(w, xi);
+    let k = w.len();
+    let row = |i: usize| &x[i * k..][..k];
+    // Eight, then four activation rows share each load of the weights.
+    let mut i = 0;
+    while i + 8 <= out.len() {
+        out[i..i + 8].copy_from_slice(&dot_n::<8>(w, std::array::from_fn(|j| row(i + j))));
+        i += 8;
+    }
+    if i + 4 <= out.len() {
+        out[i..i + 4].copy_from_slice(&dot_n::<4>(w, std::array::from_fn(|j| row(i + j))));
+        i += 4;
+    }
+    for (j, o) in out.iter_mut().enumerate().skip(i) {
+        *o = dot(w, row(j));
     }
 }
 
@@ -133,20 +136,32 @@ fn dot_rows_portable(w: &[f32], x: &[f32], out: &mut [f32]) {
 /// (a plain iterator sum must keep its sequential float order, and does not).
 #[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
+    dot_n(a, [b])[0]
+}
+
+/// `w · x_n` for `N` vectors at once: each result is summed exactly as
+/// [`dot`] sums it, whatever `N`, so batching changes no bit.
+#[inline(always)]
+fn dot_n<const N: usize>(w: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+    let mut lanes = [[0f32; 8]; N];
+    let body = w.len() / 8 * 8;
+    let xs8: [&[[f32; 8]]; N] = xs.map(|x| x[..body].as_chunks::<8>().0);
+    for (c, wc) in w[..body].as_chunks::<8>().0.iter().enumerate() {
+        for (lane, x) in lanes.iter_mut().zip(&xs8) {
+            let xc = &x[c];
+            for j in 0..8 {
+                lane[j] += wc[j] * xc[j];
+            }
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    std::array::from_fn(|n| {
+        let tail: f32 = w[body..]
+            .iter()
+            .zip(&xs[n][body..])
+            .map(|(a, b)| a * b)
+            .sum();
+        lanes[n].iter().sum::<f32>() + tail
+    })
 }
 
 impl CustomOp1 for FloatMatrix {
@@ -159,25 +174,13 @@ impl CustomOp1 for FloatMatrix {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("ee-float-matmul takes f32 activations");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("ee-float-matmul takes contiguous activations");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "ee-float-matmul: input {:?} does not end in {}",
-                dims,
-                self.cols
-            );
-        }
-        let m = layout.shape().elem_count() / self.cols;
-        let y = self.matmul(&data[start..end], m);
-        dims.pop();
-        dims.push(self.rows);
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        cpu_matmul(
+            self.name(),
+            storage,
+            layout,
+            (self.rows, self.cols),
+            |x, m| self.matmul(x, m),
+        )
     }
 }
 

@@ -1,8 +1,11 @@
 //! Weight matrices: our runtime-dispatched kernels where we have them
 //! (Q4_1, Q8_0, and float weights as stored), candle's `QMatMul` otherwise.
 
+use std::ops::Range;
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{Module, Tensor};
+use candle_core::{CpuStorage, Layout, Module, Shape, Tensor};
+use rayon::prelude::*;
 
 use crate::float::FloatMatrix;
 use crate::quant::QuantMatrix;
@@ -34,6 +37,18 @@ impl Linear {
         Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
     }
 
+    /// The weights' format (`Q4_1`, `BF16`, …), marked when candle's
+    /// kernels run it.
+    pub fn format(&self) -> String {
+        match self {
+            Linear::Ours(m) => m.format().to_owned(),
+            Linear::Float(m) => m.format().to_owned(),
+            Linear::Candle(QMatMul::QTensor(t)) => format!("{:?} (candle)", t.dtype()),
+            Linear::Candle(QMatMul::Tensor(_)) => "F32 (candle)".to_owned(),
+            Linear::Candle(QMatMul::TensorF16(_)) => "F16 (candle)".to_owned(),
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor, Error> {
         match self {
             Linear::Ours(m) => m.forward(x),
@@ -60,4 +75,60 @@ fn check_candle_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> 
         }
     }
     Ok(t)
+}
+
+/// `y = x · Wᵀ` for our kernels, `[m, n]`, computed weight row by weight
+/// row in parallel: `rows(range, out)` fills `out`, `[range.len()][m]`, with
+/// the outputs of weight rows `range` for each of the `m` activation rows.
+/// Each output depends only on its weight row and its activation row.
+pub(crate) fn by_weight_rows(
+    n: usize,
+    m: usize,
+    rows: impl Fn(Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let threads = rayon::current_num_threads().max(1);
+    let chunk = (n / (threads * 4)).clamp(8, 256);
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(chunk * m)
+        .enumerate()
+        .for_each(|(c, out)| {
+            let start = c * chunk;
+            rows(start..start + out.len() / m, out)
+        });
+    if m == 1 {
+        return yt;
+    }
+    let mut y = vec![0f32; m * n];
+    for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
+        for (o, v) in y_row.iter_mut().zip(yt[i..].iter().step_by(m)) {
+            *o = *v;
+        }
+    }
+    y
+}
+
+/// candle's side of our matmuls (`CustomOp1::cpu_fwd`): takes contiguous
+/// f32 activations `[.., cols]` and returns `matmul(x, m)` as `[.., rows]`.
+pub(crate) fn cpu_matmul(
+    name: &str,
+    storage: &CpuStorage,
+    layout: &Layout,
+    (rows, cols): (usize, usize),
+    matmul: impl FnOnce(&[f32], usize) -> Vec<f32>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{name} takes f32 activations");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name} takes contiguous activations");
+    };
+    let mut dims = layout.shape().dims().to_vec();
+    if dims.last() != Some(&cols) {
+        candle_core::bail!("{name}: input {dims:?} does not end in {cols}");
+    }
+    let m = layout.shape().elem_count() / cols;
+    let y = matmul(&data[start..end], m);
+    dims.pop();
+    dims.push(rows);
+    Ok((CpuStorage::F32(y), Shape::from(dims)))
 }

@@ -28,6 +28,10 @@ pub trait CausalLm: Send + Sync {
     /// The most positions a sequence may hold, prompt and answer together.
     fn context_length(&self) -> usize;
 
+    /// The formats of the weight matrices, each once, in the order the
+    /// forward pass meets them (`Q4_1, Q8_0`; `BF16`).
+    fn weight_types(&self) -> String;
+
     /// A fresh, empty cache for a new sequence.
     fn new_cache(&self) -> KvCache;
 

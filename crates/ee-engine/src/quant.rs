@@ -14,8 +14,8 @@
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
-use rayon::prelude::*;
 
+use crate::linear::{by_weight_rows, cpu_matmul};
 use crate::Error;
 
 #[cfg(target_arch = "x86_64")]
@@ -57,6 +57,14 @@ struct ActBlock {
 }
 
 impl QuantMatrix {
+    /// The weights' format, as ggml names it.
+    pub fn format(&self) -> &'static str {
+        match self.blocks {
+            Blocks::Q4_1 { .. } => "Q4_1",
+            Blocks::Q8_0 { .. } => "Q8_0",
+        }
+    }
+
     /// Whether these kernels handle a format.
     pub fn supports(dtype: GgmlDType) -> bool {
         matches!(dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
@@ -147,44 +155,27 @@ impl QuantMatrix {
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let nb = self.cols / BLOCK;
         let acts = quantize_activations(x);
-        let n = self.rows;
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = (n / (threads * 4)).clamp(8, 256);
         let isa = Isa::detect();
-        // Computed weight row by weight row, so `yt` is `[n][m]`.
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(chunk * m)
-            .enumerate()
-            .for_each(|(c, outputs)| {
-                for (r, out) in (c * chunk..).zip(outputs.chunks_exact_mut(m)) {
-                    // Up to eight activation rows share each unpacked weight block.
-                    let mut i = 0;
-                    let act_row = |i: usize| &acts[i * nb..][..nb];
-                    while i + 8 <= m {
-                        let a: [&[ActBlock]; 8] = std::array::from_fn(|k| act_row(i + k));
-                        out[i..i + 8].copy_from_slice(&self.dot_rows(r, a, isa));
-                        i += 8;
-                    }
-                    if i + 4 <= m {
-                        let a: [&[ActBlock]; 4] = std::array::from_fn(|k| act_row(i + k));
-                        out[i..i + 4].copy_from_slice(&self.dot_rows(r, a, isa));
-                        i += 4;
-                    }
-                    for (i, o) in out.iter_mut().enumerate().skip(i) {
-                        *o = self.dot_rows(r, [act_row(i)], isa)[0];
-                    }
+        let act_row = |i: usize| &acts[i * nb..][..nb];
+        by_weight_rows(self.rows, m, |rows, outputs| {
+            for (r, out) in rows.zip(outputs.chunks_exact_mut(m)) {
+                // Up to eight activation rows share each unpacked weight block.
+                let mut i = 0;
+                while i + 8 <= m {
+                    let a: [&[ActBlock]; 8] = std::array::from_fn(|k| act_row(i + k));
+                    out[i..i + 8].copy_from_slice(&self.dot_rows(r, a, isa));
+                    i += 8;
                 }
-            });
-        if m == 1 {
-            return yt;
-        }
-        let mut y = vec![0f32; m * n];
-        for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
-            for (o, v) in y_row.iter_mut().zip(yt[i..].iter().step_by(m)) {
-                *o = *v;
+                if i + 4 <= m {
+                    let a: [&[ActBlock]; 4] = std::array::from_fn(|k| act_row(i + k));
+                    out[i..i + 4].copy_from_slice(&self.dot_rows(r, a, isa));
+                    i += 4;
+                }
+                for (i, o) in out.iter_mut().enumerate().skip(i) {
+                    *o = self.dot_rows(r, [act_row(i)], isa)[0];
+                }
             }
-        }
-        y
+        })
     }
 }
 
@@ -198,25 +189,13 @@ impl CustomOp1 for QuantMatrix {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("ee-quant-matmul takes f32 activations");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("ee-quant-matmul takes contiguous activations");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "ee-quant-matmul: input {:?} does not end in {}",
-                dims,
-                self.cols
-            );
-        }
-        let m = layout.shape().elem_count() / self.cols;
-        let y = self.matmul(&data[start..end], m);
-        dims.pop();
-        dims.push(self.rows);
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
+        cpu_matmul(
+            self.name(),
+            storage,
+            layout,
+            (self.rows, self.cols),
+            |x, m| self.matmul(x, m),
+        )
     }
 }
 

@@ -211,6 +211,14 @@ fn a_sharded_checkpoint_loads_the_same_as_a_single_file() {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(bits(&la), bits(&lb));
     assert_eq!(a.tie_keys(), b.tie_keys());
+    assert_eq!(
+        (a.architecture(), a.weight_types().as_str()),
+        ("llama", "BF16")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let gguf = dir.path().join("m.gguf");
+    ee_engine::testing::write_tiny_model(&gguf, &TinySpec::llama_q4_1()).unwrap();
+    assert_eq!(ee_engine::load(&gguf).unwrap().weight_types(), "Q4_1, Q8_0");
 }
 
 fn load_error(dir: &Path) -> String {

@@ -15,7 +15,8 @@ use crate::default_model;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// Plaintext GGUF model; an encrypted twin is made in a temp directory.
+    /// Plaintext model (a GGUF file or a Hugging Face checkpoint directory);
+    /// an encrypted twin is made in a temp directory.
     #[arg(long, default_value_os_t = default_model())]
     model: PathBuf,
     /// Prompt length for the prefill measurement (llama-bench's pp).
@@ -65,7 +66,10 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
     }
     let dir = tempfile::tempdir()?;
-    let enc_path = dir.path().join("encrypted.gguf");
+    let enc_path = match args.model.is_dir() {
+        true => dir.path().join("encrypted"),
+        false => dir.path().join("encrypted.gguf"),
+    };
     let plain = ee_engine::load(&args.model)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let perm = Key::generate()?.vocab_permutation(plain.vocab_size() as u32);
@@ -123,7 +127,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         median(&mut enc_speeds.prefill),
         median(&mut enc_speeds.decode),
     );
-    println!("model: {}", args.model.display());
+    println!(
+        "model: {} ({}, weights {})",
+        args.model.display(),
+        plain.architecture(),
+        plain.weight_types()
+    );
     println!(
         "threads: {}  cpu: {}  transform: {transform_secs:.2}s",
         candle_core::utils::get_num_threads(),

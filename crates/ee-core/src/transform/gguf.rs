@@ -69,7 +69,7 @@ impl<W: Write> Write for HashingWriter<W> {
 /// Writes the server artifact for `input` under `perm` to `output`,
 /// atomically (temp file then rename). `progress(done, total)` is called as
 /// tensor bytes are written.
-pub fn write_server_artifact(
+pub fn write_gguf_server_artifact(
     input: &Path,
     output: &Path,
     perm: &Permutation,
@@ -197,7 +197,8 @@ mod tests {
         tiny_model(&input);
         let perm = Key::from_bytes([9; 32]).vocab_permutation(8);
         let mut calls = 0;
-        let report = write_server_artifact(&input, &output, &perm, &mut |_, _| calls += 1).unwrap();
+        let report =
+            write_gguf_server_artifact(&input, &output, &perm, &mut |_, _| calls += 1).unwrap();
         assert_eq!(calls, 2);
         assert_eq!(report.permuted_tensors, vec!["token_embd.weight"]);
 
@@ -240,7 +241,7 @@ mod tests {
         let (input, output) = (dir.path().join("in.gguf"), dir.path().join("out.gguf"));
         tiny_model(&input);
         let perm = Key::from_bytes([9; 32]).vocab_permutation(9);
-        assert!(write_server_artifact(&input, &output, &perm, &mut |_, _| {}).is_err());
+        assert!(write_gguf_server_artifact(&input, &output, &perm, &mut |_, _| {}).is_err());
         assert!(!output.exists());
     }
 }

@@ -17,7 +17,24 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Permutation};
 
-pub use gguf::{embedding_vocab_size, write_server_artifact};
+pub use gguf::{embedding_vocab_size, write_gguf_server_artifact};
+pub use safetensors::write_hf_server_artifact;
+
+/// Writes the server artifact of `input` under `perm` to `output`: a
+/// `.gguf` for a GGUF file ([`write_gguf_server_artifact`]), a directory
+/// for a Hugging Face checkpoint directory ([`write_hf_server_artifact`]).
+/// `progress(done, total)` follows the tensor bytes written.
+pub fn write_server_artifact(
+    input: &Path,
+    output: &Path,
+    perm: &Permutation,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    match input.is_dir() {
+        true => write_hf_server_artifact(input, output, perm, progress),
+        false => write_gguf_server_artifact(input, output, perm, progress),
+    }
+}
 
 /// The sha256 of a file, as lowercase hex: the fingerprint of an artifact.
 pub fn sha256_file(path: &Path) -> Result<String, Error> {

@@ -65,6 +65,20 @@ impl CausalLm for LlamaModel {
         self.config.context_length
     }
 
+    fn weight_types(&self) -> String {
+        let mut seen: Vec<String> = Vec::new();
+        let layers = self
+            .layers
+            .iter()
+            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        for format in layers.chain([&self.output]).map(Linear::format) {
+            if !seen.contains(&format) {
+                seen.push(format);
+            }
+        }
+        seen.join(", ")
+    }
+
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.n_layers, self.config.context_length)
     }
