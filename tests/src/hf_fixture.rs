@@ -1,6 +1,7 @@
 //! A real-weight Hugging Face checkpoint, made from the default GGUF: no
 //! Llama safetensors model ships in a package we can reach, so the test
-//! data is the real SmolLM2 dequantized (exactly: every stored value) with
+//! data is the real SmolLM2 dequantized (in f32 exactly: every stored value;
+//! the bf16 copy rounds them) with
 //! llama.cpp's q/k row reordering undone, its `config.json`, and
 //! `tokenizer.json`, `tokenizer_config.json` and `generation_config.json`
 //! from the GGUF metadata. Made once into `models/hf/` (git-ignored) and
@@ -151,14 +152,30 @@ fn convert(gguf: &Path, dir: &Path, dtype: Dtype) {
 mod tests {
     use super::*;
 
+    /// llama.cpp's `permute`, written from its numpy:
+    /// `w.reshape(n_head, 2, hd/2, cols).swapaxes(1, 2).reshape(w.shape)`.
+    fn llama_cpp_permute(hf: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+        let hd = hf.len() / cols / n_head;
+        let mut out = vec![0f32; hf.len()];
+        for h in 0..n_head {
+            for a in 0..2 {
+                for b in 0..hd / 2 {
+                    // Element (h, a, b) moves to (h, b, a) of the swapped axes.
+                    let src = (h * 2 + a) * (hd / 2) + b;
+                    let dst = (h * (hd / 2) + b) * 2 + a;
+                    out[dst * cols..][..cols].copy_from_slice(&hf[src * cols..][..cols]);
+                }
+            }
+        }
+        out
+    }
+
     #[test]
-    fn rows_unpermute_per_head() {
-        // Two heads of four rows, one column: GGUF order per head is
-        // (h0, h2, h1, h3) of the HF halves [h0 h1 | h2 h3].
-        let gguf = [0., 2., 1., 3., 10., 12., 11., 13.];
-        assert_eq!(
-            unpermute_rows(&gguf, 2, 1),
-            vec![0., 1., 2., 3., 10., 11., 12., 13.]
-        );
+    fn unpermuting_undoes_llama_cpps_permute() {
+        let (n_head, hd, cols) = (3, 6, 2);
+        let hf: Vec<f32> = (0..n_head * hd * cols).map(|i| i as f32).collect();
+        let gguf = llama_cpp_permute(&hf, n_head, cols);
+        assert_ne!(gguf, hf);
+        assert_eq!(unpermute_rows(&gguf, n_head, cols), hf);
     }
 }

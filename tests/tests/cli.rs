@@ -209,18 +209,20 @@ fn a_checkpoint_is_fetched_and_encrypted_into_a_blind_directory() {
     );
 
     let (server, client) = (dir.path().join("server"), dir.path().join("bundle"));
-    let encrypt = || {
-        Command::new(binary("ee"))
-            .args(["encrypt-model", "--model"])
+    let encrypt = |force: bool| {
+        let mut cmd = Command::new(binary("ee"));
+        cmd.args(["encrypt-model", "--model"])
             .arg(&placed)
             .arg("--server-out")
             .arg(&server)
             .arg("--client-out")
-            .arg(&client)
-            .output()
-            .unwrap()
+            .arg(&client);
+        if force {
+            cmd.arg("--force");
+        }
+        cmd.output().unwrap()
     };
-    let out = encrypt();
+    let out = encrypt(false);
     assert!(
         out.status.success(),
         "{}",
@@ -253,11 +255,25 @@ fn a_checkpoint_is_fetched_and_encrypted_into_a_blind_directory() {
     assert_eq!(bundle.manifest.special_tokens.stop_ids, vec![2]);
     assert!(bundle.manifest.chat_template.is_some());
 
-    let again = encrypt();
+    // A second run would replace the key under a deployed artifact.
+    let again = encrypt(false);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
-        err.contains("not empty") && !err.contains("panicked"),
+        err.contains("already exists") && err.contains("--force"),
         "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let forced = encrypt(true);
+    assert!(
+        forced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&forced.stderr)
+    );
+    let replaced = ClientBundle::load(&client).unwrap();
+    assert_ne!(replaced.key, bundle.key);
+    assert_eq!(
+        replaced.manifest.server_artifact.sha256,
+        ee_engine::ModelFiles::open(&server).unwrap().sha256()
     );
 }

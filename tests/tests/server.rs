@@ -641,3 +641,33 @@ fn a_request_past_the_timeout_is_cancelled_with_504() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// An operator who points the server at the plaintext model (it still
+/// carries its tokenizer) is refused with a message that says what to do,
+/// unless they insist with --allow-plaintext.
+#[test]
+fn a_plaintext_model_is_refused_unless_allowed() {
+    let out = std::process::Command::new(ee_e2e::binary("ee-server"))
+        .arg("--model")
+        .arg(model_path())
+        .arg("--listen")
+        .arg(ee_e2e::free_addr().to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "plaintext model",
+        "tokenizer.ggml",
+        "ee encrypt-model",
+        "--allow-plaintext",
+    ] {
+        assert!(err.contains(needle), "{needle} missing from: {err}");
+    }
+    let server = ServerProcess::start(&model_path(), &[("EE_ALLOW_PLAINTEXT", "true")]);
+    let r = server.post_json(
+        "/v1/completions",
+        &json!({"prompt": [1, 4093, 198], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}

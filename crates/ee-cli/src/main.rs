@@ -94,6 +94,11 @@ struct EncryptArgs {
     /// INSECURE: encrypt with the identity key (plaintext baseline, tests).
     #[arg(long)]
     identity_key: bool,
+    /// Replace an existing bundle (and its key) and server artifact. Without
+    /// it they are refused: a replaced key no longer matches the artifact
+    /// already deployed.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Args)]
@@ -200,6 +205,35 @@ pub(crate) fn init_logging(default: &str) {
         .init();
 }
 
+/// Without --force, an existing bundle or server artifact is an error
+/// before anything is written; with it, the old artifact is removed.
+fn refuse_to_overwrite(args: &EncryptArgs) -> Result<()> {
+    let bundle_key = args.client_out.join(ee_core::bundle::KEY_FILE);
+    let existing: Vec<&Path> = [bundle_key.as_path(), args.server_out.as_path()]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
+    if existing.is_empty() {
+        return Ok(());
+    }
+    if !args.force {
+        bail!(
+            "{} already exists; a new key would no longer match what is deployed. \
+             Choose other paths, or pass --force to replace them",
+            existing
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        );
+    }
+    if args.server_out.is_dir() {
+        std::fs::remove_dir_all(&args.server_out)
+            .with_context(|| format!("removing {}", args.server_out.display()))?;
+    }
+    Ok(())
+}
+
 fn warn_identity_key() {
     eprintln!(
         "\n\
@@ -247,6 +281,7 @@ fn main() -> Result<()> {
             if args.identity_key {
                 warn_identity_key();
             }
+            refuse_to_overwrite(&args)?;
             let started = Instant::now();
             let summary = encrypt_with_progress(
                 &args.model,

@@ -11,7 +11,7 @@ use std::process::Command;
 use ee_core::hf_text::{
     CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
 };
-use ee_core::safetensors::{CheckpointFiles, CONFIG_FILE};
+use ee_core::safetensors::{CheckpointFiles, CONFIG_FILE, INDEX_FILE, SINGLE_FILE};
 use ee_core::transform::sha256_file;
 
 use crate::Error;
@@ -61,7 +61,7 @@ pub fn fetch_model(
         }
         ModelSource::Local(path) => {
             let is_zip = path.extension().is_some_and(|e| e == "whl" || e == "zip");
-            if path.join(CONFIG_FILE).is_file() {
+            if is_checkpoint(path) {
                 if expected_sha256.is_some() {
                     return Err(Error::Fetch(
                         "--sha256 checks a single model file, not a checkpoint directory".into(),
@@ -189,6 +189,32 @@ fn single_gguf_in(dir: &Path) -> Result<PathBuf, Error> {
     }
 }
 
+/// Whether `dir` is a Hugging Face checkpoint: `config.json` and
+/// safetensors weights (a repository may also ship a `.gguf`, which is then
+/// taken instead).
+fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(CONFIG_FILE).is_file()
+        && (dir.join(SINGLE_FILE).is_file() || dir.join(INDEX_FILE).is_file())
+}
+
+/// The name a checkpoint is placed under: its directory's, or for a
+/// Hugging Face cache snapshot (`models--org--name/snapshots/<revision>`)
+/// the model's.
+fn checkpoint_name(src: &Path) -> Option<PathBuf> {
+    let real = fs::canonicalize(src).ok()?;
+    let parent = real.parent()?;
+    if parent.file_name().is_some_and(|n| n == "snapshots") {
+        let repo = parent.parent()?.file_name()?.to_string_lossy().into_owned();
+        if let Some(model) = repo
+            .strip_prefix("models--")
+            .and_then(|r| r.rsplit("--").next())
+        {
+            return Some(PathBuf::from(model));
+        }
+    }
+    real.file_name().map(PathBuf::from)
+}
+
 /// Links (or copies) a checkpoint's files into `dest_dir/<its name>/`: its
 /// config and weights, and the tokenizer files the client bundle is made
 /// from (`tokenizer.json` is required). Written beside the destination and
@@ -201,9 +227,7 @@ fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
             src.display()
         )));
     }
-    let name = fs::canonicalize(src)
-        .ok()
-        .and_then(|p| p.file_name().map(PathBuf::from))
+    let name = checkpoint_name(src)
         .ok_or_else(|| Error::Fetch(format!("{} has no directory name", src.display())))?;
     let dest = dest_dir.join(&name);
     if fs::canonicalize(src).ok() == fs::canonicalize(&dest).ok() {
@@ -230,8 +254,11 @@ fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
     fs::create_dir_all(&part).map_err(io_err(&part))?;
     for file in &names {
         let to = part.join(file.file_name().unwrap_or_default());
-        if fs::hard_link(file, &to).is_err() {
-            fs::copy(file, &to).map_err(io_err(file))?;
+        // A Hugging Face cache snapshot's files are links into its blobs;
+        // link or copy what they point at, never the link.
+        let real = fs::canonicalize(file).map_err(io_err(file))?;
+        if fs::hard_link(&real, &to).is_err() {
+            fs::copy(&real, &to).map_err(io_err(file))?;
         }
     }
     let _ = fs::remove_dir_all(&dest);
@@ -391,5 +418,34 @@ mod checkpoint_tests {
             placed
         );
         assert!(fetch_model(&ModelSource::Local(ckpt), dest.path(), Some("ab")).is_err());
+    }
+
+    /// A Hugging Face cache snapshot: files are relative links into blobs/,
+    /// and the directory is named after the revision.
+    #[cfg(unix)]
+    #[test]
+    fn a_cache_snapshot_is_placed_as_real_files_under_the_models_name() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--acme--Tiny-Llama");
+        let (blobs, snapshot) = (repo.join("blobs"), repo.join("snapshots").join("0123abcd"));
+        fs::create_dir_all(&blobs).unwrap();
+        fs::create_dir_all(&snapshot).unwrap();
+        let made = tempfile::tempdir().unwrap();
+        write_tiny_hf_model(made.path(), &TinyHfSpec::llama(Dtype::F16)).unwrap();
+        for entry in fs::read_dir(made.path()).unwrap() {
+            let entry = entry.unwrap();
+            let blob = blobs.join(format!("blob-{}", entry.file_name().to_string_lossy()));
+            fs::rename(entry.path(), &blob).unwrap();
+            let target = Path::new("../../blobs").join(blob.file_name().unwrap());
+            std::os::unix::fs::symlink(target, snapshot.join(entry.file_name())).unwrap();
+        }
+        let dest = tempfile::tempdir().unwrap();
+        let placed = fetch_model(&ModelSource::Local(snapshot), dest.path(), None).unwrap();
+        assert_eq!(placed, dest.path().join("Tiny-Llama"));
+        for entry in fs::read_dir(&placed).unwrap() {
+            let meta = fs::symlink_metadata(entry.unwrap().path()).unwrap();
+            assert!(meta.is_file() && meta.len() > 0);
+        }
+        assert!(ee_core::safetensors::CheckpointFiles::find(&placed).is_ok());
     }
 }

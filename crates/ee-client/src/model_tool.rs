@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 
 use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
-use ee_core::hf_text::HfText;
-use ee_core::transform::safetensors::{config_vocab_size, read_config};
+use ee_core::hf_text::{HfText, TOKENIZER_FILE};
+use ee_core::safetensors::{config_vocab_size, read_config, SERVER_CONFIG_KEYS};
 use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
-use ee_core::vocab::GgufVocab;
+use ee_core::vocab::{GgufVocab, TOKENIZER_KEY_PREFIX};
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
 use crate::text::TextCodec;
@@ -56,7 +56,15 @@ impl ModelText {
         }
         let file = File::open(path)
             .map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
-        let header = GgufHeader::read(&mut BufReader::new(file))?;
+        let header = GgufHeader::read(&mut BufReader::new(file))
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        if !header
+            .metadata
+            .iter()
+            .any(|(k, _)| k.starts_with(TOKENIZER_KEY_PREFIX))
+        {
+            return Err(already_an_artifact(path));
+        }
         let vocab = GgufVocab::from_header(&header)?;
         let arch = header.architecture()?.to_owned();
         let facts = ModelFacts {
@@ -81,6 +89,12 @@ impl ModelText {
     fn from_hf_dir(dir: &Path) -> Result<(Self, ModelFacts), Error> {
         let config_path = dir.join(ee_core::safetensors::CONFIG_FILE);
         let config = read_config(&config_path)?;
+        let stripped = config
+            .keys()
+            .all(|k| SERVER_CONFIG_KEYS.contains(&k.as_str()));
+        if stripped && !dir.join(TOKENIZER_FILE).exists() {
+            return Err(already_an_artifact(dir));
+        }
         let facts = ModelFacts {
             name: dir.file_name().map(|n| n.to_string_lossy().into_owned()),
             architecture: config
@@ -111,6 +125,15 @@ impl ModelText {
     }
 }
 
+/// What re-encrypting a server artifact gets: it has nothing to make a
+/// bundle from.
+fn already_an_artifact(path: &Path) -> Error {
+    Error::Model(format!(
+        "{} is already a server artifact (it has no tokenizer); encrypt the original model",
+        path.display()
+    ))
+}
+
 pub struct EncryptSummary {
     pub report: TransformReport,
     pub bundle_dir: PathBuf,
@@ -134,6 +157,20 @@ pub fn encrypt_model(
     if tokens > facts.vocab_size as usize {
         return Err(Error::Model(format!(
             "the tokenizer has {tokens} tokens but the embedding only {} rows",
+            facts.vocab_size
+        )));
+    }
+    let special = &text.special;
+    let ids = special
+        .stop_ids
+        .iter()
+        .chain(&special.bos_id)
+        .chain(&special.eos_id);
+    if let Some(bad) = ids.copied().find(|&id| id >= facts.vocab_size) {
+        return Err(Error::Model(format!(
+            "{}: special token ID {bad} is outside the vocabulary of {} (check eos_token_id in \
+             generation_config.json and the special tokens in tokenizer_config.json)",
+            model.display(),
             facts.vocab_size
         )));
     }
@@ -207,6 +244,41 @@ mod tests {
         assert!(bundle.manifest.chat_template.is_some());
         let codec = TextCodec::from_file(&bundle.tokenizer_path(), None, false).unwrap();
         assert_eq!(codec.encode("<|im_start|>").unwrap(), vec![1]);
+    }
+
+    #[test]
+    fn an_artifact_or_a_truncated_file_is_named_and_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("tiny.gguf");
+        write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();
+        let server = dir.path().join("server.gguf");
+        let run = |input: &Path, n: &str| {
+            let (s, b) = (dir.path().join(format!("{n}.gguf")), dir.path().join(n));
+            encrypt_model(input, &s, &b, &KeySource::Generate, &mut |_, _| {})
+                .err()
+                .map(|e| e.to_string())
+        };
+        assert_eq!(
+            encrypt_model(
+                &model,
+                &server,
+                &dir.path().join("b"),
+                &KeySource::Generate,
+                &mut |_, _| {}
+            )
+            .err()
+            .map(|e| e.to_string()),
+            None
+        );
+        let err = run(&server, "again").unwrap();
+        assert!(
+            err.contains("already a server artifact") && err.contains("server.gguf"),
+            "{err}"
+        );
+        let cut = dir.path().join("cut.gguf");
+        std::fs::write(&cut, &std::fs::read(&model).unwrap()[..100]).unwrap();
+        let err = run(&cut, "cut-out").unwrap();
+        assert!(err.contains("cut.gguf"), "{err}");
     }
 
     #[test]

@@ -152,13 +152,12 @@ fn special_tokens(
     // generation_config's eos_token_id (one ID or a list) ends generation,
     // as transformers' generate() and vLLM treat it; so do the
     // tokenizer's EOS and the end-of-turn markers it has as special tokens.
+    // An ID too large for u32 becomes u32::MAX, which the bundle's range
+    // check then refuses, rather than a different token.
+    let id_of = |v: &Value| v.as_u64().map(|v| u32::try_from(v).unwrap_or(u32::MAX));
     let mut stop_ids: Vec<u32> = match generation.get("eos_token_id") {
-        Some(Value::Array(ids)) => ids
-            .iter()
-            .filter_map(Value::as_u64)
-            .map(|v| v as u32)
-            .collect(),
-        Some(v) => v.as_u64().map(|v| v as u32).into_iter().collect(),
+        Some(Value::Array(ids)) => ids.iter().filter_map(id_of).collect(),
+        Some(v) => id_of(v).into_iter().collect(),
         None => Vec::new(),
     };
     stop_ids.extend(eos_id);
@@ -168,8 +167,7 @@ fn special_tokens(
                 .find(|t| {
                     t["content"].as_str() == Some(text) && t["special"].as_bool() == Some(true)
                 })
-                .and_then(|t| t["id"].as_u64())
-                .map(|v| v as u32)
+                .and_then(|t| id_of(&t["id"]))
         })
     };
     stop_ids.extend(END_OF_TURN_MARKERS.iter().filter_map(|m| special_added(m)));

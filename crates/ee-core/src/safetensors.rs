@@ -3,8 +3,12 @@
 //! `model.safetensors.index.json`). The facts about them that the engine,
 //! the transform and the artifact's fingerprint share.
 
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use memmap2::Mmap;
+use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::SafeTensors;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
@@ -114,12 +118,108 @@ impl CheckpointFiles {
         })
     }
 
-    /// Every file, in the order the fingerprint takes them.
+    /// Every file: config, index if any, shards.
     pub fn all(&self) -> Vec<&Path> {
         let mut all = vec![self.config.as_path()];
         all.extend(self.index.as_deref());
         all.extend(self.shards.iter().map(PathBuf::as_path));
         all
+    }
+}
+
+/// Reads a checkpoint's `config.json` as a JSON object.
+pub fn read_config(path: &Path) -> Result<Map<String, Value>, Error> {
+    let bytes =
+        std::fs::read(path).map_err(|e| Error::Io(format!("reading {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| Error::Io(format!("{}: {e}", path.display())))
+}
+
+/// `vocab_size` of a checkpoint's `config.json` (read from `path`): the
+/// rows the key covers.
+pub fn config_vocab_size(config: &Map<String, Value>, path: &Path) -> Result<u32, Error> {
+    config
+        .get("vocab_size")
+        .and_then(Value::as_u64)
+        .and_then(|v| u32::try_from(v).ok())
+        .filter(|&v| v > 0)
+        .ok_or_else(|| Error::Io(format!("{}: no valid vocab_size", path.display())))
+}
+
+/// A file's name, for fingerprints and for writing beside it.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+}
+
+/// One `.safetensors` file, memory-mapped, its header parsed and checked:
+/// the tensors tile the data exactly (safetensors' `read_metadata`).
+pub struct MappedFile {
+    pub path: PathBuf,
+    pub map: Mmap,
+    /// Where tensor data starts: after the 8-byte length and the header.
+    pub data_start: usize,
+    pub metadata: Metadata,
+}
+
+/// Maps a file read-only.
+pub fn map_file(path: &Path) -> Result<Mmap, Error> {
+    let file =
+        File::open(path).map_err(|e| Error::Io(format!("opening {}: {e}", path.display())))?;
+    // SAFETY: read-only. A model file changed while it is in use is outside
+    // what we guard against; llama.cpp and candle map model files the same
+    // way.
+    unsafe { Mmap::map(&file) }.map_err(|e| Error::Io(format!("mapping {}: {e}", path.display())))
+}
+
+impl MappedFile {
+    /// Errors name the file: unreadable, truncated or corrupt.
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let map = map_file(path)?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+            Error::Io(format!(
+                "{}: not a valid safetensors file: {e:?}",
+                path.display()
+            ))
+        })?;
+        Ok(Self {
+            path: path.to_owned(),
+            data_start: 8 + header_len,
+            map,
+            metadata,
+        })
+    }
+
+    /// Tensors in data order: (name, info, bytes).
+    pub fn tensors(&self) -> Vec<(String, &TensorInfo, &[u8])> {
+        let mut tensors: Vec<(String, &TensorInfo)> = self.metadata.tensors().into_iter().collect();
+        tensors.sort_by_key(|(_, info)| info.data_offsets.0);
+        tensors
+            .into_iter()
+            .map(|(name, info)| {
+                let (start, end) = info.data_offsets;
+                let bytes = &self.map[self.data_start + start..self.data_start + end];
+                (name, info, bytes)
+            })
+            .collect()
+    }
+
+    /// This file's header without its free-form `__metadata__` map (which
+    /// converters may fill with anything), with its length prefix and the
+    /// spaces that pad it to 8 bytes. Data offsets are relative to the end
+    /// of the header, so the data that follows is unchanged.
+    pub fn header_without_metadata(&self) -> Result<Vec<u8>, Error> {
+        let tensors: Map<String, Value> = self
+            .metadata
+            .tensors()
+            .into_iter()
+            .map(|(name, info)| Ok((name, serde_json::to_value(info)?)))
+            .collect::<Result<_, serde_json::Error>>()
+            .map_err(|e| Error::Io(format!("{}: {e}", self.path.display())))?;
+        let mut json = serde_json::to_vec(&tensors).map_err(|e| Error::Io(e.to_string()))?;
+        json.resize(json.len().div_ceil(8) * 8, b' ');
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&json);
+        Ok(out)
     }
 }
 
@@ -134,8 +234,9 @@ pub fn server_config(config: &Map<String, Value>) -> Map<String, Value> {
 
 /// The fingerprint of a checkpoint directory, as lowercase hex: the sha256
 /// of each file's name, a NUL, its length (8 bytes, little-endian) and its
-/// bytes, files taken in name order. One hash over what the server loads,
-/// as a GGUF artifact's is over its one file.
+/// bytes, files taken in byte order of their names. One hash over what the
+/// server loads (`config.json`, the index if any, the shards), as a GGUF
+/// artifact's is over its one file.
 pub fn directory_fingerprint<'a>(files: impl IntoIterator<Item = (&'a str, &'a [u8])>) -> String {
     let mut files: Vec<_> = files.into_iter().collect();
     files.sort_by_key(|(name, _)| *name);

@@ -5,8 +5,8 @@
 //!   under [`models`], with a batched forward pass in which every sequence
 //!   has its own [`KvCache`] and position (for continuous batching);
 //! - **where its weights come from**: a [`weights::WeightSource`] per file
-//!   format (GGUF, memory-mapped);
-//! - **its config**: [`LlamaConfig`], read from the file's metadata.
+//!   format (GGUF, Hugging Face safetensors), memory-mapped;
+//! - **its config**: [`LlamaConfig`], from GGUF metadata or `config.json`.
 //!
 //! [`loader`] puts them together. On top of any model:
 //! - [`Sampler`]: permutation-equivariant sampling;

@@ -4,7 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ee_core::safetensors::{directory_fingerprint, CheckpointFiles};
+use ee_core::hf_text::{
+    CHAT_TEMPLATE_FILE, GENERATION_CONFIG_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+};
+use ee_core::safetensors::{
+    directory_fingerprint, file_name, CheckpointFiles, CONFIG_FILE, SERVER_CONFIG_KEYS,
+};
+use ee_core::vocab::TOKENIZER_KEY_PREFIX;
 
 use crate::config::LlamaConfig;
 use crate::linear::LoadOptions;
@@ -13,6 +19,15 @@ use crate::weights::gguf::GgufWeights;
 use crate::weights::safetensors::SafetensorsWeights;
 use crate::{models, Error};
 
+/// A checkpoint's files that only the client may keep.
+const CLIENT_FILES: [&str; 5] = [
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    CHAT_TEMPLATE_FILE,
+    GENERATION_CONFIG_FILE,
+    "special_tokens_map.json",
+];
+
 /// A model's files, mapped and with their headers parsed.
 pub enum ModelFiles {
     /// A GGUF file (quantized or float).
@@ -20,15 +35,11 @@ pub enum ModelFiles {
     /// A Hugging Face directory: `config.json` and safetensors weights.
     HuggingFace {
         config_path: PathBuf,
-        /// `config.json` and the shard index, if any: (file name, bytes).
-        small_files: Vec<(String, Vec<u8>)>,
+        config: Vec<u8>,
+        /// The shard index, if any: (file name, bytes).
+        index: Option<(String, Vec<u8>)>,
         weights: SafetensorsWeights,
     },
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
 }
 
 impl ModelFiles {
@@ -40,17 +51,16 @@ impl ModelFiles {
             return Ok(Self::Gguf(GgufWeights::open(path)?));
         }
         let files = CheckpointFiles::find(path)?;
-        let small_files = std::iter::once(&files.config)
-            .chain(&files.index)
-            .map(|p| {
-                std::fs::read(p)
-                    .map(|b| (file_name(p), b))
-                    .map_err(|e| Error::Model(format!("reading {}: {e}", p.display())))
-            })
-            .collect::<Result<_, _>>()?;
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| Error::Model(format!("reading {}: {e}", p.display())))
+        };
         Ok(Self::HuggingFace {
+            config: read(&files.config)?,
+            index: match &files.index {
+                Some(p) => Some((file_name(p), read(p)?)),
+                None => None,
+            },
             config_path: files.config.clone(),
-            small_files,
             weights: SafetensorsWeights::open(&files)?,
         })
     }
@@ -63,18 +73,57 @@ impl ModelFiles {
         match self {
             Self::Gguf(w) => w.sha256(),
             Self::HuggingFace {
-                small_files,
+                config,
+                index,
                 weights,
                 ..
             } => {
                 let shards: Vec<(String, &[u8])> =
                     weights.files().map(|(p, b)| (file_name(p), b)).collect();
                 directory_fingerprint(
-                    small_files
-                        .iter()
-                        .map(|(n, b)| (n.as_str(), b.as_slice()))
+                    std::iter::once((CONFIG_FILE, config.as_slice()))
+                        .chain(index.iter().map(|(n, b)| (n.as_str(), b.as_slice())))
                         .chain(shards.iter().map(|(n, b)| (n.as_str(), *b))),
                 )
+            }
+        }
+    }
+
+    /// What the files carry that only a client may keep: GGUF `tokenizer.*`
+    /// keys; a checkpoint's tokenizer and generation files, and
+    /// `config.json` keys beyond the architecture's (such as the plaintext
+    /// `bos_token_id`). Empty for a server artifact that `ee encrypt-model`
+    /// wrote; a plaintext model shows here.
+    pub fn client_side_data(&self) -> Vec<String> {
+        match self {
+            Self::Gguf(w) => w
+                .header()
+                .metadata
+                .iter()
+                .map(|(k, _)| k)
+                .filter(|k| k.starts_with(TOKENIZER_KEY_PREFIX))
+                .cloned()
+                .collect(),
+            Self::HuggingFace {
+                config_path,
+                config,
+                ..
+            } => {
+                let keys: serde_json::Map<String, serde_json::Value> =
+                    serde_json::from_slice(config).unwrap_or_default();
+                let mut found: Vec<String> = keys
+                    .keys()
+                    .filter(|k| !SERVER_CONFIG_KEYS.contains(&k.as_str()))
+                    .map(|k| format!("{CONFIG_FILE}: {k}"))
+                    .collect();
+                let dir = config_path.parent().unwrap_or(Path::new("."));
+                found.extend(
+                    CLIENT_FILES
+                        .iter()
+                        .filter(|f| dir.join(f).exists())
+                        .map(|f| (*f).to_owned()),
+                );
+                found
             }
         }
     }
@@ -85,10 +134,11 @@ impl ModelFiles {
             Self::Gguf(w) => models::build(LlamaConfig::from_gguf(w)?, w, opts),
             Self::HuggingFace {
                 config_path,
-                small_files,
+                config,
                 weights,
+                ..
             } => models::build(
-                LlamaConfig::from_hf_config(config_path, &small_files[0].1)?,
+                LlamaConfig::from_hf_config(config_path, config)?,
                 weights,
                 opts,
             ),

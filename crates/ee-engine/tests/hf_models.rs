@@ -281,6 +281,14 @@ fn bad_checkpoints_are_refused_with_the_file_named() {
         "{err}"
     );
 
+    // An untied config whose checkpoint lacks the head it needs.
+    let dir = written(&TinyHfSpec::llama(Dtype::F32));
+    let mut config = config_json(dir.path());
+    config["tie_word_embeddings"] = json!(false);
+    std::fs::write(dir.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_error(dir.path());
+    assert!(err.contains("lm_head.weight"), "{err}");
+
     // A tensor in a dtype the engine does not run.
     let dir = tempfile::tempdir().unwrap();
     let single = TinyHfSpec::llama(Dtype::F32);
@@ -344,6 +352,17 @@ fn an_encrypted_checkpoint_is_exact_and_blind() {
         },
     ] {
         let plain_dir = written(&spec);
+        // A converter's free-form header metadata must not reach the server.
+        let first = safetensors_files(plain_dir.path()).remove(0);
+        let bytes = std::fs::read(&first).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let marker = std::collections::HashMap::from([(
+            "chat_template".to_owned(),
+            "a-plaintext-marker".to_owned(),
+        )]);
+        let rewritten = safetensors::serialize(st.tensors(), &Some(marker)).unwrap();
+        std::fs::write(&first, rewritten).unwrap();
+
         let out = tempfile::tempdir().unwrap();
         let enc_dir = out.path().join("server");
         let plain = ee_engine::load(plain_dir.path()).unwrap();
@@ -359,11 +378,73 @@ fn an_encrypted_checkpoint_is_exact_and_blind() {
         };
         assert_eq!(report.permuted_tensors, expected);
         assert_eq!(ModelFiles::open(&enc_dir).unwrap().sha256(), report.sha256);
-        let config = config_json(&enc_dir);
-        for key in ["bos_token_id", "eos_token_id"] {
-            assert!(config.get(key).is_none(), "{key} left in the server config");
+        let plain_data = ModelFiles::open(plain_dir.path())
+            .unwrap()
+            .client_side_data();
+        for expected in ["tokenizer.json", "config.json: bos_token_id"] {
+            assert!(plain_data.iter().any(|d| d == expected), "{plain_data:?}");
         }
-        assert!(!out.path().join("server.tmp").exists());
+        assert_eq!(
+            ModelFiles::open(&enc_dir).unwrap().client_side_data(),
+            Vec::<String>::new()
+        );
+        let mut keys: Vec<String> = config_json(&enc_dir)
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        keys.sort();
+        let mut kept = vec![
+            "architectures",
+            "hidden_act",
+            "hidden_size",
+            "intermediate_size",
+            "max_position_embeddings",
+            "model_type",
+            "num_attention_heads",
+            "num_hidden_layers",
+            "num_key_value_heads",
+            "rms_norm_eps",
+            "rope_scaling",
+            "rope_theta",
+            "sliding_window",
+            "tie_word_embeddings",
+            "torch_dtype",
+            "vocab_size",
+        ];
+        kept.sort();
+        assert_eq!(
+            keys, kept,
+            "the server config keeps the architecture's keys only"
+        );
+        let mut files: Vec<String> = std::fs::read_dir(&enc_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let mut expected_files: Vec<String> = std::fs::read_dir(plain_dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n == "config.json" || n.starts_with("model"))
+            .collect();
+        expected_files.sort();
+        assert_eq!(files, expected_files, "no tokenizer files, nothing else");
+        for file in safetensors_files(&enc_dir) {
+            let bytes = std::fs::read(&file).unwrap();
+            assert!(!bytes.windows(18).any(|w| w == b"a-plaintext-marker"));
+        }
+        let entries: Vec<_> = std::fs::read_dir(out.path()).unwrap().collect();
+        assert_eq!(entries.len(), 1, "no temporary directory is left");
+        // The fingerprint covers every file the server reads.
+        let index = enc_dir.join("model.safetensors.index.json");
+        if index.exists() {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&index).unwrap()).unwrap();
+            v["metadata"] = json!({"total_size": 1});
+            std::fs::write(&index, v.to_string()).unwrap();
+            assert_ne!(ModelFiles::open(&enc_dir).unwrap().sha256(), report.sha256);
+        }
 
         let enc = ee_engine::load(&enc_dir).unwrap();
         let tokens = prompt(17, plain.vocab_size());
@@ -397,6 +478,6 @@ fn an_encrypted_checkpoint_is_exact_and_blind() {
         let err = write_hf_server_artifact(plain_dir.path(), &enc_dir, &perm, &mut |_, _| {})
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not empty"), "{err}");
+        assert!(err.contains("not an empty directory"), "{err}");
     }
 }

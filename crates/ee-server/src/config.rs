@@ -11,7 +11,7 @@ use serde::Deserialize;
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
-    /// The server artifact (EE-transformed GGUF).
+    /// The server artifact (an EE-transformed .gguf or artifact directory).
     pub model: Option<PathBuf>,
     /// The model's name in `/v1/models` and responses.
     pub model_id: String,
@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub max_n: usize,
     /// Largest `logprobs` / `top_logprobs`.
     pub max_logprobs: usize,
+    /// Serve a model that still carries what only a client may keep (a
+    /// tokenizer, special-token IDs): a plaintext model, not an artifact.
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerConfig {
@@ -56,6 +59,7 @@ impl Default for ServerConfig {
             step_token_budget: 512,
             max_n: 16,
             max_logprobs: 20,
+            allow_plaintext: false,
         }
     }
 }
@@ -120,6 +124,9 @@ impl ServerConfig {
             if let Some(v) = env(name) {
                 *slot = parse(name, &v)?;
             }
+        }
+        if let Some(v) = env("EE_ALLOW_PLAINTEXT") {
+            self.allow_plaintext = parse("EE_ALLOW_PLAINTEXT", &v)?;
         }
         if let Some(v) = env("EE_REQUEST_TIMEOUT_SECS") {
             self.request_timeout_secs = parse("EE_REQUEST_TIMEOUT_SECS", &v)?;

@@ -24,6 +24,11 @@ struct Args {
     /// Address to listen on (default 127.0.0.1:8000).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
+    /// Serve a plaintext model (one that still carries a tokenizer or
+    /// special-token IDs). It exposes the model's identity and skips the
+    /// encryption: for baselines only.
+    #[arg(long)]
+    allow_plaintext: bool,
     /// A TOML configuration file (see config/server.toml).
     #[arg(long)]
     config: Option<PathBuf>,
@@ -48,6 +53,7 @@ async fn main() -> Result<()> {
     if let Some(l) = args.listen {
         config.listen = l;
     }
+    config.allow_plaintext |= args.allow_plaintext;
     let model_path = config
         .model
         .clone()

@@ -16,6 +16,12 @@ use crate::{router, LoadedModel, SharedState};
 pub enum ServeError {
     #[error("loading {0}: {1}")]
     Engine(PathBuf, ee_engine::Error),
+    #[error(
+        "{0} is a plaintext model, not a server artifact: it carries {1}. Serve the artifact \
+         that `ee encrypt-model` writes; --allow-plaintext (EE_ALLOW_PLAINTEXT=true) serves \
+         it anyway, exposing the model's identity and skipping the encryption"
+    )]
+    Plaintext(PathBuf, String),
     #[error("the model loader panicked")]
     LoaderPanicked,
     #[error("serving: {0}")]
@@ -27,6 +33,17 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     let started = Instant::now();
     let engine_err = |e| ServeError::Engine(path.into(), e);
     let files = ModelFiles::open(path).map_err(engine_err)?;
+    let plaintext = files.client_side_data();
+    if !plaintext.is_empty() {
+        let shown = match plaintext.len() {
+            n if n > 4 => format!("{} and {} more", plaintext[..4].join(", "), n - 4),
+            _ => plaintext.join(", "),
+        };
+        if !state.config.allow_plaintext {
+            return Err(ServeError::Plaintext(path.into(), shown));
+        }
+        tracing::warn!(model = %path.display(), carries = %shown, "SERVING A PLAINTEXT MODEL (--allow-plaintext): token IDs on the wire are plaintext and the model is identifiable");
+    }
     let sha256 = files.sha256();
     let model = files.load(&Default::default()).map_err(engine_err)?;
     let c = &state.config;

@@ -88,7 +88,18 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     );
 
     step(3, "transforming the model with the key");
-    let artifact = args.dir.join("server.gguf");
+    // The demo owns its folder: a previous run's artifact is replaced.
+    let artifact = match args.model.is_dir() {
+        true => {
+            let dir = args.dir.join("server");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("removing {}", dir.display()))?;
+            }
+            dir
+        }
+        false => args.dir.join("server.gguf"),
+    };
     let bundle = args.dir.join("bundle");
     let summary = encrypt_with_progress(
         &args.model,

@@ -290,8 +290,21 @@ impl GgufHeader {
             tensors,
             data_offset: 0,
         };
+        // The spec requires both; readers cast tensor data in place.
+        let alignment = header.alignment();
+        if !alignment.is_multiple_of(8) {
+            return Err(Error::Gguf(format!(
+                "general.alignment {alignment} is not a multiple of 8"
+            )));
+        }
+        if let Some(t) = header.tensors.iter().find(|t| t.offset % alignment != 0) {
+            return Err(Error::Gguf(format!(
+                "tensor {}: offset {} is not aligned to {alignment}",
+                t.name, t.offset
+            )));
+        }
         let pos = r.stream_position()?;
-        header.data_offset = align_up(pos, header.alignment());
+        header.data_offset = align_up(pos, alignment);
         Ok(header)
     }
 
@@ -568,6 +581,26 @@ mod tests {
         .unwrap();
         truncated.truncate(30);
         assert!(GgufHeader::read(&mut Cursor::new(&truncated)).is_err());
+    }
+
+    #[test]
+    fn an_alignment_readers_cannot_cast_in_place_is_refused() {
+        let write = |alignment: u32| {
+            let mut buf = Vec::new();
+            write_gguf(
+                &mut buf,
+                vec![("general.alignment".into(), Value::U32(alignment))],
+                vec![
+                    ("a".into(), vec![3], 0, vec![0u8; 12]),
+                    ("b".into(), vec![1], 0, vec![0u8; 4]),
+                ],
+            )
+            .unwrap();
+            GgufHeader::read(&mut Cursor::new(buf))
+        };
+        assert!(write(16).is_ok());
+        let err = write(4).unwrap_err().to_string();
+        assert!(err.contains("not a multiple of 8"), "{err}");
     }
 
     #[test]

@@ -77,6 +77,7 @@ impl LlamaConfig {
             rope_freq_base: float("rope.freq_base").unwrap_or(10_000.0) as f32,
             rope_linear_scale,
             rope_freq_factors,
+            tie_word_embeddings: None,
             sliding_window: opt_uint("attention.sliding_window").filter(|&w| w > 0),
             architecture: arch,
         })

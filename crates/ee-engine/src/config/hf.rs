@@ -15,6 +15,9 @@ const ARCHITECTURES: [(&str, &str); 2] = [
     ("MistralForCausalLM", "mistral"),
 ];
 
+/// `MistralConfig.sliding_window` when `config.json` does not set it.
+const MISTRAL_DEFAULT_SLIDING_WINDOW: usize = 4096;
+
 #[derive(Deserialize)]
 struct HfConfig {
     #[serde(default)]
@@ -31,6 +34,7 @@ struct HfConfig {
     rope_theta: Option<f32>,
     rope_scaling: Option<RopeScaling>,
     sliding_window: Option<usize>,
+    tie_word_embeddings: Option<bool>,
     hidden_act: Option<String>,
     #[serde(default)]
     attention_bias: bool,
@@ -62,6 +66,14 @@ impl LlamaConfig {
     pub fn from_hf_config(path: &Path, json: &[u8]) -> Result<Self, Error> {
         let at = |e: String| Error::Model(format!("{}: {e}", path.display()));
         let c: HfConfig = serde_json::from_slice(json).map_err(|e| at(e.to_string()))?;
+        // transformers' MistralConfig defaults the window to 4096 when the
+        // key is absent; an explicit null means none.
+        let raw: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(json).map_err(|e| at(e.to_string()))?;
+        let sliding_window = match raw.contains_key("sliding_window") {
+            true => c.sliding_window.filter(|&w| w > 0),
+            false => Some(MISTRAL_DEFAULT_SLIDING_WINDOW),
+        };
         let named = c.architectures.first().map(String::as_str).unwrap_or("");
         let architecture = ARCHITECTURES
             .iter()
@@ -141,9 +153,11 @@ impl LlamaConfig {
         }
         Ok(Self {
             sliding_window: match architecture.as_str() {
-                "mistral" => c.sliding_window.filter(|&w| w > 0),
+                "mistral" => sliding_window,
                 _ => None,
             },
+            // transformers' default for both architectures.
+            tie_word_embeddings: Some(c.tie_word_embeddings.unwrap_or(false)),
             architecture,
             n_layers: c.num_hidden_layers,
             n_embd: c.hidden_size,
@@ -223,11 +237,21 @@ mod tests {
         let mut m = llama();
         m["architectures"] = json!(["MistralForCausalLM"]);
         m["head_dim"] = json!(32);
-        let c = config(m).unwrap();
+        let c = config(m.clone()).unwrap();
         assert_eq!(
             (c.architecture.as_str(), c.head_dim, c.sliding_window),
             ("mistral", 32, Some(4))
         );
+        assert_eq!(c.tie_word_embeddings, Some(true));
+        m.as_object_mut().unwrap().remove("sliding_window");
+        m.as_object_mut().unwrap().remove("tie_word_embeddings");
+        let c = config(m.clone()).unwrap();
+        assert_eq!(
+            (c.sliding_window, c.tie_word_embeddings),
+            (Some(4096), Some(false))
+        );
+        m["sliding_window"] = json!(null);
+        assert_eq!(config(m).unwrap().sliding_window, None);
     }
 
     #[test]

@@ -26,4 +26,8 @@ pub struct LlamaConfig {
     pub rope_freq_factors: Option<Vec<f32>>,
     /// Mistral-style sliding-window attention, in tokens.
     pub sliding_window: Option<usize>,
+    /// Whether the output head is the token embedding: `Some` when the
+    /// config says (`tie_word_embeddings`), `None` when only the weights do
+    /// (GGUF: tied unless there is an `output.weight`).
+    pub tie_word_embeddings: Option<bool>,
 }

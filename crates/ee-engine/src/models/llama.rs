@@ -115,9 +115,21 @@ impl LlamaModel {
         let (d, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_kv_head * c.head_dim);
         let tensor = |name: &str, shape: &[usize]| weights.tensor(name)?.expect_shape(shape);
         let embedding = tensor("model.embed_tokens.weight", &[c.vocab_size, d])?;
-        let output = match weights.contains("lm_head.weight") {
-            true => tensor("lm_head.weight", &[c.vocab_size, d])?,
-            false => tensor("model.embed_tokens.weight", &[c.vocab_size, d])?,
+        let has_head = weights.contains("lm_head.weight");
+        let tied = match c.tie_word_embeddings {
+            Some(false) if !has_head => {
+                return Err(Error::Model(
+                    "the config does not tie the output head to the embedding \
+                     (tie_word_embeddings is false or absent), but there is no lm_head.weight"
+                        .into(),
+                ))
+            }
+            Some(tied) => tied,
+            None => !has_head,
+        };
+        let output = match tied {
+            false => tensor("lm_head.weight", &[c.vocab_size, d])?,
+            true => tensor("model.embed_tokens.weight", &[c.vocab_size, d])?,
         };
         let tie_keys = output.row_hashes()?;
         let mut layers = Vec::with_capacity(c.n_layers);
@@ -240,10 +252,8 @@ impl LlamaModel {
                         .reshape((c.n_head, total, c.head_dim))?)
                 };
                 let scale = 1.0 / (c.head_dim as f64).sqrt();
-                let mut scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?;
-                if let Some(mask) = self.attention_mask(n, pos, total)? {
-                    scores = scores.broadcast_add(&mask)?;
-                }
+                let scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?
+                    .broadcast_add(&self.attention_mask(n, pos, total)?)?;
                 let probs = candle_nn::ops::softmax_last_dim(&scores)?;
                 let out = probs.matmul(&rep(&v_all)?)?;
                 Ok(out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?)
@@ -252,14 +262,11 @@ impl LlamaModel {
         Ok(Tensor::cat(&outputs, 0)?)
     }
 
-    /// Additive mask `[n, total]` for `n` new tokens at `pos`: causal,
-    /// plus the sliding window when the model has one. `None` when nothing
-    /// is masked (a decode step within the window).
-    fn attention_mask(&self, n: usize, pos: usize, total: usize) -> Result<Option<Tensor>, Error> {
+    /// Additive mask `[n, total]` for `n` new tokens at `pos` (a prefill
+    /// chunk; one token decodes in [`decode_attention`]): causal, plus the
+    /// sliding window when the model has one.
+    fn attention_mask(&self, n: usize, pos: usize, total: usize) -> Result<Tensor, Error> {
         let window = self.config.sliding_window;
-        if n == 1 && window.is_none_or(|w| total <= w) {
-            return Ok(None);
-        }
         let mut mask = vec![0f32; n * total];
         for (i, row) in mask.chunks_exact_mut(total).enumerate() {
             let query_pos = pos + i;
@@ -271,7 +278,7 @@ impl LlamaModel {
                 }
             }
         }
-        Ok(Some(Tensor::from_vec(mask, (n, total), &self.device)?))
+        Ok(Tensor::from_vec(mask, (n, total), &self.device)?)
     }
 }
 

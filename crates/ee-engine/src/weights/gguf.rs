@@ -94,7 +94,11 @@ impl GgufWeights {
             .map(|(_, d)| *d)
             .ok_or_else(|| err(format!("unsupported ggml type {}", info.ggml_type)))?;
         let n_bytes = info.n_bytes().map_err(|e| err(e.to_string()))?;
-        let start = self.header.tensor_data_offset(info);
+        let start = self
+            .header
+            .data_offset
+            .checked_add(info.offset)
+            .ok_or_else(|| err("offset overflows".into()))?;
         let range = usize::try_from(start)
             .ok()
             .zip(usize::try_from(n_bytes).ok())

@@ -5,7 +5,10 @@
 //! Architectures ask for tensors by their Hugging Face names
 //! (`model.layers.0.self_attn.q_proj.weight`); a source translates to its
 //! own naming and hands out the stored bytes, borrowed from a memory map, so
-//! the file is read once and never held twice.
+//! each file is read once. The model then holds its own copy in the form its
+//! kernels want (quantized blocks unpacked, float weights in their stored
+//! type, the embedding table widened to f32 for lookups), and the maps are
+//! dropped once it is built.
 
 pub mod gguf;
 pub mod safetensors;
@@ -22,8 +25,8 @@ use crate::Error;
 /// decides how RoPE pairs dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RopeLayout {
-    /// Pairs `(2i, 2i+1)`: llama.cpp reorders q/k rows so when it converts
-    /// to GGUF (candle's `rope_i`).
+    /// Pairs `(2i, 2i+1)`: llama.cpp reorders q/k rows this way when it
+    /// converts a model to GGUF (candle's `rope_i`).
     Interleaved,
     /// Pairs `(i, i + head_dim/2)`: Hugging Face's `rotate_half` (candle's
     /// `rope`).
@@ -53,6 +56,15 @@ pub struct StoredTensor<'a> {
 
 impl StoredTensor<'_> {
     fn qtensor(&self, dtype: GgmlDType) -> Result<QTensor, Error> {
+        // candle reads the bytes in place as blocks (f16/f32 fields). A
+        // GGUF's offsets are aligned (its header is checked) and the map is
+        // page-aligned, so this only refuses a source that breaks that.
+        if !(self.bytes.as_ptr() as usize).is_multiple_of(8) {
+            return Err(Error::Model(format!(
+                "tensor {}: data is not 8-byte aligned",
+                self.name
+            )));
+        }
         qtensor_from_ggml(dtype, self.bytes, self.shape.clone(), &Device::Cpu)
             .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))
     }

@@ -2,51 +2,19 @@
 //! `model.safetensors.index.json` lists, each memory-mapped.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use ee_core::safetensors::CheckpointFiles;
-use memmap2::Mmap;
-use safetensors::tensor::{Dtype, Metadata};
-use safetensors::SafeTensors;
+use ee_core::safetensors::{CheckpointFiles, MappedFile};
+use safetensors::tensor::Dtype;
 
 use super::{RopeLayout, StoredDType, StoredTensor, WeightSource};
 use crate::Error;
 
-/// One mapped `.safetensors` file.
-struct Shard {
-    path: PathBuf,
-    map: Mmap,
-    /// Where tensor data starts: after the 8-byte length and the header.
-    data_start: usize,
-    metadata: Metadata,
-}
-
 /// A checkpoint's safetensors files, mapped.
 pub struct SafetensorsWeights {
-    shards: Vec<Shard>,
+    shards: Vec<MappedFile>,
     /// Tensor name → shard.
     index: HashMap<String, usize>,
-}
-
-fn map_shard(path: &Path) -> Result<Shard, Error> {
-    let file =
-        File::open(path).map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
-    // SAFETY: read-only, as for GGUF (see `GgufWeights::open`).
-    let map = unsafe { Mmap::map(&file) }
-        .map_err(|e| Error::Model(format!("mapping {}: {e}", path.display())))?;
-    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-        Error::Model(format!(
-            "{}: not a valid safetensors file: {e:?}",
-            path.display()
-        ))
-    })?;
-    Ok(Shard {
-        path: path.to_owned(),
-        data_start: 8 + header_len,
-        map,
-        metadata,
-    })
 }
 
 impl SafetensorsWeights {
@@ -58,7 +26,7 @@ impl SafetensorsWeights {
         let shards = files
             .shards
             .iter()
-            .map(|p| map_shard(p))
+            .map(|p| MappedFile::open(p))
             .collect::<Result<Vec<_>, _>>()?;
         let mut index = HashMap::new();
         for (s, shard) in shards.iter().enumerate() {
