@@ -37,6 +37,9 @@ pub struct ServerConfig {
     pub max_n: usize,
     /// Largest `logprobs` / `top_logprobs`.
     pub max_logprobs: usize,
+    /// Completion tokens when a request sets no `max_tokens`; 0 runs to
+    /// the end of the context.
+    pub default_max_tokens: usize,
     /// Serve a model that still carries what only a client may keep (a
     /// tokenizer, special-token IDs): a plaintext model, not an artifact.
     pub allow_plaintext: bool,
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
             step_token_budget: 512,
             max_n: 16,
             max_logprobs: 20,
+            default_max_tokens: 2048,
             allow_plaintext: false,
         }
     }
@@ -120,6 +124,7 @@ impl ServerConfig {
             ("EE_MAX_BATCH", &mut self.max_batch),
             ("EE_MAX_QUEUE", &mut self.max_queue),
             ("EE_STEP_TOKEN_BUDGET", &mut self.step_token_budget),
+            ("EE_DEFAULT_MAX_TOKENS", &mut self.default_max_tokens),
         ] {
             if let Some(v) = env(name) {
                 *slot = parse(name, &v)?;

@@ -52,6 +52,7 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
         context_length: model.context_length(),
         max_n: c.max_n,
         max_logprobs: c.max_logprobs,
+        default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
     };
     let card = ModelCard {
         id: c.model_id.clone(),

@@ -15,6 +15,9 @@ pub struct Limits {
     pub context_length: usize,
     pub max_n: usize,
     pub max_logprobs: usize,
+    /// Completion tokens when the request names none; `None` runs to the
+    /// end of the context.
+    pub default_max_tokens: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -57,7 +60,9 @@ fn in_range(param: &str, v: Option<f64>, lo: f64, hi: f64, default: f64) -> Resu
     }
 }
 
+/// What `prompts` came as, for errors: `prompt` or `messages`.
 fn common(
+    prompt_param: &str,
     prompts: Vec<Vec<u32>>,
     f: &GenerationFields,
     top_logprobs: Option<usize>,
@@ -73,6 +78,7 @@ fn common(
             ))
         }
     };
+    // The field the client sent, so that an error names it.
     let requested = match (f.max_completion_tokens, f.max_tokens) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(
@@ -80,34 +86,51 @@ fn common(
                 "max_tokens and max_completion_tokens disagree; send one",
             ))
         }
-        (Some(v), _) | (None, Some(v)) => Some(v),
+        (Some(v), _) => Some(("max_completion_tokens", v)),
+        (None, Some(v)) => Some(("max_tokens", v)),
         (None, None) => None,
     };
-    if let Some(v) = requested {
+    if let Some((param, v)) = requested {
         if v < 1 {
             return Err(ApiError::invalid(
-                "max_tokens",
-                format!("max_tokens must be at least 1, got {v}"),
+                param,
+                format!("{param} must be at least 1, got {v}"),
             ));
         }
     }
+    let context = limits.context_length;
     let mut max_tokens = Vec::with_capacity(prompts.len());
     for p in &prompts {
-        let room = limits.context_length.saturating_sub(p.len());
-        let want = requested.map_or(room, |v| v as usize);
-        if p.len() + want > limits.context_length || room == 0 {
+        // A prompt that leaves no room is the prompt's fault, whatever
+        // max_tokens says.
+        if p.len() >= context {
             return Err(ApiError::invalid(
-                "max_tokens",
+                prompt_param,
                 format!(
-                    "this model's maximum context length is {} tokens; the request needs {} ({} in the prompt, {} for the completion)",
-                    limits.context_length,
-                    p.len() + want.max(1),
-                    p.len(),
-                    want.max(1)
+                    "this model's maximum context length is {context} tokens; the {prompt_param} \
+                     alone has {} and leaves no room for a completion",
+                    p.len()
                 ),
             )
             .with_code("context_length_exceeded"));
         }
+        let room = context - p.len();
+        let want = match requested {
+            Some((param, v)) if v as usize > room => {
+                return Err(ApiError::invalid(
+                    param,
+                    format!(
+                        "this model's maximum context length is {context} tokens; the request \
+                         needs {} ({} in the {prompt_param}, {v} for the completion)",
+                        p.len() + v as usize,
+                        p.len()
+                    ),
+                )
+                .with_code("context_length_exceeded"));
+            }
+            Some((_, v)) => v as usize,
+            None => limits.default_max_tokens.map_or(room, |d| d.min(room)),
+        };
         max_tokens.push(want);
     }
     let top_k = match f.top_k {
@@ -244,6 +267,7 @@ pub fn completion(r: &CompletionRequest, limits: &Limits) -> Result<ValidRequest
         check_ids("prompt", p, limits)?;
     }
     common(
+        "prompt",
         prompts,
         &r.fields,
         logprobs_count("logprobs", r.logprobs, limits)?,
@@ -311,7 +335,7 @@ pub fn chat(r: &ChatCompletionRequest, limits: &Limits) -> Result<ValidRequest, 
         (false, None) => None,
         (true, k) => Some(logprobs_count("top_logprobs", k.or(Some(0)), limits)?.unwrap_or(0)),
     };
-    common(vec![prompt], &r.fields, top, limits)
+    common("messages", vec![prompt], &r.fields, top, limits)
 }
 
 #[cfg(test)]
@@ -323,6 +347,7 @@ mod tests {
         context_length: 50,
         max_n: 4,
         max_logprobs: 5,
+        default_max_tokens: None,
     };
 
     fn completion_json(v: serde_json::Value) -> Result<ValidRequest, ApiError> {
@@ -336,6 +361,44 @@ mod tests {
         assert_eq!(v.max_tokens, vec![47]);
         assert_eq!(v.sampling.temperature, 0.0);
         assert_eq!(v.n, 1);
+        let capped = Limits {
+            default_max_tokens: Some(10),
+            ..LIMITS
+        };
+        let r = serde_json::from_value(serde_json::json!({"prompt": [[1, 2, 3], vec![1; 45]]}))
+            .unwrap();
+        assert_eq!(completion(&r, &capped).unwrap().max_tokens, vec![10, 5]);
+    }
+
+    #[test]
+    fn an_overflow_names_what_is_too_long() {
+        let long: Vec<u32> = vec![1; 50];
+        for (body, param) in [
+            (serde_json::json!({"prompt": long}), "prompt"),
+            (
+                serde_json::json!({"prompt": long, "max_tokens": 1}),
+                "prompt",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "max_tokens": 50}),
+                "max_tokens",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "max_completion_tokens": 50}),
+                "max_completion_tokens",
+            ),
+        ] {
+            let e = completion_json(body.clone()).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(param), "{body}");
+            assert_eq!(e.code, Some("context_length_exceeded"), "{body}");
+        }
+        let request: ChatCompletionRequest = serde_json::from_value(serde_json::json!({
+            "messages": [{"role": "user", "content": [{"type": "token_ids", "token_ids": long}]}]}))
+        .unwrap();
+        assert_eq!(
+            chat(&request, &LIMITS).unwrap_err().param.as_deref(),
+            Some("messages")
+        );
     }
 
     #[test]
