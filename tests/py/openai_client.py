@@ -13,6 +13,8 @@ out = {"openai_version": openai.__version__}
 
 out["models"] = [m.id for m in client.models.list().data]
 model = out["models"][0]
+retrieved = client.models.retrieve(model)
+out["retrieved"] = {"id": retrieved.id, "context_length": getattr(retrieved, "context_length", None)}
 
 r = client.chat.completions.create(model=model, messages=question, temperature=0, max_tokens=48)
 out["chat"] = {

@@ -494,6 +494,8 @@ fn openai_sdk_works_against(s: &Stack) {
     let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
 
     assert_eq!(r["models"], json!(["ee-model"]));
+    assert_eq!(r["retrieved"]["id"], "ee-model");
+    assert!(r["retrieved"]["context_length"].as_u64().unwrap() >= 2048);
     let chat = &r["chat"];
     let content = chat["content"].as_str().unwrap();
     assert!(content.contains("Paris"), "{content}");

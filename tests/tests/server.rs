@@ -671,3 +671,43 @@ fn a_plaintext_model_is_refused_unless_allowed() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Served names, as vLLM's --served-model-name: all listed, each retrievable
+/// and accepted as `model`; responses carry the first; others are a 404.
+#[test]
+fn served_model_names_are_listed_retrievable_and_accepted() {
+    let pair = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(
+        &pair.server_artifact,
+        &[("EE_SERVED_MODEL_NAMES", "smol, smol-alias")],
+    );
+    let list = server.request("GET", "/v1/models", &[], "").unwrap();
+    let ids: Vec<String> = list.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["smol", "smol-alias"]);
+    let one = server
+        .request("GET", "/v1/models/smol-alias", &[], "")
+        .unwrap();
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.json()["id"], "smol-alias");
+    assert!(one.json()["context_length"].as_u64().unwrap() > 0);
+    let missing = server.request("GET", "/v1/models/gpt-4", &[], "").unwrap();
+    assert_envelope(missing.status, &missing.body, "an unknown model");
+    assert_eq!(missing.status, 404);
+    assert_eq!(missing.json()["error"]["code"], "model_not_found");
+    let r = server.post_json(
+        "/v1/completions",
+        &json!({"model": "smol-alias", "prompt": [1, 2, 3], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["model"], "smol");
+    let r = server.post_json(
+        "/v1/completions",
+        &json!({"model": "other", "prompt": [1, 2, 3], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+}

@@ -13,8 +13,10 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The server artifact (an EE-transformed .gguf or artifact directory).
     pub model: Option<PathBuf>,
-    /// The model's name in `/v1/models` and responses.
-    pub model_id: String,
+    /// The names the model answers to (vLLM's `--served-model-name`): all
+    /// are listed in `/v1/models` and accepted as `model`; the first is
+    /// the one responses name.
+    pub served_model_names: Vec<String>,
     /// Largest request body, in bytes.
     pub max_body_bytes: usize,
     /// Deepest JSON nesting accepted.
@@ -50,7 +52,7 @@ impl Default for ServerConfig {
         Self {
             listen: "127.0.0.1:8000".parse().expect("static address"),
             model: None,
-            model_id: "ee-model".into(),
+            served_model_names: vec!["ee-model".into()],
             max_body_bytes: 4 << 20,
             max_json_depth: 32,
             request_timeout_secs: 600,
@@ -107,8 +109,8 @@ impl ServerConfig {
         if let Some(v) = env("EE_MODEL") {
             self.model = Some(v.into());
         }
-        if let Some(v) = env("EE_MODEL_ID") {
-            self.model_id = v;
+        if let Some(v) = env("EE_SERVED_MODEL_NAMES") {
+            self.served_model_names = list(v);
         }
         if let Some(v) = env("EE_API_KEYS") {
             self.api_keys = list(v);
@@ -137,6 +139,13 @@ impl ServerConfig {
             self.request_timeout_secs = parse("EE_REQUEST_TIMEOUT_SECS", &v)?;
         }
         Ok(())
+    }
+
+    /// The name responses carry: the first served name.
+    pub fn model_name(&self) -> &str {
+        self.served_model_names
+            .first()
+            .map_or("ee-model", String::as_str)
     }
 
     /// Every accepted API key: the configured ones and the key file's lines.

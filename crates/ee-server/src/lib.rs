@@ -36,7 +36,20 @@ use crate::validate::Limits;
 pub struct LoadedModel {
     pub scheduler: Scheduler,
     pub limits: Limits,
-    pub card: ModelCard,
+    /// One card per served name; the first is the name responses carry.
+    pub cards: Vec<ModelCard>,
+}
+
+impl LoadedModel {
+    /// The card of a served name.
+    pub fn card(&self, name: &str) -> Option<&ModelCard> {
+        self.cards.iter().find(|c| c.id == name)
+    }
+
+    /// The name responses carry.
+    pub fn name(&self) -> &str {
+        &self.cards[0].id
+    }
 }
 
 pub struct AppState {
@@ -70,6 +83,7 @@ pub type SharedState = Arc<AppState>;
 pub fn router(state: SharedState) -> Router {
     let protected = Router::new()
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{id}", get(routes::model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/metrics", get(routes::metrics))

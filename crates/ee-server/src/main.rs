@@ -21,6 +21,10 @@ struct Args {
     /// directory `ee encrypt-model` wrote for a Hugging Face checkpoint.
     #[arg(long)]
     model: Option<PathBuf>,
+    /// A name the model answers to, repeatable (vLLM's flag); responses
+    /// carry the first. Default: ee-model.
+    #[arg(long = "served-model-name")]
+    served_model_names: Vec<String>,
     /// Address to listen on (default 127.0.0.1:8000).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
@@ -54,6 +58,9 @@ async fn main() -> Result<()> {
         config.listen = l;
     }
     config.allow_plaintext |= args.allow_plaintext;
+    if !args.served_model_names.is_empty() {
+        config.served_model_names = args.served_model_names;
+    }
     let model_path = config
         .model
         .clone()

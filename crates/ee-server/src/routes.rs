@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::Event;
 use axum::response::{IntoResponse, Response};
@@ -12,8 +12,8 @@ use axum::Json;
 use ee_api::{read_json, response_id, sse, unix_now, ApiError};
 use ee_core::wire::{
     AssistantTokens, ChatChoice, ChatCompletionRequest, ChatCompletionResponse, CompletionChoice,
-    CompletionRequest, CompletionResponse, FinishReason, Logprobs, ModelList, TokenLogprob,
-    TopLogprob, Usage,
+    CompletionRequest, CompletionResponse, FinishReason, Logprobs, ModelCard, ModelList,
+    TokenLogprob, TopLogprob, Usage,
 };
 use ee_engine::{Sampled, SequenceEvent, SequenceRequest, SubmitError};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
@@ -35,8 +35,30 @@ pub async fn models(State(state): State<SharedState>) -> Result<Json<ModelList>,
     let loaded = state.loaded()?;
     Ok(Json(ModelList {
         object: "list".into(),
-        data: vec![loaded.card.clone()],
+        data: loaded.cards.clone(),
     }))
+}
+
+/// `GET /v1/models/{id}`: one served name's card (the SDK's
+/// `models.retrieve`).
+pub async fn model(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
+    let loaded = state.loaded()?;
+    loaded
+        .card(&id)
+        .cloned()
+        .map(Json)
+        .ok_or_else(|| not_served(loaded, &id))
+}
+
+fn not_served(loaded: &LoadedModel, requested: &str) -> ApiError {
+    let names: Vec<&str> = loaded.cards.iter().map(|c| c.id.as_str()).collect();
+    ApiError::not_found(format!(
+        "model {requested:?} is not served here; this server hosts {names:?}"
+    ))
+    .with_code("model_not_found")
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {
@@ -59,11 +81,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
 
 fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
     match requested {
-        Some(m) if m != loaded.card.id => Err(ApiError::not_found(format!(
-            "model {m:?} is not served here; this server hosts {:?}",
-            loaded.card.id
-        ))
-        .with_code("model_not_found")),
+        Some(m) if loaded.card(m).is_none() => Err(not_served(loaded, m)),
         _ => Ok(()),
     }
 }
@@ -393,7 +411,7 @@ async fn generate(
             Endpoint::Completion => "cmpl",
         }),
         created: unix_now(),
-        model: loaded.card.id.clone(),
+        model: loaded.name().to_owned(),
         endpoint,
         prompt_tokens,
         want_logprobs: v.top_logprobs,

@@ -54,15 +54,23 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
         max_logprobs: c.max_logprobs,
         default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
     };
-    let card = ModelCard {
-        id: c.model_id.clone(),
-        object: "model".into(),
-        created: ee_api::unix_now(),
-        owned_by: "ee".into(),
-        artifact_sha256: sha256,
-        vocab_size: model.vocab_size(),
-        context_length: model.context_length(),
-    };
+    let created = ee_api::unix_now();
+    let mut names = c.served_model_names.clone();
+    if names.is_empty() {
+        names.push(c.model_name().to_owned());
+    }
+    let cards = names
+        .iter()
+        .map(|id| ModelCard {
+            id: id.clone(),
+            object: "model".into(),
+            created,
+            owned_by: "ee".into(),
+            artifact_sha256: sha256.clone(),
+            vocab_size: model.vocab_size(),
+            context_length: model.context_length(),
+        })
+        .collect();
     let scheduler = Scheduler::start(
         model,
         SchedulerConfig {
@@ -74,7 +82,7 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     let _ = state.model.set(LoadedModel {
         scheduler,
         limits,
-        card,
+        cards,
     });
     tracing::info!(secs = started.elapsed().as_secs_f64(), "model ready");
     Ok(())

@@ -9,14 +9,14 @@ pub mod response;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::Event;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ee_api::{read_json, response_id, sse, ApiError};
-use ee_core::wire::ErrorEnvelope;
+use ee_core::wire::{ErrorEnvelope, ModelCard};
 use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +37,7 @@ pub fn router(session: Arc<Session>) -> Router {
         .route("/", get(|| async { Html(CHAT_PAGE) }))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
@@ -119,12 +120,29 @@ fn error_response(e: SessionError) -> Response {
     ClientError::from(e).into_response()
 }
 
+/// The model as the proxy shows it: no fingerprint, the context length
+/// under OpenAI-compatible servers' names for it.
+fn model_card(card: &ModelCard) -> Value {
+    json!({"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by,
+           "context_length": card.context_length, "max_model_len": card.context_length})
+}
+
 async fn models(State(session): State<Arc<Session>>) -> Response {
     match session.server_model().await {
-        Ok(card) => Json(json!({
-            "object": "list",
-            "data": [{"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by}],
-        }))
+        Ok(card) => Json(json!({"object": "list", "data": [model_card(card)]})).into_response(),
+        Err(e) => error_response(e),
+    }
+}
+
+/// `GET /v1/models/{id}` (the SDK's `models.retrieve`).
+async fn model(State(session): State<Arc<Session>>, Path(id): Path<String>) -> Response {
+    match session.server_model().await {
+        Ok(card) if card.id == id => Json(model_card(card)).into_response(),
+        Ok(card) => ApiError::not_found(format!(
+            "model {id:?} is not served here; the server hosts {:?}",
+            card.id
+        ))
+        .with_code("model_not_found")
         .into_response(),
         Err(e) => error_response(e),
     }
