@@ -147,7 +147,12 @@ impl ServerProcess {
     /// Starts the server on `artifact` with extra environment, and waits
     /// until `/health` says the model is loaded.
     pub fn start(artifact: &Path, env: &[(&str, &str)]) -> Self {
-        let addr = free_addr();
+        Self::start_at(artifact, free_addr(), env)
+    }
+
+    /// [`start`](Self::start) on a given address (a server redeployed where
+    /// another was).
+    pub fn start_at(artifact: &Path, addr: std::net::SocketAddr, env: &[(&str, &str)]) -> Self {
         let mut cmd = std::process::Command::new(binary("ee-server"));
         cmd.arg("--model")
             .arg(artifact)

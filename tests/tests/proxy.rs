@@ -576,3 +576,34 @@ fn a_mistral_checkpoint_stack_says_the_same_as_its_plaintext() {
         assert!(!a.is_empty(), "{body}");
     }
 }
+
+/// A server redeployed behind the same address with an artifact made with
+/// another key: every later answer, streamed or not, is refused with 502
+/// `artifact_mismatch`, not decrypted into garbage.
+#[test]
+fn a_rekeyed_server_behind_the_same_address_is_refused_on_every_request() {
+    let first = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(&first.server_artifact, &[]);
+    let addr = server.addr;
+    let proxy = ServerProcess::proxy(&first.bundle.dir, &server.url());
+    let ask = chat(
+        "What is the capital of France?",
+        json!({"temperature": 0, "max_tokens": 4}),
+    );
+    assert_eq!(proxy.post_json("/v1/chat/completions", &ask).status, 200);
+
+    drop(server);
+    let other = encrypt_real_model(&KeySource::Generate);
+    let _redeployed = ServerProcess::start_at(&other.server_artifact, addr, &[]);
+    for body in [ask.clone(), {
+        let mut b = ask.clone();
+        b["stream"] = json!(true);
+        b
+    }] {
+        for _ in 0..2 {
+            let r = proxy.post_json("/v1/chat/completions", &body);
+            assert_eq!(r.status, 502, "{body}: {}", r.body);
+            assert_eq!(r.json()["error"]["code"], "artifact_mismatch", "{}", r.body);
+        }
+    }
+}

@@ -705,6 +705,11 @@ fn served_model_names_are_listed_retrievable_and_accepted() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["model"], "smol");
+    // Every response names the artifact, so a key holder can check each.
+    assert_eq!(
+        r.header("x-ee-artifact-sha256"),
+        Some(pair.bundle.manifest.server_artifact.sha256.as_str())
+    );
     let r = server.post_json(
         "/v1/completions",
         &json!({"model": "other", "prompt": [1, 2, 3], "max_tokens": 2}),

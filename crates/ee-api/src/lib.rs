@@ -18,4 +18,9 @@ mod http;
 pub mod sse;
 
 pub use error::ApiError;
+
+/// The response header in which the blind server names its artifact's
+/// fingerprint on every response, so the key holder can refuse a server
+/// re-deployed with another artifact behind the same address.
+pub const ARTIFACT_HEADER: &str = "x-ee-artifact-sha256";
 pub use http::{json_depth, read_json, response_id, shutdown_signal, unix_now};

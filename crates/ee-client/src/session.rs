@@ -65,6 +65,18 @@ impl Session {
     ) -> Result<Generation<'a>, SessionError> {
         let card = self.server_model().await?;
         let stream = self.upstream.stream(&request.upstream).await?;
+        // Every answer is checked, not only the first: a server re-deployed
+        // with another key behind the same address would answer garbage.
+        let named = stream.artifact.as_deref().unwrap_or("");
+        if let Err(e) = self.keys.bundle().check_server_artifact(named) {
+            return Err(SessionError::WrongServer {
+                url: self.upstream.base_url().to_owned(),
+                reason: match named {
+                    "" => format!("the server named no artifact ({})", ee_api::ARTIFACT_HEADER),
+                    _ => e.to_string(),
+                },
+            });
+        }
         let decoders = (0..request.choices)
             .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
             .collect();

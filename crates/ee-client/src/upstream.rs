@@ -155,8 +155,14 @@ impl Upstream {
         let endpoint = request.endpoint();
         let url = format!("{}{}", self.base, endpoint.path());
         let response = self.send(self.http.post(url).json(request)).await?;
+        let artifact = response
+            .headers()
+            .get(ee_api::ARTIFACT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         Ok(ServerStream {
             endpoint,
+            artifact,
             response,
             events: EventBuffer::default(),
         })
@@ -180,6 +186,8 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// the server cancel the sequences at once.
 pub struct ServerStream {
     endpoint: Endpoint,
+    /// The artifact fingerprint the server named for this answer.
+    pub artifact: Option<String>,
     response: reqwest::Response,
     events: EventBuffer,
 }

@@ -158,5 +158,10 @@ async fn observe(State(state): State<SharedState>, req: Request, next: Next) -> 
     if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
         response.headers_mut().insert("x-request-id", v);
     }
+    if let Some(loaded) = state.model.get() {
+        if let Ok(v) = HeaderValue::from_str(&loaded.cards[0].artifact_sha256) {
+            response.headers_mut().insert(ee_api::ARTIFACT_HEADER, v);
+        }
+    }
     response
 }

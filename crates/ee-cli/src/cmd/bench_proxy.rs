@@ -90,13 +90,17 @@ pub(crate) fn run(args: BenchProxyArgs) -> Result<()> {
             "owned_by": "ee", "artifact_sha256": manifest.server_artifact.sha256,
             "vocab_size": manifest.vocab_size, "context_length": 8192}]});
         let sse = stub_body.clone();
+        let sha = manifest.server_artifact.sha256.clone();
         let stub = Router::new()
             .route("/v1/models", get(move || async move { Json(card) }))
             .route(
                 "/v1/chat/completions",
                 post(move || {
-                    let sse = sse.clone();
-                    async move { ([("content-type", "text/event-stream")], sse.to_string()).into_response() }
+                    let (sse, sha) = (sse.clone(), sha.clone());
+                    async move {
+                        let headers = [("content-type", "text/event-stream".to_owned()), (ee_api::ARTIFACT_HEADER, sha)];
+                        (headers, sse.to_string()).into_response()
+                    }
                 }),
             );
         let stub_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
