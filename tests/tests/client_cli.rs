@@ -140,3 +140,27 @@ fn ee_demo_runs_the_whole_system_until_ctrl_c() {
         assert!(dir.path().join(file).exists(), "{file}");
     }
 }
+
+/// A busy port is reported before anything is made: no key, no transform.
+#[test]
+fn ee_demo_reports_a_busy_port_before_making_a_key() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let port = busy.local_addr().expect("its address").port().to_string();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let out = Command::new(binary("ee"))
+        .arg("demo")
+        .arg("--dir")
+        .arg(dir.path())
+        .arg("--model")
+        .arg(ee_e2e::model_path())
+        .args(["--server-port", "0", "--proxy-port", &port])
+        .output()
+        .expect("run ee demo");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&port) && err.contains("--proxy-port"), "{err}");
+    assert!(
+        !dir.path().join("key.json").exists(),
+        "a key was made: {err}"
+    );
+}

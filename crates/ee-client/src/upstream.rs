@@ -48,6 +48,8 @@ impl UpstreamRequest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
+    #[error("the blind server's address {0}")]
+    InvalidUrl(String),
     #[error("cannot reach the blind server at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     /// The server answered with an error envelope (relayed as is: it names
@@ -78,7 +80,17 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// A client for the server at `base_url`, an `http` or `https` URL.
     pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, UpstreamError> {
+        let scheme_ok = reqwest::Url::parse(base_url)
+            .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
+        if !scheme_ok {
+            return Err(UpstreamError::InvalidUrl(format!(
+                "{base_url:?} is not an http(s) URL; write it with its scheme, as in \
+                 http://{}",
+                base_url.trim_start_matches("//")
+            )));
+        }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .build()
@@ -271,6 +283,17 @@ fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<Vec<ServerDelta>, Upstr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_server_address_without_a_scheme_says_how_to_write_it() {
+        let err = Upstream::new("127.0.0.1:8000", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("http://127.0.0.1:8000"), "{err}");
+        assert!(Upstream::new("ftp://h", None).is_err());
+        assert!(Upstream::new("http://127.0.0.1:8000/", None).is_ok());
+    }
 
     #[test]
     fn chunks_parse_for_both_endpoints_and_errors_surface() {

@@ -51,16 +51,24 @@ fn spinner(what: &str) -> ProgressBar {
     bar
 }
 
-async fn bind(port: u16, what: &str) -> Result<TcpListener> {
+/// Claims a loopback port first of all, so a busy one is reported before
+/// the key is made and the model transformed.
+fn bind(port: u16, what: &str) -> Result<std::net::TcpListener> {
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    TcpListener::bind(addr).await.with_context(|| {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
         format!("binding {what} to {addr} (choose another port with --{what}-port)")
-    })
+    })?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
 }
 
 pub(crate) fn run(args: DemoArgs) -> Result<()> {
     crate::init_logging("warn");
     let started = Instant::now();
+    let listeners = (
+        bind(args.server_port, "server")?,
+        bind(args.proxy_port, "proxy")?,
+    );
 
     step(1, "model");
     if !args.model.exists() {
@@ -115,10 +123,16 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
     );
     eprintln!("      client bundle   {}", bundle.display());
 
-    tokio::runtime::Runtime::new()?.block_on(serve(args, artifact, bundle, started))
+    tokio::runtime::Runtime::new()?.block_on(serve(args, listeners, artifact, bundle, started))
 }
 
-async fn serve(args: DemoArgs, artifact: PathBuf, bundle: PathBuf, started: Instant) -> Result<()> {
+async fn serve(
+    args: DemoArgs,
+    (server_listener, proxy_listener): (std::net::TcpListener, std::net::TcpListener),
+    artifact: PathBuf,
+    bundle: PathBuf,
+    started: Instant,
+) -> Result<()> {
     step(4, "starting the blind server and the proxy on loopback");
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -127,7 +141,7 @@ async fn serve(args: DemoArgs, artifact: PathBuf, bundle: PathBuf, started: Inst
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server_listener = bind(args.server_port, "server").await?;
+    let server_listener = TcpListener::from_std(server_listener)?;
     let server_addr = server_listener.local_addr()?;
     let state = AppState::new(
         ServerConfig {
@@ -161,7 +175,7 @@ async fn serve(args: DemoArgs, artifact: PathBuf, bundle: PathBuf, started: Inst
         .server_model()
         .await
         .context("checking the blind server")?;
-    let proxy_listener = bind(args.proxy_port, "proxy").await?;
+    let proxy_listener = TcpListener::from_std(proxy_listener)?;
     let proxy_addr = proxy_listener.local_addr()?;
     let proxy = tokio::spawn(super::proxy::serve(proxy_listener, session, stopped()));
 

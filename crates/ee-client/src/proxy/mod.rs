@@ -76,9 +76,9 @@ impl From<SessionError> for ClientError {
                     retry_after,
                 }
             }
-            SessionError::Upstream(UpstreamError::Unreachable { .. }) => {
-                ApiError::bad_gateway(message, "upstream_unreachable")
-            }
+            SessionError::Upstream(
+                UpstreamError::Unreachable { .. } | UpstreamError::InvalidUrl(_),
+            ) => ApiError::bad_gateway(message, "upstream_unreachable"),
             SessionError::Upstream(UpstreamError::Protocol(_)) | SessionError::Decode(_) => {
                 ApiError::bad_gateway(message, "upstream_protocol_error")
             }
