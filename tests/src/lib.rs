@@ -166,6 +166,11 @@ impl ServerProcess {
 
     /// Starts `ee proxy` for `bundle` in front of the server at `upstream`.
     pub fn proxy(bundle: &Path, upstream: &str) -> Self {
+        Self::proxy_with(bundle, upstream, &[])
+    }
+
+    /// [`proxy`](Self::proxy) with more command-line arguments.
+    pub fn proxy_with(bundle: &Path, upstream: &str, args: &[&str]) -> Self {
         let addr = free_addr();
         let mut cmd = std::process::Command::new(binary("ee"));
         cmd.arg("proxy")
@@ -174,7 +179,8 @@ impl ServerProcess {
             .arg("--server")
             .arg(upstream)
             .arg("--listen")
-            .arg(addr.to_string());
+            .arg(addr.to_string())
+            .args(args);
         Self::spawn(cmd, addr)
     }
 

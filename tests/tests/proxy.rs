@@ -607,3 +607,41 @@ fn a_rekeyed_server_behind_the_same_address_is_refused_on_every_request() {
         }
     }
 }
+
+/// Browser clients: the proxy answers CORS preflight for the origins it is
+/// given, and for none by default.
+#[test]
+fn cors_preflight_is_answered_for_configured_origins_only() {
+    let s = stack(KeySource::Generate);
+    let closed = ServerProcess::proxy(&s.pair.bundle.dir, &s.server.url());
+    let open = ServerProcess::proxy_with(
+        &s.pair.bundle.dir,
+        &s.server.url(),
+        &["--cors-allowed-origins", "http://app.example"],
+    );
+    let preflight = [
+        ("Origin", "http://app.example"),
+        ("Access-Control-Request-Method", "POST"),
+        ("Access-Control-Request-Headers", "content-type"),
+    ];
+    let r = open
+        .request("OPTIONS", "/v1/chat/completions", &preflight, "")
+        .unwrap();
+    assert!((200..300).contains(&r.status), "{} {}", r.status, r.body);
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("http://app.example")
+    );
+    let r = closed
+        .request("OPTIONS", "/v1/chat/completions", &preflight, "")
+        .unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let other = [
+        ("Origin", "http://evil.example"),
+        ("Access-Control-Request-Method", "POST"),
+    ];
+    let r = open
+        .request("OPTIONS", "/v1/chat/completions", &other, "")
+        .unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None);
+}

@@ -8,15 +8,18 @@
 //! - [`sse`]: server-sent events out ([`sse::response`]) and in
 //!   ([`sse::EventBuffer`]);
 //! - [`response_id`] and [`unix_now`] for response envelopes;
-//! - [`shutdown_signal`]: Ctrl-C or SIGTERM.
+//! - [`shutdown_signal`]: Ctrl-C or SIGTERM;
+//! - [`cors_layer`]: CORS for browser clients, off by default.
 //!
 //! The request and response bodies themselves are `ee_core::wire`'s types:
 //! plain data, with no HTTP in them.
 
+mod cors;
 mod error;
 mod http;
 pub mod sse;
 
+pub use cors::cors_layer;
 pub use error::ApiError;
 
 /// The response header in which the blind server names its artifact's

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use axum::extract::{Request, State};
 use axum::http::header::{AUTHORIZATION, CONTENT_LENGTH};
-use axum::http::{HeaderValue, Method};
+use axum::http::HeaderValue;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,7 +26,6 @@ use ee_api::ApiError;
 use ee_core::wire::ModelCard;
 use ee_engine::Scheduler;
 use subtle::ConstantTimeEq;
-use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
@@ -95,27 +94,10 @@ pub fn router(state: SharedState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state.clone());
-    if let Some(cors) = cors_layer(&state.config.cors_allowed_origins) {
+    if let Some(cors) = ee_api::cors_layer(&state.config.cors_allowed_origins) {
         app = app.layer(cors);
     }
     app
-}
-
-fn cors_layer(origins: &[String]) -> Option<CorsLayer> {
-    if origins.is_empty() {
-        return None;
-    }
-    let allow = if origins.iter().any(|o| o == "*") {
-        AllowOrigin::any()
-    } else {
-        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
-    };
-    Some(
-        CorsLayer::new()
-            .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST])
-            .allow_headers(Any),
-    )
 }
 
 /// Bearer API keys, compared in constant time. `/health` is not behind it.

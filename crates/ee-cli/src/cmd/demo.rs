@@ -177,7 +177,10 @@ async fn serve(
         .context("checking the blind server")?;
     let proxy_listener = TcpListener::from_std(proxy_listener)?;
     let proxy_addr = proxy_listener.local_addr()?;
-    let proxy = tokio::spawn(super::proxy::serve(proxy_listener, session, stopped()));
+    let proxy =
+        tokio::spawn(
+            async move { super::proxy::serve(proxy_listener, session, &[], stopped()).await },
+        );
 
     step(
         5,

@@ -32,6 +32,10 @@ pub(crate) struct ProxyArgs {
     /// Bearer key for the blind server, if it wants one.
     #[arg(long, env = "EE_API_KEY")]
     api_key: Option<String>,
+    /// Browser origins allowed to call the proxy (CORS), comma-separated;
+    /// `*` for any. None by default.
+    #[arg(long, env = "EE_PROXY_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
+    cors_allowed_origins: Vec<String>,
 }
 
 /// The key holder plus a client for the server.
@@ -68,9 +72,10 @@ pub(crate) async fn check_server(session: &Session) -> Result<()> {
 pub(crate) async fn serve(
     listener: TcpListener,
     session: Arc<Session>,
+    cors_origins: &[String],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(session))
+    axum::serve(listener, router(session, cors_origins))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving the proxy")
@@ -89,6 +94,12 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(server = session.upstream.base_url(), "proxy listening on http://{addr} (OpenAI base_url http://{addr}/v1, chat page http://{addr}/)");
-        serve(listener, session, ee_api::shutdown_signal()).await
+        serve(
+            listener,
+            session,
+            &args.cors_allowed_origins,
+            ee_api::shutdown_signal(),
+        )
+        .await
     })
 }

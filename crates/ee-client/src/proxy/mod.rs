@@ -32,8 +32,10 @@ pub const MAX_JSON_DEPTH: usize = 32;
 
 const CHAT_PAGE: &str = include_str!("chat.html");
 
-pub fn router(session: Arc<Session>) -> Router {
-    Router::new()
+/// The proxy's routes; `cors_origins` may call it from a browser (none by
+/// default).
+pub fn router(session: Arc<Session>, cors_origins: &[String]) -> Router {
+    let app = Router::new()
         .route("/", get(|| async { Html(CHAT_PAGE) }))
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
@@ -42,7 +44,11 @@ pub fn router(session: Arc<Session>) -> Router {
         .route("/v1/completions", post(completions))
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
-        .with_state(session)
+        .with_state(session);
+    match ee_api::cors_layer(cors_origins) {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
 }
 
 /// An error as the OpenAI client sees it: the proxy's own (a 400 naming the
