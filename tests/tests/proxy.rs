@@ -421,6 +421,16 @@ fn curl_stop_strings_logit_bias_errors_and_a_wrong_or_missing_server() {
         .as_str()
         .unwrap()
         .contains("cannot reach the blind server"));
+    // Alive, but not ready; the working stack is ready.
+    assert_eq!(dead.request("GET", "/health", &[], "").unwrap().status, 200);
+    let r = dead.request("GET", "/ready", &[], "").unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "upstream_unreachable");
+    let r = s.proxy.request("GET", "/ready", &[], "").unwrap();
+    assert_eq!(
+        (r.status, r.json()["status"].clone()),
+        (200, json!("ready"))
+    );
 
     // A server with another key's artifact: the proxy refuses to start.
     let other = encrypt_real_model(&KeySource::Generate);

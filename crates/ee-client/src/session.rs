@@ -43,19 +43,24 @@ impl Session {
 
     /// The server's model, checked against the bundle on first use. A server
     /// that is down is not cached as checked: the next call asks again.
+    /// (Each answer is checked again; see [`generate`](Self::generate).)
     pub async fn server_model(&self) -> Result<&ModelCard, SessionError> {
         self.verified
-            .get_or_try_init(|| async {
-                let card = self.upstream.model().await?;
-                self.keys
-                    .check_server(&card)
-                    .map_err(|e| SessionError::WrongServer {
-                        url: self.upstream.base_url().to_owned(),
-                        reason: e.to_string(),
-                    })?;
-                Ok(card)
-            })
+            .get_or_try_init(|| self.check_server_now())
             .await
+    }
+
+    /// Asks the server for its model now and checks it against the bundle:
+    /// readiness.
+    pub async fn check_server_now(&self) -> Result<ModelCard, SessionError> {
+        let card = self.upstream.model().await?;
+        self.keys
+            .check_server(&card)
+            .map_err(|e| SessionError::WrongServer {
+                url: self.upstream.base_url().to_owned(),
+                reason: e.to_string(),
+            })?;
+        Ok(card)
     }
 
     /// Sends a translated request and returns the running generation.

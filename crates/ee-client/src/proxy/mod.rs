@@ -37,7 +37,10 @@ const CHAT_PAGE: &str = include_str!("chat.html");
 pub fn router(session: Arc<Session>, cors_origins: &[String]) -> Router {
     let app = Router::new()
         .route("/", get(|| async { Html(CHAT_PAGE) }))
+        // Liveness: the proxy runs. Readiness: the server answers and hosts
+        // the bundle's artifact (Kubernetes' two probes).
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/ready", get(ready))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
@@ -137,6 +140,18 @@ async fn models(State(session): State<Arc<Session>>) -> Response {
     match session.server_model().await {
         Ok(card) => Json(json!({"object": "list", "data": [model_card(card)]})).into_response(),
         Err(e) => error_response(e),
+    }
+}
+
+/// `GET /ready`: 200 when the blind server answers now with the bundle's
+/// artifact, else 503 with the reason (unreachable, or another artifact).
+async fn ready(State(session): State<Arc<Session>>) -> Response {
+    match session.check_server_now().await {
+        Ok(card) => Json(json!({"status": "ready", "model": card.id})).into_response(),
+        Err(e) => {
+            let envelope = ClientError::from(e).envelope();
+            (StatusCode::SERVICE_UNAVAILABLE, Json(envelope)).into_response()
+        }
     }
 }
 
