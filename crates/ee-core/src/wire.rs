@@ -234,6 +234,47 @@ pub struct ErrorEnvelope {
     pub error: ErrorBody,
 }
 
+/// OpenAI request fields that clients and frameworks send by default and
+/// that change nothing at these values: `response_format` `{"type":
+/// "text"}`, `tool_choice` `"none"`, `parallel_tool_calls`, `store: false`,
+/// `metadata`, and `service_tier` `"auto"`/`"default"`. `Some(Ok(()))`:
+/// accept and ignore it; `Some(Err(why))`: a value we cannot honour;
+/// `None`: not one of these fields.
+pub fn inert_field(name: &str, value: &serde_json::Value) -> Option<Result<(), String>> {
+    use serde_json::Value;
+    let ok = |honoured: bool, why: &str| match honoured {
+        true => Ok(()),
+        false => Err(why.to_owned()),
+    };
+    Some(match name {
+        "response_format" => ok(
+            value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
+            "only {\"type\": \"text\"} is supported (no JSON mode or schemas yet)",
+        ),
+        "tool_choice" => ok(
+            value.is_null() || value.as_str() == Some("none"),
+            "tools are not supported; only \"none\"",
+        ),
+        "parallel_tool_calls" => ok(
+            value.is_null() || value.is_boolean(),
+            "parallel_tool_calls must be true or false",
+        ),
+        "store" => ok(
+            value.is_null() || value == &Value::Bool(false),
+            "completions are never stored here; only false",
+        ),
+        "metadata" => ok(
+            value.is_null() || value.is_object(),
+            "metadata must be an object",
+        ),
+        "service_tier" => ok(
+            value.is_null() || matches!(value.as_str(), Some("auto" | "default")),
+            "only \"auto\" and \"default\" are served",
+        ),
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

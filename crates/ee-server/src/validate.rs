@@ -217,12 +217,27 @@ fn common(
 fn refuse_unknown(
     unknown: &std::collections::BTreeMap<String, serde_json::Value>,
 ) -> Result<(), ApiError> {
-    let Some(name) = unknown.keys().next() else {
+    // Fields that change nothing at their values are accepted and ignored.
+    let mut refused =
+        unknown.iter().filter_map(
+            |(name, value)| match ee_core::wire::inert_field(name, value) {
+                Some(Ok(())) => None,
+                Some(Err(why)) => Some((name, Some(why))),
+                None => Some((name, None)),
+            },
+        );
+    let Some((name, why)) = refused.next() else {
         return Ok(());
     };
+    if let Some(why) = why {
+        return Err(ApiError::invalid(
+            name,
+            format!("unsupported {name} {}: {why}", unknown[name]),
+        ));
+    }
     let why = match name.as_str() {
         "stop" => "stop strings need text, which this server never sees; the client applies them. Send stop_token_ids (encrypted) instead",
-        "tools" | "tool_choice" | "functions" | "response_format" => "it is not supported by this server",
+        "tools" | "functions" => "it is not supported by this server",
         "suffix" | "echo" | "best_of" => "it is not supported by this server",
         _ => "it is not a field of this API",
     };
@@ -368,6 +383,31 @@ mod tests {
         let r = serde_json::from_value(serde_json::json!({"prompt": [[1, 2, 3], vec![1; 45]]}))
             .unwrap();
         assert_eq!(completion(&r, &capped).unwrap().max_tokens, vec![10, 5]);
+    }
+
+    #[test]
+    fn fields_frameworks_send_by_default_are_accepted_and_others_named() {
+        let ok = completion_json(
+            serde_json::json!({"prompt": [1], "response_format": {"type": "text"},
+            "tool_choice": "none", "parallel_tool_calls": false, "store": false, "metadata": {},
+            "service_tier": "default"}),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        for (field, value) in [
+            (
+                "response_format",
+                serde_json::json!({"type": "json_schema"}),
+            ),
+            ("tool_choice", serde_json::json!("required")),
+            ("store", serde_json::json!(true)),
+            ("service_tier", serde_json::json!("flex")),
+            ("logit_scale", serde_json::json!(1)),
+        ] {
+            let mut body = serde_json::json!({"prompt": [1]});
+            body[field] = value;
+            let e = completion_json(body).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some(field));
+        }
     }
 
     #[test]

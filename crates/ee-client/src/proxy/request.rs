@@ -102,15 +102,20 @@ pub fn translate(
         Endpoint::Chat => CHAT_ONLY,
         Endpoint::Completion => COMPLETION_ONLY,
     };
-    if let Some(unknown) = body.keys().find(|k| {
-        ![PASSED, TRANSLATED, own]
+    for (k, v) in body {
+        if [PASSED, TRANSLATED, own]
             .iter()
             .any(|l| l.contains(&k.as_str()))
-    }) {
-        return Err(invalid(
-            unknown,
-            format!("unsupported parameter: {unknown}"),
-        ));
+        {
+            continue;
+        }
+        // Fields that change nothing at their values are accepted, and not
+        // forwarded; the server would accept them too.
+        match ee_core::wire::inert_field(k, v) {
+            Some(Ok(())) => {}
+            Some(Err(why)) => return Err(invalid(k, format!("unsupported {k} {v}: {why}"))),
+            None => return Err(invalid(k, format!("unsupported parameter: {k}"))),
+        }
     }
     let null_is_absent = |k: &str| body.get(k).filter(|v| !v.is_null());
 
@@ -567,6 +572,29 @@ mod tests {
     }
 
     #[test]
+    fn fields_frameworks_send_by_default_are_accepted_and_not_forwarded() {
+        let (_dir, keys) = tiny_keys();
+        let t = translate(
+            &keys,
+            Endpoint::Chat,
+            &body(json!({"messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "text"}, "tool_choice": "none", "parallel_tool_calls": true,
+                "store": false, "metadata": {"k": "v"}, "service_tier": "auto", "user": "u"})),
+        )
+        .unwrap();
+        let up = serde_json::to_value(&t.upstream).unwrap();
+        for k in [
+            "response_format",
+            "tool_choice",
+            "store",
+            "metadata",
+            "service_tier",
+        ] {
+            assert!(up.get(k).is_none(), "{k} forwarded");
+        }
+    }
+
+    #[test]
     fn bad_requests_name_their_parameter() {
         let (_dir, keys) = tiny_keys();
         let vocab = keys.vocab_size();
@@ -610,6 +638,21 @@ mod tests {
                 Endpoint::Completion,
                 json!({"prompt": "x", "echo": true}),
                 "echo",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}),
+                "tool_choice",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x"}], "store": true}),
+                "store",
             ),
             (
                 Endpoint::Completion,
