@@ -655,3 +655,37 @@ fn cors_preflight_is_answered_for_configured_origins_only() {
         .unwrap();
     assert_eq!(r.header("access-control-allow-origin"), None);
 }
+
+/// Completions logprobs' `text_offset` is computed once, from bytes, so it
+/// is the same streamed or not, and stays within the text, when a
+/// character spans several tokens (emoji).
+#[test]
+fn text_offsets_agree_between_stream_and_not_when_characters_span_tokens() {
+    let s = stack(KeySource::Generate);
+    let body = json!({"prompt": "Emoji diary: 😀 😃 🎉", "max_tokens": 12, "temperature": 0, "logprobs": 1});
+    let whole = s.proxy.post_json("/v1/completions", &body).json();
+    let text = whole["choices"][0]["text"].as_str().unwrap().to_owned();
+    let offsets: Vec<u64> =
+        serde_json::from_value(whole["choices"][0]["logprobs"]["text_offset"].clone()).unwrap();
+    assert_eq!(offsets.len(), 12);
+    assert!(offsets.windows(2).all(|w| w[0] <= w[1]), "{offsets:?}");
+    let chars = text.chars().count() as u64;
+    assert!(
+        offsets.iter().all(|&o| o <= chars),
+        "{offsets:?} past {chars} chars of {text:?}"
+    );
+
+    let mut streamed_body = body.clone();
+    streamed_body["stream"] = json!(true);
+    let r = s.proxy.post_json("/v1/completions", &streamed_body);
+    let mut streamed: Vec<u64> = Vec::new();
+    for data in r.sse_data().iter().filter(|d| *d != "[DONE]") {
+        let chunk: Value = serde_json::from_str(data).unwrap();
+        for c in chunk["choices"].as_array().unwrap() {
+            if let Some(o) = c["logprobs"]["text_offset"].as_array() {
+                streamed.extend(o.iter().map(|v| v.as_u64().unwrap()));
+            }
+        }
+    }
+    assert_eq!(streamed, offsets);
+}

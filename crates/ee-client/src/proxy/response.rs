@@ -45,7 +45,7 @@ impl AnswerMeta {
 
     /// A streamed chunk for one choice.
     pub fn chunk(&self, index: usize, delta: &ChoiceDelta, first: bool) -> Value {
-        let logprobs = self.logprobs_json(&delta.logprobs, delta.text_offset);
+        let logprobs = self.logprobs_json(&delta.logprobs);
         let mut choice = match self.endpoint {
             Endpoint::Chat => {
                 let mut d = json!({"content": delta.text});
@@ -90,7 +90,7 @@ impl AnswerMeta {
             .enumerate()
             .map(|(index, d)| {
                 let finish = d.finish.unwrap_or(FinishReason::Length);
-                let logprobs = self.logprobs_json(&d.logprobs, 0);
+                let logprobs = self.logprobs_json(&d.logprobs);
                 let mut choice = match self.endpoint {
                     Endpoint::Chat => json!({
                         "index": index,
@@ -115,7 +115,7 @@ impl AnswerMeta {
         self.envelope(object, choices, Some(usage))
     }
 
-    fn logprobs_json(&self, entries: &[PlainLogprob], text_offset: usize) -> Value {
+    fn logprobs_json(&self, entries: &[PlainLogprob]) -> Value {
         match self.logprobs {
             LogprobsShape::None => Value::Null,
             LogprobsShape::Chat => json!({"content": entries.iter().map(|e| {
@@ -124,22 +124,13 @@ impl AnswerMeta {
                 v
             }).collect::<Vec<_>>()}),
             LogprobsShape::Completion => {
-                let mut offset = text_offset;
-                let offsets: Vec<usize> = entries
-                    .iter()
-                    .map(|e| {
-                        let at = offset;
-                        offset += e.chosen.token.chars().count();
-                        at
-                    })
-                    .collect();
                 json!({
                     "tokens": entries.iter().map(|e| &e.chosen.token).collect::<Vec<_>>(),
                     "token_logprobs": entries.iter().map(|e| e.chosen.logprob).collect::<Vec<_>>(),
                     "top_logprobs": entries.iter().map(|e| {
                         e.top.iter().map(|t| (t.token.clone(), json!(t.logprob))).collect::<serde_json::Map<_, _>>()
                     }).collect::<Vec<_>>(),
-                    "text_offset": offsets,
+                    "text_offset": entries.iter().map(|e| e.text_offset).collect::<Vec<_>>(),
                 })
             }
         }
