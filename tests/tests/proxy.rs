@@ -689,3 +689,29 @@ fn text_offsets_agree_between_stream_and_not_when_characters_span_tokens() {
     }
     assert_eq!(streamed, offsets);
 }
+
+/// A prompt longer than the context is the client's 400, found by the proxy
+/// (it knows the context and the token count), not a 413 or 502 from the
+/// server's body limit.
+#[test]
+fn an_over_long_prompt_is_a_400_from_the_proxy() {
+    let s = stack(KeySource::Generate);
+    let long = "again and ".repeat(6000);
+    for (path, body, param) in [
+        ("/v1/chat/completions", chat(&long, json!({})), "messages"),
+        ("/v1/completions", json!({"prompt": long}), "prompt"),
+    ] {
+        let r = s.proxy.post_json(path, &body);
+        assert_eq!(
+            r.status,
+            400,
+            "{path}: {}",
+            &r.body[..r.body.len().min(300)]
+        );
+        let e = &r.json()["error"];
+        assert_eq!(
+            (e["param"].as_str(), e["code"].as_str()),
+            (Some(param), Some("context_length_exceeded"))
+        );
+    }
+}

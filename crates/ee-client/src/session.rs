@@ -8,7 +8,7 @@ use tokio::sync::OnceCell;
 use crate::decode::{ChoiceDecoder, ChoiceDelta};
 use crate::keyholder::KeyHolder;
 use crate::proxy::request::{RequestError, Translated};
-use crate::upstream::{ServerStream, Upstream, UpstreamError};
+use crate::upstream::{Endpoint, ServerStream, Upstream, UpstreamError};
 use crate::Error;
 
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,29 @@ impl Session {
         request: &'a Translated,
     ) -> Result<Generation<'a>, SessionError> {
         let card = self.server_model().await?;
+        // A prompt that fills the context is the client's 400, found here
+        // rather than as the server's body-size refusal or a broken stream.
+        if let Some(p) = request
+            .encrypted_prompts
+            .iter()
+            .find(|p| p.len() >= card.context_length)
+        {
+            let param = match request.endpoint {
+                Endpoint::Chat => "messages",
+                Endpoint::Completion => "prompt",
+            };
+            let mut e = crate::proxy::request::invalid(
+                param,
+                format!(
+                    "this model's maximum context length is {} tokens; the {param} alone has {} \
+                     and leaves no room for a completion",
+                    card.context_length,
+                    p.len()
+                ),
+            );
+            e.code = Some("context_length_exceeded");
+            return Err(SessionError::Request(e));
+        }
         let stream = self.upstream.stream(&request.upstream).await?;
         // Every answer is checked, not only the first: a server re-deployed
         // with another key behind the same address would answer garbage.

@@ -70,10 +70,16 @@ impl From<SessionError> for ClientError {
     fn from(e: SessionError) -> Self {
         let message = e.to_string();
         ClientError::Own(match e {
-            SessionError::Request(r) => match r.param {
-                Some(p) => ApiError::invalid(&p, r.message),
-                None => ApiError::bad_request(r.message),
-            },
+            SessionError::Request(r) => {
+                let e = match r.param {
+                    Some(p) => ApiError::invalid(&p, r.message),
+                    None => ApiError::bad_request(r.message),
+                };
+                match r.code {
+                    Some(code) => e.with_code(code),
+                    None => e,
+                }
+            }
             SessionError::Upstream(UpstreamError::Refused {
                 status,
                 envelope,

@@ -22,12 +22,15 @@ use crate::upstream::{Endpoint, UpstreamRequest};
 pub struct RequestError {
     pub param: Option<String>,
     pub message: String,
+    /// OpenAI's machine-readable `code`, where there is one.
+    pub code: Option<&'static str>,
 }
 
-fn invalid(param: &str, message: impl Into<String>) -> RequestError {
+pub(crate) fn invalid(param: &str, message: impl Into<String>) -> RequestError {
     RequestError {
         param: Some(param.into()),
         message: message.into(),
+        code: None,
     }
 }
 
