@@ -9,7 +9,8 @@
 //!   ([`sse::EventBuffer`]);
 //! - [`response_id`] and [`unix_now`] for response envelopes;
 //! - [`shutdown_signal`]: Ctrl-C or SIGTERM;
-//! - [`cors_layer`]: CORS for browser clients, off by default.
+//! - [`cors_layer`]: CORS for browser clients, off by default;
+//! - [`logging::init`]: the binaries' logs, text or JSON.
 //!
 //! The request and response bodies themselves are `ee_core::wire`'s types:
 //! plain data, with no HTTP in them.
@@ -17,6 +18,7 @@
 mod cors;
 mod error;
 mod http;
+pub mod logging;
 pub mod sse;
 
 pub use cors::cors_layer;

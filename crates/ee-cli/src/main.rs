@@ -194,15 +194,9 @@ pub(crate) fn encrypt_with_progress(
     Ok(summary?)
 }
 
-/// Logs to stderr; `RUST_LOG` overrides the default level.
+/// Logs to stderr (see `ee_api::logging`).
 pub(crate) fn init_logging(default: &str) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default.into()),
-        )
-        .init();
+    ee_api::logging::init(default);
 }
 
 /// Without --force, an existing bundle or server artifact is an error

@@ -40,11 +40,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ee_api::logging::init("info");
     let args = Args::parse();
     let mut config = match &args.config {
         Some(path) => ServerConfig::from_file(path)?,
