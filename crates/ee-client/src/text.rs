@@ -82,6 +82,14 @@ impl TextCodec {
             .unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes())
     }
 
+    /// Whether decoding drops this token (a special token).
+    pub fn is_special(&self, id: u32) -> bool {
+        self.tokenizer
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }

@@ -149,17 +149,23 @@ impl Upstream {
     }
 
     /// The model the server hosts (the first of `/v1/models`).
-    pub async fn model(&self) -> Result<ModelCard, UpstreamError> {
+    /// The model the server hosts (the first of `/v1/models`), and the
+    /// artifact the response names in its header. It gives up after
+    /// [`MODEL_TIMEOUT`], so a frozen server cannot hang a readiness probe.
+    pub async fn model(&self) -> Result<(ModelCard, Option<String>), UpstreamError> {
         let url = format!("{}/v1/models", self.base);
-        let response = self.send(self.http.get(url)).await?;
+        let response = self.send(self.http.get(url).timeout(MODEL_TIMEOUT)).await?;
+        let artifact = artifact_header(&response);
         let list: ModelList = response
             .json()
             .await
             .map_err(|e| UpstreamError::Protocol(format!("/v1/models: {e}")))?;
-        list.data
+        let card = list
+            .data
             .into_iter()
             .next()
-            .ok_or_else(|| UpstreamError::Protocol("/v1/models lists no model".into()))
+            .ok_or_else(|| UpstreamError::Protocol("/v1/models lists no model".into()))?;
+        Ok((card, artifact))
     }
 
     /// Starts a streamed generation (`request` must ask to stream).
@@ -167,11 +173,7 @@ impl Upstream {
         let endpoint = request.endpoint();
         let url = format!("{}{}", self.base, endpoint.path());
         let response = self.send(self.http.post(url).json(request)).await?;
-        let artifact = response
-            .headers()
-            .get(ee_api::ARTIFACT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let artifact = artifact_header(&response);
         Ok(ServerStream {
             endpoint,
             artifact,
@@ -179,6 +181,18 @@ impl Upstream {
             events: EventBuffer::default(),
         })
     }
+}
+
+/// How long `/v1/models` may take.
+pub const MODEL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The artifact a response names ([`ee_api::ARTIFACT_HEADER`]).
+fn artifact_header(response: &reqwest::Response) -> Option<String> {
+    response
+        .headers()
+        .get(ee_api::ARTIFACT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 /// reqwest's errors say little at the top level ("error sending request");

@@ -234,6 +234,16 @@ pub struct ErrorEnvelope {
     pub error: ErrorBody,
 }
 
+/// A client's value as an error message quotes it: its JSON, cut to 80
+/// characters, so a huge value is not sent back whole.
+pub fn shown(value: &serde_json::Value) -> String {
+    let text = value.to_string();
+    match text.char_indices().nth(80) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
+    }
+}
+
 /// OpenAI request fields that clients and frameworks send by default and
 /// that change nothing at these values: `response_format` `{"type":
 /// "text"}`, `tool_choice` `"none"`, `parallel_tool_calls`, `store: false`,
@@ -278,6 +288,17 @@ pub fn inert_field(name: &str, value: &serde_json::Value) -> Option<Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inert_fields_are_accepted_at_inert_values_and_values_are_shown_short() {
+        use serde_json::json;
+        assert_eq!(inert_field("store", &json!(false)), Some(Ok(())));
+        assert!(matches!(inert_field("store", &json!(true)), Some(Err(_))));
+        assert_eq!(inert_field("tools", &json!([])), None);
+        let long = json!("x".repeat(500));
+        assert!(shown(&long).chars().count() <= 81);
+        assert_eq!(shown(&json!({"a": 1})), r#"{"a":1}"#);
+    }
 
     #[test]
     fn prompts_parse_as_tokens_batches_or_refusable_text() {

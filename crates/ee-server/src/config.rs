@@ -109,6 +109,12 @@ impl ServerConfig {
         if let Some(v) = env("EE_MODEL") {
             self.model = Some(v.into());
         }
+        if env("EE_MODEL_ID").is_some() {
+            return Err(ConfigError::Env(
+                "EE_MODEL_ID",
+                "renamed: set EE_SERVED_MODEL_NAMES (one name or several, comma-separated)".into(),
+            ));
+        }
         if let Some(v) = env("EE_SERVED_MODEL_NAMES") {
             self.served_model_names = list(v);
         }

@@ -35,19 +35,18 @@ use crate::validate::Limits;
 pub struct LoadedModel {
     pub scheduler: Scheduler,
     pub limits: Limits,
-    /// One card per served name; the first is the name responses carry.
+    /// One card per served name.
     pub cards: Vec<ModelCard>,
+    /// The name responses carry: the first served name.
+    pub name: String,
+    /// The artifact's fingerprint, as a header value.
+    pub artifact_header: HeaderValue,
 }
 
 impl LoadedModel {
     /// The card of a served name.
     pub fn card(&self, name: &str) -> Option<&ModelCard> {
         self.cards.iter().find(|c| c.id == name)
-    }
-
-    /// The name responses carry.
-    pub fn name(&self) -> &str {
-        &self.cards[0].id
     }
 }
 
@@ -82,10 +81,12 @@ pub type SharedState = Arc<AppState>;
 pub fn router(state: SharedState) -> Router {
     let protected = Router::new()
         .route("/v1/models", get(routes::models))
-        .route("/v1/models/{id}", get(routes::model))
+        .route("/v1/models/{*id}", get(routes::model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
         .route("/metrics", get(routes::metrics))
+        // Inner layer: only authenticated responses name the artifact.
+        .route_layer(middleware::from_fn_with_state(state.clone(), name_artifact))
         .route_layer(middleware::from_fn_with_state(state.clone(), authenticate));
     let mut app = Router::new()
         .route("/health", get(routes::health))
@@ -140,10 +141,18 @@ async fn observe(State(state): State<SharedState>, req: Request, next: Next) -> 
     if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
         response.headers_mut().insert("x-request-id", v);
     }
+    response
+}
+
+/// Names the artifact on every authenticated response once the model is
+/// loaded, so the key holder checks each answer (see
+/// [`ee_api::ARTIFACT_HEADER`]).
+async fn name_artifact(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let mut response = next.run(req).await;
     if let Some(loaded) = state.model.get() {
-        if let Ok(v) = HeaderValue::from_str(&loaded.cards[0].artifact_sha256) {
-            response.headers_mut().insert(ee_api::ARTIFACT_HEADER, v);
-        }
+        response
+            .headers_mut()
+            .insert(ee_api::ARTIFACT_HEADER, loaded.artifact_header.clone());
     }
     response
 }

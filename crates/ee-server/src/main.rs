@@ -61,6 +61,7 @@ async fn main() -> Result<()> {
         .model
         .clone()
         .context("no model: pass --model PATH (or set model in the config, or EE_MODEL)")?;
+    ee_api::check_origins(&config.cors_allowed_origins).map_err(anyhow::Error::msg)?;
     let api_keys = config.load_api_keys()?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -411,7 +411,7 @@ async fn generate(
             Endpoint::Completion => "cmpl",
         }),
         created: unix_now(),
-        model: loaded.name().to_owned(),
+        model: loaded.name.clone(),
         endpoint,
         prompt_tokens,
         want_logprobs: v.top_logprobs,

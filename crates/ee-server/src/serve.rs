@@ -59,7 +59,7 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     if names.is_empty() {
         names.push(c.model_name().to_owned());
     }
-    let cards = names
+    let cards: Vec<ModelCard> = names
         .iter()
         .map(|id| ModelCard {
             id: id.clone(),
@@ -79,10 +79,14 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
             step_token_budget: c.step_token_budget,
         },
     );
+    let artifact_header = axum::http::HeaderValue::from_str(&sha256)
+        .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
     let _ = state.model.set(LoadedModel {
         scheduler,
         limits,
         cards,
+        name: names[0].clone(),
+        artifact_header,
     });
     tracing::info!(secs = started.elapsed().as_secs_f64(), "model ready");
     Ok(())

@@ -232,7 +232,10 @@ fn refuse_unknown(
     if let Some(why) = why {
         return Err(ApiError::invalid(
             name,
-            format!("unsupported {name} {}: {why}", unknown[name]),
+            format!(
+                "unsupported {name} {}: {why}",
+                ee_core::wire::shown(&unknown[name])
+            ),
         ));
     }
     let why = match name.as_str() {

@@ -91,8 +91,12 @@ pub(crate) fn run(args: BenchProxyArgs) -> Result<()> {
             "vocab_size": manifest.vocab_size, "context_length": 8192}]});
         let sse = stub_body.clone();
         let sha = manifest.server_artifact.sha256.clone();
+        let card_sha = sha.clone();
         let stub = Router::new()
-            .route("/v1/models", get(move || async move { Json(card) }))
+            .route(
+                "/v1/models",
+                get(move || async move { ([(ee_api::ARTIFACT_HEADER, card_sha)], Json(card)) }),
+            )
             .route(
                 "/v1/chat/completions",
                 post(move || {

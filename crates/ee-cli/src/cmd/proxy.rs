@@ -86,6 +86,7 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
     if !args.listen.ip().is_loopback() {
         tracing::warn!(listen = %args.listen, "the proxy serves plaintext: anyone who can reach this address can read and send your conversations");
     }
+    ee_api::check_origins(&args.cors_allowed_origins).map_err(anyhow::Error::msg)?;
     let session = session(&args.bundle, args.chat_format, &args.server, args.api_key)?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         check_server(&session).await?;

@@ -116,7 +116,10 @@ pub fn translate(
         // forwarded; the server would accept them too.
         match ee_core::wire::inert_field(k, v) {
             Some(Ok(())) => {}
-            Some(Err(why)) => return Err(invalid(k, format!("unsupported {k} {v}: {why}"))),
+            Some(Err(why)) => {
+                let v = ee_core::wire::shown(v);
+                return Err(invalid(k, format!("unsupported {k} {v}: {why}")));
+            }
             None => return Err(invalid(k, format!("unsupported parameter: {k}"))),
         }
     }
