@@ -745,3 +745,64 @@ fn logs_to_a_file_are_plain_text_or_json_lines() {
         assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
     }
 }
+
+/// A half-sent request cannot keep the server alive after SIGTERM: it exits
+/// at the drain deadline, and at once on a second signal.
+#[test]
+fn shutdown_has_a_deadline_and_a_second_signal_forces_it() {
+    use std::io::Write;
+    let pair = encrypt_real_model(&KeySource::Identity);
+    for second_signal in [false, true] {
+        let mut server =
+            ServerProcess::start(&pair.server_artifact, &[("EE_SHUTDOWN_DRAIN_SECS", "3")]);
+        // Headers begun and never finished, and a long generation.
+        let mut stalled = std::net::TcpStream::connect(server.addr).unwrap();
+        stalled
+            .write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let addr = server.addr;
+        std::thread::spawn(move || {
+            let body =
+                json!({"prompt": [1, 2], "max_tokens": 4000, "ignore_eos": true}).to_string();
+            let _ = http_request(
+                addr,
+                "POST",
+                "/v1/completions",
+                &[("content-type", "application/json")],
+                body.as_bytes(),
+            );
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        let pid = server.child.id().to_string();
+        let kill = || {
+            assert!(std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success());
+        };
+        let started = Instant::now();
+        kill();
+        if second_signal {
+            std::thread::sleep(Duration::from_millis(300));
+            kill();
+        }
+        let limit = if second_signal {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(10)
+        };
+        loop {
+            if server.child.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "still running after {:?} (second signal: {second_signal})",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        drop(stalled);
+    }
+}

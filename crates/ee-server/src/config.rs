@@ -42,6 +42,9 @@ pub struct ServerConfig {
     /// Completion tokens when a request sets no `max_tokens`; 0 runs to
     /// the end of the context.
     pub default_max_tokens: usize,
+    /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C;
+    /// then, or at a second signal, the server exits anyway.
+    pub shutdown_drain_secs: u64,
     /// Serve a model that still carries what only a client may keep (a
     /// tokenizer, special-token IDs): a plaintext model, not an artifact.
     pub allow_plaintext: bool,
@@ -65,6 +68,7 @@ impl Default for ServerConfig {
             max_n: 16,
             max_logprobs: 20,
             default_max_tokens: 2048,
+            shutdown_drain_secs: 30,
             allow_plaintext: false,
         }
     }
@@ -140,6 +144,9 @@ impl ServerConfig {
         }
         if let Some(v) = env("EE_ALLOW_PLAINTEXT") {
             self.allow_plaintext = parse("EE_ALLOW_PLAINTEXT", &v)?;
+        }
+        if let Some(v) = env("EE_SHUTDOWN_DRAIN_SECS") {
+            self.shutdown_drain_secs = parse("EE_SHUTDOWN_DRAIN_SECS", &v)?;
         }
         if let Some(v) = env("EE_REQUEST_TIMEOUT_SECS") {
             self.request_timeout_secs = parse("EE_REQUEST_TIMEOUT_SECS", &v)?;

@@ -2,6 +2,7 @@
 //! of `ee_server` and `docs/protocol.md`.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -69,9 +70,23 @@ async fn main() -> Result<()> {
     tracing::info!(listen = %config.listen, auth = !api_keys.is_empty(), "listening; /health is 503 until the model is loaded");
     let state = AppState::new(config, api_keys);
 
-    let shutdown = async {
+    let drain = Duration::from_secs(state.config.shutdown_drain_secs);
+    let shutdown = async move {
         shutdown_signal().await;
-        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        tracing::info!(
+            drain_secs = drain.as_secs(),
+            "shutting down: no new connections, finishing in-flight requests"
+        );
+        // What is still running at the deadline, or at a second signal, is
+        // abandoned (as uvicorn and llama.cpp's server do), so a stalled
+        // client cannot keep the process alive.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = shutdown_signal() => tracing::warn!("second signal: exiting now"),
+                _ = tokio::time::sleep(drain) => tracing::warn!("drain deadline passed: exiting with requests in flight"),
+            }
+            std::process::exit(1);
+        });
     };
     serve(listener, state, model_path, shutdown).await?;
     Ok(())
