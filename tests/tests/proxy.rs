@@ -730,3 +730,55 @@ fn an_over_long_prompt_is_a_400_from_the_proxy() {
         "the over-long prompt reached the server"
     );
 }
+
+/// A frozen server (SIGSTOP) does not hold a request forever: past the
+/// proxy's event timeout a stream ends with an error event and a whole
+/// answer is a 504.
+#[test]
+fn a_frozen_server_times_out_at_the_proxy() {
+    let pair = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let proxy = ServerProcess::proxy_with(
+        &pair.bundle.dir,
+        &server.url(),
+        &["--event-timeout-secs", "2"],
+    );
+    let pid = server.child.id().to_string();
+    let signal = move |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    for stream in [true, false] {
+        let body = chat(
+            "Tell me a long story.",
+            json!({"max_tokens": 4000, "ignore_eos": true, "stream": stream}),
+        );
+        let freeze = std::thread::spawn({
+            let signal = signal.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                signal("-STOP");
+            }
+        });
+        let started = std::time::Instant::now();
+        let r = proxy.post_json("/v1/chat/completions", &body);
+        freeze.join().unwrap();
+        signal("-CONT");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
+        if stream {
+            assert_eq!(r.status, 200);
+            assert!(
+                r.body.contains("upstream_timeout"),
+                "{}",
+                &r.body[r.body.len().saturating_sub(400)..]
+            );
+        } else {
+            assert_eq!(r.status, 504, "{}", r.body);
+            assert_eq!(r.json()["error"]["code"], "upstream_timeout");
+        }
+    }
+}

@@ -106,6 +106,12 @@ impl ApiError {
         )
     }
 
+    /// 504: the proxy's upstream (the blind server) went silent.
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GATEWAY_TIMEOUT, "upstream_error", message)
+            .with_code("upstream_timeout")
+    }
+
     /// 502: the proxy's upstream (the blind server) failed it.
     pub fn bad_gateway(message: impl Into<String>, code: &'static str) -> Self {
         Self::new(StatusCode::BAD_GATEWAY, "upstream_error", message).with_code(code)

@@ -62,6 +62,28 @@ pub enum UpstreamError {
     },
     #[error("the blind server sent something unexpected: {0}")]
     Protocol(String),
+    /// The server sent nothing, not even a keep-alive, for too long.
+    #[error("the blind server sent nothing for {0} s (a frozen or overloaded server)")]
+    Timeout(u64),
+}
+
+/// How long the proxy waits on the blind server.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For the response's headers.
+    pub first_byte: Duration,
+    /// Between two pieces of a streamed answer. The server sends a
+    /// keep-alive every 15 s while it works, so this should exceed that.
+    pub between_events: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            first_byte: Duration::from_secs(60),
+            between_events: Duration::from_secs(60),
+        }
+    }
 }
 
 /// One choice's share of a streamed chunk, still encrypted.
@@ -77,11 +99,16 @@ pub struct Upstream {
     http: reqwest::Client,
     base: String,
     api_key: Option<String>,
+    timeouts: Timeouts,
 }
 
 impl Upstream {
     /// A client for the server at `base_url`, an `http` or `https` URL.
-    pub fn new(base_url: &str, api_key: Option<String>) -> Result<Self, UpstreamError> {
+    pub fn new(
+        base_url: &str,
+        api_key: Option<String>,
+        timeouts: Timeouts,
+    ) -> Result<Self, UpstreamError> {
         let scheme_ok = reqwest::Url::parse(base_url)
             .is_ok_and(|u| matches!(u.scheme(), "http" | "https") && u.has_host());
         if !scheme_ok {
@@ -99,6 +126,7 @@ impl Upstream {
             http,
             base: base_url.trim_end_matches('/').to_owned(),
             api_key,
+            timeouts,
         })
     }
 
@@ -117,14 +145,14 @@ impl Upstream {
         &self,
         builder: reqwest::RequestBuilder,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let response =
-            self.request(builder)
-                .send()
-                .await
-                .map_err(|e| UpstreamError::Unreachable {
-                    url: self.base.clone(),
-                    reason: error_chain(&e),
-                })?;
+        let limit = self.timeouts.first_byte;
+        let response = tokio::time::timeout(limit, self.request(builder).send())
+            .await
+            .map_err(|_| UpstreamError::Timeout(limit.as_secs()))?
+            .map_err(|e| UpstreamError::Unreachable {
+                url: self.base.clone(),
+                reason: error_chain(&e),
+            })?;
         if response.status().is_success() {
             return Ok(response);
         }
@@ -176,6 +204,7 @@ impl Upstream {
         let artifact = artifact_header(&response);
         Ok(ServerStream {
             endpoint,
+            between_events: self.timeouts.between_events,
             artifact,
             response,
             events: EventBuffer::default(),
@@ -212,6 +241,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// the server cancel the sequences at once.
 pub struct ServerStream {
     endpoint: Endpoint,
+    between_events: Duration,
     /// The artifact fingerprint the server named for this answer.
     pub artifact: Option<String>,
     response: reqwest::Response,
@@ -232,7 +262,11 @@ impl ServerStream {
                 }
                 return parse_chunk(self.endpoint, &data).map(Some);
             }
-            match self.response.chunk().await {
+            let limit = self.between_events;
+            let chunk = tokio::time::timeout(limit, self.response.chunk())
+                .await
+                .map_err(|_| UpstreamError::Timeout(limit.as_secs()))?;
+            match chunk {
                 Ok(Some(bytes)) => self.events.push(&bytes),
                 Ok(None) => {
                     return Err(UpstreamError::Protocol(
@@ -300,13 +334,13 @@ mod tests {
 
     #[test]
     fn a_server_address_without_a_scheme_says_how_to_write_it() {
-        let err = Upstream::new("127.0.0.1:8000", None)
+        let err = Upstream::new("127.0.0.1:8000", None, Timeouts::default())
             .err()
             .unwrap()
             .to_string();
         assert!(err.contains("http://127.0.0.1:8000"), "{err}");
-        assert!(Upstream::new("ftp://h", None).is_err());
-        assert!(Upstream::new("http://127.0.0.1:8000/", None).is_ok());
+        assert!(Upstream::new("ftp://h", None, Timeouts::default()).is_err());
+        assert!(Upstream::new("http://127.0.0.1:8000/", None, Timeouts::default()).is_ok());
     }
 
     #[test]

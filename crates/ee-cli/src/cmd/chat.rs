@@ -87,6 +87,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
         args.chat_format,
         &args.server,
         args.api_key.clone(),
+        Default::default(),
     )?;
     let mut history: Vec<ChatMessage> = args
         .system

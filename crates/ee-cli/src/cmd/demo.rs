@@ -170,7 +170,13 @@ async fn serve(
     bar.finish_and_clear();
 
     let server_url = format!("http://{server_addr}");
-    let session = super::proxy::session(&bundle, args.chat_format, &server_url, None)?;
+    let session = super::proxy::session(
+        &bundle,
+        args.chat_format,
+        &server_url,
+        None,
+        Default::default(),
+    )?;
     session
         .server_model()
         .await

@@ -11,7 +11,7 @@ use ee_client::keyholder::KeyHolder;
 use ee_client::proxy::router;
 use ee_client::session::{Session, SessionError};
 use ee_client::template::ChatFormat;
-use ee_client::upstream::Upstream;
+use ee_client::upstream::{Timeouts, Upstream};
 use tokio::net::TcpListener;
 
 #[derive(Args)]
@@ -36,6 +36,15 @@ pub(crate) struct ProxyArgs {
     /// `*` for any. None by default.
     #[arg(long, env = "EE_PROXY_CORS_ALLOWED_ORIGINS", value_delimiter = ',')]
     cors_allowed_origins: Vec<String>,
+    /// Seconds to wait for the blind server's response headers; past them
+    /// the client gets 504.
+    #[arg(long, env = "EE_PROXY_FIRST_BYTE_TIMEOUT_SECS", default_value_t = 60)]
+    first_byte_timeout_secs: u64,
+    /// Seconds the blind server may send nothing (not even the keep-alive
+    /// it sends every 15 s) in the middle of an answer; past them the
+    /// client gets 504, or an error event in a stream.
+    #[arg(long, env = "EE_PROXY_EVENT_TIMEOUT_SECS", default_value_t = 60)]
+    event_timeout_secs: u64,
 }
 
 /// The key holder plus a client for the server.
@@ -44,12 +53,13 @@ pub(crate) fn session(
     format: ChatFormat,
     server: &str,
     api_key: Option<String>,
+    timeouts: Timeouts,
 ) -> Result<Arc<Session>> {
     let keys = KeyHolder::load(bundle, format)
         .with_context(|| format!("loading bundle {}", bundle.display()))?;
     Ok(Arc::new(Session::new(
         keys,
-        Upstream::new(server, api_key)?,
+        Upstream::new(server, api_key, timeouts)?,
     )))
 }
 
@@ -87,7 +97,17 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
         tracing::warn!(listen = %args.listen, "the proxy serves plaintext: anyone who can reach this address can read and send your conversations");
     }
     ee_api::check_origins(&args.cors_allowed_origins).map_err(anyhow::Error::msg)?;
-    let session = session(&args.bundle, args.chat_format, &args.server, args.api_key)?;
+    let timeouts = Timeouts {
+        first_byte: std::time::Duration::from_secs(args.first_byte_timeout_secs),
+        between_events: std::time::Duration::from_secs(args.event_timeout_secs),
+    };
+    let session = session(
+        &args.bundle,
+        args.chat_format,
+        &args.server,
+        args.api_key,
+        timeouts,
+    )?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         check_server(&session).await?;
         let listener = TcpListener::bind(args.listen)

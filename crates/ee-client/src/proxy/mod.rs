@@ -98,6 +98,7 @@ impl From<SessionError> for ClientError {
                 ApiError::bad_gateway(message, "upstream_protocol_error")
             }
             SessionError::WrongServer { .. } => ApiError::bad_gateway(message, "artifact_mismatch"),
+            SessionError::Upstream(UpstreamError::Timeout(_)) => ApiError::gateway_timeout(message),
         })
     }
 }
