@@ -2,7 +2,7 @@
 //! this bundle's artifact, then runs generations whose plaintext never
 //! leaves this process. The proxy and `ee chat` both drive it.
 
-use ee_core::wire::{ModelCard, Usage};
+use ee_core::wire::{self, ModelCard, Usage};
 use tokio::sync::OnceCell;
 
 use crate::decode::{ChoiceDecoder, ChoiceDelta};
@@ -101,14 +101,9 @@ impl Session {
             };
             let mut e = crate::proxy::request::invalid(
                 param,
-                format!(
-                    "this model's maximum context length is {} tokens; the {param} alone has {} \
-                     and leaves no room for a completion",
-                    card.context_length,
-                    p.len()
-                ),
+                wire::prompt_fills_context(param, card.context_length, p.len()),
             );
-            e.code = Some("context_length_exceeded");
+            e.code = Some(wire::CONTEXT_LENGTH_EXCEEDED);
             return Err(SessionError::Request(e));
         }
         let stream = self.upstream.stream(&request.upstream).await?;

@@ -1,6 +1,7 @@
 //! Text ↔ plaintext token IDs: the Hugging Face tokenizer and an incremental,
 //! UTF-8-safe detokenizer for streaming.
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use tokenizers::Tokenizer;
@@ -12,17 +13,30 @@ pub struct TextCodec {
     tokenizer: Tokenizer,
     bos: Option<u32>,
     add_bos: bool,
+    /// Added tokens by ID: (text, special). The tokenizer builds this map
+    /// afresh on each request for it, and logprobs ask per token.
+    added: HashMap<u32, (String, bool)>,
 }
 
 impl TextCodec {
     pub fn from_file(path: &Path, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self {
+        Ok(Self::new(tokenizer, bos, add_bos))
+    }
+
+    fn new(tokenizer: Tokenizer, bos: Option<u32>, add_bos: bool) -> Self {
+        let added = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, (t.content, t.special)))
+            .collect();
+        Self {
             tokenizer,
             bos,
             add_bos,
-        })
+            added,
+        }
     }
 
     pub fn from_json(
@@ -33,11 +47,7 @@ impl TextCodec {
         let bytes = serde_json::to_vec(json).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let tokenizer =
             Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self {
-            tokenizer,
-            bos,
-            add_bos,
-        })
+        Ok(Self::new(tokenizer, bos, add_bos))
     }
 
     /// Tokenizes a rendered prompt. Special-token text (`<|im_start|>`) maps
@@ -69,8 +79,8 @@ impl TextCodec {
     /// GPT-2's byte↔character table (a lone piece of a multi-byte character
     /// is not valid UTF-8 on its own, so decoding it alone would lose it).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
-        if let Some(added) = self.tokenizer.get_added_tokens_decoder().get(&id) {
-            return added.content.clone().into_bytes();
+        if let Some((text, _)) = self.added.get(&id) {
+            return text.clone().into_bytes();
         }
         let Some(token) = self.tokenizer.id_to_token(id) else {
             return Vec::new();
@@ -84,10 +94,7 @@ impl TextCodec {
 
     /// Whether decoding drops this token (a special token).
     pub fn is_special(&self, id: u32) -> bool {
-        self.tokenizer
-            .get_added_tokens_decoder()
-            .get(&id)
-            .is_some_and(|t| t.special)
+        self.added.get(&id).is_some_and(|(_, special)| *special)
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -234,6 +234,19 @@ pub struct ErrorEnvelope {
     pub error: ErrorBody,
 }
 
+/// OpenAI's error `code` for a request that does not fit the context.
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "context_length_exceeded";
+
+/// The refusal of a prompt (`param`: `prompt` or `messages`) of
+/// `prompt_tokens` that alone fills a context of `context` tokens. The
+/// server and the proxy, which each check it, say the same.
+pub fn prompt_fills_context(param: &str, context: usize, prompt_tokens: usize) -> String {
+    format!(
+        "this model's maximum context length is {context} tokens; the {param} alone has \
+         {prompt_tokens} and leaves no room for a completion"
+    )
+}
+
 /// A client's value as an error message quotes it: its JSON, cut to 80
 /// characters, so a huge value is not sent back whole.
 pub fn shown(value: &serde_json::Value) -> String {

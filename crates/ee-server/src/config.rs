@@ -154,13 +154,6 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// The name responses carry: the first served name.
-    pub fn model_name(&self) -> &str {
-        self.served_model_names
-            .first()
-            .map_or("ee-model", String::as_str)
-    }
-
     /// Every accepted API key: the configured ones and the key file's lines.
     pub fn load_api_keys(&self) -> Result<Vec<String>, ConfigError> {
         let mut keys = self.api_keys.clone();

@@ -9,6 +9,7 @@ use ee_core::wire::ModelCard;
 use ee_engine::{ModelFiles, Scheduler, SchedulerConfig};
 use tokio::net::TcpListener;
 
+use crate::config::ServerConfig;
 use crate::validate::Limits;
 use crate::{router, LoadedModel, SharedState};
 
@@ -57,7 +58,8 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
     let created = ee_api::unix_now();
     let mut names = c.served_model_names.clone();
     if names.is_empty() {
-        names.push(c.model_name().to_owned());
+        // An empty list in the config still leaves the model a name.
+        names.push(ServerConfig::default().served_model_names[0].clone());
     }
     let cards: Vec<ModelCard> = names
         .iter()

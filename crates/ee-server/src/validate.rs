@@ -106,13 +106,9 @@ fn common(
         if p.len() >= context {
             return Err(ApiError::invalid(
                 prompt_param,
-                format!(
-                    "this model's maximum context length is {context} tokens; the {prompt_param} \
-                     alone has {} and leaves no room for a completion",
-                    p.len()
-                ),
+                ee_core::wire::prompt_fills_context(prompt_param, context, p.len()),
             )
-            .with_code("context_length_exceeded"));
+            .with_code(ee_core::wire::CONTEXT_LENGTH_EXCEEDED));
         }
         let room = context - p.len();
         let want = match requested {
@@ -126,7 +122,7 @@ fn common(
                         p.len()
                     ),
                 )
-                .with_code("context_length_exceeded"));
+                .with_code(ee_core::wire::CONTEXT_LENGTH_EXCEEDED));
             }
             Some((_, v)) => v as usize,
             None => limits.default_max_tokens.map_or(room, |d| d.min(room)),

@@ -44,6 +44,14 @@ pub enum StoredDType {
     BF16,
 }
 
+/// Little-endian values of `N` bytes each, read with `f`.
+fn words<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| f(c.try_into().expect("chunks of N bytes")))
+        .collect()
+}
+
 /// A tensor as stored: its bytes (borrowed from the map), type and shape.
 pub struct StoredTensor<'a> {
     /// The name in the file, for error messages.
@@ -71,12 +79,6 @@ impl StoredTensor<'_> {
 
     /// The values of a float tensor, in their stored type.
     fn float_weights(&self) -> Result<FloatWeights, Error> {
-        fn words<const N: usize, T>(bytes: &[u8], f: impl Fn([u8; N]) -> T) -> Vec<T> {
-            bytes
-                .chunks_exact(N)
-                .map(|c| f(c.try_into().expect("chunks of N bytes")))
-                .collect()
-        }
         Ok(match self.dtype {
             StoredDType::F32 => FloatWeights::F32(words(self.bytes, f32::from_le_bytes)),
             StoredDType::F16 => FloatWeights::F16(words(self.bytes, f16::from_le_bytes)),
@@ -103,15 +105,12 @@ impl StoredTensor<'_> {
 
     /// The tensor as f32 values (norm weights, the embedding table).
     pub fn to_f32(&self) -> Result<Tensor, Error> {
+        // Widened straight from the bytes: no copy in the stored type first.
         let values = match self.dtype {
             StoredDType::Ggml(t) => return Ok(self.qtensor(t)?.dequantize(&Device::Cpu)?),
-            StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 => {
-                match self.float_weights()? {
-                    FloatWeights::F32(v) => v,
-                    FloatWeights::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
-                    FloatWeights::BF16(v) => v.iter().map(|x| x.to_f32()).collect(),
-                }
-            }
+            StoredDType::F32 => words(self.bytes, f32::from_le_bytes),
+            StoredDType::F16 => words(self.bytes, |b| f16::from_le_bytes(b).to_f32()),
+            StoredDType::BF16 => words(self.bytes, |b| bf16::from_le_bytes(b).to_f32()),
         };
         Ok(Tensor::from_vec(
             values,
