@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use ee_core::gguf::names::hf_name;
 use ee_core::gguf::Value;
-use ee_core::vocab::GgufVocab;
+use ee_core::tokenizer::GgufVocab;
 use ee_engine::weights::gguf::GgufWeights;
 use ee_engine::LlamaConfig;
 use half::bf16;

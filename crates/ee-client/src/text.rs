@@ -1,42 +1,47 @@
-//! Text ↔ plaintext token IDs: the Hugging Face tokenizer and an incremental,
-//! UTF-8-safe detokenizer for streaming.
+//! Text ↔ plaintext token IDs: the Hugging Face tokenizer, llama.cpp's
+//! special-token partition in front of it, and an incremental, UTF-8-safe
+//! detokenizer for streaming.
 
 use std::collections::HashMap;
 use std::path::Path;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
 
 use crate::Error;
 
 /// A tokenizer plus the special-token rules of its model.
 pub struct TextCodec {
+    /// Never turns text into special tokens (`encode_special_tokens`): the
+    /// partition below is the only way one is made.
     tokenizer: Tokenizer,
     bos: Option<u32>,
     add_bos: bool,
     /// Added tokens by ID: (text, special). The tokenizer builds this map
     /// afresh on each request for it, and logprobs ask per token.
     added: HashMap<u32, (String, bool)>,
+    /// The special tokens' texts, found leftmost-longest (as Hugging Face's
+    /// added vocabulary matches them), with their IDs.
+    specials: Option<(AhoCorasick, Vec<u32>)>,
+    bytes: PieceBytes,
+}
+
+/// How a vocabulary piece spells bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PieceBytes {
+    /// GPT-2's byte-to-character table (byte-level BPE).
+    ByteLevel,
+    /// SentencePiece: `▁` is a space and `<0xNN>` is byte NN.
+    SentencePiece,
+    /// The piece's own UTF-8.
+    Plain,
 }
 
 impl TextCodec {
     pub fn from_file(path: &Path, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
         let tokenizer = Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
-        Ok(Self::new(tokenizer, bos, add_bos))
-    }
-
-    fn new(tokenizer: Tokenizer, bos: Option<u32>, add_bos: bool) -> Self {
-        let added = tokenizer
-            .get_added_tokens_decoder()
-            .into_iter()
-            .map(|(id, t)| (id, (t.content, t.special)))
-            .collect();
-        Self {
-            tokenizer,
-            bos,
-            add_bos,
-            added,
-        }
+        Self::new(tokenizer, bos, add_bos)
     }
 
     pub fn from_json(
@@ -47,18 +52,72 @@ impl TextCodec {
         let bytes = serde_json::to_vec(json).map_err(|e| Error::Tokenizer(e.to_string()))?;
         let tokenizer =
             Tokenizer::from_bytes(bytes).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self::new(tokenizer, bos, add_bos))
+        Self::new(tokenizer, bos, add_bos)
     }
 
-    /// Tokenizes a rendered prompt. Special-token text (`<|im_start|>`) maps
-    /// to its ID; BOS is prepended when the model asks for it and the text
-    /// does not already start with it.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+    fn new(mut tokenizer: Tokenizer, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
+        tokenizer.set_encode_special_tokens(true);
+        let added: HashMap<u32, (String, bool)> = tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .map(|(id, t)| (id, (t.content, t.special)))
+            .collect();
+        let (texts, ids): (Vec<&str>, Vec<u32>) = added
+            .iter()
+            .filter(|(_, (text, special))| *special && !text.is_empty())
+            .map(|(&id, (text, _))| (text.as_str(), id))
+            .unzip();
+        let specials = if ids.is_empty() {
+            None
+        } else {
+            let matcher = AhoCorasick::builder()
+                .match_kind(MatchKind::LeftmostLongest)
+                .build(&texts)
+                .map_err(|e| Error::Tokenizer(e.to_string()))?;
+            Some((matcher, ids))
+        };
+        let bytes = piece_bytes(&tokenizer);
+        Ok(Self {
+            tokenizer,
+            bos,
+            add_bos,
+            added,
+            specials,
+            bytes,
+        })
+    }
+
+    /// Tokenizes plain text: special-token text (`<|im_end|>`) is text like
+    /// any other, and no BOS is added. Message contents go through here.
+    pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
         let enc = self
             .tokenizer
             .encode(text, false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        let mut ids = enc.get_ids().to_vec();
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Tokenizes a whole prompt whose special-token text is meant as control
+    /// tokens (a rendered chat template, a raw completion prompt): the text
+    /// is cut at special tokens first, as llama.cpp's
+    /// `tokenizer_st_partition` does, and each piece between them tokenized
+    /// as plain text. BOS is prepended when the model asks for it and the
+    /// prompt does not already start with it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        let mut ids = Vec::new();
+        let mut at = 0;
+        if let Some((matcher, special_ids)) = &self.specials {
+            for m in matcher.find_iter(text) {
+                if m.start() > at {
+                    ids.extend(self.encode_text(&text[at..m.start()])?);
+                }
+                ids.push(special_ids[m.pattern().as_usize()]);
+                at = m.end();
+            }
+        }
+        if at < text.len() || text.is_empty() {
+            ids.extend(self.encode_text(&text[at..])?);
+        }
         if let (true, Some(bos)) = (self.add_bos, self.bos) {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
@@ -75,21 +134,22 @@ impl TextCodec {
     }
 
     /// The bytes one token stands for, as OpenAI's logprobs report them:
-    /// a special token is its text; a byte-level BPE token maps back through
-    /// GPT-2's byte↔character table (a lone piece of a multi-byte character
+    /// a special token is its text; otherwise the piece read by the
+    /// vocabulary's own byte spelling (a lone piece of a multi-byte character
     /// is not valid UTF-8 on its own, so decoding it alone would lose it).
     pub fn token_bytes(&self, id: u32) -> Vec<u8> {
         if let Some((text, _)) = self.added.get(&id) {
             return text.clone().into_bytes();
         }
-        let Some(token) = self.tokenizer.id_to_token(id) else {
+        let Some(piece) = self.tokenizer.id_to_token(id) else {
             return Vec::new();
         };
-        token
-            .chars()
-            .map(byte_level_byte)
-            .collect::<Option<Vec<u8>>>()
-            .unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes())
+        let spelled = match self.bytes {
+            PieceBytes::ByteLevel => piece.chars().map(byte_level_byte).collect(),
+            PieceBytes::SentencePiece => Some(sentencepiece_bytes(&piece)),
+            PieceBytes::Plain => None,
+        };
+        spelled.unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes())
     }
 
     /// Whether decoding drops this token (a special token).
@@ -109,6 +169,31 @@ impl TextCodec {
             read_offset: 0,
         }
     }
+}
+
+/// Which byte spelling the tokenizer's decoder uses.
+fn piece_bytes(tokenizer: &Tokenizer) -> PieceBytes {
+    let json = serde_json::to_value(tokenizer.get_decoder()).unwrap_or_default();
+    let text = json.to_string();
+    if text.contains("\"ByteLevel\"") {
+        PieceBytes::ByteLevel
+    } else if text.contains("\"ByteFallback\"") || text.contains("\"Metaspace\"") {
+        PieceBytes::SentencePiece
+    } else {
+        PieceBytes::Plain
+    }
+}
+
+/// A SentencePiece piece's bytes: `<0xNN>` is one byte, `▁` a space.
+fn sentencepiece_bytes(piece: &str) -> Vec<u8> {
+    let hex = piece
+        .strip_prefix("<0x")
+        .and_then(|p| p.strip_suffix('>'))
+        .filter(|h| h.len() == 2);
+    if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+        return vec![b];
+    }
+    piece.replace('\u{2581}', " ").into_bytes()
 }
 
 /// GPT-2's byte-level alphabet, inverted: printable bytes stand for

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::key::write_private_atomically;
-use crate::vocab::GgufVocab;
+use crate::tokenizer::GgufVocab;
 use crate::{Error, Key};
 
 pub const BUNDLE_FORMAT: &str = "ee-bundle/1";

@@ -5,8 +5,9 @@
 //!   tensor names) and [`safetensors`] (Hugging Face checkpoints);
 //! - [`transform`], which writes the server artifact (vocabulary rows
 //!   permuted, tokenizer gone);
-//! - [`vocab`]: the tokenizer metadata of a GGUF, which only the client may
-//!   keep, and its Hugging Face `tokenizer.json` form; [`hf_text`]: the
+//! - [`tokenizer`]: the tokenizer metadata of a GGUF, which only the client
+//!   may keep, and its Hugging Face `tokenizer.json` form, one module per
+//!   tokenizer kind; [`hf_text`]: the
 //!   tokenizer files of a Hugging Face checkpoint;
 //! - [`bundle`]: the client bundle format;
 //! - [`wire`]: the request/response types server and client share.
@@ -22,7 +23,7 @@ pub mod perm;
 pub mod rng;
 pub mod safetensors;
 pub mod transform;
-pub mod vocab;
+pub mod tokenizer;
 pub mod wire;
 
 pub use bundle::{BundleManifest, ClientBundle};

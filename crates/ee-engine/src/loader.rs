@@ -10,7 +10,7 @@ use ee_core::hf_text::{
 use ee_core::safetensors::{
     directory_fingerprint, file_name, CheckpointFiles, CONFIG_FILE, SERVER_CONFIG_KEYS,
 };
-use ee_core::vocab::TOKENIZER_KEY_PREFIX;
+use ee_core::tokenizer::TOKENIZER_KEY_PREFIX;
 
 use crate::config::LlamaConfig;
 use crate::linear::LoadOptions;

@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 
 use super::{permute_rows, TransformReport};
 use crate::gguf::{GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
-use crate::vocab::TOKENIZER_KEY_PREFIX;
+use crate::tokenizer::TOKENIZER_KEY_PREFIX;
 use crate::{Error, Permutation};
 
 /// The number of token rows in the embedding: the vocabulary the key covers.

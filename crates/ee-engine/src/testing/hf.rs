@@ -12,7 +12,7 @@ use rand_core::SeedableRng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
-use ee_core::vocab::GgufVocab;
+use ee_core::tokenizer::GgufVocab;
 
 use super::{random_tensor, tiny_vocab, TinySpec, TINY_CHAT_TEMPLATE};
 use crate::Error;
@@ -183,6 +183,7 @@ fn write_tokenizer_files(dir: &Path) -> Result<(), Error> {
         pre: Some("smollm".into()),
         token_types: token_types.into_iter().map(i64::from).collect(),
         tokens,
+        scores: Vec::new(),
         merges,
         bos_token_id: Some(1),
         eos_token_id: Some(2),
@@ -190,6 +191,7 @@ fn write_tokenizer_files(dir: &Path) -> Result<(), Error> {
         unk_token_id: None,
         add_bos_token: false,
         add_eos_token: false,
+        add_space_prefix: false,
         chat_template: Some(TINY_CHAT_TEMPLATE.into()),
     };
     let write = |name: &str, v: serde_json::Value| {

@@ -1,6 +1,17 @@
 //! The tokenizer side of a GGUF file: what the client needs and the server
 //! must never see. Builds a Hugging Face `tokenizer.json` from the GGUF
-//! `tokenizer.ggml.*` metadata.
+//! `tokenizer.ggml.*` metadata, one module per tokenizer kind, as llama.cpp
+//! reads them (`src/llama-vocab.cpp`) and mistral.rs converts them
+//! (`gguf_tokenizer.rs`):
+//!
+//! - [`bpe`]: `gpt2`, byte-level BPE with a pre-tokenizer per model family;
+//! - [`spm`]: `llama`, SentencePiece BPE with scores and byte fallback.
+//!
+//! Control tokens become the tokenizer's *special* added tokens, so that
+//! message text can be tokenized with special-token parsing off.
+
+pub mod bpe;
+pub mod spm;
 
 use serde_json::{json, Map, Value as Json};
 
@@ -8,8 +19,10 @@ use crate::gguf::{GgufHeader, Value};
 use crate::Error;
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
-const TOKEN_TYPE_CONTROL: i64 = 3;
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+pub const TOKEN_TYPE_NORMAL: i64 = 1;
+pub const TOKEN_TYPE_UNKNOWN: i64 = 2;
+pub const TOKEN_TYPE_CONTROL: i64 = 3;
+pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Every GGUF metadata key that belongs to the tokenizer starts with this.
 pub const TOKENIZER_KEY_PREFIX: &str = "tokenizer.";
@@ -23,6 +36,8 @@ pub struct GgufVocab {
     pub pre: Option<String>,
     pub tokens: Vec<String>,
     pub token_types: Vec<i64>,
+    /// `tokenizer.ggml.scores`: SentencePiece piece scores (merge priority).
+    pub scores: Vec<f32>,
     pub merges: Vec<String>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
@@ -30,6 +45,9 @@ pub struct GgufVocab {
     pub unk_token_id: Option<u32>,
     pub add_bos_token: bool,
     pub add_eos_token: bool,
+    /// `tokenizer.ggml.add_space_prefix`: SentencePiece's dummy prefix, a
+    /// space before the text (llama.cpp's default for `llama` is on).
+    pub add_space_prefix: bool,
     pub chat_template: Option<String>,
 }
 
@@ -69,7 +87,7 @@ impl GgufVocab {
             ));
         }
         let token_types = match h.get("tokenizer.ggml.token_type") {
-            None => vec![1; tokens.len()],
+            None => vec![TOKEN_TYPE_NORMAL; tokens.len()],
             Some(v) => v
                 .as_array()
                 .ok_or_else(|| {
@@ -90,6 +108,22 @@ impl GgufVocab {
                 "token_type and tokens differ in length".into(),
             ));
         }
+        let scores: Vec<f32> = match h.get("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(v) => v
+                .as_array()
+                .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.scores is not an array".into()))?
+                .iter()
+                .map(|x| {
+                    x.as_f64()
+                        .map(|f| f as f32)
+                        .ok_or_else(|| Error::Tokenizer("bad token score".into()))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        if !scores.is_empty() && scores.len() != tokens.len() {
+            return Err(Error::Tokenizer("scores and tokens differ in length".into()));
+        }
         let vocab = Self {
             model,
             pre: h
@@ -103,12 +137,14 @@ impl GgufVocab {
             unk_token_id: id("tokenizer.ggml.unknown_token_id"),
             add_bos_token: flag("tokenizer.ggml.add_bos_token", false),
             add_eos_token: flag("tokenizer.ggml.add_eos_token", false),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
             chat_template: h
                 .get("tokenizer.chat_template")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             tokens,
             token_types,
+            scores,
         };
         for special in [
             vocab.bos_token_id,
@@ -141,23 +177,48 @@ impl GgufVocab {
     }
 
     /// The Hugging Face `tokenizer.json` equivalent of this vocabulary.
+    ///
+    /// # Errors
+    /// A tokenizer kind or pre-tokenizer we do not implement is refused,
+    /// named: a near miss would silently change every prompt's token IDs.
     pub fn to_hf_tokenizer_json(&self) -> Result<Json, Error> {
-        if self.model != "gpt2" {
-            return Err(Error::Tokenizer(format!(
-                "tokenizer model {:?} is not supported yet (supported: gpt2 byte-level BPE)",
-                self.model
-            )));
+        match self.model.as_str() {
+            "gpt2" => bpe::tokenizer_json(self),
+            "llama" => spm::tokenizer_json(self),
+            other => Err(Error::Tokenizer(format!(
+                "tokenizer model {other:?} is not supported (supported: \
+                 gpt2, byte-level BPE; llama, SentencePiece)"
+            ))),
         }
-        let pre_tokenizer = byte_level_pre_tokenizer(self.pre.as_deref().unwrap_or("default"))?;
+    }
+
+    /// Token text → ID, for the model's `vocab` map.
+    fn vocab_map(&self) -> Map<String, Json> {
         let mut vocab = Map::with_capacity(self.tokens.len());
         for (i, t) in self.tokens.iter().enumerate() {
-            vocab.insert(t.clone(), json!(i));
+            // A duplicate piece keeps its first ID, as llama.cpp's
+            // `text_to_token` does.
+            vocab.entry(t.clone()).or_insert_with(|| json!(i));
         }
-        let added_tokens: Vec<Json> = self
-            .token_types
+        vocab
+    }
+
+    /// Control, unknown and user-defined tokens as Hugging Face added tokens.
+    /// Control and unknown tokens are `special`, as llama.cpp's
+    /// `parse_special` treats them: with special-token parsing off they are
+    /// text.
+    /// They match the raw text (`normalized: false`), as llama.cpp's
+    /// special-token partition does.
+    fn added_tokens(&self) -> Vec<Json> {
+        self.token_types
             .iter()
             .enumerate()
-            .filter(|(_, &ty)| ty == TOKEN_TYPE_CONTROL || ty == TOKEN_TYPE_USER_DEFINED)
+            .filter(|(_, &ty)| {
+                matches!(
+                    ty,
+                    TOKEN_TYPE_UNKNOWN | TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED
+                )
+            })
             .map(|(i, &ty)| {
                 json!({
                     "id": i,
@@ -165,71 +226,12 @@ impl GgufVocab {
                     "single_word": false,
                     "lstrip": false,
                     "rstrip": false,
-                    "normalized": ty == TOKEN_TYPE_USER_DEFINED,
-                    "special": ty == TOKEN_TYPE_CONTROL,
+                    "normalized": false,
+                    "special": ty != TOKEN_TYPE_USER_DEFINED,
                 })
             })
-            .collect();
-        Ok(json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added_tokens,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                // Byte-level BPE covers every byte, so it never needs <unk>.
-                "unk_token": null,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": false,
-                "byte_fallback": false,
-                "ignore_merges": false,
-                "vocab": vocab,
-                "merges": self.merges,
-            }
-        }))
+            .collect()
     }
-}
-
-/// The pre-tokenizer llama.cpp applies for a given `tokenizer.ggml.pre`,
-/// expressed in Hugging Face terms. Unknown kinds are refused: a wrong split
-/// would silently change every prompt's token IDs.
-fn byte_level_pre_tokenizer(pre: &str) -> Result<Json, Error> {
-    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
-    let split = |regex: &str| json!({"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": false});
-    Ok(match pre {
-        // GPT-2's own regex, which ByteLevel applies when use_regex is set.
-        "default" | "gpt-2" | "gpt2" => byte_level(true),
-        // SmolLM / StarCoder: every digit alone, then the GPT-2 regex.
-        "smollm" | "starcoder" | "refact" => json!({
-            "type": "Sequence",
-            "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]
-        }),
-        "llama3" | "llama-bpe" | "llama-v3" => json!({
-            "type": "Sequence",
-            "pretokenizers": [
-                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-                byte_level(false)
-            ]
-        }),
-        "qwen2" => json!({
-            "type": "Sequence",
-            "pretokenizers": [
-                split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
-                byte_level(false)
-            ]
-        }),
-        other => {
-            return Err(Error::Tokenizer(format!(
-                "pre-tokenizer {other:?} is not supported (supported: default, gpt2, smollm, starcoder, llama3, qwen2)"
-            )))
-        }
-    })
 }
 
 #[cfg(test)]
@@ -275,7 +277,11 @@ mod tests {
         assert_eq!(j["added_tokens"][0]["content"], "<s>");
         assert_eq!(j["added_tokens"][0]["special"], true);
         assert_eq!(j["model"]["vocab"]["ab"], 3);
-        assert_eq!(j["pre_tokenizer"]["pretokenizers"][0]["type"], "Digits");
+        // SmolLM splits every digit alone before GPT-2's split.
+        let steps = &j["pre_tokenizer"]["pretokenizers"];
+        assert_eq!(steps[0]["pattern"]["Regex"], r"\p{N}");
+        assert_eq!(steps[1]["pattern"]["Regex"], bpe::GPT2);
+        assert_eq!(steps[2]["type"], "ByteLevel");
     }
 
     #[test]
@@ -288,10 +294,18 @@ mod tests {
         };
         let mut m = base();
         m.push(("tokenizer.ggml.pre", Value::String("mystery".into())));
-        assert!(GgufVocab::from_header(&header(m))
+        let err = GgufVocab::from_header(&header(m))
             .unwrap()
             .to_hf_tokenizer_json()
-            .is_err());
+            .unwrap_err();
+        assert!(err.to_string().contains("\"mystery\""), "{err}");
+        let mut m = base();
+        m[0].1 = Value::String("bert".into());
+        let err = GgufVocab::from_header(&header(m))
+            .unwrap()
+            .to_hf_tokenizer_json()
+            .unwrap_err();
+        assert!(err.to_string().contains("\"bert\""), "{err}");
         let mut m = base();
         m.push(("tokenizer.ggml.eos_token_id", Value::U32(5)));
         assert!(GgufVocab::from_header(&header(m)).is_err());
