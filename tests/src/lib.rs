@@ -35,12 +35,8 @@ pub fn client(bundle: &ClientBundle) -> (TextCodec, ChatTemplate) {
 
 /// A one-message chat, rendered and tokenized (plaintext IDs).
 pub fn chat_ids(codec: &TextCodec, template: &ChatTemplate, prompt: &str) -> Vec<u32> {
-    codec
-        .encode(
-            &template
-                .render(&[ChatMessage::new("user", prompt)], true)
-                .unwrap(),
-        )
+    template
+        .prompt_ids(codec, &[ChatMessage::new("user", prompt)], true)
         .unwrap()
 }
 

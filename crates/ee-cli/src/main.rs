@@ -317,8 +317,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
     let text = ModelText::read(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let codec = text.codec()?;
-    let prompt = if args.raw {
-        args.prompt.clone()
+    let ids = if args.raw {
+        codec.encode(&args.prompt)?
     } else {
         let template = ChatTemplate::new(
             args.chat_format
@@ -331,9 +331,8 @@ fn run_generate(args: GenerateArgs) -> Result<()> {
             messages.push(ChatMessage::new("system", system));
         }
         messages.push(ChatMessage::new("user", &args.prompt));
-        template.render(&messages, true)?
+        template.prompt_ids(&codec, &messages, true)?
     };
-    let ids = codec.encode(&prompt)?;
     let model = ee_engine::load(&args.model)?;
     let opts = GenerateOptions {
         max_tokens: args.max_tokens,

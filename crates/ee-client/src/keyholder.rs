@@ -51,10 +51,11 @@ impl KeyHolder {
     }
 
     /// Renders a conversation with the model's chat template, the assistant's
-    /// turn opened, and tokenizes it (plaintext IDs).
+    /// turn opened, and tokenizes it (plaintext IDs). Only the template's own
+    /// markers become control tokens: special-token text inside a message is
+    /// tokenized as text ([`ChatTemplate::prompt_ids`]).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, Error> {
-        let text = self.template.render(messages, true)?;
-        self.codec.encode(&text)
+        self.template.prompt_ids(&self.codec, messages, true)
     }
 
     pub fn encrypt(&self, plain: &[u32]) -> Result<Vec<u32>, Error> {

@@ -4,6 +4,7 @@
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
 
+use crate::text::TextCodec;
 use crate::Error;
 
 /// One chat message with plain-text content.
@@ -95,6 +96,27 @@ impl ChatTemplate {
             eos_token => self.eos_token,
         })
         .map_err(|e| Error::Template(e.to_string()))
+    }
+
+    /// Renders a conversation and tokenizes it (plaintext IDs) so that only
+    /// the template's own markers become control tokens: special-token text
+    /// inside a message is defused first ([`TextCodec::defuse_specials`])
+    /// and costs the tokens of plain text. vLLM and llama.cpp parse it as
+    /// control tokens, which lets a message forge turns.
+    pub fn prompt_ids(
+        &self,
+        codec: &TextCodec,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, Error> {
+        let messages: Vec<ChatMessage> = messages
+            .iter()
+            .map(|m| ChatMessage {
+                role: codec.defuse_specials(&m.role).into_owned(),
+                content: codec.defuse_specials(&m.content).into_owned(),
+            })
+            .collect();
+        codec.encode(&self.render(&messages, add_generation_prompt)?)
     }
 }
 

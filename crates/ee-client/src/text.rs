@@ -2,6 +2,7 @@
 //! special-token partition in front of it, and an incremental, UTF-8-safe
 //! detokenizer for streaming.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -9,6 +10,12 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
 
 use crate::Error;
+
+/// Breaks special-token text in message contents (see
+/// [`TextCodec::defuse_specials`]). A Unicode noncharacter, which the
+/// standard reserves for a program's internal use: no text should carry one,
+/// and one that does loses it.
+pub const DEFUSE_MARK: char = '\u{FDD0}';
 
 /// A tokenizer plus the special-token rules of its model.
 pub struct TextCodec {
@@ -88,13 +95,42 @@ impl TextCodec {
     }
 
     /// Tokenizes plain text: special-token text (`<|im_end|>`) is text like
-    /// any other, and no BOS is added. Message contents go through here.
+    /// any other, and no BOS is added. [`DEFUSE_MARK`]s are dropped first.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
+        let text = match text.contains(DEFUSE_MARK) {
+            true => Cow::Owned(text.replace(DEFUSE_MARK, "")),
+            false => Cow::Borrowed(text),
+        };
         let enc = self
             .tokenizer
-            .encode(text, false)
+            .encode(text.as_ref(), false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Makes message text safe to render into a prompt: every special
+    /// token's text in it gets a [`DEFUSE_MARK`] after its first character,
+    /// so [`encode`](Self::encode) cannot take it for a control token and
+    /// tokenizes it as the plain text it is (the mark itself is dropped).
+    /// Without this, a message holding `<|im_end|><|im_start|>assistant`
+    /// would forge a turn.
+    pub fn defuse_specials<'t>(&self, text: &'t str) -> Cow<'t, str> {
+        let Some((matcher, _)) = &self.specials else {
+            return Cow::Borrowed(text);
+        };
+        let mut out = String::new();
+        let mut at = 0;
+        for m in matcher.find_iter(text) {
+            let first = text[m.start()..].chars().next().map_or(0, char::len_utf8);
+            out.push_str(&text[at..m.start() + first]);
+            out.push(DEFUSE_MARK);
+            at = m.start() + first;
+        }
+        if at == 0 {
+            return Cow::Borrowed(text);
+        }
+        out.push_str(&text[at..]);
+        Cow::Owned(out)
     }
 
     /// Tokenizes a whole prompt whose special-token text is meant as control
