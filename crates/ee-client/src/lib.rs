@@ -27,6 +27,10 @@ pub enum Error {
     Tokenizer(String),
     #[error("chat template error: {0}")]
     Template(String),
+    /// The template refused the conversation with `raise_exception`; the
+    /// message is the template's own, as transformers reports it.
+    #[error("{0}")]
+    TemplateRaised(String),
     #[error("model fetch failed: {0}")]
     Fetch(String),
     #[error("model error: {0}")]

@@ -1,10 +1,15 @@
-//! Chat templates: the Jinja template shipped in the GGUF, rendered with
-//! minijinja and Python-compatible string methods, as transformers does.
+//! Chat templates: the Jinja template a model ships, rendered with
+//! minijinja so that the text is byte-identical to transformers'
+//! `apply_chat_template` (proven against Python's jinja2 on llama.cpp's
+//! collection of real templates).
 
 use minijinja::{Environment, Error as JinjaError, ErrorKind};
 use serde::Serialize;
+use serde_json::{Map, Value as Json};
 
 use crate::text::TextCodec;
+
+mod python;
 use crate::Error;
 
 /// One chat message with plain-text content.
@@ -21,6 +26,37 @@ impl ChatMessage {
             content: content.into(),
         }
     }
+
+    fn to_json(&self) -> Json {
+        serde_json::json!({"role": self.role, "content": self.content})
+    }
+}
+
+/// The detail of the error `raise_exception` returns, which marks it.
+const RAISED: &str = "the chat template raised an exception";
+
+/// The message a template passed to `raise_exception`.
+#[derive(Debug)]
+struct Raised(String);
+
+impl std::fmt::Display for Raised {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Raised {}
+
+/// The template's own message, if `e` comes from `raise_exception`.
+fn raised_message(e: &JinjaError) -> Option<String> {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(Raised(msg)) = s.downcast_ref::<Raised>() {
+            return Some(msg.clone());
+        }
+        source = s.source();
+    }
+    None
 }
 
 /// How a conversation becomes a prompt.
@@ -55,20 +91,53 @@ pub struct ChatTemplate {
 /// Used when a model ships no template: ChatML, the most common format.
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
+/// What a template renders: the variables transformers'
+/// `apply_chat_template` passes. Messages and tools are JSON as the OpenAI
+/// API carries them (`role`, `content`, `tool_calls`, `tool_call_id`, ...).
+#[derive(Debug, Clone, Default)]
+pub struct ChatInput {
+    pub messages: Vec<Json>,
+    /// OpenAI `tools`: `[{"type": "function", "function": {...}}]`.
+    pub tools: Option<Json>,
+    /// Retrieval documents, for templates that take them (Command R).
+    pub documents: Option<Json>,
+    pub add_generation_prompt: bool,
+    /// More template variables (`chat_template_kwargs`, e.g.
+    /// `enable_thinking`); they never override the ones above.
+    pub extra: Map<String, Json>,
+}
+
 impl ChatTemplate {
+    /// Compiles `source` in a Jinja environment set up as transformers'
+    /// (`trim_blocks`, `lstrip_blocks`, loop controls, Python's string and
+    /// dict methods, `raise_exception`, `strftime_now`, and a `tojson` that
+    /// writes what Python's `json.dumps` writes).
+    ///
+    /// # Errors
+    /// A template that does not compile, with minijinja's message.
     pub fn new(
         source: &str,
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<Self, Error> {
         let mut env = Environment::new();
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function(
             "raise_exception",
             |msg: String| -> Result<String, JinjaError> {
-                Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+                Err(JinjaError::new(ErrorKind::InvalidOperation, RAISED).with_source(Raised(msg)))
             },
         );
+        env.add_function("strftime_now", |format: String| {
+            chrono::Local::now().format(&format).to_string()
+        });
+        env.add_filter("tojson", python::tojson);
+        env.add_filter("length", python::length);
+        env.add_filter("count", python::length);
+        env.add_filter("string", python::string);
+        env.set_formatter(python::format);
         env.add_template_owned("chat", source.to_owned())
             .map_err(|e| Error::Template(e.to_string()))?;
         Ok(Self {
@@ -78,24 +147,47 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders a conversation, ending with the assistant's turn opened when
-    /// `add_generation_prompt` is set.
+    /// Renders a conversation of plain messages, ending with the
+    /// assistant's turn opened when `add_generation_prompt` is set.
     pub fn render(
         &self,
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, Error> {
+        self.render_input(&ChatInput {
+            messages: messages.iter().map(ChatMessage::to_json).collect(),
+            add_generation_prompt,
+            ..ChatInput::default()
+        })
+    }
+
+    /// Renders `input` as transformers' `apply_chat_template(tokenize=False)`
+    /// does.
+    ///
+    /// # Errors
+    /// [`Error::TemplateRaised`] with the template's own message where it
+    /// calls `raise_exception` (a conversation it refuses, such as a system
+    /// message out of place); [`Error::Template`] for other failures.
+    pub fn render_input(&self, input: &ChatInput) -> Result<String, Error> {
         let tmpl = self
             .env
             .get_template("chat")
             .map_err(|e| Error::Template(e.to_string()))?;
-        tmpl.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token,
-            eos_token => self.eos_token,
-        })
-        .map_err(|e| Error::Template(e.to_string()))
+        let mut ctx: Map<String, Json> = input.extra.clone();
+        ctx.insert("messages".into(), Json::Array(input.messages.clone()));
+        ctx.insert("add_generation_prompt".into(), input.add_generation_prompt.into());
+        ctx.insert("bos_token".into(), self.bos_token.clone().into());
+        ctx.insert("eos_token".into(), self.eos_token.clone().into());
+        for (key, value) in [("tools", &input.tools), ("documents", &input.documents)] {
+            if let Some(v) = value {
+                ctx.insert(key.into(), v.clone());
+            }
+        }
+        tmpl.render(minijinja::Value::from_serialize(&ctx))
+            .map_err(|e| match raised_message(&e) {
+                Some(msg) => Error::TemplateRaised(msg),
+                None => Error::Template(e.to_string()),
+            })
     }
 
     /// Renders a conversation and tokenizes it (plaintext IDs) so that only
@@ -109,14 +201,42 @@ impl ChatTemplate {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>, Error> {
-        let messages: Vec<ChatMessage> = messages
-            .iter()
-            .map(|m| ChatMessage {
-                role: codec.defuse_specials(&m.role).into_owned(),
-                content: codec.defuse_specials(&m.content).into_owned(),
-            })
-            .collect();
-        codec.encode(&self.render(&messages, add_generation_prompt)?)
+        self.prompt_ids_for(
+            codec,
+            &ChatInput {
+                messages: messages.iter().map(ChatMessage::to_json).collect(),
+                add_generation_prompt,
+                ..ChatInput::default()
+            },
+        )
+    }
+
+    /// [`prompt_ids`](Self::prompt_ids) for any input: every string in the
+    /// messages, tools and documents is defused, keys and values alike.
+    pub fn prompt_ids_for(&self, codec: &TextCodec, input: &ChatInput) -> Result<Vec<u32>, Error> {
+        let defuse = |v: &Json| defuse_json(codec, v);
+        let safe = ChatInput {
+            messages: input.messages.iter().map(defuse).collect(),
+            tools: input.tools.as_ref().map(defuse),
+            documents: input.documents.as_ref().map(defuse),
+            add_generation_prompt: input.add_generation_prompt,
+            extra: input.extra.clone(),
+        };
+        codec.encode(&self.render_input(&safe)?)
+    }
+}
+
+/// `v` with special-token text defused in every string.
+fn defuse_json(codec: &TextCodec, v: &Json) -> Json {
+    match v {
+        Json::String(s) => Json::String(codec.defuse_specials(s).into_owned()),
+        Json::Array(items) => Json::Array(items.iter().map(|x| defuse_json(codec, x)).collect()),
+        Json::Object(map) => Json::Object(
+            map.iter()
+                .map(|(k, x)| (codec.defuse_specials(k).into_owned(), defuse_json(codec, x)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 
@@ -146,7 +266,10 @@ mod tests {
         let err = t
             .render(&[ChatMessage::new("system", "x")], false)
             .unwrap_err();
-        assert!(err.to_string().contains("first must be user"));
+        assert!(
+            matches!(&err, Error::TemplateRaised(m) if m == "first must be user"),
+            "{err:?}"
+        );
     }
 
     #[test]
