@@ -58,6 +58,12 @@ enum Command {
     BenchServer(cmd::bench_server::BenchServerArgs),
     /// Measure what the proxy adds to a request (against a stub server).
     BenchProxy(cmd::bench_proxy::BenchProxyArgs),
+    /// Turn text into the model's token IDs (plaintext, local).
+    Tokenize(cmd::text::TokenizeArgs),
+    /// Turn token IDs back into text (plaintext, local).
+    Detokenize(cmd::text::DetokenizeArgs),
+    /// Print a conversation rendered with a chat template, exactly.
+    RenderChat(cmd::text::RenderChatArgs),
 }
 
 #[derive(Args)]
@@ -309,6 +315,9 @@ fn main() -> Result<()> {
         Command::Bench(args) => cmd::bench::run(args)?,
         Command::BenchServer(args) => cmd::bench_server::run(args)?,
         Command::BenchProxy(args) => cmd::bench_proxy::run(args)?,
+        Command::Tokenize(args) => cmd::text::tokenize(args)?,
+        Command::Detokenize(args) => cmd::text::detokenize(args)?,
+        Command::RenderChat(args) => cmd::text::render_chat(args)?,
     }
     Ok(())
 }

@@ -58,6 +58,17 @@ impl KeyHolder {
         self.template.prompt_ids(&self.codec, messages, true)
     }
 
+    /// [`chat_prompt`](Self::chat_prompt) with the generation prompt left
+    /// to the caller.
+    pub fn chat_prompt_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, Error> {
+        self.template
+            .prompt_ids(&self.codec, messages, add_generation_prompt)
+    }
+
     pub fn encrypt(&self, plain: &[u32]) -> Result<Vec<u32>, Error> {
         Ok(self.perm.encrypt_all(plain)?)
     }

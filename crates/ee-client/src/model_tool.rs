@@ -45,15 +45,38 @@ struct ModelFacts {
 }
 
 impl ModelText {
-    /// Reads the tokenizer side of a GGUF file or a checkpoint directory.
+    /// Reads the tokenizer side of a GGUF file (a vocabulary-only one too)
+    /// or a checkpoint directory.
     pub fn read(path: &Path) -> Result<Self, Error> {
-        Ok(Self::read_with_facts(path)?.0)
+        if path.is_dir() {
+            return Ok(Self::from_hf_dir(path)?.0);
+        }
+        Self::from_vocab(&Self::read_gguf_vocab(path)?.1)
     }
 
-    fn read_with_facts(path: &Path) -> Result<(Self, ModelFacts), Error> {
-        if path.is_dir() {
-            return Self::from_hf_dir(path);
-        }
+    /// The tokenizer side a client bundle keeps.
+    pub fn from_bundle(bundle: &ClientBundle) -> Result<Self, Error> {
+        let path = bundle.tokenizer_path();
+        let bytes = std::fs::read(&path)
+            .map_err(|e| Error::Tokenizer(format!("reading {}: {e}", path.display())))?;
+        let tokenizer_json = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Self {
+            tokenizer_json,
+            chat_template: bundle.manifest.chat_template.clone(),
+            special: bundle.manifest.special_tokens.clone(),
+        })
+    }
+
+    fn from_vocab(vocab: &GgufVocab) -> Result<Self, Error> {
+        Ok(Self {
+            tokenizer_json: vocab.to_hf_tokenizer_json()?,
+            chat_template: vocab.chat_template.clone(),
+            special: SpecialTokens::from_vocab(vocab),
+        })
+    }
+
+    fn read_gguf_vocab(path: &Path) -> Result<(GgufHeader, GgufVocab), Error> {
         let file = File::open(path)
             .map_err(|e| Error::Model(format!("opening {}: {e}", path.display())))?;
         let header = GgufHeader::read(&mut BufReader::new(file))
@@ -65,7 +88,16 @@ impl ModelText {
         {
             return Err(already_an_artifact(path));
         }
-        let vocab = GgufVocab::from_header(&header)?;
+        let vocab = GgufVocab::from_header(&header)
+            .map_err(|e| Error::Model(format!("{}: {e}", path.display())))?;
+        Ok((header, vocab))
+    }
+
+    fn read_with_facts(path: &Path) -> Result<(Self, ModelFacts), Error> {
+        if path.is_dir() {
+            return Self::from_hf_dir(path);
+        }
+        let (header, vocab) = Self::read_gguf_vocab(path)?;
         let arch = header.architecture()?.to_owned();
         let facts = ModelFacts {
             name: header
@@ -78,12 +110,7 @@ impl ModelText {
             architecture: arch,
             vocab_size: embedding_vocab_size(&header)?,
         };
-        let text = Self {
-            tokenizer_json: vocab.to_hf_tokenizer_json()?,
-            chat_template: vocab.chat_template.clone(),
-            special: SpecialTokens::from_vocab(&vocab),
-        };
-        Ok((text, facts))
+        Ok((Self::from_vocab(&vocab)?, facts))
     }
 
     fn from_hf_dir(dir: &Path) -> Result<(Self, ModelFacts), Error> {

@@ -140,6 +140,12 @@ impl TextCodec {
     /// as plain text. BOS is prepended when the model asks for it and the
     /// prompt does not already start with it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        self.encode_with(text, true)
+    }
+
+    /// [`encode`](Self::encode), with the model's BOS only if `add_special`
+    /// (transformers' `add_special_tokens`).
+    pub fn encode_with(&self, text: &str, add_special: bool) -> Result<Vec<u32>, Error> {
         let mut ids = Vec::new();
         let mut at = 0;
         if let Some((matcher, special_ids)) = &self.specials {
@@ -154,7 +160,7 @@ impl TextCodec {
         if at < text.len() || text.is_empty() {
             ids.extend(self.encode_text(&text[at..])?);
         }
-        if let (true, Some(bos)) = (self.add_bos, self.bos) {
+        if let (true, true, Some(bos)) = (add_special, self.add_bos, self.bos) {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
             }
@@ -167,6 +173,30 @@ impl TextCodec {
         self.tokenizer
             .decode(ids, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// Decodes plaintext IDs with special tokens written as their text
+    /// (transformers' `decode(ids)`, llama.cpp's `detokenize` with
+    /// `unparse_special`): what `ee detokenize` and `/detokenize` show.
+    ///
+    /// # Errors
+    /// An ID outside the vocabulary, named.
+    pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String, Error> {
+        let size = self.vocab_size();
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
+            return Err(Error::Tokenizer(format!(
+                "token ID {bad} is outside the vocabulary of {size}"
+            )));
+        }
+        self.tokenizer
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The vocabulary's own piece for an ID (`Ġhello`, `▁hello`, `<0x0A>`),
+    /// as transformers' `convert_ids_to_tokens` gives it.
+    pub fn piece(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
     }
 
     /// The bytes one token stands for, as OpenAI's logprobs report them:

@@ -45,13 +45,15 @@ pub struct SpecialTokens {
 }
 
 /// End-of-turn markers that stop generation when a vocabulary has them as
-/// control tokens (ChatML, Llama 3's two, Phi-3, Gemma).
-pub const END_OF_TURN_MARKERS: [&str; 5] = [
+/// control tokens (ChatML, Llama 3's two, Phi-3, Gemma, and SentencePiece's
+/// `</s>`, which Mistral's templates close turns with).
+pub const END_OF_TURN_MARKERS: [&str; 6] = [
     "<|im_end|>",
     "<|eot_id|>",
     "<|eom_id|>",
     "<|end|>",
     "<end_of_turn>",
+    "</s>",
 ];
 
 /// `bundle.json`.

@@ -6,3 +6,4 @@ pub(crate) mod bench_server;
 pub(crate) mod chat;
 pub(crate) mod demo;
 pub(crate) mod proxy;
+pub(crate) mod text;

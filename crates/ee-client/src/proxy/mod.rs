@@ -5,6 +5,7 @@
 
 pub mod request;
 pub mod response;
+pub mod tokenize;
 
 use std::sync::Arc;
 
@@ -45,6 +46,8 @@ pub fn router(session: Arc<Session>, cors_origins: &[String]) -> Router {
         .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/tokenize", post(tokenize_route))
+        .route("/detokenize", post(detokenize_route))
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed().into_response() })
         .with_state(session);
@@ -190,6 +193,41 @@ async fn completions(
     body: Body,
 ) -> Response {
     answer(session, headers, body, Endpoint::Completion).await
+}
+
+/// `POST /tokenize` (vLLM's): plaintext, answered here, never forwarded.
+async fn tokenize_route(
+    State(session): State<Arc<Session>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    plaintext_tool(&session, headers, body, tokenize::tokenize).await
+}
+
+/// `POST /detokenize` (vLLM's): plaintext, answered here, never forwarded.
+async fn detokenize_route(
+    State(session): State<Arc<Session>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    plaintext_tool(&session, headers, body, tokenize::detokenize).await
+}
+
+async fn plaintext_tool(
+    session: &Session,
+    headers: HeaderMap,
+    body: Body,
+    tool: fn(&crate::keyholder::KeyHolder, &Map<String, Value>) -> Result<Value, request::RequestError>,
+) -> Response {
+    let body: Map<String, Value> =
+        match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
+            Ok(b) => b,
+            Err(e) => return e.into_response(),
+        };
+    match tool(&session.keys, &body) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => error_response(SessionError::Request(e)),
+    }
 }
 
 fn answer_id(endpoint: Endpoint) -> String {

@@ -279,14 +279,19 @@ fn typed<T: DeserializeOwned>(
 }
 
 fn flag(v: Option<&Value>, param: &str) -> Result<bool, RequestError> {
+    flag_or(v, param, false)
+}
+
+/// A boolean field, `default` when absent or null.
+pub(crate) fn flag_or(v: Option<&Value>, param: &str, default: bool) -> Result<bool, RequestError> {
     match v {
-        None => Ok(false),
+        None | Some(Value::Null) => Ok(default),
         Some(Value::Bool(b)) => Ok(*b),
         Some(_) => Err(invalid(param, format!("{param} must be true or false"))),
     }
 }
 
-fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RequestError> {
+pub(crate) fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RequestError> {
     let Some(Value::Array(items)) = v else {
         return Err(invalid("messages", "messages must be a non-empty array"));
     };
@@ -484,14 +489,14 @@ fn encrypt_logit_bias(keys: &KeyHolder, v: &Value) -> Result<BTreeMap<String, f6
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model_tool::{encrypt_model, KeySource};
     use crate::template::ChatFormat;
     use ee_engine::testing::{write_tiny_model, TinySpec};
     use serde_json::json;
 
-    fn tiny_keys() -> (tempfile::TempDir, KeyHolder) {
+    pub(crate) fn tiny_keys() -> (tempfile::TempDir, KeyHolder) {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny.gguf");
         write_tiny_model(&model, &TinySpec::llama_q4_1()).unwrap();

@@ -40,6 +40,9 @@ struct PreTokenizer {
     /// A word that is itself a token is taken whole, without merges
     /// (Hugging Face's `ignore_merges`, llama.cpp's `ignore_merges`).
     ignore_merges: bool,
+    /// Whether prompts start with BOS when the GGUF does not say
+    /// (`tokenizer.ggml.add_bos_token`): llama.cpp's default per family.
+    adds_bos: bool,
 }
 
 /// The pre-tokenizers we implement, by `tokenizer.ggml.pre`. Every one with
@@ -48,15 +51,17 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
     let plain = |splits| PreTokenizer {
         splits,
         ignore_merges: false,
+        adds_bos: false,
     };
     Some(match pre {
         "default" | "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" => plain(&[GPT2]),
         // Every digit alone, then GPT-2's split.
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone"
         | "minerva-7b" => plain(&[r"\p{N}", GPT2]),
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral-llama" => PreTokenizer {
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" => PreTokenizer {
             splits: &[LLAMA3],
             ignore_merges: true,
+            adds_bos: true,
         },
         "dbrx" | "smaug-bpe" => plain(&[LLAMA3]),
         "qwen2" | "deepseek-r1-qwen" | "stablelm2" => plain(&[QWEN2]),
@@ -64,6 +69,7 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
         "tekken" => PreTokenizer {
             splits: &[TEKKEN],
             ignore_merges: true,
+            adds_bos: true,
         },
         "deepseek-llm" => plain(&[
             r"[\r\n]",
@@ -87,6 +93,12 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
         ]),
         _ => return None,
     })
+}
+
+/// Whether a `gpt2` vocabulary with this `tokenizer.ggml.pre` starts
+/// prompts with BOS when its GGUF does not say.
+pub fn adds_bos_by_default(pre: Option<&str>) -> bool {
+    pre_tokenizer(pre.unwrap_or("default")).is_some_and(|p| p.adds_bos)
 }
 
 /// The pre-tokenizer names [`tokenizer_json`] accepts, for error messages.

@@ -46,7 +46,7 @@ pub struct GgufVocab {
     pub add_bos_token: bool,
     pub add_eos_token: bool,
     /// `tokenizer.ggml.add_space_prefix`: SentencePiece's dummy prefix, a
-    /// space before the text (llama.cpp's default for `llama` is on).
+    /// space before the text (llama.cpp's default: on for `llama` only).
     pub add_space_prefix: bool,
     pub chat_template: Option<String>,
 }
@@ -124,20 +124,25 @@ impl GgufVocab {
         if !scores.is_empty() && scores.len() != tokens.len() {
             return Err(Error::Tokenizer("scores and tokens differ in length".into()));
         }
+        let pre = h
+            .get("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        // llama.cpp's defaults where the GGUF is silent: SentencePiece
+        // starts prompts with BOS and a space; BPE per family.
+        let sentencepiece = model == "llama";
+        let bos_default = sentencepiece || bpe::adds_bos_by_default(pre.as_deref());
         let vocab = Self {
             model,
-            pre: h
-                .get("tokenizer.ggml.pre")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
+            pre,
             merges: strings("tokenizer.ggml.merges")?,
             bos_token_id: id("tokenizer.ggml.bos_token_id"),
             eos_token_id: id("tokenizer.ggml.eos_token_id"),
             pad_token_id: id("tokenizer.ggml.padding_token_id"),
             unk_token_id: id("tokenizer.ggml.unknown_token_id"),
-            add_bos_token: flag("tokenizer.ggml.add_bos_token", false),
+            add_bos_token: flag("tokenizer.ggml.add_bos_token", bos_default),
             add_eos_token: flag("tokenizer.ggml.add_eos_token", false),
-            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", true),
+            add_space_prefix: flag("tokenizer.ggml.add_space_prefix", sentencepiece),
             chat_template: h
                 .get("tokenizer.chat_template")
                 .and_then(Value::as_str)
