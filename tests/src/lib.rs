@@ -90,6 +90,29 @@ pub fn llama_cpp_data() -> (PathBuf, PathBuf) {
     )
 }
 
+/// The official `openai` Python package, pip-installed once into
+/// `target/py-openai` (put it on `PYTHONPATH`).
+pub fn openai_package() -> std::path::PathBuf {
+    let dir = workspace_root().join("target").join("py-openai");
+    if !dir.join("openai").exists() {
+        let status = std::process::Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&dir)
+            .arg("openai>=1.40,<3")
+            .status()
+            .expect("run pip");
+        assert!(status.success(), "pip install openai failed");
+    }
+    dir
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

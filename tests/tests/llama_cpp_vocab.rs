@@ -1,7 +1,8 @@
 //! llama.cpp's own tokenizer tests (`models/ggml-vocab-*.gguf` with
 //! `.inp`/`.out`, from the llama-cpp-python sdist): every string of every
 //! vocabulary whose kind we support must give exactly llama.cpp's IDs (no
-//! BOS, special-token parsing off), and decode back to itself.
+//! BOS, special-token parsing off), and decode back to itself, whole and
+//! streamed token by token.
 
 use std::fs;
 use std::path::Path;
@@ -58,6 +59,23 @@ fn run_vocab(gguf: &Path) -> Outcome {
         let back = codec.decode(&got).unwrap();
         if back != *text {
             failures.push(format!("{text:?}: decodes to {back:?}"));
+        }
+        // Streamed one token at a time, no piece is a broken character
+        // (byte-fallback and byte-level tokens split them) and nothing is
+        // lost.
+        let mut stream = codec.stream();
+        let mut streamed = String::new();
+        for &id in &got {
+            if let Some(piece) = stream.push(id).unwrap() {
+                if piece.contains('\u{FFFD}') {
+                    failures.push(format!("{text:?}: streamed a broken character"));
+                }
+                streamed.push_str(&piece);
+            }
+        }
+        streamed.push_str(&stream.finish().unwrap().unwrap_or_default());
+        if streamed != *text {
+            failures.push(format!("{text:?}: streams as {streamed:?}"));
         }
     }
     Outcome {

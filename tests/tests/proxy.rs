@@ -451,26 +451,6 @@ fn curl_stop_strings_logit_bias_errors_and_a_wrong_or_missing_server() {
 
 /// Installs the official `openai` package into target/ once (pip, from the
 /// package registry) and returns the directory to put on PYTHONPATH.
-fn openai_package() -> std::path::PathBuf {
-    let dir = workspace_root().join("target").join("py-openai");
-    if !dir.join("openai").exists() {
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&dir)
-            .arg("openai>=1.40,<3")
-            .status()
-            .expect("run pip");
-        assert!(status.success(), "pip install openai failed");
-    }
-    dir
-}
 
 #[test]
 fn the_official_openai_python_package_works_with_only_base_url_changed() {
@@ -492,7 +472,7 @@ fn openai_sdk_works_against(s: &Stack) {
         .join("openai_client.py");
     let out = Command::new("python3")
         .arg(&script)
-        .env("PYTHONPATH", openai_package())
+        .env("PYTHONPATH", ee_e2e::openai_package())
         .env("EE_BASE_URL", format!("{}/v1", s.proxy.url()))
         .output()
         .expect("run python3");

@@ -185,28 +185,15 @@ fn quantized(t: &Tensor, dtype: GgmlDType) -> Result<Vec<u8>, Error> {
 /// Writes a tiny random model with full tokenizer metadata and a ChatML
 /// template, like a real GGUF from a model hub.
 pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), Error> {
-    let mut rng = ChaCha20Rng::seed_from_u64(spec.seed);
+    write_tiny_model_with_text(path, spec, tiny_text_metadata())
+}
+
+/// The `tokenizer.*` metadata of [`tiny_vocab`], with ChatML.
+fn tiny_text_metadata() -> Vec<(String, Value)> {
     let (tokens, types, merges) = tiny_vocab();
-    let vocab = tokens.len();
-    let head_dim = spec.n_embd / spec.n_head;
-    let arch = spec.architecture;
     let s = |v: &str| Value::String(v.into());
     let u = |v: usize| Value::U32(v as u32);
-    let mut meta: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), s(arch)),
-        ("general.name".into(), s("tiny test model")),
-        (format!("{arch}.block_count"), u(spec.n_layers)),
-        (format!("{arch}.context_length"), u(spec.context_length)),
-        (format!("{arch}.embedding_length"), u(spec.n_embd)),
-        (format!("{arch}.feed_forward_length"), u(spec.n_ff)),
-        (format!("{arch}.attention.head_count"), u(spec.n_head)),
-        (format!("{arch}.attention.head_count_kv"), u(spec.n_kv_head)),
-        (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
-        (format!("{arch}.rope.dimension_count"), u(head_dim)),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
+    vec![
         ("tokenizer.ggml.model".into(), s("gpt2")),
         ("tokenizer.ggml.pre".into(), s("smollm")),
         (
@@ -232,7 +219,45 @@ pub fn write_tiny_model(path: &Path, spec: &TinySpec) -> Result<(), Error> {
         ("tokenizer.ggml.padding_token_id".into(), u(2)),
         ("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)),
         ("tokenizer.chat_template".into(), s(TINY_CHAT_TEMPLATE)),
+    ]
+}
+
+/// [`write_tiny_model`] around another vocabulary: `text` is the model's
+/// `tokenizer.*` metadata (a real vocabulary's, with its template); the
+/// embedding has a row per token.
+pub fn write_tiny_model_with_text(
+    path: &Path,
+    spec: &TinySpec,
+    text: Vec<(String, Value)>,
+) -> Result<(), Error> {
+    let mut rng = ChaCha20Rng::seed_from_u64(spec.seed);
+    let vocab = text
+        .iter()
+        .find(|(k, _)| k == "tokenizer.ggml.tokens")
+        .and_then(|(_, v)| v.as_array())
+        .map(<[Value]>::len)
+        .ok_or_else(|| Error::Model("the tokenizer metadata has no tokens".into()))?;
+    let head_dim = spec.n_embd / spec.n_head;
+    let arch = spec.architecture;
+    let s = |v: &str| Value::String(v.into());
+    let u = |v: usize| Value::U32(v as u32);
+    let mut meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), s(arch)),
+        ("general.name".into(), s("tiny test model")),
+        (format!("{arch}.block_count"), u(spec.n_layers)),
+        (format!("{arch}.context_length"), u(spec.context_length)),
+        (format!("{arch}.embedding_length"), u(spec.n_embd)),
+        (format!("{arch}.feed_forward_length"), u(spec.n_ff)),
+        (format!("{arch}.attention.head_count"), u(spec.n_head)),
+        (format!("{arch}.attention.head_count_kv"), u(spec.n_kv_head)),
+        (format!("{arch}.rope.freq_base"), Value::F32(10_000.0)),
+        (format!("{arch}.rope.dimension_count"), u(head_dim)),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
     ];
+    meta.extend(text);
     if let Some(w) = spec.sliding_window {
         meta.push((format!("{arch}.attention.sliding_window"), u(w)));
     }

@@ -1,0 +1,168 @@
+//! The whole stack on real vocabularies: tiny random-weight Llama models
+//! around llama.cpp's `llama-spm` (32k SentencePiece, with Mistral's
+//! template) and `llama-bpe` (Llama 3's 128k BPE, with Llama 3.1's
+//! template), encrypted, served by `ee-server` and driven through `ee proxy`
+//! with raw HTTP and the official `openai` package. The encrypted stack must
+//! say exactly what the identity-key stack says, greedy and seeded, streamed
+//! and not.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ee_client::model_tool::KeySource;
+use ee_core::gguf::{GgufHeader, Value as GgufValue};
+use ee_e2e::{encrypt, llama_cpp_data, openai_package, workspace_root, EncryptedPair, ServerProcess};
+use ee_engine::testing::{write_tiny_model_with_text, TinySpec};
+use serde_json::{json, Value};
+
+/// A tiny model with the vocabulary (and so the tokenizer) of `vocab` and
+/// the chat template `template`.
+fn tiny_model(dir: &Path, vocab: &Path, template: &Path) -> PathBuf {
+    let header = GgufHeader::read(&mut BufReader::new(File::open(vocab).unwrap())).unwrap();
+    let mut text: Vec<(String, GgufValue)> = header
+        .metadata
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("tokenizer.") && !k.starts_with("tokenizer.chat_template"))
+        .collect();
+    let source = std::fs::read_to_string(template).unwrap();
+    text.push(("tokenizer.chat_template".into(), GgufValue::String(source)));
+    let path = dir.join("tiny.gguf");
+    let spec = TinySpec {
+        context_length: 512,
+        seed: 23,
+        ..TinySpec::llama_q4_1()
+    };
+    write_tiny_model_with_text(&path, &spec, text).unwrap();
+    path
+}
+
+struct Stack {
+    _pair: EncryptedPair,
+    _server: ServerProcess,
+    proxy: ServerProcess,
+}
+
+fn stack(model: &Path, key: KeySource) -> Stack {
+    let pair = encrypt(model, &key);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let proxy = ServerProcess::proxy(&pair.bundle.dir, &format!("http://{}", server.addr));
+    Stack {
+        _pair: pair,
+        _server: server,
+        proxy,
+    }
+}
+
+/// The answer's text, from a response or from the streamed deltas (which
+/// must each be whole characters).
+fn answer(stack: &Stack, body: &Value) -> String {
+    let r = stack.proxy.post_json("/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    if body["stream"] != json!(true) {
+        return r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+    }
+    let mut text = String::new();
+    for data in r.sse_data() {
+        if data == "[DONE]" {
+            continue;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
+            text.push_str(piece);
+        }
+    }
+    text
+}
+
+fn sdk_answer(stack: &Stack, question: &str) -> String {
+    let script = "import json, os, sys, openai\n\
+        c = openai.OpenAI(base_url=os.environ['EE_BASE_URL'], api_key='unused')\n\
+        r = c.chat.completions.create(model=c.models.list().data[0].id, \
+        messages=[{'role': 'user', 'content': sys.argv[1]}], temperature=0, max_tokens=24)\n\
+        print(json.dumps(r.choices[0].message.content))";
+    let out = Command::new("python3")
+        .args(["-c", script, question])
+        .env("PYTHONPATH", openai_package())
+        .env("EE_BASE_URL", format!("{}/v1", stack.proxy.url()))
+        .current_dir(workspace_root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Through the proxy's `/tokenize`: a message spelling the control token
+/// `marker` holds no more of it than one without.
+fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
+    let tokens = |body: Value| -> Vec<u64> {
+        let r = stack.proxy.post_json("/tokenize", &body);
+        assert_eq!(r.status, 200, "{}", r.body);
+        serde_json::from_value(r.json()["tokens"].clone()).unwrap()
+    };
+    let id = tokens(json!({"prompt": marker, "add_special_tokens": false}));
+    assert_eq!(id.len(), 1, "{marker} is one control token in a raw prompt");
+    let chat = |content: String| tokens(json!({"messages": [{"role": "user", "content": content}]}));
+    let count = |ids: &[u64]| ids.iter().filter(|&&t| t == id[0]).count();
+    let forged = chat(format!("x{marker}y"));
+    assert_eq!(count(&forged), count(&chat("xy".into())), "{marker}");
+    assert!(forged.len() > chat("xy".into()).len());
+}
+
+fn encrypted_stack_says_what_the_plain_one_says(vocab: &str, template: &str, marker: &str) {
+    let (data, _) = llama_cpp_data();
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(
+        dir.path(),
+        &data.join(vocab),
+        &data.join(format!("templates/{template}.jinja")),
+    );
+    let plain = stack(&model, KeySource::Identity);
+    let secret = stack(&model, KeySource::Generate);
+    let question = "Bonjour ! Écris un haïku sur la mer 🌊";
+    let chat = |extra: Value| {
+        let mut body = json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": question}], "max_tokens": 24});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    let greedy = answer(&secret, &chat(json!({"temperature": 0})));
+    assert!(!greedy.is_empty(), "{vocab}: an empty answer proves nothing");
+    assert_eq!(greedy, answer(&plain, &chat(json!({"temperature": 0}))), "{vocab}");
+    assert_eq!(greedy, answer(&secret, &chat(json!({"temperature": 0, "stream": true}))));
+    let seeded = json!({"temperature": 0.9, "seed": 7});
+    let drawn = answer(&secret, &chat(seeded.clone()));
+    assert_eq!(drawn, answer(&plain, &chat(seeded.clone())), "{vocab}");
+    let mut streamed = seeded;
+    streamed["stream"] = json!(true);
+    assert_eq!(drawn, answer(&secret, &chat(streamed)));
+    assert_ne!(drawn, greedy, "{vocab}: the seeded draws should differ from greedy");
+    // The official SDK, with only base_url changed.
+    assert_eq!(sdk_answer(&secret, question), sdk_answer(&plain, question), "{vocab}");
+    message_text_is_not_control_tokens(&secret, marker);
+}
+
+#[test]
+fn sentencepiece_vocabulary_with_mistrals_template() {
+    encrypted_stack_says_what_the_plain_one_says(
+        "ggml-vocab-llama-spm.gguf",
+        "mistralai-Mistral-Nemo-Instruct-2407",
+        "</s>",
+    );
+}
+
+#[test]
+fn llama3_vocabulary_with_llama_3_1s_template() {
+    encrypted_stack_says_what_the_plain_one_says(
+        "ggml-vocab-llama-bpe.gguf",
+        "meta-llama-Llama-3.1-8B-Instruct",
+        "<|eot_id|>",
+    );
+}
