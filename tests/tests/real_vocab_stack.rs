@@ -13,7 +13,9 @@ use std::process::Command;
 
 use ee_client::model_tool::KeySource;
 use ee_core::gguf::{GgufHeader, Value as GgufValue};
-use ee_e2e::{encrypt, llama_cpp_data, openai_package, workspace_root, EncryptedPair, ServerProcess};
+use ee_e2e::{
+    binary, encrypt, llama_cpp_data, openai_package, workspace_root, EncryptedPair, ServerProcess,
+};
 use ee_engine::testing::{write_tiny_model_with_text, TinySpec};
 use serde_json::{json, Value};
 
@@ -39,7 +41,7 @@ fn tiny_model(dir: &Path, vocab: &Path, template: &Path) -> PathBuf {
 }
 
 struct Stack {
-    _pair: EncryptedPair,
+    pair: EncryptedPair,
     _server: ServerProcess,
     proxy: ServerProcess,
 }
@@ -49,7 +51,7 @@ fn stack(model: &Path, key: KeySource) -> Stack {
     let server = ServerProcess::start(&pair.server_artifact, &[]);
     let proxy = ServerProcess::proxy(&pair.bundle.dir, &format!("http://{}", server.addr));
     Stack {
-        _pair: pair,
+        pair,
         _server: server,
         proxy,
     }
@@ -111,6 +113,33 @@ fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
     let forged = chat(format!("x{marker}y"));
     assert_eq!(count(&forged), count(&chat("xy".into())), "{marker}");
     assert!(forged.len() > chat("xy".into()).len());
+    // `ee tokenize --bundle` agrees with the proxy.
+    let out = Command::new(binary("ee"))
+        .args(["tokenize", "--ids", "--bundle"])
+        .arg(&stack.pair.bundle.dir)
+        .arg(format!("x{marker}y"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let cli: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cli, tokens(json!({"prompt": format!("x{marker}y")})));
+}
+
+/// A conversation the template refuses is a 400 naming `messages`, with
+/// the template's own words.
+fn refused_conversations_are_the_clients_400(stack: &Stack) {
+    let r = stack.proxy.post_json(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                             {"role": "user", "content": "c"}], "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let error = &r.json()["error"];
+    assert_eq!(error["param"], "messages");
+    assert!(error["message"]
+        .as_str()
+        .unwrap()
+        .contains("Only user and assistant roles are supported"));
 }
 
 fn encrypted_stack_says_what_the_plain_one_says(vocab: &str, template: &str, marker: &str) {
@@ -147,6 +176,9 @@ fn encrypted_stack_says_what_the_plain_one_says(vocab: &str, template: &str, mar
     // The official SDK, with only base_url changed.
     assert_eq!(sdk_answer(&secret, question), sdk_answer(&plain, question), "{vocab}");
     message_text_is_not_control_tokens(&secret, marker);
+    if template.starts_with("mistralai") {
+        refused_conversations_are_the_clients_400(&secret);
+    }
 }
 
 #[test]

@@ -57,6 +57,15 @@ fn tokenize_and_detokenize_on_vocabulary_only_ggufs() {
     assert_eq!(back, format!("<|begin_of_text|>{sample}"));
     let listing = ok(&ee(&["tokenize", "--model", bpe, "--no-bos", "Hi"], ""));
     assert_eq!(listing, " 13347 -> \"Hi\"\n");
+    // Logprobs' bytes follow the vocabulary's spelling: SentencePiece's
+    // byte-fallback pieces are one byte each, `▁` a space.
+    let codec = ee_client::model_tool::ModelText::read(&data.join("ggml-vocab-llama-spm.gguf"))
+        .unwrap()
+        .codec()
+        .unwrap();
+    assert_eq!(codec.piece(243).as_deref(), Some("<0xF0>"));
+    assert_eq!(codec.token_bytes(243), vec![0xF0]);
+    assert_eq!(codec.token_bytes(15043), b" Hello".to_vec());
     // An unsupported kind is named; no panic.
     let bert = data.join("ggml-vocab-bert-bge.gguf");
     let out = ee(&["tokenize", "--model", bert.to_str().unwrap(), "hi"], "");
