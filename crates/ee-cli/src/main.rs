@@ -64,6 +64,9 @@ enum Command {
     Detokenize(cmd::text::DetokenizeArgs),
     /// Print a conversation rendered with a chat template, exactly.
     RenderChat(cmd::text::RenderChatArgs),
+    /// The attack lab: measure what an adversary recovers of a key.
+    #[command(subcommand)]
+    Attack(cmd::attack::AttackCommand),
 }
 
 #[derive(Args)]
@@ -318,6 +321,7 @@ fn main() -> Result<()> {
         Command::Tokenize(args) => cmd::text::tokenize(args)?,
         Command::Detokenize(args) => cmd::text::detokenize(args)?,
         Command::RenderChat(args) => cmd::text::render_chat(args)?,
+        Command::Attack(command) => cmd::attack::run(command)?,
     }
     Ok(())
 }

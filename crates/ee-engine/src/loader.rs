@@ -17,6 +17,7 @@ use crate::linear::LoadOptions;
 use crate::model::CausalLm;
 use crate::weights::gguf::GgufWeights;
 use crate::weights::safetensors::SafetensorsWeights;
+use crate::weights::WeightSource;
 use crate::{models, Error};
 
 /// A checkpoint's files that only the client may keep.
@@ -125,6 +126,15 @@ impl ModelFiles {
                 );
                 found
             }
+        }
+    }
+
+    /// The weights, by Hugging Face tensor name (for tools that read them
+    /// without building the model, such as the attack lab).
+    pub fn weights(&self) -> &dyn WeightSource {
+        match self {
+            Self::Gguf(w) => w,
+            Self::HuggingFace { weights, .. } => weights,
         }
     }
 

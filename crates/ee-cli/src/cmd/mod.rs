@@ -1,5 +1,6 @@
 //! The `ee` subcommands that need more than a few lines.
 
+pub(crate) mod attack;
 pub(crate) mod bench;
 pub(crate) mod bench_proxy;
 pub(crate) mod bench_server;

@@ -1,0 +1,38 @@
+//! `ee-lab`: the attack lab. It measures how much of an EE key an adversary
+//! recovers, on our own keys, so that `SECURITY.md` states figures rather
+//! than a key-space argument (see `../shared/docs/threat-model.md`).
+//!
+//! - [`map`]: what every attack produces, a [`RecoveredMap`] from encrypted
+//!   to plaintext IDs (JSON, so anyone can score it);
+//! - [`score`]: the scorer, the only part that reads the true key;
+//! - [`rows`]: a model's vocabulary rows (embedding and output head), as an
+//!   operator holding the weights reads them;
+//! - attacks: [`weight_match`] (the server operator with the public base
+//!   model), [`nearest`] (the same operator facing private, fine-tuned
+//!   weights), [`bound`] (brute force).
+//!
+//! Each attack takes only what its adversary has: weights it can read, and
+//! never the key.
+
+pub mod bound;
+pub mod map;
+pub mod nearest;
+pub mod rows;
+pub mod score;
+pub mod weight_match;
+
+pub use map::RecoveredMap;
+pub use score::Score;
+
+/// Errors of the lab.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Engine(#[from] ee_engine::Error),
+    #[error("{0}")]
+    Model(String),
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}

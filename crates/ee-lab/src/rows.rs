@@ -1,0 +1,102 @@
+//! A model's vocabulary rows as an operator holding its weights reads them:
+//! the token embedding and, when untied, the output head. Rows are what the
+//! vocabulary permutation moves.
+
+use std::path::Path;
+
+use ee_engine::ModelFiles;
+
+use crate::Error;
+
+const EMBEDDING: &str = "model.embed_tokens.weight";
+const HEAD: &str = "lm_head.weight";
+
+/// One vocabulary-indexed matrix: its stored bytes per row and its values.
+#[derive(Debug, Clone)]
+pub struct RowMatrix {
+    /// Stored bytes, `rows × row_bytes` (quantized blocks, or floats).
+    pub bytes: Vec<u8>,
+    pub row_bytes: usize,
+    /// Dequantized values, row-major `[rows, dim]`.
+    pub values: Vec<f32>,
+    pub dim: usize,
+}
+
+impl RowMatrix {
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.dim.max(1)
+    }
+
+    pub fn row_stored(&self, i: usize) -> &[u8] {
+        &self.bytes[i * self.row_bytes..(i + 1) * self.row_bytes]
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.values[i * self.dim..(i + 1) * self.dim]
+    }
+
+    /// A matrix from values alone (a simulated model); stored bytes are
+    /// the little-endian f32s.
+    pub fn from_values(values: Vec<f32>, dim: usize) -> Self {
+        Self {
+            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            row_bytes: dim * 4,
+            values,
+            dim,
+        }
+    }
+}
+
+/// The vocabulary rows of a model.
+#[derive(Debug, Clone)]
+pub struct VocabRows {
+    pub embedding: RowMatrix,
+    /// `None` when the output head is the embedding (tied).
+    pub head: Option<RowMatrix>,
+}
+
+impl VocabRows {
+    /// Reads a GGUF file or a checkpoint directory, plaintext or a server
+    /// artifact alike.
+    ///
+    /// # Errors
+    /// The model cannot be opened, or has no embedding, named.
+    pub fn read(path: &Path) -> Result<Self, Error> {
+        let files = ModelFiles::open(path)?;
+        let weights = files.weights();
+        let matrix = |name: &str| -> Result<RowMatrix, Error> {
+            let t = weights.tensor(name)?;
+            let [rows, dim] = t.shape[..] else {
+                return Err(Error::Model(format!(
+                    "{}: {name} has shape {:?}, not a matrix",
+                    path.display(),
+                    t.shape
+                )));
+            };
+            if rows == 0 || t.bytes.len() % rows != 0 {
+                return Err(Error::Model(format!(
+                    "{}: {name} does not split into {rows} rows",
+                    path.display()
+                )));
+            }
+            let values = t.to_f32()?.flatten_all()?.to_vec1::<f32>()?;
+            Ok(RowMatrix {
+                row_bytes: t.bytes.len() / rows,
+                bytes: t.bytes.to_vec(),
+                values,
+                dim,
+            })
+        };
+        Ok(Self {
+            embedding: matrix(EMBEDDING)?,
+            head: match weights.contains(HEAD) {
+                true => Some(matrix(HEAD)?),
+                false => None,
+            },
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.embedding.rows()
+    }
+}
