@@ -9,12 +9,14 @@
 //!   operator holding the weights reads them;
 //! - attacks: [`weight_match`] (the server operator with the public base
 //!   model), [`nearest`] (the same operator facing private, fine-tuned
-//!   weights), [`bound`] (brute force).
+//!   weights), [`frequency`] (a passive observer of the traffic, with the
+//!   public model as its prior), [`bound`] (brute force).
 //!
 //! Each attack takes only what its adversary has: weights it can read, and
 //! never the key.
 
 pub mod bound;
+pub mod frequency;
 pub mod map;
 pub mod nearest;
 pub mod rows;
