@@ -19,6 +19,7 @@ pub mod bound;
 pub mod frequency;
 pub mod map;
 pub mod nearest;
+pub mod prompts;
 pub mod rows;
 pub mod score;
 pub mod weight_match;

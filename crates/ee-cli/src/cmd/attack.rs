@@ -9,7 +9,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use ee_client::model_tool::ModelText;
+use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
 use ee_core::Key;
+use ee_engine::{GenerateOptions, SamplingParams};
 use ee_lab::nearest::{nearest, private_artifact, Perturbation};
 use ee_lab::rows::VocabRows;
 use ee_lab::{bound, weight_match, RecoveredMap, Score};
@@ -26,6 +29,11 @@ pub(crate) enum AttackCommand {
     /// base at several sizes, encrypt each with a fresh key, and match rows
     /// to their nearest base row.
     PrivateWeights(PrivateWeightsArgs),
+    /// A passive observer of the traffic (ciphertext only): generate chats
+    /// with the public model, encrypt them with a fresh key, and recover the
+    /// key by frequency analysis and hill climbing with the public model's
+    /// statistics as the prior, at several traffic volumes.
+    Frequency(FrequencyArgs),
     /// Grade a recovered mapping against the true key.
     Score(ScoreArgs),
     /// Brute force: the key space, log2(V!) bits, and why it is not the measure.
@@ -75,6 +83,30 @@ pub(crate) struct PrivateWeightsArgs {
 }
 
 #[derive(Args)]
+pub(crate) struct FrequencyArgs {
+    /// The public model (the victim's model too).
+    #[arg(long, default_value_os_t = default_model())]
+    model: PathBuf,
+    /// Traffic volumes N (tokens the observer has seen).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    tokens: Vec<usize>,
+    /// Tokens the attacker samples from the public model for its prior.
+    #[arg(long, default_value_t = 20_000)]
+    prior_tokens: usize,
+    /// Hill-climbing proposals per attack.
+    #[arg(long, default_value_t = 300_000)]
+    moves: usize,
+    /// Annealing start temperature (see `ee_lab::frequency::Climb`).
+    #[arg(long, default_value_t = 2.0)]
+    temperature: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args)]
 pub(crate) struct ScoreArgs {
     /// A mapping written by an attack's `--out`.
     #[arg(long)]
@@ -88,6 +120,7 @@ pub(crate) fn run(command: AttackCommand) -> Result<()> {
     match command {
         AttackCommand::WeightMatch(args) => weight_match_cmd(args),
         AttackCommand::PrivateWeights(args) => private_weights(args),
+        AttackCommand::Frequency(args) => frequency(args),
         AttackCommand::Score(args) => {
             let map = RecoveredMap::load(&args.map)?;
             print_score(&map, &args.key)
@@ -179,6 +212,171 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&json!({
             "attack": "private-weights", "base": args.base, "vocab": n, "results": results
+        }))?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Chats with the public model on `prompts` in turn (seeded sampling at
+/// 0.7, as a chat client would), until `tokens` tokens: each transcript is
+/// the rendered prompt and the answer, plaintext IDs.
+fn chats(
+    text: &ModelText,
+    model: &dyn ee_engine::CausalLm,
+    prompts: &[&str],
+    tokens: usize,
+    seed: u64,
+) -> Result<Vec<Vec<u32>>> {
+    let codec = text.codec()?;
+    let template = ChatTemplate::new(
+        ChatFormat::default().template_source(text.chat_template.as_deref()),
+        text.special.bos.as_deref(),
+        text.special.eos.as_deref(),
+    )?;
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (i, prompt) in prompts.iter().cycle().enumerate() {
+        if total >= tokens {
+            break;
+        }
+        let mut ids = template.prompt_ids(&codec, &[ChatMessage::new("user", prompt)], true)?;
+        let opts = GenerateOptions {
+            max_tokens: 256,
+            stop_token_ids: text.special.stop_ids.clone(),
+            sampling: SamplingParams {
+                temperature: 0.7,
+                seed: Some(seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
+                ..SamplingParams::default()
+            },
+            ..GenerateOptions::default()
+        };
+        let answer = ee_engine::generate(model, &ids, &opts, |_| {})?;
+        ids.extend(answer.token_ids());
+        total += ids.len();
+        out.push(ids);
+    }
+    Ok(out)
+}
+
+/// What the observer knows without the key: the chat template's fixed
+/// opening (the tokens every rendered chat starts with, from the public
+/// template and tokenizer) and that an answer ends on the end-of-turn
+/// marker; aligned with each encrypted transcript.
+fn known_plaintext(
+    text: &ModelText,
+    traffic: &[Vec<u32>],
+    last_plain: &[Vec<u32>],
+) -> Result<Vec<(u32, u32)>> {
+    let codec = text.codec()?;
+    let template = ChatTemplate::new(
+        ChatFormat::default().template_source(text.chat_template.as_deref()),
+        text.special.bos.as_deref(),
+        text.special.eos.as_deref(),
+    )?;
+    let render = |s: &str| template.prompt_ids(&codec, &[ChatMessage::new("user", s)], true);
+    let (a, b) = (render("alpha")?, render("omega")?);
+    let opening: Vec<u32> = a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect();
+    let mut known = std::collections::BTreeMap::new();
+    for (cipher, plain) in traffic.iter().zip(last_plain) {
+        for (c, p) in cipher.iter().zip(&opening) {
+            known.insert(*c, *p);
+        }
+        // A finished answer's last token is a stop token; the observer
+        // guesses the first one (EOS / end of turn).
+        if let (Some(&c), Some(&p), Some(&stop)) =
+            (cipher.last(), plain.last(), text.special.stop_ids.first())
+        {
+            if p == stop {
+                known.insert(c, stop);
+            }
+        }
+    }
+    Ok(known.into_iter().collect())
+}
+
+fn frequency(args: FrequencyArgs) -> Result<()> {
+    use ee_lab::frequency::{frequency_match, hill_climb, BigramModel, Climb};
+    let text = ModelText::read(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let model = ee_engine::load(&args.model)?;
+    let vocab = model.vocab_size();
+    let most = args.tokens.iter().copied().max().unwrap_or(0);
+    let started = Instant::now();
+    let victim = chats(&text, model.as_ref(), &ee_lab::prompts::VICTIM, most, args.seed)?;
+    let prior_text = chats(
+        &text,
+        model.as_ref(),
+        &ee_lab::prompts::ATTACKER,
+        args.prior_tokens,
+        args.seed ^ 0xa77a,
+    )?;
+    println!(
+        "generated {} victim and {} prior tokens in {:.0} s",
+        victim.iter().map(Vec::len).sum::<usize>(),
+        prior_text.iter().map(Vec::len).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+    let prior = BigramModel::train(&prior_text, vocab);
+    // The lab's own key: only the scorer reads it.
+    let key = Key::generate()?.vocab_permutation(vocab as u32);
+    let encrypted: Vec<Vec<u32>> = victim
+        .iter()
+        .map(|t| key.encrypt_all(t))
+        .collect::<Result<_, _>>()?;
+    println!("| N | known plaintext | method | token accuracy | distinct right / wrong / seen | contest score | seconds |");
+    println!("|---|---|---|---|---|---|---|");
+    let mut results = Vec::new();
+    for &n in &args.tokens {
+        // Whole transcripts, up to N tokens.
+        let mut take = 0;
+        let mut count = 0;
+        while take < encrypted.len() && count < n {
+            count += encrypted[take].len();
+            take += 1;
+        }
+        let traffic = &encrypted[..take];
+        let flat: Vec<u32> = traffic.concat();
+        for with_known in [false, true] {
+            let known = match with_known {
+                true => known_plaintext(&text, traffic, &victim[..take])?,
+                false => Vec::new(),
+            };
+            let t = Instant::now();
+            let ranked = frequency_match(traffic, &prior, &known, vocab);
+            let ranked_secs = t.elapsed().as_secs_f64();
+            let climb = Climb {
+                moves: args.moves,
+                temperature: args.temperature,
+                seed: args.seed,
+            };
+            let climbed = hill_climb(traffic, &prior, ranked.clone(), &known, climb);
+            let climbed_secs = t.elapsed().as_secs_f64();
+            for (method, map, secs) in [
+                ("frequency", &ranked, ranked_secs),
+                ("+ hill climbing", &climbed, climbed_secs),
+            ] {
+                let s = Score::of(map, &key, &flat);
+                println!(
+                    "| {} | {} | {method} | {:.1}% | {} / {} / {} | {} | {secs:.1} |",
+                    flat.len(),
+                    if with_known { "template" } else { "none" },
+                    100.0 * s.traffic_token_accuracy,
+                    s.traffic_distinct_correct,
+                    s.traffic_distinct_wrong,
+                    s.traffic_distinct_total,
+                    s.contest_score
+                );
+                results.push(json!({"tokens": flat.len(), "known_plaintext": with_known,
+                                    "method": method, "score": s, "seconds": secs}));
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&json!({
+            "attack": "frequency", "model": args.model, "vocab": vocab,
+            "prior_tokens": prior_text.iter().map(Vec::len).sum::<usize>(),
+            "moves": args.moves, "temperature": args.temperature, "results": results
         }))?)
         .with_context(|| format!("writing {}", path.display()))?;
     }
