@@ -1,7 +1,7 @@
 """The chat-template oracle: renders conversations with Python's jinja2
 exactly as transformers' `apply_chat_template(tokenize=False)` does
-(sandboxed, trim_blocks, lstrip_blocks, loop controls, its `tojson`,
-`raise_exception` and `strftime_now`).
+(sandboxed, trim_blocks, lstrip_blocks, loop controls, `{% generation %}`,
+its `tojson`, `raise_exception` and `strftime_now`).
 
 Reads {"templates": {name: source}, "cases": [...]} as JSON on stdin and
 prints {name: [{"text": ...} | {"raised": ...} | {"failed": ...}, ...]} on
@@ -13,8 +13,22 @@ import sys
 from datetime import datetime
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class Generation(Extension):
+    """transformers' `{% generation %}` block (its AssistantTracker): it
+    marks the assistant's text for training masks and renders its body
+    unchanged."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
 
 
 class Raised(jinja2.exceptions.TemplateError):
@@ -35,7 +49,7 @@ def strftime_now(fmt):
 
 
 env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                    extensions=[loopcontrols])
+                                    extensions=[loopcontrols, Generation])
 env.filters["tojson"] = tojson
 env.globals["raise_exception"] = raise_exception
 env.globals["strftime_now"] = strftime_now

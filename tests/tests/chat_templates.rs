@@ -37,6 +37,11 @@ const REQUIRED: [&str; 17] = [
     "ibm-granite-granite-4.1",
 ];
 
+/// Templates where we knowingly differ, on the tools conversation only:
+/// jinja2 fails on `map(...) | tojson` (a generator), which we render; and
+/// functionary concatenates `Markup` with text, which jinja2 HTML-escapes.
+const KNOWN_DIFFERENCES: [&str; 2] = ["llama-cpp-deepseek-r1", "meetkai-functionary-medium-v3.1"];
+
 fn tools() -> Value {
     json!([{
         "type": "function",
@@ -72,12 +77,37 @@ fn conversations() -> Vec<(&'static str, Value, Option<Value>, bool)> {
     vec![
         ("user only", json!([user]), None, true),
         ("system and user", json!([system, user]), None, true),
-        ("several turns", json!([system, user, assistant, follow_up]), None, true),
-        ("without a generation prompt", json!([user, assistant]), None, false),
-        ("an assistant message to continue", json!([user, {"role": "assistant", "content": "Quatre, et"}]), None, false),
+        (
+            "several turns",
+            json!([system, user, assistant, follow_up]),
+            None,
+            true,
+        ),
+        (
+            "without a generation prompt",
+            json!([user, assistant]),
+            None,
+            false,
+        ),
+        (
+            "an assistant message to continue",
+            json!([user, {"role": "assistant", "content": "Quatre, et"}]),
+            None,
+            false,
+        ),
         ("tools offered", json!([weather]), Some(tools()), true),
-        ("a tool round trip", json!([weather, call, result]), Some(tools()), true),
-        ("a system message out of place", json!([user, system, follow_up]), None, true),
+        (
+            "a tool round trip",
+            json!([weather, call, result]),
+            Some(tools()),
+            true,
+        ),
+        (
+            "a system message out of place",
+            json!([user, system, follow_up]),
+            None,
+            true,
+        ),
     ]
 }
 
@@ -97,14 +127,18 @@ fn context(messages: &Value, tools: &Option<Value>, add_generation_prompt: bool)
 fn difference(ours: &Result<String, Error>, want: &Value) -> String {
     match (ours, want["text"].as_str()) {
         (Ok(a), Some(b)) => {
-            let at = a
-                .char_indices()
-                .zip(b.chars())
-                .find(|((_, x), y)| x != y)
-                .map_or(a.len().min(b.len()), |((i, _), _)| i);
-            let from = a.floor_char_boundary(at.saturating_sub(40));
-            format!("from byte {at}: ours {:?}, jinja2 {:?}", &a[from..a.len().min(at + 40)],
-                b.get(from..b.len().min(at + 40)).unwrap_or("?"))
+            let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+            let at = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+            let window = |s: &[char]| -> String {
+                s[at.saturating_sub(40).min(s.len())..(at + 40).min(s.len())]
+                    .iter()
+                    .collect()
+            };
+            format!(
+                "from character {at}: ours {:?}, jinja2 {:?}",
+                window(&a),
+                window(&b)
+            )
         }
         _ => format!("ours {ours:?}, jinja2 {want}"),
     }
@@ -125,10 +159,7 @@ fn real_templates_render_byte_identically_to_jinja2() {
         assert!(templates.contains_key(name), "{name}.jinja is missing");
     }
     let convs = conversations();
-    let cases: Vec<Value> = convs
-        .iter()
-        .map(|(_, m, t, g)| context(m, t, *g))
-        .collect();
+    let cases: Vec<Value> = convs.iter().map(|(_, m, t, g)| context(m, t, *g)).collect();
     let request = json!({"templates": templates, "cases": cases});
     let mut child = Command::new(&python)
         .arg(workspace_root().join("tests/py/render_templates.py"))
@@ -155,8 +186,7 @@ fn real_templates_render_byte_identically_to_jinja2() {
         let mut first_miss = None;
         let total = convs.len();
         match (ours, expected.get("compile_error")) {
-            (Err(_), Some(_)) => agreed = total,
-            (Err(e), None) => failures.push(format!("{name}: does not compile: {e}")),
+            (Err(e), _) => failures.push(format!("{name}: does not compile: {e}")),
             (Ok(_), Some(e)) => failures.push(format!("{name}: compiles, jinja2 says {e}")),
             (Ok(template), None) => {
                 for (i, (case, messages, tools, gen)) in convs.iter().enumerate() {
@@ -179,7 +209,7 @@ fn real_templates_render_byte_identically_to_jinja2() {
                     };
                     if same {
                         agreed += 1;
-                    } else if REQUIRED.contains(&name.as_str()) {
+                    } else if !KNOWN_DIFFERENCES.contains(&name.as_str()) {
                         failures.push(format!(
                             "{name} / {case}:\n  ours:   {got:?}\n  jinja2: {want}"
                         ));
@@ -191,7 +221,9 @@ fn real_templates_render_byte_identically_to_jinja2() {
         }
         // Not vacuous: jinja2 renders at least the plain conversation.
         if REQUIRED.contains(&name.as_str()) && expected[0].get("text").is_none() {
-            failures.push(format!("{name}: jinja2 did not render a plain user message"));
+            failures.push(format!(
+                "{name}: jinja2 did not render a plain user message"
+            ));
         }
         table.push(format!("| {name} | {agreed}/{total} |"));
         if let Some(miss) = first_miss {
@@ -199,5 +231,6 @@ fn real_templates_render_byte_identically_to_jinja2() {
         }
     }
     println!("{}", table.join("\n"));
+    assert!(templates.len() >= 70, "only {} templates", templates.len());
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

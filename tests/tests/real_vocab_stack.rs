@@ -94,7 +94,11 @@ fn sdk_answer(stack: &Stack, question: &str) -> String {
         .current_dir(workspace_root())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -108,7 +112,8 @@ fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
     };
     let id = tokens(json!({"prompt": marker, "add_special_tokens": false}));
     assert_eq!(id.len(), 1, "{marker} is one control token in a raw prompt");
-    let chat = |content: String| tokens(json!({"messages": [{"role": "user", "content": content}]}));
+    let chat =
+        |content: String| tokens(json!({"messages": [{"role": "user", "content": content}]}));
     let count = |ids: &[u64]| ids.iter().filter(|&&t| t == id[0]).count();
     let forged = chat(format!("x{marker}y"));
     assert_eq!(count(&forged), count(&chat("xy".into())), "{marker}");
@@ -120,7 +125,11 @@ fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
         .arg(format!("x{marker}y"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cli: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(cli, tokens(json!({"prompt": format!("x{marker}y")})));
 }
@@ -163,18 +172,35 @@ fn encrypted_stack_says_what_the_plain_one_says(vocab: &str, template: &str, mar
         body
     };
     let greedy = answer(&secret, &chat(json!({"temperature": 0})));
-    assert!(!greedy.is_empty(), "{vocab}: an empty answer proves nothing");
-    assert_eq!(greedy, answer(&plain, &chat(json!({"temperature": 0}))), "{vocab}");
-    assert_eq!(greedy, answer(&secret, &chat(json!({"temperature": 0, "stream": true}))));
+    assert!(
+        !greedy.is_empty(),
+        "{vocab}: an empty answer proves nothing"
+    );
+    assert_eq!(
+        greedy,
+        answer(&plain, &chat(json!({"temperature": 0}))),
+        "{vocab}"
+    );
+    assert_eq!(
+        greedy,
+        answer(&secret, &chat(json!({"temperature": 0, "stream": true})))
+    );
     let seeded = json!({"temperature": 0.9, "seed": 7});
     let drawn = answer(&secret, &chat(seeded.clone()));
     assert_eq!(drawn, answer(&plain, &chat(seeded.clone())), "{vocab}");
     let mut streamed = seeded;
     streamed["stream"] = json!(true);
     assert_eq!(drawn, answer(&secret, &chat(streamed)));
-    assert_ne!(drawn, greedy, "{vocab}: the seeded draws should differ from greedy");
+    assert_ne!(
+        drawn, greedy,
+        "{vocab}: the seeded draws should differ from greedy"
+    );
     // The official SDK, with only base_url changed.
-    assert_eq!(sdk_answer(&secret, question), sdk_answer(&plain, question), "{vocab}");
+    assert_eq!(
+        sdk_answer(&secret, question),
+        sdk_answer(&plain, question),
+        "{vocab}"
+    );
     message_text_is_not_control_tokens(&secret, marker);
     if template.starts_with("mistralai") {
         refused_conversations_are_the_clients_400(&secret);

@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
 use ee_client::model_tool::{encrypt_model, EncryptSummary, KeySource, ModelText};
-use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
+use ee_client::template::{ChatFormat, ChatMessage};
 use ee_core::Key;
 use ee_engine::{generate, GenerateOptions, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -329,16 +329,10 @@ fn main() -> Result<()> {
 fn run_generate(args: GenerateArgs) -> Result<()> {
     let text = ModelText::read(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
-    let codec = text.codec()?;
+    let (codec, template) = text.chat(args.chat_format)?;
     let ids = if args.raw {
         codec.encode(&args.prompt)?
     } else {
-        let template = ChatTemplate::new(
-            args.chat_format
-                .template_source(text.chat_template.as_deref()),
-            text.special.bos.as_deref(),
-            text.special.eos.as_deref(),
-        )?;
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system));

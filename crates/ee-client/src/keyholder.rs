@@ -22,13 +22,14 @@ impl KeyHolder {
         let bundle = ClientBundle::load(dir)?;
         let m = &bundle.manifest;
         let special = &m.special_tokens;
-        let codec =
-            TextCodec::from_file(&bundle.tokenizer_path(), special.bos_id, special.add_bos)?;
-        let template = ChatTemplate::new(
-            format.template_source(m.chat_template.as_deref()),
-            special.bos.as_deref(),
-            special.eos.as_deref(),
+        let source = format.template_source(m.chat_template.as_deref());
+        let codec = TextCodec::from_file_for_template(
+            &bundle.tokenizer_path(),
+            special.bos_id,
+            special.add_bos,
+            Some(source),
         )?;
+        let template = ChatTemplate::new(source, special.bos.as_deref(), special.eos.as_deref())?;
         let perm = bundle.key.vocab_permutation(m.vocab_size);
         Ok(Self {
             bundle,
@@ -55,7 +56,7 @@ impl KeyHolder {
     /// markers become control tokens: special-token text inside a message is
     /// tokenized as text ([`ChatTemplate::prompt_ids`]).
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, Error> {
-        self.template.prompt_ids(&self.codec, messages, true)
+        self.chat_prompt_with(messages, true)
     }
 
     /// [`chat_prompt`](Self::chat_prompt) with the generation prompt left

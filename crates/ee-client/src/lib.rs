@@ -31,6 +31,10 @@ pub enum Error {
     /// message is the template's own, as transformers reports it.
     #[error("{0}")]
     TemplateRaised(String),
+    /// Message text would have become a control token through the
+    /// template's own string handling; the conversation is refused.
+    #[error("message text would become the control token {0:?} once the chat template has rendered it; refusing the conversation")]
+    TemplateInjection(String),
     #[error("model fetch failed: {0}")]
     Fetch(String),
     #[error("model error: {0}")]

@@ -11,10 +11,11 @@ use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::{HfText, TOKENIZER_FILE};
 use ee_core::safetensors::{config_vocab_size, read_config, SERVER_CONFIG_KEYS};
-use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
 use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
+use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
+use crate::template::{ChatFormat, ChatTemplate};
 use crate::text::TextCodec;
 use crate::Error;
 
@@ -143,12 +144,31 @@ impl ModelText {
         Ok((text, facts))
     }
 
+    /// The tokenizer alone (`ee tokenize`).
     pub fn codec(&self) -> Result<TextCodec, Error> {
         TextCodec::from_json(
             &self.tokenizer_json,
             self.special.bos_id,
             self.special.add_bos,
         )
+    }
+
+    /// The tokenizer and template for chats in `format`
+    /// ([`TextCodec::from_json_for_template`]).
+    pub fn chat(&self, format: ChatFormat) -> Result<(TextCodec, ChatTemplate), Error> {
+        let source = format.template_source(self.chat_template.as_deref());
+        let codec = TextCodec::from_json_for_template(
+            &self.tokenizer_json,
+            self.special.bos_id,
+            self.special.add_bos,
+            Some(source),
+        )?;
+        let template = ChatTemplate::new(
+            source,
+            self.special.bos.as_deref(),
+            self.special.eos.as_deref(),
+        )?;
+        Ok((codec, template))
     }
 }
 

@@ -22,8 +22,8 @@ pub mod key;
 pub mod perm;
 pub mod rng;
 pub mod safetensors;
-pub mod transform;
 pub mod tokenizer;
+pub mod transform;
 pub mod wire;
 
 pub use bundle::{BundleManifest, ClientBundle};

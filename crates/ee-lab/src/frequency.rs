@@ -120,7 +120,8 @@ impl CipherBigrams {
                 *counts.entry((w[0], w[1])).or_insert(0) += 1;
             }
         }
-        let mut edges: Vec<(u32, u32, u64)> = counts.into_iter().map(|((a, b), n)| (a, b, n)).collect();
+        let mut edges: Vec<(u32, u32, u64)> =
+            counts.into_iter().map(|((a, b), n)| (a, b, n)).collect();
         edges.sort_unstable();
         let mut touching: HashMap<u32, Vec<usize>> = HashMap::new();
         for (i, &(a, b, _)) in edges.iter().enumerate() {
@@ -204,7 +205,8 @@ pub fn hill_climb(
     let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
     let accept = |step: usize, gain: f64, below: &mut dyn FnMut(usize) -> usize| {
         let t = temperature * (1.0 - step as f64 / moves as f64);
-        gain > 0.0 || (t > 0.0 && (below(1 << 30) as f64 / f64::from(1u32 << 30)) < (gain / t).exp())
+        gain > 0.0
+            || (t > 0.0 && (below(1 << 30) as f64 / f64::from(1u32 << 30)) < (gain / t).exp())
     };
     // Moves stay among IDs of similar frequency rank, where a frequency
     // match's mistakes are.
@@ -295,7 +297,10 @@ mod tests {
         };
         let climbed = hill_climb(&traffic, &prior, ranked, &[], climb);
         let c = Score::of(&climbed, &key, &flat);
-        assert!(c.traffic_token_accuracy >= s.traffic_token_accuracy, "{c:?} vs {s:?}");
+        assert!(
+            c.traffic_token_accuracy >= s.traffic_token_accuracy,
+            "{c:?} vs {s:?}"
+        );
         // The rest are rare words whose contexts are alike (the grammar
         // makes every object follow the same word).
         assert!(c.traffic_token_accuracy > 0.85, "{c:?}");

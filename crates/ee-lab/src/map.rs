@@ -35,7 +35,9 @@ impl RecoveredMap {
     /// The file cannot be read or is not such an array, named.
     pub fn load(path: &Path) -> Result<Self, Error> {
         let bytes = std::fs::read(path).map_err(|e| file(path, e))?;
-        Ok(Self(serde_json::from_slice(&bytes).map_err(|e| file(path, e))?))
+        Ok(Self(
+            serde_json::from_slice(&bytes).map_err(|e| file(path, e))?,
+        ))
     }
 }
 
@@ -60,6 +62,9 @@ mod tests {
         assert_eq!(RecoveredMap::load(&path).unwrap(), map);
         assert_eq!(map.guessed(), 2);
         std::fs::write(&path, "{}").unwrap();
-        assert!(RecoveredMap::load(&path).unwrap_err().to_string().contains("map.json"));
+        assert!(RecoveredMap::load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("map.json"));
     }
 }

@@ -45,7 +45,10 @@ fn normal(rng: &mut ChaCha20Rng) -> f32 {
 }
 
 fn norm(v: &[f32]) -> f64 {
-    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// `m` moved by `delta` in the way `kind` says (deterministic in `seed`).
@@ -138,7 +141,10 @@ pub fn nearest(base: &VocabRows, artifact: &VocabRows) -> Result<RecoveredMap, E
     for start in (0..n).step_by(BLOCK) {
         let len = BLOCK.min(n - start);
         let sims = a.narrow(0, start, len)?.matmul(&bt)?;
-        let best = sims.argmax(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let best = sims
+            .argmax(D::Minus1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
         out.extend(best.into_iter().map(Some));
     }
     Ok(RecoveredMap(out))
@@ -152,7 +158,10 @@ mod tests {
     fn base(n: usize, dim: usize) -> VocabRows {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         VocabRows {
-            embedding: RowMatrix::from_values((0..n * dim).map(|_| normal(&mut rng)).collect(), dim),
+            embedding: RowMatrix::from_values(
+                (0..n * dim).map(|_| normal(&mut rng)).collect(),
+                dim,
+            ),
             head: None,
         }
     }
@@ -162,7 +171,12 @@ mod tests {
         let b = base(300, 32);
         for kind in [Perturbation::Noise, Perturbation::LowRank(4)] {
             let t = fine_tune(&b.embedding, 0.05, kind, 1);
-            let diff: Vec<f32> = t.values.iter().zip(&b.embedding.values).map(|(x, y)| x - y).collect();
+            let diff: Vec<f32> = t
+                .values
+                .iter()
+                .zip(&b.embedding.values)
+                .map(|(x, y)| x - y)
+                .collect();
             let rel = norm(&diff) / norm(&b.embedding.values);
             assert!((rel - 0.05).abs() < 1e-4, "{kind}: {rel}");
         }

@@ -46,7 +46,10 @@ impl Score {
         }
         let distinct: HashSet<u32> = traffic.iter().copied().collect();
         let distinct_right = distinct.iter().filter(|&&c| right(c) == Some(true)).count();
-        let distinct_wrong = distinct.iter().filter(|&&c| right(c) == Some(false)).count();
+        let distinct_wrong = distinct
+            .iter()
+            .filter(|&&c| right(c) == Some(false))
+            .count();
         let occurrences_right = traffic.iter().filter(|&&c| right(c) == Some(true)).count();
         Self {
             vocab_correct,
@@ -84,7 +87,11 @@ mod tests {
         let s = Score::of(&map, &key, &[2, 2, 0, 1, 3]);
         assert_eq!((s.vocab_correct, s.vocab_wrong, s.vocab_total), (2, 1, 4));
         assert_eq!(
-            (s.traffic_distinct_correct, s.traffic_distinct_wrong, s.traffic_distinct_total),
+            (
+                s.traffic_distinct_correct,
+                s.traffic_distinct_wrong,
+                s.traffic_distinct_total
+            ),
             (2, 1, 4)
         );
         assert!((s.traffic_token_accuracy - 0.6).abs() < 1e-12);

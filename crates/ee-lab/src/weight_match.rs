@@ -65,7 +65,9 @@ mod tests {
 
     /// A base model's rows, and the artifact a key makes of them.
     fn pair(n: usize, dim: usize) -> (VocabRows, VocabRows, Permutation) {
-        let values: Vec<f32> = (0..n * dim).map(|i| ((i * 7919) % 1013) as f32 / 97.0).collect();
+        let values: Vec<f32> = (0..n * dim)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0)
+            .collect();
         let base = VocabRows {
             embedding: RowMatrix::from_values(values, dim),
             head: None,
@@ -103,8 +105,14 @@ mod tests {
             embedding: RowMatrix::from_values(shuffled, 16),
             head: None,
         };
-        assert_eq!(Score::of(&exact(&base, &hidden), &key, &[]).vocab_correct, 0);
-        assert_eq!(Score::of(&sorted(&base, &hidden), &key, &[]).vocab_correct, 200);
+        assert_eq!(
+            Score::of(&exact(&base, &hidden), &key, &[]).vocab_correct,
+            0
+        );
+        assert_eq!(
+            Score::of(&sorted(&base, &hidden), &key, &[]).vocab_correct,
+            200
+        );
     }
 
     /// The whole path on real files: tiny GGUF and checkpoint models (tied
@@ -136,7 +144,12 @@ mod tests {
             let seen = VocabRows::read(&artifact).unwrap();
             for attack in [exact, sorted] {
                 let s = Score::of(&attack(&base, &seen), &key, &[]);
-                assert_eq!((s.vocab_correct, s.vocab_wrong), (n as usize, 0), "{}", model.display());
+                assert_eq!(
+                    (s.vocab_correct, s.vocab_wrong),
+                    (n as usize, 0),
+                    "{}",
+                    model.display()
+                );
             }
         }
     }

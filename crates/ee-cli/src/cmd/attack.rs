@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use ee_client::model_tool::ModelText;
-use ee_client::template::{ChatFormat, ChatMessage, ChatTemplate};
+use ee_client::template::{ChatFormat, ChatMessage};
 use ee_core::Key;
 use ee_engine::{GenerateOptions, SamplingParams};
 use ee_lab::nearest::{nearest, private_artifact, Perturbation};
@@ -139,7 +139,8 @@ pub(crate) fn run(command: AttackCommand) -> Result<()> {
 }
 
 fn read_rows(path: &PathBuf) -> Result<VocabRows> {
-    VocabRows::read(path).with_context(|| format!("reading the vocabulary rows of {}", path.display()))
+    VocabRows::read(path)
+        .with_context(|| format!("reading the vocabulary rows of {}", path.display()))
 }
 
 fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
@@ -154,7 +155,11 @@ fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
     map.save(&args.out)?;
     println!(
         "weight-match ({}): {} of {} encrypted IDs mapped in {secs:.2} s; written to {}",
-        if args.sorted { "sorted values" } else { "stored bytes" },
+        if args.sorted {
+            "sorted values"
+        } else {
+            "stored bytes"
+        },
         map.guessed(),
         map.0.len(),
         args.out.display()
@@ -186,7 +191,11 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
         "private weights: {} vocabulary rows of width {}{}; each fine-tune gets a fresh key",
         n,
         base.embedding.dim,
-        if base.head.is_some() { " (+ untied head)" } else { " (tied head)" }
+        if base.head.is_some() {
+            " (+ untied head)"
+        } else {
+            " (tied head)"
+        }
     );
     println!("| fine-tune | δ | recovered | wrong | seconds |");
     println!("|---|---|---|---|---|");
@@ -210,9 +219,12 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&json!({
-            "attack": "private-weights", "base": args.base, "vocab": n, "results": results
-        }))?)
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&json!({
+                "attack": "private-weights", "base": args.base, "vocab": n, "results": results
+            }))?,
+        )
         .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
@@ -228,12 +240,7 @@ fn chats(
     tokens: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
-    let codec = text.codec()?;
-    let template = ChatTemplate::new(
-        ChatFormat::default().template_source(text.chat_template.as_deref()),
-        text.special.bos.as_deref(),
-        text.special.eos.as_deref(),
-    )?;
+    let (codec, template) = text.chat(ChatFormat::default())?;
     let mut out = Vec::new();
     let mut total = 0;
     for (i, prompt) in prompts.iter().cycle().enumerate() {
@@ -268,15 +275,15 @@ fn known_plaintext(
     traffic: &[Vec<u32>],
     last_plain: &[Vec<u32>],
 ) -> Result<Vec<(u32, u32)>> {
-    let codec = text.codec()?;
-    let template = ChatTemplate::new(
-        ChatFormat::default().template_source(text.chat_template.as_deref()),
-        text.special.bos.as_deref(),
-        text.special.eos.as_deref(),
-    )?;
+    let (codec, template) = text.chat(ChatFormat::default())?;
     let render = |s: &str| template.prompt_ids(&codec, &[ChatMessage::new("user", s)], true);
     let (a, b) = (render("alpha")?, render("omega")?);
-    let opening: Vec<u32> = a.iter().zip(&b).take_while(|(x, y)| x == y).map(|(x, _)| *x).collect();
+    let opening: Vec<u32> = a
+        .iter()
+        .zip(&b)
+        .take_while(|(x, y)| x == y)
+        .map(|(x, _)| *x)
+        .collect();
     let mut known = std::collections::BTreeMap::new();
     for (cipher, plain) in traffic.iter().zip(last_plain) {
         for (c, p) in cipher.iter().zip(&opening) {
@@ -303,7 +310,13 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
     let vocab = model.vocab_size();
     let most = args.tokens.iter().copied().max().unwrap_or(0);
     let started = Instant::now();
-    let victim = chats(&text, model.as_ref(), &ee_lab::prompts::VICTIM, most, args.seed)?;
+    let victim = chats(
+        &text,
+        model.as_ref(),
+        &ee_lab::prompts::VICTIM,
+        most,
+        args.seed,
+    )?;
     let prior_text = chats(
         &text,
         model.as_ref(),
@@ -373,11 +386,14 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
         }
     }
     if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_vec_pretty(&json!({
-            "attack": "frequency", "model": args.model, "vocab": vocab,
-            "prior_tokens": prior_text.iter().map(Vec::len).sum::<usize>(),
-            "moves": args.moves, "temperature": args.temperature, "results": results
-        }))?)
+        std::fs::write(
+            path,
+            serde_json::to_vec_pretty(&json!({
+                "attack": "frequency", "model": args.model, "vocab": vocab,
+                "prior_tokens": prior_text.iter().map(Vec::len).sum::<usize>(),
+                "moves": args.moves, "temperature": args.temperature, "results": results
+            }))?,
+        )
         .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())

@@ -70,14 +70,7 @@ pub(crate) fn tokenize(args: TokenizeArgs) -> Result<()> {
         Some(t) => t,
         None => read_stdin()?,
     };
-    let mut ids = if args.no_parse_special {
-        codec.encode_text(&input)?
-    } else {
-        codec.encode_with(&input, !args.no_bos)?
-    };
-    if args.no_parse_special && !args.no_bos && text.special.add_bos {
-        ids.splice(0..0, text.special.bos_id);
-    }
+    let ids = codec.encode_with(&input, !args.no_bos, !args.no_parse_special)?;
     let mut out = std::io::stdout().lock();
     if args.ids {
         writeln!(out, "{}", serde_json::to_string(&ids)?)?;
@@ -112,7 +105,10 @@ pub(crate) fn detokenize(args: DetokenizeArgs) -> Result<()> {
     let ids = input
         .split(|c: char| c.is_whitespace() || matches!(c, ',' | '[' | ']'))
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("{t:?} is not a token ID")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("{t:?} is not a token ID"))
+        })
         .collect::<Result<Vec<u32>>>()?;
     // Exactly the text, no newline added, so it pipes back unchanged.
     print!("{}", codec.decode_with_specials(&ids)?);
@@ -191,8 +187,9 @@ pub(crate) fn render_chat(args: RenderChatArgs) -> Result<()> {
 fn read_json(path: &Path) -> Result<Value> {
     let text = match path == Path::new("-") {
         true => read_stdin()?,
-        false => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?,
+        false => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
     };
     serde_json::from_str(&text).with_context(|| format!("{}: not JSON", path.display()))
 }

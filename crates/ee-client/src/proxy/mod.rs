@@ -217,7 +217,10 @@ async fn plaintext_tool(
     session: &Session,
     headers: HeaderMap,
     body: Body,
-    tool: fn(&crate::keyholder::KeyHolder, &Map<String, Value>) -> Result<Value, request::RequestError>,
+    tool: fn(
+        &crate::keyholder::KeyHolder,
+        &Map<String, Value>,
+    ) -> Result<Value, request::RequestError>,
 ) -> Response {
     let body: Map<String, Value> =
         match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {

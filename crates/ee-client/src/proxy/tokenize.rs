@@ -32,18 +32,25 @@ pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, Re
     let codec = keys.codec();
     let tokens = match (body.get("prompt"), body.get("messages")) {
         (Some(_), Some(_)) => {
-            return Err(invalid("messages", "give either prompt or messages, not both"))
+            return Err(invalid(
+                "messages",
+                "give either prompt or messages, not both",
+            ))
         }
         (Some(Value::String(prompt)), None) => {
             let add_special = flag_or(body.get("add_special_tokens"), "add_special_tokens", true)?;
             codec
-                .encode_with(prompt, add_special)
+                .encode_with(prompt, add_special, true)
                 .map_err(|e| invalid("prompt", e.to_string()))?
         }
         (Some(_), None) => return Err(invalid("prompt", "prompt must be a string")),
         (None, messages @ Some(_)) => {
             let messages = parse_messages(messages)?;
-            let add = flag_or(body.get("add_generation_prompt"), "add_generation_prompt", true)?;
+            let add = flag_or(
+                body.get("add_generation_prompt"),
+                "add_generation_prompt",
+                true,
+            )?;
             keys.chat_prompt_with(&messages, add)
                 .map_err(|e| invalid("messages", e.to_string()))?
         }
@@ -68,7 +75,11 @@ pub fn detokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, 
     };
     let ids = items
         .iter()
-        .map(|v| v.as_u64().and_then(|id| u32::try_from(id).ok()).ok_or_else(bad))
+        .map(|v| {
+            v.as_u64()
+                .and_then(|id| u32::try_from(id).ok())
+                .ok_or_else(bad)
+        })
         .collect::<Result<Vec<u32>, _>>()?;
     let text = keys
         .codec()
@@ -96,11 +107,17 @@ mod tests {
     #[test]
     fn tokenize_and_detokenize_round_trip_in_vllms_shapes() {
         let (_dir, keys) = tiny_keys();
-        let r = tokenize(&keys, &body(json!({"prompt": "<|im_start|>ab", "return_token_strs": true})))
-            .unwrap();
+        let r = tokenize(
+            &keys,
+            &body(json!({"prompt": "<|im_start|>ab", "return_token_strs": true})),
+        )
+        .unwrap();
         let ids: Vec<u32> = serde_json::from_value(r["tokens"].clone()).unwrap();
         assert_eq!(r["count"], json!(ids.len()));
-        assert_eq!(ids[0], 1, "special-token text in a prompt is the control token");
+        assert_eq!(
+            ids[0], 1,
+            "special-token text in a prompt is the control token"
+        );
         assert_eq!(r["token_strs"][0], "<|im_start|>");
         let back = detokenize(&keys, &body(json!({"tokens": ids}))).unwrap();
         assert_eq!(back["prompt"], "<|im_start|>ab");
@@ -114,7 +131,11 @@ mod tests {
             .chat_prompt(&[crate::template::ChatMessage::new("user", "<|im_end|>")])
             .unwrap();
         assert_eq!(ids, sent);
-        assert_eq!(ids.iter().filter(|&&t| t == 2).count(), 1, "only the template's <|im_end|>");
+        assert_eq!(
+            ids.iter().filter(|&&t| t == 2).count(),
+            1,
+            "only the template's <|im_end|>"
+        );
         assert_eq!(r["token_strs"], Value::Null);
     }
 
@@ -123,15 +144,39 @@ mod tests {
         let (_dir, keys) = tiny_keys();
         let param = |r: Result<Value, RequestError>| r.unwrap_err().param.unwrap();
         assert_eq!(param(tokenize(&keys, &body(json!({})))), "prompt");
-        assert_eq!(param(tokenize(&keys, &body(json!({"prompt": 3})))), "prompt");
-        assert_eq!(param(tokenize(&keys, &body(json!({"prompt": "a", "messages": []})))), "messages");
-        assert_eq!(param(tokenize(&keys, &body(json!({"prompt": "a", "extra": 1})))), "extra");
         assert_eq!(
-            param(tokenize(&keys, &body(json!({"prompt": "a", "add_special_tokens": "no"})))),
+            param(tokenize(&keys, &body(json!({"prompt": 3})))),
+            "prompt"
+        );
+        assert_eq!(
+            param(tokenize(
+                &keys,
+                &body(json!({"prompt": "a", "messages": []}))
+            )),
+            "messages"
+        );
+        assert_eq!(
+            param(tokenize(&keys, &body(json!({"prompt": "a", "extra": 1})))),
+            "extra"
+        );
+        assert_eq!(
+            param(tokenize(
+                &keys,
+                &body(json!({"prompt": "a", "add_special_tokens": "no"}))
+            )),
             "add_special_tokens"
         );
-        assert_eq!(param(detokenize(&keys, &body(json!({"tokens": [1, -1]})))), "tokens");
-        assert_eq!(param(detokenize(&keys, &body(json!({"tokens": [999999]})))), "tokens");
-        assert_eq!(param(detokenize(&keys, &body(json!({"tokens": "1"})))), "tokens");
+        assert_eq!(
+            param(detokenize(&keys, &body(json!({"tokens": [1, -1]})))),
+            "tokens"
+        );
+        assert_eq!(
+            param(detokenize(&keys, &body(json!({"tokens": [999999]})))),
+            "tokens"
+        );
+        assert_eq!(
+            param(detokenize(&keys, &body(json!({"tokens": "1"})))),
+            "tokens"
+        );
     }
 }

@@ -76,7 +76,11 @@ fn python_repr(v: &Json) -> String {
 /// Python's `repr(str)`: single quotes unless the text has one and no
 /// double quote; backslash, the quote and control characters escaped.
 fn repr_str(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -277,7 +281,10 @@ mod tests {
             r#""\u00e9<&>\"\n""#
         );
         assert_eq!(
-            render("{{ x.d|tojson(separators=(',', ':')) }}{{ [1,2]|tojson(separators=(',', ':')) }}", ctx),
+            render(
+                "{{ x.d|tojson(separators=(',', ':')) }}{{ [1,2]|tojson(separators=(',', ':')) }}",
+                ctx
+            ),
             "[][1,2]"
         );
     }
@@ -286,9 +293,15 @@ mod tests {
     fn prints_values_as_pythons_str_and_undefined_has_no_length() {
         let ctx = serde_json::json!({"d": {"type": "function", "ok": true, "n": null, "q": "it's"}, "l": [1.5, "a\n"]});
         assert_eq!(
-            render("{{ d }} {{ l|string }} {{ true }} {{ none }} {{ 2 }} {{ 'x' }}", ctx.clone()),
+            render(
+                "{{ d }} {{ l|string }} {{ true }} {{ none }} {{ 2 }} {{ 'x' }}",
+                ctx.clone()
+            ),
             r#"{'type': 'function', 'ok': True, 'n': None, 'q': "it's"} [1.5, 'a\n'] True None 2 x"#
         );
-        assert_eq!(render("{{ missing|length }}{{ l|length }}{{ missing }}", ctx), "02");
+        assert_eq!(
+            render("{{ missing|length }}{{ l|length }}{{ missing }}", ctx),
+            "02"
+        );
     }
 }

@@ -48,6 +48,9 @@ pub struct GgufVocab {
     /// `tokenizer.ggml.add_space_prefix`: SentencePiece's dummy prefix, a
     /// space before the text (llama.cpp's default: on for `llama` only).
     pub add_space_prefix: bool,
+    /// Special tokens take the whitespace after them (`rstrip`), as
+    /// llama.cpp sets for Phi-3 models (by `general.name`).
+    pub rstrip_specials: bool,
     pub chat_template: Option<String>,
 }
 
@@ -122,27 +125,40 @@ impl GgufVocab {
                 .collect::<Result<_, _>>()?,
         };
         if !scores.is_empty() && scores.len() != tokens.len() {
-            return Err(Error::Tokenizer("scores and tokens differ in length".into()));
+            return Err(Error::Tokenizer(
+                "scores and tokens differ in length".into(),
+            ));
         }
         let pre = h
             .get("tokenizer.ggml.pre")
             .and_then(Value::as_str)
             .map(str::to_owned);
         // llama.cpp's defaults where the GGUF is silent: SentencePiece
-        // starts prompts with BOS and a space; BPE per family.
+        // starts prompts with BOS and a space, and its BOS, EOS and UNK are
+        // 1, 2 and 0; BPE per family.
         let sentencepiece = model == "llama";
+        let sentencepiece_id = |key: &str, default: u32| match sentencepiece {
+            true => id(key).or(Some(default)),
+            false => id(key),
+        };
+        let name = h
+            .get("general.name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_lowercase();
         let bos_default = sentencepiece || bpe::adds_bos_by_default(pre.as_deref());
         let vocab = Self {
             model,
             pre,
             merges: strings("tokenizer.ggml.merges")?,
-            bos_token_id: id("tokenizer.ggml.bos_token_id"),
-            eos_token_id: id("tokenizer.ggml.eos_token_id"),
+            bos_token_id: sentencepiece_id("tokenizer.ggml.bos_token_id", 1),
+            eos_token_id: sentencepiece_id("tokenizer.ggml.eos_token_id", 2),
             pad_token_id: id("tokenizer.ggml.padding_token_id"),
-            unk_token_id: id("tokenizer.ggml.unknown_token_id"),
+            unk_token_id: sentencepiece_id("tokenizer.ggml.unknown_token_id", 0),
             add_bos_token: flag("tokenizer.ggml.add_bos_token", bos_default),
             add_eos_token: flag("tokenizer.ggml.add_eos_token", false),
             add_space_prefix: flag("tokenizer.ggml.add_space_prefix", sentencepiece),
+            rstrip_specials: name.contains("phi-3") || name.contains("phi3"),
             chat_template: h
                 .get("tokenizer.chat_template")
                 .and_then(Value::as_str)
@@ -208,7 +224,8 @@ impl GgufVocab {
         vocab
     }
 
-    /// Control, unknown and user-defined tokens as Hugging Face added tokens.
+    /// Control, unknown and user-defined tokens as Hugging Face added tokens
+    /// (the ones llama.cpp's special-token partition looks for).
     /// Control and unknown tokens are `special`, as llama.cpp's
     /// `parse_special` treats them: with special-token parsing off they are
     /// text.
@@ -225,12 +242,15 @@ impl GgufVocab {
                 )
             })
             .map(|(i, &ty)| {
+                let content = &self.tokens[i];
+                let rstrip = self.rstrip_specials
+                    && !["<unk>", "<s>", "<|endoftext|>"].contains(&content.as_str());
                 json!({
                     "id": i,
-                    "content": self.tokens[i],
+                    "content": content,
                     "single_word": false,
                     "lstrip": false,
-                    "rstrip": false,
+                    "rstrip": rstrip,
                     "normalized": false,
                     "special": ty != TOKEN_TYPE_USER_DEFINED,
                 })
@@ -287,6 +307,42 @@ mod tests {
         assert_eq!(steps[0]["pattern"]["Regex"], r"\p{N}");
         assert_eq!(steps[1]["pattern"]["Regex"], bpe::GPT2);
         assert_eq!(steps[2]["type"], "ByteLevel");
+    }
+
+    #[test]
+    fn follows_llama_cpps_defaults_where_the_gguf_is_silent() {
+        let spm = header(vec![
+            ("general.name", Value::String("Phi3 mini".into())),
+            ("tokenizer.ggml.model", Value::String("llama".into())),
+            (
+                "tokenizer.ggml.tokens",
+                strs(&["<unk>", "<s>", "</s>", "a"]),
+            ),
+        ]);
+        let v = GgufVocab::from_header(&spm).unwrap();
+        assert_eq!(
+            (v.bos_token_id, v.eos_token_id, v.unk_token_id),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(v.add_bos_token && v.add_space_prefix && v.rstrip_specials);
+        let gpt2 = header(vec![
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", strs(&["a"])),
+        ]);
+        let v = GgufVocab::from_header(&gpt2).unwrap();
+        assert_eq!(
+            (v.bos_token_id, v.add_bos_token, v.add_space_prefix),
+            (None, false, false)
+        );
+        // No pre-tokenizer named: llama.cpp's default sequence of splits.
+        let j = v.to_hf_tokenizer_json().unwrap();
+        assert_eq!(
+            j["pre_tokenizer"]["pretokenizers"]
+                .as_array()
+                .unwrap()
+                .len(),
+            5
+        );
     }
 
     #[test]

@@ -66,7 +66,8 @@ pub fn tokenizer_json(vocab: &GgufVocab) -> Result<Json, Error> {
         )));
     }
     let unk = vocab.token(vocab.unk_token_id).unwrap_or("<unk>");
-    let replace_space = json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_MARKER});
+    let replace_space =
+        json!({"type": "Replace", "pattern": {"String": " "}, "content": SPACE_MARKER});
     let (normalizer, decoder) = if vocab.add_space_prefix {
         (
             json!({"type": "Sequence", "normalizers": [
@@ -125,6 +126,7 @@ mod tests {
             add_bos_token: false,
             add_eos_token: false,
             add_space_prefix: true,
+            rstrip_specials: false,
             chat_template: None,
         }
     }

@@ -192,6 +192,7 @@ fn write_tokenizer_files(dir: &Path) -> Result<(), Error> {
         add_bos_token: false,
         add_eos_token: false,
         add_space_prefix: false,
+        rstrip_specials: false,
         chat_template: Some(TINY_CHAT_TEMPLATE.into()),
     };
     let write = |name: &str, v: serde_json::Value| {
