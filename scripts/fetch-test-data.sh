@@ -14,14 +14,18 @@ SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 DEST="models/llama.cpp"
 VENV="models/.venv"
 PYTHON="${EE_PYTHON:-python3}"
+# jinja2 is the oracle; scikit-build-core and cmake are what pip needs to
+# read the sdist's metadata without building it.
+PACKAGES=("jinja2==3.1.6" "scikit-build-core==1.1.2" "cmake==4.4.5")
+STAMP="$VENV/.ee-packages"
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
-# jinja2 is the oracle; scikit-build-core and cmake are what pip needs to
-# read the sdist's metadata without building it.
-"$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-  "jinja2==3.1.6" "scikit-build-core" "cmake"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "${PACKAGES[*]}" ]; then
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PACKAGES[@]}"
+  echo "${PACKAGES[*]}" > "$STAMP"
+fi
 
 if [ -f "$DEST/.sha256" ] && [ "$(cat "$DEST/.sha256")" = "$SDIST_SHA256" ]; then
   exit 0

@@ -187,6 +187,39 @@ pub struct ServerProcess {
     pub addr: std::net::SocketAddr,
 }
 
+/// The text of an answer from `proxy`: the message (or completion text)
+/// of a response, or the streamed deltas joined. Asserts a 200.
+pub fn answer_text(proxy: &ServerProcess, path: &str, body: &serde_json::Value) -> String {
+    let r = proxy.post_json(path, body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    if body["stream"] == serde_json::json!(true) {
+        let mut text = String::new();
+        for data in r.sse_data() {
+            if data == "[DONE]" {
+                continue;
+            }
+            let chunk: serde_json::Value = serde_json::from_str(&data).expect("chunk JSON");
+            for c in chunk["choices"].as_array().expect("choices") {
+                text.push_str(
+                    c["delta"]["content"]
+                        .as_str()
+                        .or(c["text"].as_str())
+                        .unwrap_or(""),
+                );
+            }
+        }
+        text
+    } else {
+        let v = r.json();
+        let c = &v["choices"][0];
+        c["message"]["content"]
+            .as_str()
+            .or(c["text"].as_str())
+            .expect("text")
+            .to_owned()
+    }
+}
+
 /// A loopback address with a port nobody listens on right now.
 pub fn free_addr() -> std::net::SocketAddr {
     let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -49,36 +49,9 @@ fn chat(question: &str, extra: Value) -> Value {
     body
 }
 
-/// The answer's text: the message of a response, or the streamed deltas.
+/// The answer's text through the stack's proxy.
 fn answer_text(stack: &Stack, path: &str, body: &Value) -> String {
-    let r = stack.proxy.post_json(path, body);
-    assert_eq!(r.status, 200, "{}", r.body);
-    if body["stream"] == json!(true) {
-        let mut text = String::new();
-        for data in r.sse_data() {
-            if data == "[DONE]" {
-                continue;
-            }
-            let chunk: Value = serde_json::from_str(&data).expect("chunk JSON");
-            for c in chunk["choices"].as_array().expect("choices") {
-                text.push_str(
-                    c["delta"]["content"]
-                        .as_str()
-                        .or(c["text"].as_str())
-                        .unwrap_or(""),
-                );
-            }
-        }
-        text
-    } else {
-        let v = r.json();
-        let c = &v["choices"][0];
-        c["message"]["content"]
-            .as_str()
-            .or(c["text"].as_str())
-            .expect("text")
-            .to_owned()
-    }
+    ee_e2e::answer_text(&stack.proxy, path, body)
 }
 
 /// The token IDs of the first prompt the proxy sent the server.
@@ -448,9 +421,6 @@ fn curl_stop_strings_logit_bias_errors_and_a_wrong_or_missing_server() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
-
-/// Installs the official `openai` package into target/ once (pip, from the
-/// package registry) and returns the directory to put on PYTHONPATH.
 
 #[test]
 fn the_official_openai_python_package_works_with_only_base_url_changed() {

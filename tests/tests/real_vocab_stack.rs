@@ -57,28 +57,8 @@ fn stack(model: &Path, key: KeySource) -> Stack {
     }
 }
 
-/// The answer's text, from a response or from the streamed deltas (which
-/// must each be whole characters).
 fn answer(stack: &Stack, body: &Value) -> String {
-    let r = stack.proxy.post_json("/v1/chat/completions", body);
-    assert_eq!(r.status, 200, "{}", r.body);
-    if body["stream"] != json!(true) {
-        return r.json()["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned();
-    }
-    let mut text = String::new();
-    for data in r.sse_data() {
-        if data == "[DONE]" {
-            continue;
-        }
-        let chunk: Value = serde_json::from_str(&data).unwrap();
-        if let Some(piece) = chunk["choices"][0]["delta"]["content"].as_str() {
-            text.push_str(piece);
-        }
-    }
-    text
+    ee_e2e::answer_text(&stack.proxy, "/v1/chat/completions", body)
 }
 
 fn sdk_answer(stack: &Stack, question: &str) -> String {

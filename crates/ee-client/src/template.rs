@@ -17,11 +17,14 @@ use crate::Error;
 /// One chat message with plain-text content.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
     pub role: String,
+    /// The text.
     pub content: String,
 }
 
 impl ChatMessage {
+    /// A message of `role` saying `content`.
     pub fn new(role: &str, content: &str) -> Self {
         Self {
             role: role.into(),
@@ -84,6 +87,7 @@ impl ChatFormat {
     }
 }
 
+/// A compiled chat template with the model's BOS and EOS text.
 pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,

@@ -287,12 +287,15 @@ impl TextCodec {
     /// `unparse_special`): what `ee detokenize` and `/detokenize` show.
     ///
     /// # Errors
-    /// An ID outside the vocabulary, named.
+    /// An ID the vocabulary does not have, named.
     pub fn decode_with_specials(&self, ids: &[u32]) -> Result<String, Error> {
-        let size = self.vocab_size();
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= size) {
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&id| self.tokenizer.id_to_token(id).is_none())
+        {
             return Err(Error::Tokenizer(format!(
-                "token ID {bad} is outside the vocabulary of {size}"
+                "token ID {bad} is not in the vocabulary of {}",
+                self.vocab_size()
             )));
         }
         self.tokenizer
@@ -330,10 +333,12 @@ impl TextCodec {
         self.specials.as_ref().is_some_and(|s| s.ids.contains(&id))
     }
 
+    /// The number of pieces, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.tokenizer.get_vocab_size(true)
     }
 
+    /// An incremental detokenizer for one answer.
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {
             codec: self,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use ee_client::model_tool::ModelText;
-use ee_client::template::{ChatInput, ChatTemplate};
+use ee_client::template::{ChatFormat, ChatInput, ChatTemplate};
 use ee_core::ClientBundle;
 use serde_json::Value;
 
@@ -38,7 +38,7 @@ impl Source {
                     .with_context(|| format!("loading the bundle {}", dir.display()))?;
                 Ok(ModelText::from_bundle(&bundle)?)
             }
-            (None, None) => bail!("give --model or --bundle"),
+            (None, None) => bail!("give --model or --bundle (or, to render-chat, --template)"),
         }
     }
 }
@@ -127,6 +127,11 @@ pub(crate) struct RenderChatArgs {
     /// A client bundle whose template to render.
     #[arg(long)]
     bundle: Option<PathBuf>,
+    /// With --model or --bundle: `llama-cpp` renders a ChatML model as
+    /// plain ChatML, as the proxy does by default; `gguf` renders the
+    /// shipped template.
+    #[arg(long, value_enum, default_value_t = ChatFormat::LlamaCpp)]
+    chat_format: ChatFormat,
     /// The conversation: a JSON array of OpenAI messages (`-` for standard
     /// input).
     #[arg(long)]
@@ -158,10 +163,11 @@ pub(crate) fn render_chat(args: RenderChatArgs) -> Result<()> {
                 bundle: args.bundle.clone(),
             }
             .read()?;
-            let Some(template) = text.chat_template else {
-                bail!("the model ships no chat template; give one with --template");
-            };
-            (template, text.special.bos, text.special.eos)
+            let source = args
+                .chat_format
+                .template_source(text.chat_template.as_deref())
+                .to_owned();
+            (source, text.special.bos, text.special.eos)
         }
     };
     let template = ChatTemplate::new(

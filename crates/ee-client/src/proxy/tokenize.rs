@@ -6,7 +6,8 @@
 //!   parsed as the completions endpoint parses it; `add_special_tokens`,
 //!   default true, adds BOS where the model wants one) or `messages` (a chat,
 //!   rendered and tokenized exactly as the chat endpoint does;
-//!   `add_generation_prompt`, default true). `return_token_strs` adds the
+//!   `add_generation_prompt`, default true). A field of the other form is
+//!   refused, naming it. `return_token_strs` adds the
 //!   vocabulary pieces. It answers `{count, max_model_len, tokens,
 //!   token_strs}`.
 //! - `/detokenize` takes `tokens` and answers `{prompt}`, special tokens
@@ -30,7 +31,13 @@ const TOKENIZE_FIELDS: &[&str] = &[
 pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, RequestError> {
     refuse_unknown(body, TOKENIZE_FIELDS)?;
     let codec = keys.codec();
-    let tokens = match (body.get("prompt"), body.get("messages")) {
+    let given = |k: &str| body.get(k).filter(|v| !v.is_null());
+    // A field that means nothing for this form is refused, not ignored.
+    let only_for = |field: &str, form: &str| match given(field) {
+        Some(_) => Err(invalid(field, format!("{field} applies to {form} only"))),
+        None => Ok(()),
+    };
+    let tokens = match (given("prompt"), given("messages")) {
         (Some(_), Some(_)) => {
             return Err(invalid(
                 "messages",
@@ -38,6 +45,7 @@ pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, Re
             ))
         }
         (Some(Value::String(prompt)), None) => {
+            only_for("add_generation_prompt", "messages")?;
             let add_special = flag_or(body.get("add_special_tokens"), "add_special_tokens", true)?;
             codec
                 .encode_with(prompt, add_special, true)
@@ -45,6 +53,8 @@ pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, Re
         }
         (Some(_), None) => return Err(invalid("prompt", "prompt must be a string")),
         (None, messages @ Some(_)) => {
+            // The chat endpoint's prompt exactly: its BOS is the template's.
+            only_for("add_special_tokens", "prompt")?;
             let messages = parse_messages(messages)?;
             let add = flag_or(
                 body.get("add_generation_prompt"),

@@ -18,10 +18,13 @@ use serde_json::{json, Map, Value as Json};
 use crate::gguf::{GgufHeader, Value};
 use crate::Error;
 
-/// GGUF token types (llama.cpp's `llama_token_type`).
+/// GGUF token type (llama.cpp's `llama_token_type`): an ordinary piece.
 pub const TOKEN_TYPE_NORMAL: i64 = 1;
+/// GGUF token type: the unknown token (`<unk>`).
 pub const TOKEN_TYPE_UNKNOWN: i64 = 2;
+/// GGUF token type: a control token (BOS, EOS, chat markers).
 pub const TOKEN_TYPE_CONTROL: i64 = 3;
+/// GGUF token type: a user-defined token, matched in any text.
 pub const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Every GGUF metadata key that belongs to the tokenizer starts with this.
@@ -34,15 +37,21 @@ pub struct GgufVocab {
     pub model: String,
     /// `tokenizer.ggml.pre`, e.g. `smollm`.
     pub pre: Option<String>,
+    /// `tokenizer.ggml.tokens`: each ID's piece.
     pub tokens: Vec<String>,
+    /// `tokenizer.ggml.token_type`: each ID's type (`TOKEN_TYPE_*`).
     pub token_types: Vec<i64>,
     /// `tokenizer.ggml.scores`: SentencePiece piece scores (merge priority).
     pub scores: Vec<f32>,
+    /// `tokenizer.ggml.merges`: BPE merges, `left right`, by rank.
     pub merges: Vec<String>,
+    /// Special-token IDs (plaintext), where the GGUF has them (or, for
+    /// SentencePiece, llama.cpp's defaults).
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
     pub pad_token_id: Option<u32>,
     pub unk_token_id: Option<u32>,
+    /// Whether prompts start with BOS / end with EOS.
     pub add_bos_token: bool,
     pub add_eos_token: bool,
     /// `tokenizer.ggml.add_space_prefix`: SentencePiece's dummy prefix, a
@@ -55,6 +64,12 @@ pub struct GgufVocab {
 }
 
 impl GgufVocab {
+    /// Reads the `tokenizer.*` metadata of a GGUF header, with llama.cpp's
+    /// defaults where it is silent.
+    ///
+    /// # Errors
+    /// No `tokenizer.ggml.model` or tokens, malformed arrays, or a special
+    /// ID outside the vocabulary, named by key.
     pub fn from_header(h: &GgufHeader) -> Result<Self, Error> {
         let strings = |key: &str| -> Result<Vec<String>, Error> {
             match h.get(key) {
@@ -97,19 +112,23 @@ impl GgufVocab {
                     Error::Tokenizer("tokenizer.ggml.token_type is not an array".into())
                 })?
                 .iter()
-                .map(|x| match *x {
+                .enumerate()
+                .map(|(i, x)| match *x {
                     Value::I32(t) => Ok(i64::from(t)),
-                    ref other => other
-                        .as_u64()
-                        .map(|t| t as i64)
-                        .ok_or_else(|| Error::Tokenizer("bad token type".into())),
+                    ref other => other.as_u64().map(|t| t as i64).ok_or_else(|| {
+                        Error::Tokenizer(format!(
+                            "tokenizer.ggml.token_type[{i}] is not an integer"
+                        ))
+                    }),
                 })
                 .collect::<Result<_, _>>()?,
         };
         if token_types.len() != tokens.len() {
-            return Err(Error::Tokenizer(
-                "token_type and tokens differ in length".into(),
-            ));
+            return Err(Error::Tokenizer(format!(
+                "tokenizer.ggml.token_type has {} entries for {} tokens",
+                token_types.len(),
+                tokens.len()
+            )));
         }
         let scores: Vec<f32> = match h.get("tokenizer.ggml.scores") {
             None => Vec::new(),
@@ -117,17 +136,20 @@ impl GgufVocab {
                 .as_array()
                 .ok_or_else(|| Error::Tokenizer("tokenizer.ggml.scores is not an array".into()))?
                 .iter()
-                .map(|x| {
-                    x.as_f64()
-                        .map(|f| f as f32)
-                        .ok_or_else(|| Error::Tokenizer("bad token score".into()))
+                .enumerate()
+                .map(|(i, x)| {
+                    x.as_f64().map(|f| f as f32).ok_or_else(|| {
+                        Error::Tokenizer(format!("tokenizer.ggml.scores[{i}] is not a number"))
+                    })
                 })
                 .collect::<Result<_, _>>()?,
         };
         if !scores.is_empty() && scores.len() != tokens.len() {
-            return Err(Error::Tokenizer(
-                "scores and tokens differ in length".into(),
-            ));
+            return Err(Error::Tokenizer(format!(
+                "tokenizer.ggml.scores has {} entries for {} tokens",
+                scores.len(),
+                tokens.len()
+            )));
         }
         let pre = h
             .get("tokenizer.ggml.pre")
@@ -185,6 +207,7 @@ impl GgufVocab {
         Ok(vocab)
     }
 
+    /// The piece of `id`, if it is one.
     pub fn token(&self, id: Option<u32>) -> Option<&str> {
         id.and_then(|i| self.tokens.get(i as usize))
             .map(String::as_str)
