@@ -99,4 +99,24 @@ impl VocabRows {
     pub fn vocab_size(&self) -> usize {
         self.embedding.rows()
     }
+
+    /// These rows with their hidden channels (columns) permuted by `sigma`,
+    /// as a hidden-channel key would leave them: what an operator would
+    /// hold under that tier, simulated on the values.
+    ///
+    /// # Panics
+    /// If `sigma` is not a permutation of the row width.
+    pub fn with_channels_permuted(&self, sigma: &[usize]) -> Self {
+        let permute = |m: &RowMatrix| {
+            assert_eq!(sigma.len(), m.dim, "σ must permute the row width");
+            let values = (0..m.rows())
+                .flat_map(|r| sigma.iter().map(move |&j| m.row(r)[j]))
+                .collect();
+            RowMatrix::from_values(values, m.dim)
+        };
+        Self {
+            embedding: permute(&self.embedding),
+            head: self.head.as_ref().map(permute),
+        }
+    }
 }

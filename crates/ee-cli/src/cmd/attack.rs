@@ -56,6 +56,10 @@ pub(crate) struct WeightMatchArgs {
     /// instead of stored bytes.
     #[arg(long)]
     sorted: bool,
+    /// Simulate a hidden-channel key on top: permute the artifact rows'
+    /// channels with a random σ before the attack sees them.
+    #[arg(long)]
+    permute_channels: bool,
     /// Where to write the recovered mapping.
     #[arg(long)]
     out: PathBuf,
@@ -145,7 +149,14 @@ fn read_rows(path: &PathBuf) -> Result<VocabRows> {
 
 fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
     let base = read_rows(&args.base)?;
-    let artifact = read_rows(&args.artifact)?;
+    let mut artifact = read_rows(&args.artifact)?;
+    if args.permute_channels {
+        let sigma = Key::generate()?.vocab_permutation(artifact.embedding.dim as u32);
+        let sigma: Vec<usize> = (0..sigma.len() as u32)
+            .map(|i| sigma.encrypt(i).unwrap_or(i) as usize)
+            .collect();
+        artifact = artifact.with_channels_permuted(&sigma);
+    }
     let started = Instant::now();
     let map = match args.sorted {
         true => weight_match::sorted(&base, &artifact),
