@@ -9,13 +9,14 @@
 //!   operator holding the weights reads them;
 //! - attacks: [`weight_match`] (the server operator with the public base
 //!   model), [`nearest`] (the same operator facing private, fine-tuned
-//!   weights), [`frequency`] (a passive observer of the traffic, with the
+//!   weights), [`fingerprint`] (anyone who can query the server), [`frequency`] (a passive observer of the traffic, with the
 //!   public model as its prior), [`bound`] (brute force).
 //!
 //! Each attack takes only what its adversary has: weights it can read, and
 //! never the key.
 
 pub mod bound;
+pub mod fingerprint;
 pub mod frequency;
 pub mod map;
 pub mod nearest;

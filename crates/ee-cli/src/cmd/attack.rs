@@ -34,6 +34,9 @@ pub(crate) enum AttackCommand {
     /// key by frequency analysis and hill climbing with the public model's
     /// statistics as the prior, at several traffic volumes.
     Frequency(FrequencyArgs),
+    /// Anyone who can query the server: one-token prompts of encrypted IDs,
+    /// their top log-probabilities matched against the public model's.
+    Fingerprint(FingerprintArgs),
     /// Grade a recovered mapping against the true key.
     Score(ScoreArgs),
     /// Brute force: the key space, log2(V!) bits, and why it is not the measure.
@@ -111,6 +114,30 @@ pub(crate) struct FrequencyArgs {
 }
 
 #[derive(Args)]
+pub(crate) struct FingerprintArgs {
+    /// The public base model.
+    #[arg(long)]
+    base: PathBuf,
+    /// The server artifact (queried in-process, as the API would answer).
+    #[arg(long)]
+    artifact: PathBuf,
+    /// Numbers of queries (distinct encrypted IDs, chosen at random).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    queries: Vec<usize>,
+    /// Log-probabilities per answer (OpenAI's `top_logprobs` allows 20).
+    #[arg(long, default_value_t = 20)]
+    top_k: usize,
+    /// The true key, for the score (the attack never reads it).
+    #[arg(long)]
+    key: PathBuf,
+    /// Where to write the mapping of the largest query budget.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[derive(Args)]
 pub(crate) struct ScoreArgs {
     /// A mapping written by an attack's `--out`.
     #[arg(long)]
@@ -125,6 +152,7 @@ pub(crate) fn run(command: AttackCommand) -> Result<()> {
         AttackCommand::WeightMatch(args) => weight_match_cmd(args),
         AttackCommand::PrivateWeights(args) => private_weights(args),
         AttackCommand::Frequency(args) => frequency(args),
+        AttackCommand::Fingerprint(args) => fingerprint(args),
         AttackCommand::Score(args) => {
             let map = RecoveredMap::load(&args.map)?;
             print_score(&map, &args.key)
@@ -406,6 +434,46 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
             }))?,
         )
         .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn fingerprint(args: FingerprintArgs) -> Result<()> {
+    use ee_lab::fingerprint::{fingerprints, match_fingerprints};
+    let public = ee_engine::load(&args.base)?;
+    let server = ee_engine::load(&args.artifact)?;
+    let n = public.vocab_size();
+    let key = Key::load(&args.key)
+        .with_context(|| format!("loading {}", args.key.display()))?
+        .vocab_permutation(n as u32);
+    let started = Instant::now();
+    let all: Vec<u32> = (0..n as u32).collect();
+    let public_fp = fingerprints(public.as_ref(), &all, args.top_k)?;
+    println!(
+        "public fingerprints of all {n} tokens: {:.0} s (the attacker's own machine)",
+        started.elapsed().as_secs_f64()
+    );
+    // The attacker queries encrypted IDs in a random order it picks.
+    let order = Key::from_bytes([args.seed as u8; 32]).vocab_permutation(n as u32);
+    let order: Vec<u32> = (0..n as u32).filter_map(|i| order.encrypt(i)).collect();
+    println!("| queries | recovered among queried | of the vocabulary | seconds |");
+    println!("|---|---|---|---|");
+    for &q in &args.queries {
+        let queried = &order[..q.min(n)];
+        let t = Instant::now();
+        let answers = fingerprints(server.as_ref(), queried, args.top_k)?;
+        let map = match_fingerprints(queried, &answers, &public_fp, args.top_k, n)?;
+        let secs = t.elapsed().as_secs_f64();
+        let s = Score::of(&map, &key, &[]);
+        println!(
+            "| {} | {:.1}% | {:.2}% | {secs:.1} |",
+            queried.len(),
+            100.0 * s.vocab_correct as f64 / queried.len().max(1) as f64,
+            100.0 * s.vocab_recovered()
+        );
+        if let Some(out) = &args.out {
+            map.save(out)?;
+        }
     }
     Ok(())
 }
