@@ -10,7 +10,8 @@
 //! - [`response_id`] and [`unix_now`] for response envelopes;
 //! - [`shutdown_signal`]: Ctrl-C or SIGTERM;
 //! - [`cors_layer`]: CORS for browser clients, off by default;
-//! - [`logging::init`]: the binaries' logs, text or JSON.
+//! - [`logging::init`]: the binaries' logs, text or JSON;
+//! - [`serve::serve`]: a router served with header-read and idle timeouts.
 //!
 //! The request and response bodies themselves are `ee_core::wire`'s types:
 //! plain data, with no HTTP in them.
@@ -19,6 +20,7 @@ mod cors;
 mod error;
 mod http;
 pub mod logging;
+pub mod serve;
 pub mod sse;
 
 pub use cors::{check_origins, cors_layer};

@@ -81,7 +81,10 @@ pub fn match_fingerprints(
         let len = BLOCK.min(queried_ids.len() - start);
         let dots = q.narrow(0, start, len)?.matmul(&p.t()?)?;
         let dist = p_sq.broadcast_sub(&(dots * 2.0)?)?;
-        let best = dist.argmin(D::Minus1)?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        let best = dist
+            .argmin(D::Minus1)?
+            .to_dtype(DType::U32)?
+            .to_vec1::<u32>()?;
         for (c, t) in queried_ids[start..start + len].iter().zip(best) {
             if let Some(slot) = map.0.get_mut(*c as usize) {
                 *slot = Some(t);

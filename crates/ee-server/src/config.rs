@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// Seconds in-flight requests get to finish after SIGTERM or Ctrl-C;
     /// then, or at a second signal, the server exits anyway.
     pub shutdown_drain_secs: u64,
+    /// Seconds a client may take to send a request's headers (or an idle
+    /// keep-alive connection may wait for its next request) before the
+    /// connection is closed.
+    pub header_read_timeout_secs: u64,
     /// Serve a model that still carries what only a client may keep (a
     /// tokenizer, special-token IDs): a plaintext model, not an artifact.
     pub allow_plaintext: bool,
@@ -69,6 +73,7 @@ impl Default for ServerConfig {
             max_logprobs: 20,
             default_max_tokens: 2048,
             shutdown_drain_secs: 30,
+            header_read_timeout_secs: 30,
             allow_plaintext: false,
         }
     }
@@ -147,6 +152,9 @@ impl ServerConfig {
         }
         if let Some(v) = env("EE_SHUTDOWN_DRAIN_SECS") {
             self.shutdown_drain_secs = parse("EE_SHUTDOWN_DRAIN_SECS", &v)?;
+        }
+        if let Some(v) = env("EE_HEADER_READ_TIMEOUT_SECS") {
+            self.header_read_timeout_secs = parse("EE_HEADER_READ_TIMEOUT_SECS", &v)?;
         }
         if let Some(v) = env("EE_REQUEST_TIMEOUT_SECS") {
             self.request_timeout_secs = parse("EE_REQUEST_TIMEOUT_SECS", &v)?;

@@ -1,7 +1,7 @@
 //! Running the server: load the model in the background while already
 //! answering (`/health` is 503 until it is ready), serve until told to stop.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -104,9 +104,12 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let loader = state.clone();
     let load = tokio::task::spawn_blocking(move || load_model(&loader, &model_path));
-    let server = axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .into_future();
+    let limits = ee_api::serve::ConnectionLimits {
+        header_read_timeout: std::time::Duration::from_secs(
+            state.config.header_read_timeout_secs.max(1),
+        ),
+    };
+    let server = ee_api::serve::serve(listener, router(state), limits, shutdown);
     tokio::pin!(server);
     tokio::select! {
         served = &mut server => Ok(served?),

@@ -120,7 +120,13 @@ pub(crate) fn run(args: BenchProxyArgs) -> Result<()> {
         let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = proxy_listener.local_addr()?;
         tokio::spawn(async move {
-            super::proxy::serve(proxy_listener, session, &[], std::future::pending()).await
+            super::proxy::serve(
+                proxy_listener,
+                session,
+                &[],
+                ee_api::serve::ConnectionLimits::default(),
+                std::future::pending(),
+            ).await
         });
         Ok::<_, anyhow::Error>((stub_addr, proxy_addr))
     })?;

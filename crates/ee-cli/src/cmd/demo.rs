@@ -183,10 +183,16 @@ async fn serve(
         .context("checking the blind server")?;
     let proxy_listener = TcpListener::from_std(proxy_listener)?;
     let proxy_addr = proxy_listener.local_addr()?;
-    let proxy =
-        tokio::spawn(
-            async move { super::proxy::serve(proxy_listener, session, &[], stopped()).await },
-        );
+    let proxy = tokio::spawn(async move {
+        super::proxy::serve(
+            proxy_listener,
+            session,
+            &[],
+            ee_api::serve::ConnectionLimits::default(),
+            stopped(),
+        )
+        .await
+    });
 
     step(
         5,

@@ -45,6 +45,10 @@ pub(crate) struct ProxyArgs {
     /// client gets 504, or an error event in a stream.
     #[arg(long, env = "EE_PROXY_EVENT_TIMEOUT_SECS", default_value_t = 60)]
     event_timeout_secs: u64,
+    /// Seconds a client may take to send a request's headers (or sit idle
+    /// between requests on a kept-alive connection) before it is closed.
+    #[arg(long, env = "EE_PROXY_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
+    header_read_timeout_secs: u64,
 }
 
 /// The key holder plus a client for the server.
@@ -83,10 +87,10 @@ pub(crate) async fn serve(
     listener: TcpListener,
     session: Arc<Session>,
     cors_origins: &[String],
+    limits: ee_api::serve::ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    axum::serve(listener, router(session, cors_origins))
-        .with_graceful_shutdown(shutdown)
+    ee_api::serve::serve(listener, router(session, cors_origins), limits, shutdown)
         .await
         .context("serving the proxy")
 }
@@ -115,10 +119,16 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(server = session.upstream.base_url(), "proxy listening on http://{addr} (OpenAI base_url http://{addr}/v1, chat page http://{addr}/)");
+        let limits = ee_api::serve::ConnectionLimits {
+            header_read_timeout: std::time::Duration::from_secs(
+                args.header_read_timeout_secs.max(1),
+            ),
+        };
         serve(
             listener,
             session,
             &args.cors_allowed_origins,
+            limits,
             ee_api::shutdown_signal(),
         )
         .await

@@ -1,0 +1,83 @@
+//! Serving a router with the connection limits `axum::serve` lacks: it
+//! starts hyper without a timer, so a client that sends half its headers
+//! and stalls holds a connection (and a file descriptor) forever, and a few
+//! thousand such clients lock everyone out. llama.cpp's server closes them.
+//!
+//! Here each HTTP/1 connection gets hyper's header-read timeout, which also
+//! bounds how long an idle keep-alive connection may wait for its next
+//! request; accept errors (out of file descriptors) are logged and retried
+//! rather than ending the server; and on shutdown the listener closes and
+//! in-flight connections finish.
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::Router;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a client may take to send a request's headers, counted from
+    /// when the connection is ready for a request: a stalled half-request,
+    /// or an idle keep-alive connection, is closed after this.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    /// 30 s, hyper's own default once a timer is set.
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then stops
+/// accepting and waits for open connections to finish (a caller that wants
+/// a deadline races this with one).
+///
+/// # Errors
+/// None today: accept failures are logged and retried.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let graceful = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Usually EMFILE: back off rather than spin or exit.
+                    tracing::warn!(error = %e, "accept failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! Stalled and idle connections are closed, on the server and the proxy:
+//! a client that sends half its headers, or keeps a connection open and
+//! silent, cannot hold it (and a file descriptor) forever.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use ee_client::model_tool::KeySource;
+use ee_e2e::{encrypt_real_model, ServerProcess};
+
+/// Whether the peer has closed `stream` (EOF or reset) within `wait`.
+fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream.set_read_timeout(Some(wait)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue, // a response; keep reading
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// 20 half-sent requests and one idle keep-alive connection are all
+/// closed after the 1 s header-read timeout, and the service still answers.
+fn stalled_and_idle_connections_close(addr: SocketAddr) {
+    let mut stalled: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let mut idle = TcpStream::connect(addr).unwrap();
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut first = [0u8; 12];
+    idle.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200");
+    for s in &mut stalled {
+        assert!(
+            closed_within(s, Duration::from_secs(5)),
+            "a stalled connection stayed open"
+        );
+    }
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(5)),
+        "an idle connection stayed open"
+    );
+    let r = ee_e2e::http_request(addr, "GET", "/health", &[], b"").unwrap();
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+fn the_server_closes_stalled_and_idle_connections() {
+    let pair = encrypt_real_model(&KeySource::Identity);
+    let server = ServerProcess::start(
+        &pair.server_artifact,
+        &[("EE_HEADER_READ_TIMEOUT_SECS", "1")],
+    );
+    stalled_and_idle_connections_close(server.addr);
+}
+
+#[test]
+fn the_proxy_closes_stalled_and_idle_connections() {
+    let pair = encrypt_real_model(&KeySource::Identity);
+    // No server behind it: the proxy's own connections are what count.
+    let proxy = ServerProcess::proxy_with(
+        &pair.bundle.dir,
+        "http://127.0.0.1:9",
+        &["--header-read-timeout-secs", "1"],
+    );
+    stalled_and_idle_connections_close(proxy.addr);
+}
