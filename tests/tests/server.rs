@@ -719,32 +719,6 @@ fn served_model_names_are_listed_retrievable_and_accepted() {
 
 /// Logs written to a file (or `docker logs`) carry no colour codes, and
 /// EE_LOG_FORMAT=json writes one JSON object a line.
-#[test]
-fn logs_to_a_file_are_plain_text_or_json_lines() {
-    let run = |format: &str| {
-        // A plaintext model is refused after the first log lines: a quick
-        // run that logs.
-        let out = std::process::Command::new(ee_e2e::binary("ee-server"))
-            .arg("--model")
-            .arg(model_path())
-            .arg("--listen")
-            .arg(ee_e2e::free_addr().to_string())
-            .env("EE_LOG_FORMAT", format)
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let text = run("text");
-    assert!(text.contains("listening"), "{text}");
-    assert!(!text.contains('\u{1b}'), "ANSI codes in {text:?}");
-    let json = run("json");
-    let lines: Vec<&str> = json.lines().filter(|l| l.starts_with('{')).collect();
-    assert!(!lines.is_empty(), "{json}");
-    for line in lines {
-        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
-        assert!(v["level"].is_string() && v["fields"].is_object(), "{line}");
-    }
-}
 
 /// A half-sent request cannot keep the server alive after SIGTERM: it exits
 /// at the drain deadline, and at once on a second signal.

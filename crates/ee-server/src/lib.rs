@@ -137,11 +137,56 @@ async fn observe(State(state): State<SharedState>, req: Request, next: Next) -> 
     let mut response = next.run(req).await;
     let status = response.status().as_u16();
     state.metrics.record_status(status);
-    tracing::info!(request_id = id, %method, path, request_bytes = bytes, status, ms = started.elapsed().as_millis() as u64, "request");
     if let Ok(v) = HeaderValue::from_str(&format!("req-{id}")) {
         response.headers_mut().insert("x-request-id", v);
     }
-    response
+    // Logged when the body is done (or dropped by a client that left), so a
+    // streamed answer logs its real duration, not its time to headers.
+    let headers_ms = started.elapsed().as_millis() as u64;
+    response.map(|body| {
+        axum::body::Body::new(LoggedBody {
+            inner: body,
+            on_done: Some(Box::new(move || {
+                tracing::info!(request_id = id, %method, path, request_bytes = bytes, status,
+                    ms = started.elapsed().as_millis() as u64, headers_ms, "request");
+            })),
+        })
+    })
+}
+
+/// A response body that runs `on_done` once, when it is dropped: after its
+/// last frame, or when the client goes away mid-stream.
+struct LoggedBody {
+    inner: axum::body::Body,
+    on_done: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl axum::body::HttpBody for LoggedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for LoggedBody {
+    fn drop(&mut self) {
+        if let Some(done) = self.on_done.take() {
+            done();
+        }
+    }
 }
 
 /// Names the artifact on every authenticated response once the model is
