@@ -115,6 +115,19 @@ pub fn openai_package() -> std::path::PathBuf {
     dir
 }
 
+/// Runs `cmd` and returns its standard output, asserting that it
+/// succeeded (with its standard error in the message if not).
+pub fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().expect("run the command");
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()

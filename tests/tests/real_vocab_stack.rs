@@ -14,7 +14,8 @@ use std::process::Command;
 use ee_client::model_tool::KeySource;
 use ee_core::gguf::{GgufHeader, Value as GgufValue};
 use ee_e2e::{
-    binary, encrypt, llama_cpp_data, openai_package, workspace_root, EncryptedPair, ServerProcess,
+    binary, encrypt, llama_cpp_data, openai_package, stdout_of, workspace_root, EncryptedPair,
+    ServerProcess,
 };
 use ee_engine::testing::{write_tiny_model_with_text, TinySpec};
 use serde_json::{json, Value};
@@ -67,19 +68,14 @@ fn sdk_answer(stack: &Stack, question: &str) -> String {
         r = c.chat.completions.create(model=c.models.list().data[0].id, \
         messages=[{'role': 'user', 'content': sys.argv[1]}], temperature=0, max_tokens=24)\n\
         print(json.dumps(r.choices[0].message.content))";
-    let out = Command::new("python3")
-        .args(["-c", script, question])
-        .env("PYTHONPATH", openai_package())
-        .env("EE_BASE_URL", format!("{}/v1", stack.proxy.url()))
-        .current_dir(workspace_root())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new("python3")
+            .args(["-c", script, question])
+            .env("PYTHONPATH", openai_package())
+            .env("EE_BASE_URL", format!("{}/v1", stack.proxy.url()))
+            .current_dir(workspace_root()),
     );
-    serde_json::from_slice(&out.stdout).unwrap()
+    serde_json::from_slice(&out).unwrap()
 }
 
 /// Through the proxy's `/tokenize`: a message spelling the control token
@@ -99,18 +95,13 @@ fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
     assert_eq!(count(&forged), count(&chat("xy".into())), "{marker}");
     assert!(forged.len() > chat("xy".into()).len());
     // `ee tokenize --bundle` agrees with the proxy.
-    let out = Command::new(binary("ee"))
-        .args(["tokenize", "--ids", "--bundle"])
-        .arg(&stack.pair.bundle.dir)
-        .arg(format!("x{marker}y"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = stdout_of(
+        Command::new(binary("ee"))
+            .args(["tokenize", "--ids", "--bundle"])
+            .arg(&stack.pair.bundle.dir)
+            .arg(format!("x{marker}y")),
     );
-    let cli: Vec<u64> = serde_json::from_slice(&out.stdout).unwrap();
+    let cli: Vec<u64> = serde_json::from_slice(&out).unwrap();
     assert_eq!(cli, tokens(json!({"prompt": format!("x{marker}y")})));
 }
 
