@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 
 use crate::RecoveredMap;
 
@@ -67,21 +67,31 @@ impl BigramModel {
         ((ab + SMOOTHING * p_b) / (self.count(a) as f64 + SMOOTHING)).ln()
     }
 
-    /// Tokens from most to least frequent (ties by ID).
+    /// Every token of the vocabulary: those seen from most to least frequent
+    /// (ties by ID), then the unseen ones by ID, so any ID can get a guess.
     fn ranked(&self) -> Vec<u32> {
-        let mut tokens: Vec<(u32, u64)> = self.unigram.iter().map(|(&t, &c)| (t, c)).collect();
-        tokens.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        tokens.into_iter().map(|(t, _)| t).collect()
+        let mut seen: Vec<(u32, u64)> = self.unigram.iter().map(|(&t, &c)| (t, c)).collect();
+        seen.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let mut tokens: Vec<u32> = seen.into_iter().map(|(t, _)| t).collect();
+        tokens.extend((0..self.vocab as u32).filter(|t| !self.unigram.contains_key(t)));
+        tokens
     }
 }
 
-/// Encrypted IDs from most to least frequent in `traffic`.
+/// Encrypted IDs from most to least frequent in `traffic` (ties by ID).
 fn ranked_cipher(traffic: &[Vec<u32>]) -> Vec<u32> {
-    BigramModel::train(traffic, 0).ranked()
+    let mut counts: HashMap<u32, u64> = HashMap::new();
+    for &c in traffic.iter().flatten() {
+        *counts.entry(c).or_insert(0) += 1;
+    }
+    let mut ranked: Vec<(u32, u64)> = counts.into_iter().collect();
+    ranked.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.into_iter().map(|(c, _)| c).collect()
 }
 
 /// Rank matching: the k-th most frequent encrypted ID gets the k-th most
-/// frequent token of the prior; `known` pairs (encrypted, plaintext) first.
+/// frequent token of the prior (then tokens the prior never saw); `known`
+/// pairs (encrypted, plaintext) first. IDs at or past `vocab` are ignored.
 pub fn frequency_match(
     traffic: &[Vec<u32>],
     prior: &BigramModel,
@@ -98,8 +108,8 @@ pub fn frequency_match(
     }
     let mut plain = prior.ranked().into_iter().filter(|&p| !used[p as usize]);
     for c in ranked_cipher(traffic) {
-        if map.0[c as usize].is_none() {
-            map.0[c as usize] = plain.next();
+        if let Some(slot @ None) = map.0.get_mut(c as usize) {
+            *slot = plain.next();
         }
     }
     map
@@ -133,14 +143,18 @@ impl CipherBigrams {
         Self { edges, touching }
     }
 
-    /// Log-likelihood of the bigrams touching `a` or `b` under `guess`.
+    /// Log-likelihood of the bigrams touching `a` or `b` under `guess`. An
+    /// ID without a guess scores as the least likely token, never as free.
     fn local(&self, a: u32, b: u32, guess: &[Option<u32>], prior: &BigramModel) -> f64 {
+        let floor = prior.log_p(u32::MAX, u32::MAX);
         let edge = |i: usize| {
             let (x, y, n) = self.edges[i];
-            match (guess[x as usize], guess[y as usize]) {
-                (Some(px), Some(py)) => n as f64 * prior.log_p(px, py),
-                _ => 0.0,
-            }
+            let guess_of = |c: u32| guess.get(c as usize).copied().flatten();
+            n as f64
+                * match (guess_of(x), guess_of(y)) {
+                    (Some(px), Some(py)) => prior.log_p(px, py),
+                    _ => floor,
+                }
         };
         let none = Vec::new();
         let on_a = self.touching.get(&a).unwrap_or(&none);
@@ -168,10 +182,12 @@ pub struct Climb {
     /// the first local optimum (a cycle of wrong guesses needs a worse step
     /// to undo).
     pub temperature: f64,
+    /// Seeds the proposals.
     pub seed: u64,
 }
 
 /// Hill climbing from `start` (seeded); `known` encrypted IDs never move.
+/// IDs at or past the map's length are ignored.
 pub fn hill_climb(
     traffic: &[Vec<u32>],
     prior: &BigramModel,
@@ -185,73 +201,85 @@ pub fn hill_climb(
         seed,
     } = climb;
     let mut guess = start.0;
+    let is_known = |c: u32| known.iter().any(|k| k.0 == c);
     let cipher: Vec<u32> = ranked_cipher(traffic)
         .into_iter()
-        .filter(|c| !known.iter().any(|k| k.0 == *c))
+        .filter(|&c| !is_known(c) && (c as usize) < guess.len())
         .collect();
-    if cipher.len() < 2 {
+    if cipher.len() < 2 || moves == 0 {
         return RecoveredMap(guess);
     }
     let bigrams = CipherBigrams::of(traffic);
-    let occurrences: usize = traffic.iter().map(Vec::len).sum();
+    // The temperature's scale: the mean count of an ID that may move.
+    let occurrences = traffic.iter().flatten().filter(|&&c| !is_known(c)).count();
     let temperature = temperature * occurrences as f64 / cipher.len() as f64;
-    let plain_ranked = prior.ranked();
-    let mut owner: HashMap<u32, u32> = guess
-        .iter()
+    // Tokens no ID holds, by the prior's rank: what a replacement draws from.
+    let rank: HashMap<u32, usize> = prior
+        .ranked()
+        .into_iter()
         .enumerate()
-        .filter_map(|(c, p)| p.map(|p| (p, c as u32)))
+        .map(|(r, t)| (t, r))
+        .collect();
+    let held: std::collections::HashSet<u32> = guess.iter().flatten().copied().collect();
+    let mut free: std::collections::BTreeSet<(usize, u32)> = rank
+        .iter()
+        .filter(|(t, _)| !held.contains(t))
+        .map(|(&t, &r)| (r, t))
         .collect();
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut below = |n: usize| (rng.next_u64() % n as u64) as usize;
+    let mut below = |n: usize| ee_core::rng::uniform_below(&mut rng, n as u64) as usize;
     let accept = |step: usize, gain: f64, below: &mut dyn FnMut(usize) -> usize| {
         let t = temperature * (1.0 - step as f64 / moves as f64);
         gain > 0.0
             || (t > 0.0 && (below(1 << 30) as f64 / f64::from(1u32 << 30)) < (gain / t).exp())
     };
-    // Moves stay among IDs of similar frequency rank, where a frequency
-    // match's mistakes are.
+    // Transpositions stay among IDs of similar frequency rank, where a
+    // frequency match's mistakes are; replacements draw from the
+    // best-ranked free tokens.
     let window = (cipher.len() / 10).clamp(20, 200);
-    for step in 0..moves {
+    let mut step = 0;
+    let mut attempts = 0;
+    // Only proposals made count against the budget (and the cooling).
+    while step < moves && attempts < 4 * moves {
+        attempts += 1;
         let i = below(cipher.len());
         let a = cipher[i];
-        let j = i.saturating_sub(window) + below(2 * window + 1);
-        let before;
-        let after;
         if below(2) == 0 {
             // Transposition with another encrypted ID.
-            let Some(&b) = cipher.get(j).filter(|&&b| b != a) else {
+            let lo = i.saturating_sub(window);
+            let hi = (i + window + 1).min(cipher.len());
+            let b = cipher[lo + below(hi - lo)];
+            if b == a {
                 continue;
-            };
-            before = bigrams.local(a, b, &guess, prior);
+            }
+            let before = bigrams.local(a, b, &guess, prior);
             guess.swap(a as usize, b as usize);
-            after = bigrams.local(a, b, &guess, prior);
-            if accept(step, after - before, &mut below) {
-                for c in [a, b] {
-                    if let Some(p) = guess[c as usize] {
-                        owner.insert(p, c);
-                    }
-                }
-            } else {
+            let after = bigrams.local(a, b, &guess, prior);
+            if !accept(step, after - before, &mut below) {
                 guess.swap(a as usize, b as usize);
             }
         } else {
-            // Replacement by a token of similar rank that no ID holds.
-            let Some(&p) = plain_ranked.get(j).filter(|p| !owner.contains_key(p)) else {
+            // Replacement by a token no ID holds.
+            let pick = below(free.len().min(2 * window).max(1));
+            let Some(&(r, p)) = free.iter().nth(pick) else {
                 continue;
             };
             let old = guess[a as usize];
-            before = bigrams.local(a, a, &guess, prior);
+            let before = bigrams.local(a, a, &guess, prior);
             guess[a as usize] = Some(p);
-            after = bigrams.local(a, a, &guess, prior);
+            let after = bigrams.local(a, a, &guess, prior);
             if accept(step, after - before, &mut below) {
+                free.remove(&(r, p));
                 if let Some(o) = old {
-                    owner.remove(&o);
+                    if let Some(&ro) = rank.get(&o) {
+                        free.insert((ro, o));
+                    }
                 }
-                owner.insert(p, a);
             } else {
                 guess[a as usize] = old;
             }
         }
+        step += 1;
     }
     RecoveredMap(guess)
 }
@@ -263,9 +291,9 @@ mod tests {
 
     /// Sentences from a small grammar with a skewed word distribution, as
     /// token IDs.
-    pub(super) fn corpus(seed: u64, sentences: usize) -> Vec<Vec<u32>> {
+    fn corpus(seed: u64, sentences: usize) -> Vec<Vec<u32>> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut pick = |n: u64| (rng.next_u64() % n) as u32;
+        let mut pick = |n: u64| ee_core::rng::uniform_below(&mut rng, n) as u32;
         (0..sentences)
             .map(|_| {
                 // subject verb object ., with Zipf-ish choices.
@@ -314,6 +342,15 @@ mod tests {
         let prior = BigramModel::train(&corpus(4, 50), vocab);
         let known = [(1, 1), (2, 2)];
         let start = frequency_match(&traffic, &prior, &known, vocab);
+        // A prior that saw fewer distinct tokens than the traffic still
+        // leaves no traffic ID without a guess (an unguessed ID would score
+        // as free and lure the climb).
+        let thin = BigramModel::train(&[vec![1, 2, 3]], vocab);
+        let all = frequency_match(&traffic, &thin, &[], vocab);
+        assert!(traffic
+            .iter()
+            .flatten()
+            .all(|&c| all.0[c as usize].is_some()));
         let climb = Climb {
             moves: 5_000,
             temperature: 10.0,

@@ -31,12 +31,16 @@ pub use score::Score;
 /// Errors of the lab.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Reading or running a model failed.
     #[error(transparent)]
     Engine(#[from] ee_engine::Error),
+    /// A model or its rows are not what an attack can use.
     #[error("{0}")]
     Model(String),
+    /// A mapping file could not be read or written.
     #[error("{path}: {message}")]
     File { path: String, message: String },
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }

@@ -24,7 +24,9 @@ use crate::{Error, RecoveredMap};
 /// How the simulated fine-tune moves the weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Perturbation {
+    /// I.i.d. Gaussian noise on every weight.
     Noise,
+    /// A random update `U·V` of this rank (at least 1).
     LowRank(usize),
 }
 
@@ -68,7 +70,12 @@ pub fn fine_tune(m: &RowMatrix, delta: f32, kind: Perturbation, seed: u64) -> Ro
                 .collect()
         }
     };
-    let scale = (f64::from(delta) * norm(&m.values) / norm(&update).max(f64::MIN_POSITIVE)) as f32;
+    let update_norm = norm(&update);
+    if update_norm == 0.0 {
+        // A rank-0 update moves nothing.
+        return m.clone();
+    }
+    let scale = (f64::from(delta) * norm(&m.values) / update_norm) as f32;
     let values = m
         .values
         .iter()
@@ -80,6 +87,9 @@ pub fn fine_tune(m: &RowMatrix, delta: f32, kind: Perturbation, seed: u64) -> Ro
 
 /// What the operator holds for a private fine-tune of `base` encrypted with
 /// `key`: the fine-tuned rows, each moved to its encrypted position.
+///
+/// # Panics
+/// `key` is smaller than the vocabulary.
 pub fn private_artifact(
     base: &VocabRows,
     key: &Permutation,

@@ -16,21 +16,32 @@ const HEAD: &str = "lm_head.weight";
 pub struct RowMatrix {
     /// Stored bytes, `rows × row_bytes` (quantized blocks, or floats).
     pub bytes: Vec<u8>,
+    /// Bytes per stored row.
     pub row_bytes: usize,
     /// Dequantized values, row-major `[rows, dim]`.
     pub values: Vec<f32>,
+    /// Values per row (the hidden size).
     pub dim: usize,
 }
 
 impl RowMatrix {
+    /// Rows (vocabulary entries).
     pub fn rows(&self) -> usize {
         self.values.len() / self.dim.max(1)
     }
 
+    /// Row `i` as stored.
+    ///
+    /// # Panics
+    /// `i` out of range.
     pub fn row_stored(&self, i: usize) -> &[u8] {
         &self.bytes[i * self.row_bytes..(i + 1) * self.row_bytes]
     }
 
+    /// Row `i`'s values.
+    ///
+    /// # Panics
+    /// `i` out of range.
     pub fn row(&self, i: usize) -> &[f32] {
         &self.values[i * self.dim..(i + 1) * self.dim]
     }
@@ -50,6 +61,7 @@ impl RowMatrix {
 /// The vocabulary rows of a model.
 #[derive(Debug, Clone)]
 pub struct VocabRows {
+    /// The token embedding.
     pub embedding: RowMatrix,
     /// `None` when the output head is the embedding (tied).
     pub head: Option<RowMatrix>,
@@ -80,6 +92,13 @@ impl VocabRows {
                 )));
             }
             let values = t.to_f32()?.flatten_all()?.to_vec1::<f32>()?;
+            if values.len() != rows * dim {
+                return Err(Error::Model(format!(
+                    "{}: {name} holds {} values for {rows} × {dim}",
+                    path.display(),
+                    values.len()
+                )));
+            }
             Ok(RowMatrix {
                 row_bytes: t.bytes.len() / rows,
                 bytes: t.bytes.to_vec(),
@@ -87,15 +106,23 @@ impl VocabRows {
                 dim,
             })
         };
-        Ok(Self {
-            embedding: matrix(EMBEDDING)?,
-            head: match weights.contains(HEAD) {
-                true => Some(matrix(HEAD)?),
-                false => None,
-            },
-        })
+        let embedding = matrix(EMBEDDING)?;
+        let head = match weights.contains(HEAD) {
+            true => Some(matrix(HEAD)?),
+            false => None,
+        };
+        if let Some(h) = head.as_ref().filter(|h| h.rows() != embedding.rows()) {
+            return Err(Error::Model(format!(
+                "{}: {HEAD} has {} rows, {EMBEDDING} {}",
+                path.display(),
+                h.rows(),
+                embedding.rows()
+            )));
+        }
+        Ok(Self { embedding, head })
     }
 
+    /// Rows of the embedding.
     pub fn vocab_size(&self) -> usize {
         self.embedding.rows()
     }
@@ -105,7 +132,8 @@ impl VocabRows {
     /// hold under that tier, simulated on the values.
     ///
     /// # Panics
-    /// If `sigma` is not a permutation of the row width.
+    /// If `sigma`'s length is not the row width, or an entry is out of
+    /// range.
     pub fn with_channels_permuted(&self, sigma: &[usize]) -> Self {
         let permute = |m: &RowMatrix| {
             assert_eq!(sigma.len(), m.dim, "σ must permute the row width");

@@ -14,11 +14,25 @@
 use std::collections::HashMap;
 
 use crate::rows::{RowMatrix, VocabRows};
-use crate::RecoveredMap;
+use crate::{Error, RecoveredMap};
 
 /// Matches rows by their stored bytes.
-pub fn exact(base: &VocabRows, artifact: &VocabRows) -> RecoveredMap {
-    match_signatures(base, artifact, |m, i| m.row_stored(i).to_vec())
+///
+/// # Errors
+/// The two models store their rows differently (another format or type),
+/// so bytes cannot compare.
+pub fn exact(base: &VocabRows, artifact: &VocabRows) -> Result<RecoveredMap, Error> {
+    let widths = |r: &VocabRows| (r.embedding.row_bytes, r.head.as_ref().map(|h| h.row_bytes));
+    if widths(base) != widths(artifact) {
+        return Err(Error::Model(format!(
+            "the base stores rows of {:?} bytes and the artifact of {:?}: compare sorted values instead",
+            widths(base),
+            widths(artifact)
+        )));
+    }
+    Ok(match_signatures(base, artifact, |m, i| {
+        m.row_stored(i).to_vec()
+    }))
 }
 
 /// Matches rows by their sorted values.
@@ -88,7 +102,7 @@ mod tests {
     #[test]
     fn exact_matching_recovers_a_vocabulary_key_whole() {
         let (base, artifact, key) = pair(200, 16);
-        let s = Score::of(&exact(&base, &artifact), &key, &[]);
+        let s = Score::of(&exact(&base, &artifact).unwrap(), &key, &[]);
         assert_eq!((s.vocab_correct, s.vocab_wrong), (200, 0));
     }
 
@@ -106,7 +120,7 @@ mod tests {
             head: None,
         };
         assert_eq!(
-            Score::of(&exact(&base, &hidden), &key, &[]).vocab_correct,
+            Score::of(&exact(&base, &hidden).unwrap(), &key, &[]).vocab_correct,
             0
         );
         assert_eq!(
@@ -142,8 +156,8 @@ mod tests {
             ee_core::transform::write_server_artifact(&model, &artifact, &key, &mut |_, _| {})
                 .unwrap();
             let seen = VocabRows::read(&artifact).unwrap();
-            for attack in [exact, sorted] {
-                let s = Score::of(&attack(&base, &seen), &key, &[]);
+            for map in [exact(&base, &seen).unwrap(), sorted(&base, &seen)] {
+                let s = Score::of(&map, &key, &[]);
                 assert_eq!(
                     (s.vocab_correct, s.vocab_wrong),
                     (n as usize, 0),
@@ -160,7 +174,11 @@ mod tests {
             embedding: RowMatrix::from_values(vec![1.0, 1.0, 1.0, 1.0, 2.0, 3.0], 2),
             head: None,
         };
-        let map = exact(&base, &base);
+        let map = exact(&base, &base).unwrap();
         assert_eq!(map.0, vec![None, None, Some(2)]);
+        // Rows stored another way cannot be compared byte for byte.
+        let mut wider = base.clone();
+        wider.embedding.row_bytes *= 2;
+        assert!(exact(&base, &wider).is_err());
     }
 }

@@ -80,8 +80,9 @@ pub(crate) struct PrivateWeightsArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.001,0.01,0.05,0.2")]
     deltas: Vec<f32>,
     /// Rank of the low-rank fine-tune, measured beside i.i.d. noise.
-    #[arg(long, default_value_t = 8)]
-    rank: usize,
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    rank: u32,
+    /// Seeds the simulated fine-tunes.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Also write the results as JSON here.
@@ -106,6 +107,7 @@ pub(crate) struct FrequencyArgs {
     /// Annealing start temperature (see `ee_lab::frequency::Climb`).
     #[arg(long, default_value_t = 2.0)]
     temperature: f64,
+    /// Seeds the chats' sampling and the climb.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// Also write the results as JSON here.
@@ -133,6 +135,7 @@ pub(crate) struct FingerprintArgs {
     /// Where to write the mapping of the largest query budget.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Seeds the order in which IDs are queried.
     #[arg(long, default_value_t = 1)]
     seed: u64,
 }
@@ -145,6 +148,9 @@ pub(crate) struct ScoreArgs {
     /// The true key.
     #[arg(long)]
     key: PathBuf,
+    /// The model's vocabulary size (the map must cover it exactly).
+    #[arg(long)]
+    vocab: usize,
 }
 
 pub(crate) fn run(command: AttackCommand) -> Result<()> {
@@ -155,6 +161,14 @@ pub(crate) fn run(command: AttackCommand) -> Result<()> {
         AttackCommand::Fingerprint(args) => fingerprint(args),
         AttackCommand::Score(args) => {
             let map = RecoveredMap::load(&args.map)?;
+            if map.0.len() != args.vocab {
+                anyhow::bail!(
+                    "{} maps {} IDs; the vocabulary has {}",
+                    args.map.display(),
+                    map.0.len(),
+                    args.vocab
+                );
+            }
             print_score(&map, &args.key)
         }
         AttackCommand::Bound { vocab } => {
@@ -176,6 +190,12 @@ fn read_rows(path: &PathBuf) -> Result<VocabRows> {
 }
 
 fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
+    if args.permute_channels && !args.sorted {
+        anyhow::bail!(
+            "--permute-channels rewrites the rows' values, so their stored bytes no longer \
+             compare with the base's: use it with --sorted"
+        );
+    }
     let base = read_rows(&args.base)?;
     let mut artifact = read_rows(&args.artifact)?;
     if args.permute_channels {
@@ -188,7 +208,7 @@ fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
     let started = Instant::now();
     let map = match args.sorted {
         true => weight_match::sorted(&base, &artifact),
-        false => weight_match::exact(&base, &artifact),
+        false => weight_match::exact(&base, &artifact)?,
     };
     let secs = started.elapsed().as_secs_f64();
     map.save(&args.out)?;
@@ -240,7 +260,10 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
     println!("|---|---|---|---|---|");
     let mut results = Vec::new();
     for &delta in &args.deltas {
-        for kind in [Perturbation::Noise, Perturbation::LowRank(args.rank)] {
+        for kind in [
+            Perturbation::Noise,
+            Perturbation::LowRank(args.rank as usize),
+        ] {
             // The lab's own key: the scorer reads it, the attack never does.
             let key = Key::generate()?.vocab_permutation(n as u32);
             let artifact = private_artifact(&base, &key, delta, kind, args.seed);
@@ -305,15 +328,11 @@ fn chats(
     Ok(out)
 }
 
-/// What the observer knows without the key: the chat template's fixed
-/// opening (the tokens every rendered chat starts with, from the public
-/// template and tokenizer) and that an answer ends on the end-of-turn
-/// marker; aligned with each encrypted transcript.
-fn known_plaintext(
-    text: &ModelText,
-    traffic: &[Vec<u32>],
-    last_plain: &[Vec<u32>],
-) -> Result<Vec<(u32, u32)>> {
+/// What the observer knows without the key, from the public template and
+/// the ciphertext alone: every transcript opens with the template's fixed
+/// tokens (aligned position by position), and the encrypted ID that most
+/// often ends a transcript is the end-of-turn marker.
+fn known_plaintext(text: &ModelText, traffic: &[Vec<u32>]) -> Result<Vec<(u32, u32)>> {
     let (codec, template) = text.chat(ChatFormat::default())?;
     let render = |s: &str| template.prompt_ids(&codec, &[ChatMessage::new("user", s)], true);
     let (a, b) = (render("alpha")?, render("omega")?);
@@ -324,19 +343,21 @@ fn known_plaintext(
         .map(|(x, _)| *x)
         .collect();
     let mut known = std::collections::BTreeMap::new();
-    for (cipher, plain) in traffic.iter().zip(last_plain) {
+    for cipher in traffic {
         for (c, p) in cipher.iter().zip(&opening) {
             known.insert(*c, *p);
         }
-        // A finished answer's last token is a stop token; the observer
-        // guesses the first one (EOS / end of turn).
-        if let (Some(&c), Some(&p), Some(&stop)) =
-            (cipher.last(), plain.last(), text.special.stop_ids.first())
-        {
-            if p == stop {
-                known.insert(c, stop);
-            }
-        }
+    }
+    let mut last: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+    for c in traffic.iter().filter_map(|t| t.last()) {
+        *last.entry(*c).or_default() += 1;
+    }
+    if let (Some((&c, _)), Some(&stop)) = (
+        last.iter()
+            .max_by_key(|&(c, n)| (*n, std::cmp::Reverse(*c))),
+        text.special.stop_ids.first(),
+    ) {
+        known.entry(c).or_insert(stop);
     }
     Ok(known.into_iter().collect())
 }
@@ -376,8 +397,8 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
         .iter()
         .map(|t| key.encrypt_all(t))
         .collect::<Result<_, _>>()?;
-    println!("| N | known plaintext | method | token accuracy | distinct right / wrong / seen | contest score | seconds |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| N | known plaintext | method | token accuracy | beyond the known | distinct right / wrong / seen | contest score | seconds |");
+    println!("|---|---|---|---|---|---|---|---|");
     let mut results = Vec::new();
     for &n in &args.tokens {
         // Whole transcripts, up to N tokens.
@@ -391,9 +412,15 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
         let flat: Vec<u32> = traffic.concat();
         for with_known in [false, true] {
             let known = match with_known {
-                true => known_plaintext(&text, traffic, &victim[..take])?,
+                true => known_plaintext(&text, traffic)?,
                 false => Vec::new(),
             };
+            // Accuracy beyond what the attacker was given.
+            let unknown: Vec<u32> = flat
+                .iter()
+                .copied()
+                .filter(|c| !known.iter().any(|k| k.0 == *c))
+                .collect();
             let t = Instant::now();
             let ranked = frequency_match(traffic, &prior, &known, vocab);
             let ranked_secs = t.elapsed().as_secs_f64();
@@ -409,18 +436,21 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
                 ("+ hill climbing", &climbed, climbed_secs),
             ] {
                 let s = Score::of(map, &key, &flat);
+                let beyond = Score::of(map, &key, &unknown).traffic_token_accuracy;
                 println!(
-                    "| {} | {} | {method} | {:.1}% | {} / {} / {} | {} | {secs:.1} |",
+                    "| {} | {} | {method} | {:.1}% | {:.1}% | {} / {} / {} | {} | {secs:.1} |",
                     flat.len(),
                     if with_known { "template" } else { "none" },
                     100.0 * s.traffic_token_accuracy,
+                    100.0 * beyond,
                     s.traffic_distinct_correct,
                     s.traffic_distinct_wrong,
                     s.traffic_distinct_total,
                     s.contest_score
                 );
                 results.push(json!({"tokens": flat.len(), "known_plaintext": with_known,
-                                    "method": method, "score": s, "seconds": secs}));
+                                    "method": method, "score": s,
+                                    "accuracy_beyond_known": beyond, "seconds": secs}));
             }
         }
     }
@@ -454,10 +484,13 @@ fn fingerprint(args: FingerprintArgs) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     // The attacker queries encrypted IDs in a random order it picks.
-    let order = Key::from_bytes([args.seed as u8; 32]).vocab_permutation(n as u32);
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&args.seed.to_le_bytes());
+    let order = Key::from_bytes(seed).vocab_permutation(n as u32);
     let order: Vec<u32> = (0..n as u32).filter_map(|i| order.encrypt(i)).collect();
     println!("| queries | recovered among queried | of the vocabulary | seconds |");
     println!("|---|---|---|---|");
+    let most = args.queries.iter().copied().max().unwrap_or(0);
     for &q in &args.queries {
         let queried = &order[..q.min(n)];
         let t = Instant::now();
@@ -471,7 +504,7 @@ fn fingerprint(args: FingerprintArgs) -> Result<()> {
             100.0 * s.vocab_correct as f64 / queried.len().max(1) as f64,
             100.0 * s.vocab_recovered()
         );
-        if let Some(out) = &args.out {
+        if let (Some(out), true) = (&args.out, q == most) {
             map.save(out)?;
         }
     }
