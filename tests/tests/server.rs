@@ -717,9 +717,6 @@ fn served_model_names_are_listed_retrievable_and_accepted() {
     assert_eq!(r.status, 404, "{}", r.body);
 }
 
-/// Logs written to a file (or `docker logs`) carry no colour codes, and
-/// EE_LOG_FORMAT=json writes one JSON object a line.
-
 /// A half-sent request cannot keep the server alive after SIGTERM: it exits
 /// at the drain deadline, and at once on a second signal.
 #[test]

@@ -7,6 +7,8 @@ use ee_client::model_tool::KeySource;
 use ee_e2e::{encrypt_real_model, free_addr, http_request, model_path};
 use serde_json::{json, Value};
 
+/// Logs written to a file (or `docker logs`) carry no colour codes, and
+/// EE_LOG_FORMAT=json writes one JSON object a line.
 #[test]
 fn logs_to_a_file_are_plain_text_or_json_lines() {
     let run = |format: &str| {
@@ -40,15 +42,25 @@ fn a_streamed_request_is_logged_with_its_whole_duration() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("server.log");
     let addr = free_addr();
-    let mut child = std::process::Command::new(ee_e2e::binary("ee-server"))
-        .arg("--model")
-        .arg(&pair.server_artifact)
-        .arg("--listen")
-        .arg(addr.to_string())
-        .env("EE_LOG_FORMAT", "json")
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    // Killed on drop, so a failed assertion leaves no server behind.
+    struct Killed(std::process::Child);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Killed(
+        std::process::Command::new(ee_e2e::binary("ee-server"))
+            .arg("--model")
+            .arg(&pair.server_artifact)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .env("EE_LOG_FORMAT", "json")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while http_request(addr, "GET", "/health", &[], b"").map_or(true, |r| r.status != 200) {
         assert!(Instant::now() < deadline, "the server did not come up");
@@ -67,8 +79,8 @@ fn a_streamed_request_is_logged_with_its_whole_duration() {
     let wall = started.elapsed().as_millis() as u64;
     assert_eq!(r.status, 200);
     std::thread::sleep(Duration::from_millis(200));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     let text = std::fs::read_to_string(&log).unwrap();
     let line = text
         .lines()

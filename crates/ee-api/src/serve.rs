@@ -1,13 +1,13 @@
-//! Serving a router with the connection limits `axum::serve` lacks: it
+//! Serving a router with the connection limit `axum::serve` lacks: it
 //! starts hyper without a timer, so a client that sends half its headers
 //! and stalls holds a connection (and a file descriptor) forever, and a few
 //! thousand such clients lock everyone out. llama.cpp's server closes them.
 //!
 //! Here each HTTP/1 connection gets hyper's header-read timeout, which also
 //! bounds how long an idle keep-alive connection may wait for its next
-//! request; accept errors (out of file descriptors) are logged and retried
-//! rather than ending the server; and on shutdown the listener closes and
-//! in-flight connections finish.
+//! request. (It does not cover a request whose headers are complete and
+//! whose body stalls.) Accept errors are logged and retried, and on shutdown
+//! the listener closes and in-flight connections finish.
 
 use std::future::Future;
 use std::time::Duration;
@@ -37,6 +37,23 @@ impl Default for ConnectionLimits {
     }
 }
 
+impl ConnectionLimits {
+    /// Limits from a setting in seconds, as the server config and the
+    /// proxy's flag give it.
+    ///
+    /// # Errors
+    /// 0, which would close every connection at once; the message names
+    /// `setting`.
+    pub fn from_secs(header_read_timeout_secs: u64, setting: &str) -> Result<Self, String> {
+        if header_read_timeout_secs == 0 {
+            return Err(format!("{setting} must be at least 1 second"));
+        }
+        Ok(Self {
+            header_read_timeout: Duration::from_secs(header_read_timeout_secs),
+        })
+    }
+}
+
 /// Serves `app` on `listener` until `shutdown` resolves, then stops
 /// accepting and waits for open connections to finish (a caller that wants
 /// a deadline races this with one).
@@ -59,6 +76,11 @@ pub async fn serve(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // A connection reset before it was accepted: nothing to do.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted | std::io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
                     // Usually EMFILE: back off rather than spin or exit.
                     tracing::warn!(error = %e, "accept failed; retrying");
@@ -69,6 +91,8 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let service = TowerToHyperService::new(app.clone());
+        // No HTTP upgrades: no route uses them, and hyper-util's graceful
+        // shutdown does not watch upgradeable connections.
         let connection = http.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {

@@ -25,6 +25,9 @@ pub enum ServeError {
     Plaintext(PathBuf, String),
     #[error("the model loader panicked")]
     LoaderPanicked,
+    /// A setting out of range, named.
+    #[error("{0}")]
+    Config(String),
     #[error("serving: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -104,11 +107,11 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let loader = state.clone();
     let load = tokio::task::spawn_blocking(move || load_model(&loader, &model_path));
-    let limits = ee_api::serve::ConnectionLimits {
-        header_read_timeout: std::time::Duration::from_secs(
-            state.config.header_read_timeout_secs.max(1),
-        ),
-    };
+    let limits = ee_api::serve::ConnectionLimits::from_secs(
+        state.config.header_read_timeout_secs,
+        "header_read_timeout_secs",
+    )
+    .map_err(ServeError::Config)?;
     let server = ee_api::serve::serve(listener, router(state), limits, shutdown);
     tokio::pin!(server);
     tokio::select! {

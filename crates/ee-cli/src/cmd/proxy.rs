@@ -119,11 +119,11 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
             .with_context(|| format!("binding {}", args.listen))?;
         let addr = listener.local_addr()?;
         tracing::info!(server = session.upstream.base_url(), "proxy listening on http://{addr} (OpenAI base_url http://{addr}/v1, chat page http://{addr}/)");
-        let limits = ee_api::serve::ConnectionLimits {
-            header_read_timeout: std::time::Duration::from_secs(
-                args.header_read_timeout_secs.max(1),
-            ),
-        };
+        let limits = ee_api::serve::ConnectionLimits::from_secs(
+            args.header_read_timeout_secs,
+            "--header-read-timeout-secs",
+        )
+        .map_err(anyhow::Error::msg)?;
         serve(
             listener,
             session,
