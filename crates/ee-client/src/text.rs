@@ -93,10 +93,11 @@ impl TextCodec {
     }
 
     /// [`from_json`](Self::from_json) for chats rendered with `template`:
-    /// an added token whose text the template writes is a turn marker, and
-    /// is made special even where the vocabulary types it user-defined (as
-    /// Command R's `<|START_OF_TURN_TOKEN|>` is), so that only the template
-    /// can produce it.
+    /// an added token whose marker-like text (with `<`, `>`, `[`, `]` or
+    /// `|`) the template writes is a turn marker, and is made special even
+    /// where the vocabulary types it user-defined (as Command R's
+    /// `<|START_OF_TURN_TOKEN|>` is), so that only the template can produce
+    /// it.
     pub fn from_json_for_template(
         json: &serde_json::Value,
         bos: Option<u32>,
@@ -109,9 +110,12 @@ impl TextCodec {
             json.get_mut("added_tokens").and_then(|a| a.as_array_mut()),
         ) {
             for token in added {
+                // Marker-like text only (`<|...|>`, `[INST]`): a
+                // user-defined token for plain text such as a run of
+                // spaces stays what it is.
                 let written = token["content"]
                     .as_str()
-                    .is_some_and(|t| !t.is_empty() && template.contains(t));
+                    .is_some_and(|t| t.contains(['<', '>', '[', ']', '|']) && template.contains(t));
                 if written {
                     token["special"] = true.into();
                 }
