@@ -28,6 +28,9 @@ pub enum SessionError {
 pub struct Session {
     pub keys: KeyHolder,
     pub upstream: Upstream,
+    /// The names the proxy serves the model under (`--served-model-name`);
+    /// empty: the server's own.
+    pub served_model_names: Vec<String>,
     /// The server's model card, once its artifact has been checked.
     verified: OnceCell<ModelCard>,
 }
@@ -37,6 +40,7 @@ impl Session {
         Self {
             keys,
             upstream,
+            served_model_names: Vec::new(),
             verified: OnceCell::new(),
         }
     }

@@ -44,6 +44,14 @@ impl UpstreamRequest {
             UpstreamRequest::Completion(_) => Endpoint::Completion,
         }
     }
+
+    /// The `model` the server is asked for (`None`: the one it hosts).
+    pub fn set_model(&mut self, model: Option<String>) {
+        match self {
+            UpstreamRequest::Chat(r) => r.model = model,
+            UpstreamRequest::Completion(r) => r.model = model,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

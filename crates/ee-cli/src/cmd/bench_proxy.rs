@@ -116,6 +116,7 @@ pub(crate) fn run(args: BenchProxyArgs) -> Result<()> {
             &format!("http://{stub_addr}"),
             None,
             Default::default(),
+        Vec::new(),
         )?;
         let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = proxy_listener.local_addr()?;

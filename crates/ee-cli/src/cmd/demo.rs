@@ -176,6 +176,7 @@ async fn serve(
         &server_url,
         None,
         Default::default(),
+        Vec::new(),
     )?;
     session
         .server_model()

@@ -49,6 +49,11 @@ pub(crate) struct ProxyArgs {
     /// between requests on a kept-alive connection) before it is closed.
     #[arg(long, env = "EE_PROXY_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
     header_read_timeout_secs: u64,
+    /// A name the model answers to here, repeatable (vLLM's flag): the
+    /// proxy lists these, accepts only these, and answers with the one
+    /// asked for (else the first). Default: the server's name.
+    #[arg(long = "served-model-name")]
+    served_model_names: Vec<String>,
 }
 
 /// The key holder plus a client for the server.
@@ -58,13 +63,13 @@ pub(crate) fn session(
     server: &str,
     api_key: Option<String>,
     timeouts: Timeouts,
+    served_model_names: Vec<String>,
 ) -> Result<Arc<Session>> {
     let keys = KeyHolder::load(bundle, format)
         .with_context(|| format!("loading bundle {}", bundle.display()))?;
-    Ok(Arc::new(Session::new(
-        keys,
-        Upstream::new(server, api_key, timeouts)?,
-    )))
+    let mut session = Session::new(keys, Upstream::new(server, api_key, timeouts)?);
+    session.served_model_names = served_model_names;
+    Ok(Arc::new(session))
 }
 
 /// Checks the server now. A wrong server stops the proxy; an unreachable one
@@ -111,6 +116,7 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
         &args.server,
         args.api_key,
         timeouts,
+        args.served_model_names,
     )?;
     tokio::runtime::Runtime::new()?.block_on(async move {
         check_server(&session).await?;

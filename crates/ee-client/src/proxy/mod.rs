@@ -73,6 +73,10 @@ impl From<SessionError> for ClientError {
     fn from(e: SessionError) -> Self {
         let message = e.to_string();
         ClientError::Own(match e {
+            SessionError::Request(r) if r.code == Some(request::MODEL_NOT_FOUND) => ApiError {
+                param: r.param,
+                ..ApiError::not_found(r.message).with_code(request::MODEL_NOT_FOUND)
+            },
             SessionError::Request(r) => {
                 let e = match r.param {
                     Some(p) => ApiError::invalid(&p, r.message),
@@ -141,14 +145,32 @@ fn error_response(e: SessionError) -> Response {
 
 /// The model as the proxy shows it: no fingerprint, the context length
 /// under OpenAI-compatible servers' names for it.
-fn model_card(card: &ModelCard) -> Value {
-    json!({"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by,
+fn model_card(card: &ModelCard, id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": card.created, "owned_by": card.owned_by,
            "context_length": card.context_length, "max_model_len": card.context_length})
+}
+
+/// The names the model is shown under: the proxy's own, else the server's.
+fn shown_names<'a>(session: &'a Session, card: &'a ModelCard) -> Vec<&'a str> {
+    match session.served_model_names.is_empty() {
+        true => vec![card.id.as_str()],
+        false => session
+            .served_model_names
+            .iter()
+            .map(String::as_str)
+            .collect(),
+    }
 }
 
 async fn models(State(session): State<Arc<Session>>) -> Response {
     match session.server_model().await {
-        Ok(card) => Json(json!({"object": "list", "data": [model_card(card)]})).into_response(),
+        Ok(card) => {
+            let data: Vec<Value> = shown_names(&session, card)
+                .into_iter()
+                .map(|id| model_card(card, id))
+                .collect();
+            Json(json!({"object": "list", "data": data})).into_response()
+        }
         Err(e) => error_response(e),
     }
 }
@@ -168,12 +190,14 @@ async fn ready(State(session): State<Arc<Session>>) -> Response {
 /// `GET /v1/models/{id}` (the SDK's `models.retrieve`).
 async fn model(State(session): State<Arc<Session>>, Path(id): Path<String>) -> Response {
     match session.server_model().await {
-        Ok(card) if card.id == id => Json(model_card(card)).into_response(),
+        Ok(card) if shown_names(&session, card).contains(&id.as_str()) => {
+            Json(model_card(card, &id)).into_response()
+        }
         Ok(card) => ApiError::not_found(format!(
-            "model {id:?} is not served here; the server hosts {:?}",
-            card.id
+            "model {id:?} is not served here; this proxy serves {:?}",
+            shown_names(&session, card)
         ))
-        .with_code("model_not_found")
+        .with_code(request::MODEL_NOT_FOUND)
         .into_response(),
         Err(e) => error_response(e),
     }
@@ -251,7 +275,10 @@ async fn answer(
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
-    let request = match translate(&session.keys, endpoint, &body) {
+    let request = match translate(&session.keys, endpoint, &body).and_then(|mut r| {
+        request::apply_served_names(&mut r, &session.served_model_names)?;
+        Ok(r)
+    }) {
         Ok(r) => r,
         Err(e) => return error_response(SessionError::Request(e)),
     };
