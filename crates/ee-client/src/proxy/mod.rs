@@ -5,6 +5,7 @@
 
 pub mod request;
 pub mod response;
+pub mod served;
 pub mod tokenize;
 
 use std::sync::Arc;
@@ -73,9 +74,9 @@ impl From<SessionError> for ClientError {
     fn from(e: SessionError) -> Self {
         let message = e.to_string();
         ClientError::Own(match e {
-            SessionError::Request(r) if r.code == Some(request::MODEL_NOT_FOUND) => ApiError {
+            SessionError::Request(r) if r.code == Some(served::MODEL_NOT_FOUND) => ApiError {
                 param: r.param,
-                ..ApiError::not_found(r.message).with_code(request::MODEL_NOT_FOUND)
+                ..ApiError::not_found(r.message).with_code(served::MODEL_NOT_FOUND)
             },
             SessionError::Request(r) => {
                 let e = match r.param {
@@ -197,7 +198,7 @@ async fn model(State(session): State<Arc<Session>>, Path(id): Path<String>) -> R
             "model {id:?} is not served here; this proxy serves {:?}",
             shown_names(&session, card)
         ))
-        .with_code(request::MODEL_NOT_FOUND)
+        .with_code(served::MODEL_NOT_FOUND)
         .into_response(),
         Err(e) => error_response(e),
     }
@@ -276,7 +277,7 @@ async fn answer(
             Err(e) => return e.into_response(),
         };
     let request = match translate(&session.keys, endpoint, &body).and_then(|mut r| {
-        request::apply_served_names(&mut r, &session.served_model_names)?;
+        served::apply_served_names(&mut r, &session.served_model_names)?;
         Ok(r)
     }) {
         Ok(r) => r,

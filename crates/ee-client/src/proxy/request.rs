@@ -278,35 +278,6 @@ fn typed<T: DeserializeOwned>(
     }
 }
 
-/// The machine-readable code of a request for a model not served here.
-pub const MODEL_NOT_FOUND: &str = "model_not_found";
-
-/// Applies the proxy's own model names (`--served-model-name`, as vLLM's):
-/// the client must ask for one of them (or none), the answer echoes it (or
-/// the first), and the server is asked for the model it hosts.
-///
-/// # Errors
-/// Another name, with [`MODEL_NOT_FOUND`].
-pub fn apply_served_names(request: &mut Translated, served: &[String]) -> Result<(), RequestError> {
-    let Some(first) = served.first() else {
-        return Ok(());
-    };
-    match &request.model {
-        Some(m) if !served.contains(m) => {
-            let mut e = invalid(
-                "model",
-                format!("model {m:?} is not served here; this proxy serves {served:?}"),
-            );
-            e.code = Some(MODEL_NOT_FOUND);
-            return Err(e);
-        }
-        Some(_) => {}
-        None => request.model = Some(first.clone()),
-    }
-    request.upstream.set_model(None);
-    Ok(())
-}
-
 fn flag(v: Option<&Value>, param: &str) -> Result<bool, RequestError> {
     flag_or(v, param, false)
 }
