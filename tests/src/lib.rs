@@ -22,17 +22,9 @@ pub const PROMPTS: [&str; 5] = [
 
 /// The bundle's tokenizer and chat template.
 pub fn client(bundle: &ClientBundle) -> (TextCodec, ChatTemplate) {
-    let st = &bundle.manifest.special_tokens;
-    let source = bundle.manifest.chat_template.as_deref().unwrap();
-    let codec = TextCodec::from_file_for_template(
-        &bundle.tokenizer_path(),
-        st.bos_id,
-        st.add_bos,
-        Some(source),
-    )
-    .unwrap();
-    let template = ChatTemplate::new(source, st.bos.as_deref(), st.eos.as_deref()).unwrap();
-    (codec, template)
+    ee_client::model_tool::ModelText::from_bundle(bundle)
+        .and_then(|text| text.chat(ee_client::template::ChatFormat::Gguf))
+        .unwrap()
 }
 
 /// A one-message chat, rendered and tokenized (plaintext IDs).

@@ -6,6 +6,7 @@ use std::path::Path;
 use ee_core::wire::ModelCard;
 use ee_core::{ClientBundle, Permutation};
 
+use crate::model_tool::ModelText;
 use crate::template::{ChatFormat, ChatMessage, ChatTemplate};
 use crate::text::TextCodec;
 use crate::Error;
@@ -20,17 +21,8 @@ pub struct KeyHolder {
 impl KeyHolder {
     pub fn load(dir: &Path, format: ChatFormat) -> Result<Self, Error> {
         let bundle = ClientBundle::load(dir)?;
-        let m = &bundle.manifest;
-        let special = &m.special_tokens;
-        let source = format.template_source(m.chat_template.as_deref());
-        let codec = TextCodec::from_file_for_template(
-            &bundle.tokenizer_path(),
-            special.bos_id,
-            special.add_bos,
-            Some(source),
-        )?;
-        let template = ChatTemplate::new(source, special.bos.as_deref(), special.eos.as_deref())?;
-        let perm = bundle.key.vocab_permutation(m.vocab_size);
+        let (codec, template) = ModelText::from_bundle(&bundle)?.chat(format)?;
+        let perm = bundle.key.vocab_permutation(bundle.manifest.vocab_size);
         Ok(Self {
             bundle,
             perm,

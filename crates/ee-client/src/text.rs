@@ -62,22 +62,11 @@ impl TextCodec {
     /// # Errors
     /// The file cannot be read or is not a tokenizer, named.
     pub fn from_file(path: &Path, bos: Option<u32>, add_bos: bool) -> Result<Self, Error> {
-        Self::from_file_for_template(path, bos, add_bos, None)
-    }
-
-    /// [`from_file`](Self::from_file) for chats with `template`: see
-    /// [`from_json_for_template`](Self::from_json_for_template).
-    pub fn from_file_for_template(
-        path: &Path,
-        bos: Option<u32>,
-        add_bos: bool,
-        template: Option<&str>,
-    ) -> Result<Self, Error> {
         let named =
             |e: &dyn std::fmt::Display| Error::Tokenizer(format!("{}: {e}", path.display()));
         let bytes = std::fs::read(path).map_err(|e| named(&e))?;
         let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| named(&e))?;
-        Self::from_json_for_template(&json, bos, add_bos, template).map_err(|e| named(&e))
+        Self::from_json(&json, bos, add_bos).map_err(|e| named(&e))
     }
 
     /// A codec from a `tokenizer.json` value.
@@ -443,29 +432,11 @@ impl StreamDecoder<'_> {
 /// their GGUF types, for chats with `template`.
 #[cfg(test)]
 pub(crate) fn test_codec(extra: &[(&str, i64)], template: Option<&str>) -> TextCodec {
-    let (mut tokens, types, merges) = ee_engine::testing::tiny_vocab();
-    let mut token_types: Vec<i64> = types.into_iter().map(i64::from).collect();
+    let mut vocab = ee_engine::testing::tiny_gguf_vocab();
     for (t, ty) in extra {
-        tokens.push((*t).to_owned());
-        token_types.push(*ty);
+        vocab.tokens.push((*t).to_owned());
+        vocab.token_types.push(*ty);
     }
-    let vocab = ee_core::tokenizer::GgufVocab {
-        model: "gpt2".into(),
-        pre: Some("smollm".into()),
-        tokens,
-        token_types,
-        scores: Vec::new(),
-        merges,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-        pad_token_id: None,
-        unk_token_id: None,
-        add_bos_token: false,
-        add_eos_token: false,
-        add_space_prefix: false,
-        rstrip_specials: false,
-        chat_template: None,
-    };
     TextCodec::from_json_for_template(
         &vocab.to_hf_tokenizer_json().unwrap(),
         Some(1),

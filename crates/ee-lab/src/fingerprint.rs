@@ -40,19 +40,11 @@ pub fn fingerprints(model: &dyn CausalLm, tokens: &[u32], k: usize) -> Result<Ve
             })
             .collect();
         let logits = model.forward(&mut steps)?;
-        let logp = log_softmax(&logits)?;
+        let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
         let sorted = logp.sort_last_dim(false)?.0.narrow(1, 0, k)?;
         out.extend(sorted.flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
-}
-
-/// log-softmax over the last dimension.
-fn log_softmax(x: &Tensor) -> Result<Tensor, Error> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let shifted = x.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    Ok(shifted.broadcast_sub(&lse)?)
 }
 
 /// Maps each queried encrypted ID to the plaintext token whose public

@@ -12,7 +12,6 @@ use rand_core::SeedableRng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
-use ee_core::tokenizer::GgufVocab;
 
 use super::{random_tensor, tiny_vocab, TinySpec, TINY_CHAT_TEMPLATE};
 use crate::Error;
@@ -177,24 +176,7 @@ pub fn write_tiny_hf_model(dir: &Path, spec: &TinyHfSpec) -> Result<(), Error> {
 /// The tiny vocabulary's tokenizer files: BOS `<|im_start|>` (1, not
 /// added), EOS `<|im_end|>` (2).
 fn write_tokenizer_files(dir: &Path) -> Result<(), Error> {
-    let (tokens, token_types, merges) = tiny_vocab();
-    let vocab = GgufVocab {
-        model: "gpt2".into(),
-        pre: Some("smollm".into()),
-        token_types: token_types.into_iter().map(i64::from).collect(),
-        tokens,
-        scores: Vec::new(),
-        merges,
-        bos_token_id: Some(1),
-        eos_token_id: Some(2),
-        pad_token_id: Some(2),
-        unk_token_id: None,
-        add_bos_token: false,
-        add_eos_token: false,
-        add_space_prefix: false,
-        rstrip_specials: false,
-        chat_template: Some(TINY_CHAT_TEMPLATE.into()),
-    };
+    let vocab = super::tiny_gguf_vocab();
     let write = |name: &str, v: serde_json::Value| {
         std::fs::write(dir.join(name), v.to_string()).map_err(err)
     };

@@ -166,6 +166,30 @@ pub fn tiny_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
     (tokens, types, merges)
 }
 
+/// [`tiny_vocab`] as the client reads it from a GGUF: byte-level BPE with
+/// SmolLM's pre-tokenizer, BOS `<|im_start|>` (1, not added), EOS and PAD
+/// `<|im_end|>` (2), and ChatML.
+pub fn tiny_gguf_vocab() -> ee_core::tokenizer::GgufVocab {
+    let (tokens, token_types, merges) = tiny_vocab();
+    ee_core::tokenizer::GgufVocab {
+        model: "gpt2".into(),
+        pre: Some("smollm".into()),
+        token_types: token_types.into_iter().map(i64::from).collect(),
+        tokens,
+        scores: Vec::new(),
+        merges,
+        bos_token_id: Some(1),
+        eos_token_id: Some(2),
+        pad_token_id: Some(2),
+        unk_token_id: None,
+        add_bos_token: false,
+        add_eos_token: false,
+        add_space_prefix: false,
+        rstrip_specials: false,
+        chat_template: Some(TINY_CHAT_TEMPLATE.into()),
+    }
+}
+
 pub(crate) fn random_tensor(
     rng: &mut ChaCha20Rng,
     shape: (usize, usize),
