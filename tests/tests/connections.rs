@@ -1,6 +1,7 @@
 //! Stalled and idle connections are closed, on the server and the proxy:
-//! a client that sends half its headers, or keeps a connection open and
-//! silent, cannot hold it (and a file descriptor) forever.
+//! a client that sends half its headers, stops part-way through a body, or
+//! keeps a connection open and silent, cannot hold it (and a file
+//! descriptor) forever.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -30,9 +31,17 @@ fn closed_within(stream: &mut TcpStream, wait: Duration) -> bool {
     }
 }
 
-/// 20 half-sent requests and one idle keep-alive connection are all
-/// closed after the 1 s header-read timeout, and the service still answers.
+/// 20 half-sent requests, one idle keep-alive connection and one request
+/// whose body stalls are all closed after the 1 s header-read timeout (the
+/// stalled body answered 408), and the service still answers.
 fn stalled_and_idle_connections_close(addr: SocketAddr) {
+    let mut stalled_body = TcpStream::connect(addr).unwrap();
+    stalled_body
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"prompt\": \"",
+        )
+        .unwrap();
     let mut stalled: Vec<TcpStream> = (0..20)
         .map(|_| {
             let mut s = TcpStream::connect(addr).unwrap();
@@ -56,6 +65,15 @@ fn stalled_and_idle_connections_close(addr: SocketAddr) {
     assert!(
         closed_within(&mut idle, Duration::from_secs(5)),
         "an idle connection stayed open"
+    );
+    stalled_body
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    let _ = stalled_body.read_to_string(&mut answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 408") && answer.contains("request_timeout"),
+        "a stalled body got: {answer:?}"
     );
     let r = ee_e2e::http_request(addr, "GET", "/health", &[], b"").unwrap();
     assert_eq!(r.status, 200);

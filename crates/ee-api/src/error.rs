@@ -73,6 +73,16 @@ impl ApiError {
         .with_code("request_too_large")
     }
 
+    /// 408: the client stopped sending its request body part-way.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            "the request body stopped arriving before it was complete",
+        )
+        .with_code("request_timeout")
+    }
+
     pub fn unsupported_media_type() -> Self {
         Self::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -7,9 +7,23 @@ use axum::http::{header, HeaderMap};
 use serde::de::DeserializeOwned;
 
 use crate::ApiError;
+use tower_http::timeout::TimeoutError;
+
+/// Whether `T` is anywhere in `e`'s chain of sources.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<T>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
 
 /// Reads a JSON body: content type, size and nesting checked first, so each
-/// failure gets its own status (415, 413, 400) and the envelope.
+/// failure gets its own status (415, 413, 400) and the envelope; a body that
+/// stalls past [`crate::serve`]'s body timeout is a 408.
 pub async fn read_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
@@ -29,7 +43,10 @@ pub async fn read_json<T: DeserializeOwned>(
     }
     let bytes = axum::body::to_bytes(body, max_bytes)
         .await
-        .map_err(|_| ApiError::too_large(max_bytes))?;
+        .map_err(|e| match caused_by::<TimeoutError>(&e) {
+            true => ApiError::body_timeout(),
+            false => ApiError::too_large(max_bytes),
+        })?;
     let depth = json_depth(&bytes);
     if depth > max_depth {
         return Err(ApiError::bad_request(format!(

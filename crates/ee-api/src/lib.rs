@@ -11,7 +11,8 @@
 //! - [`shutdown_signal`]: Ctrl-C or SIGTERM;
 //! - [`cors_layer`]: CORS for browser clients, off by default;
 //! - [`logging::init`]: the binaries' logs, text or JSON;
-//! - [`serve::serve`]: a router served with header-read and idle timeouts.
+//! - [`serve::serve`]: a router served with header-read, idle and
+//!   request-body timeouts.
 //!
 //! The request and response bodies themselves are `ee_core::wire`'s types:
 //! plain data, with no HTTP in them.

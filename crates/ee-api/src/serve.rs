@@ -5,9 +5,11 @@
 //!
 //! Here each HTTP/1 connection gets hyper's header-read timeout, which also
 //! bounds how long an idle keep-alive connection may wait for its next
-//! request. (It does not cover a request whose headers are complete and
-//! whose body stalls.) Accept errors are logged and retried, and on shutdown
-//! the listener closes and in-flight connections finish.
+//! request, and each request body the same limit on any pause between its
+//! pieces (tower-http's body timeout), so a request whose headers are
+//! complete and whose body stalls is answered 408 by [`crate::read_json`]
+//! and closed. Accept errors are logged and retried, and on shutdown the
+//! listener closes and in-flight connections finish.
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,13 +20,15 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// How long a client may take to send a request's headers, counted from
     /// when the connection is ready for a request: a stalled half-request,
-    /// or an idle keep-alive connection, is closed after this.
+    /// or an idle keep-alive connection, is closed after this. It is also
+    /// the longest pause allowed inside a request body.
     pub header_read_timeout: Duration,
 }
 
@@ -66,6 +70,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let app = app.layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout));
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

@@ -47,7 +47,8 @@ pub struct ServerConfig {
     pub shutdown_drain_secs: u64,
     /// Seconds a client may take to send a request's headers (or an idle
     /// keep-alive connection may wait for its next request) before the
-    /// connection is closed.
+    /// connection is closed; also the longest pause inside a request body
+    /// (then 408).
     pub header_read_timeout_secs: u64,
     /// Serve a model that still carries what only a client may keep (a
     /// tokenizer, special-token IDs): a plaintext model, not an artifact.

@@ -46,7 +46,8 @@ pub(crate) struct ProxyArgs {
     #[arg(long, env = "EE_PROXY_EVENT_TIMEOUT_SECS", default_value_t = 60)]
     event_timeout_secs: u64,
     /// Seconds a client may take to send a request's headers (or sit idle
-    /// between requests on a kept-alive connection) before it is closed.
+    /// between requests on a kept-alive connection) before it is closed;
+    /// also the longest pause inside a request body (then 408).
     #[arg(long, env = "EE_PROXY_HEADER_READ_TIMEOUT_SECS", default_value_t = 30)]
     header_read_timeout_secs: u64,
     /// A name the model answers to here, repeatable (vLLM's flag): the
