@@ -41,12 +41,12 @@ pub async fn read_json<T: DeserializeOwned>(
     if !json {
         return Err(ApiError::unsupported_media_type());
     }
-    let bytes = axum::body::to_bytes(body, max_bytes)
-        .await
-        .map_err(|e| match caused_by::<TimeoutError>(&e) {
+    let bytes = axum::body::to_bytes(body, max_bytes).await.map_err(|e| {
+        match caused_by::<TimeoutError>(&e) {
             true => ApiError::body_timeout(),
             false => ApiError::too_large(max_bytes),
-        })?;
+        }
+    })?;
     let depth = json_depth(&bytes);
     if depth > max_depth {
         return Err(ApiError::bad_request(format!(

@@ -25,12 +25,22 @@ pub enum SessionError {
     Decode(Error),
 }
 
+/// The answer length cap a session applies when a request names none: the
+/// blind server's own default (`default_max_tokens`), so that an answer
+/// that never stops ends long before the context does.
+pub const DEFAULT_MAX_TOKENS: usize = 2048;
+
 pub struct Session {
     pub keys: KeyHolder,
     pub upstream: Upstream,
     /// The names the proxy serves the model under (`--served-model-name`);
     /// empty: the server's own.
     pub served_model_names: Vec<String>,
+    /// The answer length cap when a request names none (`max_tokens` and
+    /// `max_completion_tokens` absent); `None` leaves it to the server.
+    /// Never more than the room the longest prompt leaves in the context,
+    /// so the default itself cannot overflow it.
+    pub default_max_tokens: Option<usize>,
     /// The server's model card, once its artifact has been checked.
     verified: OnceCell<ModelCard>,
 }
@@ -41,6 +51,7 @@ impl Session {
             keys,
             upstream,
             served_model_names: Vec::new(),
+            default_max_tokens: Some(DEFAULT_MAX_TOKENS),
             verified: OnceCell::new(),
         }
     }
@@ -110,7 +121,18 @@ impl Session {
             e.code = Some(wire::CONTEXT_LENGTH_EXCEEDED);
             return Err(SessionError::Request(e));
         }
-        let stream = self.upstream.stream(&request.upstream).await?;
+        let mut upstream = request.upstream.clone();
+        let fields = upstream.fields_mut();
+        if let (None, None, Some(cap)) = (
+            fields.max_tokens,
+            fields.max_completion_tokens,
+            self.default_max_tokens,
+        ) {
+            let longest = request.encrypted_prompts.iter().map(Vec::len).max();
+            let room = card.context_length - longest.unwrap_or(0);
+            fields.max_tokens = Some(cap.min(room) as i64);
+        }
+        let stream = self.upstream.stream(&upstream).await?;
         // Every answer is checked, not only the first: a server re-deployed
         // with another key behind the same address would answer garbage.
         self.check_named_artifact(stream.artifact.as_deref())?;

@@ -8,7 +8,7 @@ use ee_api::sse::EventBuffer;
 
 use ee_core::wire::{
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
-    ErrorEnvelope, FinishReason, ModelCard, ModelList, TokenLogprob,
+    ErrorEnvelope, FinishReason, GenerationFields, ModelCard, ModelList, TokenLogprob,
 };
 use serde::Serialize;
 
@@ -42,6 +42,14 @@ impl UpstreamRequest {
         match self {
             UpstreamRequest::Chat(_) => Endpoint::Chat,
             UpstreamRequest::Completion(_) => Endpoint::Completion,
+        }
+    }
+
+    /// The sampling and length fields, for the proxy's own defaults.
+    pub fn fields_mut(&mut self) -> &mut GenerationFields {
+        match self {
+            UpstreamRequest::Chat(r) => &mut r.fields,
+            UpstreamRequest::Completion(r) => &mut r.fields,
         }
     }
 

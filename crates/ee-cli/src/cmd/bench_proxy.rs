@@ -116,14 +116,13 @@ pub(crate) fn run(args: BenchProxyArgs) -> Result<()> {
             &format!("http://{stub_addr}"),
             None,
             Default::default(),
-        Vec::new(),
         )?;
         let proxy_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let proxy_addr = proxy_listener.local_addr()?;
         tokio::spawn(async move {
             super::proxy::serve(
                 proxy_listener,
-                session,
+                std::sync::Arc::new(session),
                 &[],
                 ee_api::serve::ConnectionLimits::default(),
                 std::future::pending(),

@@ -88,7 +88,6 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
         &args.server,
         args.api_key.clone(),
         Default::default(),
-        Vec::new(),
     )?;
     let mut history: Vec<ChatMessage> = args
         .system

@@ -176,7 +176,6 @@ async fn serve(
         &server_url,
         None,
         Default::default(),
-        Vec::new(),
     )?;
     session
         .server_model()
@@ -187,7 +186,7 @@ async fn serve(
     let proxy = tokio::spawn(async move {
         super::proxy::serve(
             proxy_listener,
-            session,
+            std::sync::Arc::new(session),
             &[],
             ee_api::serve::ConnectionLimits::default(),
             stopped(),

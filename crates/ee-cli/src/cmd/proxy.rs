@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ee_client::keyholder::KeyHolder;
 use ee_client::proxy::router;
-use ee_client::session::{Session, SessionError};
+use ee_client::session::{Session, SessionError, DEFAULT_MAX_TOKENS};
 use ee_client::template::ChatFormat;
 use ee_client::upstream::{Timeouts, Upstream};
 use tokio::net::TcpListener;
@@ -55,22 +55,28 @@ pub(crate) struct ProxyArgs {
     /// asked for (else the first). Default: the server's name.
     #[arg(long = "served-model-name")]
     served_model_names: Vec<String>,
+    /// The answer length cap for a request that sets neither `max_tokens`
+    /// nor `max_completion_tokens` (never more than the context leaves);
+    /// 0 leaves it to the server's own default.
+    #[arg(long, env = "EE_PROXY_DEFAULT_MAX_TOKENS", default_value_t = DEFAULT_MAX_TOKENS)]
+    default_max_tokens: usize,
 }
 
-/// The key holder plus a client for the server.
+/// The key holder plus a client for the server, with the session's
+/// defaults (callers such as `ee proxy` adjust them).
 pub(crate) fn session(
     bundle: &std::path::Path,
     format: ChatFormat,
     server: &str,
     api_key: Option<String>,
     timeouts: Timeouts,
-    served_model_names: Vec<String>,
-) -> Result<Arc<Session>> {
+) -> Result<Session> {
     let keys = KeyHolder::load(bundle, format)
         .with_context(|| format!("loading bundle {}", bundle.display()))?;
-    let mut session = Session::new(keys, Upstream::new(server, api_key, timeouts)?);
-    session.served_model_names = served_model_names;
-    Ok(Arc::new(session))
+    Ok(Session::new(
+        keys,
+        Upstream::new(server, api_key, timeouts)?,
+    ))
 }
 
 /// Checks the server now. A wrong server stops the proxy; an unreachable one
@@ -111,14 +117,16 @@ pub(crate) fn run(args: ProxyArgs) -> Result<()> {
         first_byte: std::time::Duration::from_secs(args.first_byte_timeout_secs),
         between_events: std::time::Duration::from_secs(args.event_timeout_secs),
     };
-    let session = session(
+    let mut session = session(
         &args.bundle,
         args.chat_format,
         &args.server,
         args.api_key,
         timeouts,
-        args.served_model_names,
     )?;
+    session.served_model_names = args.served_model_names;
+    session.default_max_tokens = (args.default_max_tokens > 0).then_some(args.default_max_tokens);
+    let session = Arc::new(session);
     tokio::runtime::Runtime::new()?.block_on(async move {
         check_server(&session).await?;
         let listener = TcpListener::bind(args.listen)

@@ -12,7 +12,6 @@ use rand_core::SeedableRng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
-
 use super::{random_tensor, tiny_vocab, TinySpec, TINY_CHAT_TEMPLATE};
 use crate::Error;
 
