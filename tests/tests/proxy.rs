@@ -642,7 +642,8 @@ fn text_offsets_agree_between_stream_and_not_when_characters_span_tokens() {
 
 /// A prompt longer than the context is the client's 400, found by the proxy
 /// (it knows the context and the token count), not a 413 or 502 from the
-/// server's body limit.
+/// server's body limit. One of 3.3 MB is refused from its length before it
+/// is tokenized: it once cost the proxy 530 MB of memory.
 #[test]
 fn an_over_long_prompt_is_a_400_from_the_proxy() {
     let s = stack(KeySource::Generate);
@@ -657,9 +658,13 @@ fn an_over_long_prompt_is_a_400_from_the_proxy() {
     );
     let before = s.relay.captured().len();
     let long = "again and ".repeat(6000);
+    let huge = "again and ".repeat(330_000);
     for (path, body, param) in [
         ("/v1/chat/completions", chat(&long, json!({})), "messages"),
         ("/v1/completions", json!({"prompt": long}), "prompt"),
+        ("/v1/chat/completions", chat(&huge, json!({})), "messages"),
+        ("/v1/completions", json!({"prompt": huge}), "prompt"),
+        ("/tokenize", json!({"prompt": huge}), "prompt"),
     ] {
         let r = s.proxy.post_json(path, &body);
         assert_eq!(
@@ -679,6 +684,14 @@ fn an_over_long_prompt_is_a_400_from_the_proxy() {
         !sent.contains("POST /v1/"),
         "the over-long prompt reached the server"
     );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", s.proxy.child.id()))
+        .expect("the proxy's /proc status");
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    assert!(peak_kb < 250_000, "the proxy peaked at {peak_kb} kB");
 }
 
 /// A frozen server (SIGSTOP) does not hold a request forever: past the

@@ -22,6 +22,10 @@ impl KeyHolder {
     pub fn load(dir: &Path, format: ChatFormat) -> Result<Self, Error> {
         let bundle = ClientBundle::load(dir)?;
         let (codec, template) = ModelText::from_bundle(&bundle)?.chat(format)?;
+        let codec = match bundle.manifest.context_length {
+            Some(context) => codec.with_token_limit(context as usize),
+            None => codec,
+        };
         let perm = bundle.key.vocab_permutation(bundle.manifest.vocab_size);
         Ok(Self {
             bundle,

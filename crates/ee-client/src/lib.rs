@@ -35,6 +35,10 @@ pub enum Error {
     /// template's own string handling; the conversation is refused.
     #[error("message text would become the control token {0:?} once the chat template has rendered it; refusing the conversation")]
     TemplateInjection(String),
+    /// The text must hold more tokens than the model's context: refused
+    /// before tokenizing, from its length alone.
+    #[error("the text holds at least {at_least} tokens; the model's context holds {limit}")]
+    PromptTooLong { at_least: usize, limit: usize },
     #[error("model fetch failed: {0}")]
     Fetch(String),
     #[error("model error: {0}")]

@@ -10,6 +10,9 @@ use aho_corasick::{AhoCorasick, MatchKind};
 use tokenizers::Tokenizer;
 
 use crate::Error;
+use budget::TokenBudget;
+
+mod budget;
 
 /// Breaks special-token text in message contents (see
 /// [`TextCodec::defuse_specials`]). A Unicode noncharacter, which the
@@ -29,6 +32,9 @@ pub struct TextCodec {
     added: HashMap<u32, (String, bool)>,
     specials: Option<Specials>,
     bytes: PieceBytes,
+    /// Text provably longer than this many tokens is refused before the
+    /// tokenizer sees it ([`with_token_limit`](Self::with_token_limit)).
+    budget: Option<TokenBudget>,
 }
 
 /// The special tokens, and how to find them in text.
@@ -154,7 +160,47 @@ impl TextCodec {
             added,
             specials,
             bytes,
+            budget: None,
         })
+    }
+
+    /// Refuses, before tokenizing it, text that must hold more than `limit`
+    /// tokens (a model's context length), so that a huge prompt costs
+    /// memory in proportion to the context, not to its own size. Not set
+    /// for a tokenizer whose normalizer may shrink text.
+    pub fn with_token_limit(mut self, limit: usize) -> Self {
+        let longest = (0..self.vocab_size() as u32)
+            .map(|id| self.spelled_len(id))
+            .max()
+            .unwrap_or(0);
+        self.budget = TokenBudget::new(&self.tokenizer, longest, limit);
+        self
+    }
+
+    /// How many bytes of text a token stands for, at most: what
+    /// [`token_bytes`](Self::token_bytes) gives, or for a vocabulary that
+    /// spells pieces as plain text, the piece's own length.
+    fn spelled_len(&self, id: u32) -> usize {
+        if let Some((text, _)) = self.added.get(&id) {
+            return text.len();
+        }
+        let piece = self.tokenizer.id_to_token(id).unwrap_or_default();
+        match self.bytes {
+            PieceBytes::ByteLevel => piece.chars().count(),
+            PieceBytes::SentencePiece => sentencepiece_bytes(&piece).len(),
+            PieceBytes::Plain => piece.len(),
+        }
+    }
+
+    /// Whether `text`, [`DEFUSE_MARK`]s aside, fits the token budget.
+    fn check_budget(&self, text: &str) -> Result<(), Error> {
+        match &self.budget {
+            Some(budget) => {
+                let marks = text.matches(DEFUSE_MARK).count() * DEFUSE_MARK.len_utf8();
+                budget.check(text.len() - marks)
+            }
+            None => Ok(()),
+        }
     }
 
     /// Tokenizes plain text: special-token text (`<|im_end|>`) is text like
@@ -164,6 +210,7 @@ impl TextCodec {
     /// The tokenizer fails, or (a last guard) its output holds a special
     /// token, which plain text must never become.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
+        self.check_budget(text)?;
         let text = match text.contains(DEFUSE_MARK) {
             true => Cow::Owned(text.replace(DEFUSE_MARK, "")),
             false => Cow::Borrowed(text),
@@ -235,6 +282,7 @@ impl TextCodec {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<u32>, Error> {
+        self.check_budget(text)?;
         let mut ids = Vec::new();
         let mut at = 0;
         if let (Some(specials), true) = (&self.specials, parse_special) {

@@ -34,6 +34,25 @@ pub(crate) fn invalid(param: &str, message: impl Into<String>) -> RequestError {
     }
 }
 
+/// A 400 about text `param` that could not become a prompt: too long for
+/// the context (`context_length_exceeded`, as the server names it), refused
+/// by the template, or not tokenizable.
+pub(crate) fn text_error(param: &str, e: crate::Error) -> RequestError {
+    match e {
+        crate::Error::PromptTooLong { at_least, limit } => RequestError {
+            code: Some(wire::CONTEXT_LENGTH_EXCEEDED),
+            ..invalid(
+                param,
+                format!(
+                    "this model's maximum context length is {limit} tokens; the {param} \
+                     alone come to at least {at_least}"
+                ),
+            )
+        },
+        e => invalid(param, e.to_string()),
+    }
+}
+
 /// Fields passed to the server as they are (it validates them).
 const PASSED: &[&str] = &[
     "model",
@@ -130,7 +149,7 @@ pub fn translate(
             let messages = parse_messages(null_is_absent("messages"))?;
             let ids = keys
                 .chat_prompt(&messages)
-                .map_err(|e| invalid("messages", e.to_string()))?;
+                .map_err(|e| text_error("messages", e))?;
             vec![ids]
         }
         Endpoint::Completion => parse_prompt(keys, null_is_absent("prompt"))?,
@@ -369,11 +388,7 @@ fn text_parts(param: &str, parts: &[Value]) -> Result<String, RequestError> {
 /// A completion prompt: text, several texts, or plaintext token IDs (one
 /// list or several), as OpenAI accepts.
 fn parse_prompt(keys: &KeyHolder, v: Option<&Value>) -> Result<Vec<Vec<u32>>, RequestError> {
-    let encode = |s: &str| {
-        keys.codec()
-            .encode(s)
-            .map_err(|e| invalid("prompt", e.to_string()))
-    };
+    let encode = |s: &str| keys.codec().encode(s).map_err(|e| text_error("prompt", e));
     let bad = || {
         invalid(
             "prompt",

@@ -15,7 +15,7 @@
 
 use serde_json::{json, Map, Value};
 
-use super::request::{flag_or, invalid, parse_messages, RequestError};
+use super::request::{flag_or, invalid, parse_messages, text_error, RequestError};
 use crate::keyholder::KeyHolder;
 
 const TOKENIZE_FIELDS: &[&str] = &[
@@ -49,7 +49,7 @@ pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, Re
             let add_special = flag_or(body.get("add_special_tokens"), "add_special_tokens", true)?;
             codec
                 .encode_with(prompt, add_special, true)
-                .map_err(|e| invalid("prompt", e.to_string()))?
+                .map_err(|e| text_error("prompt", e))?
         }
         (Some(_), None) => return Err(invalid("prompt", "prompt must be a string")),
         (None, messages @ Some(_)) => {
@@ -62,7 +62,7 @@ pub fn tokenize(keys: &KeyHolder, body: &Map<String, Value>) -> Result<Value, Re
                 true,
             )?;
             keys.chat_prompt_with(&messages, add)
-                .map_err(|e| invalid("messages", e.to_string()))?
+                .map_err(|e| text_error("messages", e))?
         }
         (None, None) => return Err(invalid("prompt", "give prompt (a string) or messages")),
     };
