@@ -275,7 +275,9 @@ impl ServerProcess {
         Self::spawn(cmd, addr)
     }
 
-    fn spawn(mut cmd: std::process::Command, addr: std::net::SocketAddr) -> Self {
+    /// Runs `cmd`, a server or proxy that will listen on `addr`, and waits
+    /// until its `/health` answers 200.
+    pub fn spawn(mut cmd: std::process::Command, addr: std::net::SocketAddr) -> Self {
         cmd.stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
         let child = cmd.spawn().expect("start the process");

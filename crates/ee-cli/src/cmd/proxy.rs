@@ -17,13 +17,13 @@ use tokio::net::TcpListener;
 #[derive(Args)]
 pub(crate) struct ProxyArgs {
     /// The client bundle (from `ee encrypt-model --client-out`).
-    #[arg(long)]
+    #[arg(long, env = "EE_BUNDLE")]
     bundle: PathBuf,
     /// Base URL of the blind server.
-    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    #[arg(long, env = "EE_SERVER_URL", default_value = "http://127.0.0.1:8000")]
     server: String,
     /// Where OpenAI clients connect. Keep it on loopback: plaintext is served here.
-    #[arg(long, default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "EE_PROXY_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// How conversations become prompts: `llama-cpp` (plain ChatML for
     /// ChatML models, as llama.cpp's server) or `gguf` (the shipped template).
