@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 
 use ee_client::model_tool::KeySource;
-use ee_e2e::{binary, encrypt_real_model, ServerProcess};
+use ee_e2e::{binary, encrypt_real_model, stdout_of, workspace_root, ServerProcess};
 use serde_json::json;
 
 #[test]
@@ -50,6 +50,49 @@ fn ee_chat_answers_one_shot_and_interactively() {
     let answers: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(answers.len() >= 2, "{text}");
     assert!(text.contains("Paris") && text.contains("Rome"), "{text}");
+}
+
+/// On a terminal: Ctrl-C stops the answer, not the chat; keys typed while
+/// it streams are not echoed into it; the up arrow recalls the question;
+/// the conversation goes on; Ctrl-D quits cleanly. A cut-off answer is
+/// marked.
+#[test]
+fn ee_chat_on_a_terminal_stops_answers_not_the_chat() {
+    let pair = encrypt_real_model(&KeySource::Generate);
+    let server = ServerProcess::start(&pair.server_artifact, &[]);
+    let out = stdout_of(
+        Command::new("python3")
+            .arg(workspace_root().join("tests/py/chat_pty.py"))
+            .arg(binary("ee"))
+            .arg(&pair.bundle.dir)
+            .arg(server.url()),
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out).expect("report");
+    let streamed = report["streamed"].as_str().unwrap();
+    assert!(streamed.len() > 40, "{report}");
+    assert!(!streamed.contains("typed-while-streaming"), "{report}");
+    assert!(
+        report["second"].as_str().unwrap().contains("Paris"),
+        "{report}"
+    );
+    assert_eq!(report["exit"], 0, "{report}");
+
+    let cut = Command::new(binary("ee"))
+        .arg("chat")
+        .arg("--bundle")
+        .arg(&pair.bundle.dir)
+        .args([
+            "--server",
+            &server.url(),
+            "--max-tokens",
+            "3",
+            "Tell me a story.",
+        ])
+        .output()
+        .expect("run ee chat");
+    assert!(cut.status.success());
+    let marker = String::from_utf8_lossy(&cut.stderr);
+    assert!(marker.contains("[cut off"), "{marker}");
 }
 
 #[test]

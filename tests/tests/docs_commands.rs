@@ -32,7 +32,7 @@ fn commands(path: &Path) -> Vec<String> {
                 None => {
                     current.push_str(line);
                     // A quoted argument may span lines.
-                    if current.matches('\'').count() % 2 == 0 {
+                    if current.matches('\'').count().is_multiple_of(2) {
                         out.push(std::mem::take(&mut current));
                     } else {
                         current.push(' ');

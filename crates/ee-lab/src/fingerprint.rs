@@ -60,7 +60,7 @@ pub fn match_fingerprints(
     k: usize,
     vocab: usize,
 ) -> Result<RecoveredMap, Error> {
-    if queried.len() != queried_ids.len() * k || public.len() % k != 0 {
+    if queried.len() != queried_ids.len() * k || !public.len().is_multiple_of(k) {
         return Err(Error::Model("fingerprint widths disagree".into()));
     }
     let q = Tensor::from_slice(queried, (queried_ids.len(), k), &Device::Cpu)?;

@@ -184,7 +184,7 @@ pub(crate) fn run(command: AttackCommand) -> Result<()> {
     }
 }
 
-fn read_rows(path: &PathBuf) -> Result<VocabRows> {
+fn read_rows(path: &std::path::Path) -> Result<VocabRows> {
     VocabRows::read(path)
         .with_context(|| format!("reading the vocabulary rows of {}", path.display()))
 }
@@ -229,7 +229,7 @@ fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
     Ok(())
 }
 
-fn print_score(map: &RecoveredMap, key: &PathBuf) -> Result<()> {
+fn print_score(map: &RecoveredMap, key: &std::path::Path) -> Result<()> {
     let key = Key::load(key).with_context(|| format!("loading {}", key.display()))?;
     let perm = key.vocab_permutation(map.0.len() as u32);
     let s = Score::of(map, &perm, &[]);

@@ -11,6 +11,10 @@ use ee_client::session::Session;
 use ee_client::template::ChatFormat;
 use ee_client::template::ChatMessage;
 use ee_client::upstream::Endpoint;
+use ee_core::wire::FinishReason;
+use nix::sys::termios::{tcflush, tcgetattr, tcsetattr, FlushArg, LocalFlags, SetArg, Termios};
+use rustyline::error::ReadlineError;
+use rustyline::DefaultEditor;
 use serde_json::{json, Map, Value};
 
 use crate::SamplingArgs;
@@ -63,22 +67,142 @@ impl ChatArgs {
     }
 }
 
-/// Streams one answer to stdout and returns its text.
-async fn answer(session: &Session, body: &Map<String, Value>) -> Result<String> {
+/// How an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ended {
+    /// The model stopped, or ran into `max_tokens` (`Length`).
+    Finished(Option<FinishReason>),
+    /// Ctrl-C: the rest was cancelled (dropping the generation closes the
+    /// server stream, which stops the server's work).
+    Stopped,
+}
+
+/// Resolves at Ctrl-C when `interruptible`, else never (Ctrl-C then ends
+/// the program, as usual).
+async fn ctrl_c(interruptible: bool) {
+    match interruptible {
+        true => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        false => std::future::pending().await,
+    }
+}
+
+/// Streams one answer to stdout and returns its text and how it ended; a
+/// cut-off or stopped answer is marked on stderr.
+async fn answer(
+    session: &Session,
+    body: &Map<String, Value>,
+    interruptible: bool,
+) -> Result<(String, Ended)> {
     let request = match translate(&session.keys, Endpoint::Chat, body) {
         Ok(r) => r,
         Err(e) => bail!("{}", e.message),
     };
-    let mut generation = session.generate(&request).await?;
+    let stop = ctrl_c(interruptible);
+    tokio::pin!(stop);
+    let mut generation = tokio::select! {
+        _ = &mut stop => return Ok((String::new(), Ended::Stopped)),
+        g = session.generate(&request) => g?,
+    };
     let mut stdout = std::io::stdout();
-    while let Some(deltas) = generation.next().await? {
+    let ended = loop {
+        let next = tokio::select! {
+            _ = &mut stop => break Ended::Stopped,
+            next = generation.next() => next?,
+        };
+        let Some(deltas) = next else {
+            break Ended::Finished(generation.decoders[0].finish);
+        };
         for (_, delta) in deltas {
             write!(stdout, "{}", delta.text)?;
             stdout.flush()?;
         }
-    }
+    };
     writeln!(stdout)?;
-    Ok(generation.decoders[0].output.clone())
+    match ended {
+        Ended::Stopped => eprintln!("[stopped]"),
+        Ended::Finished(Some(FinishReason::Length)) => {
+            eprintln!("[cut off: the answer reached its max tokens]")
+        }
+        Ended::Finished(_) => {}
+    }
+    Ok((generation.decoders[0].output.clone(), ended))
+}
+
+/// While it lives, keys typed on the terminal are not echoed into the
+/// streaming answer; on drop, the terminal is restored and what was typed
+/// meanwhile is discarded. Ctrl-C still signals (ISIG stays on).
+struct NoEcho(Option<Termios>);
+
+impl NoEcho {
+    fn new() -> Self {
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return Self(None);
+        };
+        let mut quiet = saved.clone();
+        quiet
+            .local_flags
+            .remove(LocalFlags::ECHO | LocalFlags::ICANON);
+        match tcsetattr(&stdin, SetArg::TCSANOW, &quiet) {
+            Ok(()) => Self(Some(saved)),
+            Err(_) => Self(None),
+        }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.0 {
+            let stdin = std::io::stdin();
+            let _ = tcflush(&stdin, FlushArg::TCIFLUSH);
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, saved);
+        }
+    }
+}
+
+/// The interactive loop: line editing and in-memory history (rustyline;
+/// nothing is written to disk, since the conversation is the private
+/// part), Ctrl-C stops an answer or clears the line, Ctrl-D quits.
+fn chat_on_terminal(
+    runtime: &tokio::runtime::Runtime,
+    session: &Session,
+    args: &ChatArgs,
+    history: &mut Vec<ChatMessage>,
+) -> Result<()> {
+    eprintln!(
+        "Chatting with {} (encrypted). Ctrl-C stops an answer; Ctrl-D quits.",
+        session.upstream.base_url()
+    );
+    let mut editor = DefaultEditor::new()?;
+    loop {
+        let line = match editor.readline("> ") {
+            Ok(line) => line,
+            Err(ReadlineError::Interrupted) => continue,
+            Err(ReadlineError::Eof) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let _ = editor.add_history_entry(line);
+        history.push(ChatMessage::new("user", line));
+        let quiet = NoEcho::new();
+        let result = runtime.block_on(answer(session, &args.request(history), true));
+        drop(quiet);
+        match result {
+            // A stopped answer stays in the conversation as far as it got,
+            // as llama.cpp's CLI keeps it.
+            Ok((reply, _)) => history.push(ChatMessage::new("assistant", &reply)),
+            // The conversation survives a failed turn; the turn is dropped.
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                history.pop();
+            }
+        }
+    }
 }
 
 pub(crate) fn run(args: ChatArgs) -> Result<()> {
@@ -95,35 +219,25 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
         .map(|s| ChatMessage::new("system", s))
         .collect();
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        session.server_model().await?;
-        if let Some(prompt) = &args.prompt {
-            history.push(ChatMessage::new("user", prompt));
-            answer(&session, &args.request(&history)).await?;
-            return Ok(());
+    runtime.block_on(session.server_model())?;
+    if let Some(prompt) = &args.prompt {
+        history.push(ChatMessage::new("user", prompt));
+        runtime.block_on(answer(&session, &args.request(&history), false))?;
+        return Ok(());
+    }
+    if std::io::stdin().is_terminal() {
+        return chat_on_terminal(&runtime, &session, &args, &mut history);
+    }
+    // Piped input: one turn per line.
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
         }
-        let interactive = std::io::stdin().is_terminal();
-        if interactive {
-            eprintln!(
-                "Chatting with {} (encrypted). Empty line: skip; Ctrl-D: quit.",
-                session.upstream.base_url()
-            );
-        }
-        let mut lines = std::io::stdin().lock().lines();
-        loop {
-            if interactive {
-                eprint!("> ");
-            }
-            let Some(line) = lines.next().transpose()? else {
-                return Ok(());
-            };
-            let line = line.trim();
-            if line.is_empty() {
-                continue;
-            }
-            history.push(ChatMessage::new("user", line));
-            let reply = answer(&session, &args.request(&history)).await?;
-            history.push(ChatMessage::new("assistant", &reply));
-        }
-    })
+        history.push(ChatMessage::new("user", line));
+        let (reply, _) = runtime.block_on(answer(&session, &args.request(&history), false))?;
+        history.push(ChatMessage::new("assistant", &reply));
+    }
+    Ok(())
 }
