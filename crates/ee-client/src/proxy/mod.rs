@@ -3,6 +3,7 @@
 //! blind server and turns the answers back into text. It also serves the
 //! small web chat page at `/`.
 
+pub mod page;
 pub mod request;
 pub mod response;
 pub mod served;
@@ -14,7 +15,7 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::Event;
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ee_api::{read_json, response_id, sse, ApiError};
@@ -32,13 +33,12 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// The deepest JSON nesting it accepts.
 pub const MAX_JSON_DEPTH: usize = 32;
 
-const CHAT_PAGE: &str = include_str!("chat.html");
-
 /// The proxy's routes; `cors_origins` may call it from a browser (none by
 /// default).
 pub fn router(session: Arc<Session>, cors_origins: &[String]) -> Router {
     let app = Router::new()
-        .route("/", get(|| async { Html(CHAT_PAGE) }))
+        .route("/", get(page::chat_page))
+        .route("/assets/{name}", get(page::asset))
         // Liveness: the proxy runs. Readiness: the server answers and hosts
         // the bundle's artifact (Kubernetes' two probes).
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
