@@ -79,6 +79,42 @@ fn stalled_and_idle_connections_close(addr: SocketAddr) {
     assert_eq!(r.status, 200);
 }
 
+/// A body sent a byte at a time, each pause inside the 1 s limit, is cut
+/// off at the whole-body deadline (4 s) with a 408.
+fn a_trickling_body_is_cut_off(addr: SocketAddr) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+              Content-Length: 1000\r\n\r\n",
+        )
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let started = std::time::Instant::now();
+    let trickle = std::thread::spawn(move || {
+        while started.elapsed() < Duration::from_secs(12) {
+            if writer.write_all(b" ").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(400));
+        }
+    });
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = [0u8; 12];
+    let read = stream.read_exact(&mut answer);
+    let waited = started.elapsed();
+    drop(stream);
+    trickle.join().unwrap();
+    assert!(read.is_ok(), "no answer to a trickling body");
+    assert_eq!(&answer, b"HTTP/1.1 408");
+    assert!(
+        waited >= Duration::from_secs(3) && waited < Duration::from_secs(8),
+        "cut off after {waited:?}"
+    );
+}
+
 #[test]
 fn the_server_closes_stalled_and_idle_connections() {
     let pair = encrypt_real_model(&KeySource::Identity);
@@ -87,6 +123,7 @@ fn the_server_closes_stalled_and_idle_connections() {
         &[("EE_HEADER_READ_TIMEOUT_SECS", "1")],
     );
     stalled_and_idle_connections_close(server.addr);
+    a_trickling_body_is_cut_off(server.addr);
 }
 
 #[test]
@@ -99,4 +136,5 @@ fn the_proxy_closes_stalled_and_idle_connections() {
         &["--header-read-timeout-secs", "1"],
     );
     stalled_and_idle_connections_close(proxy.addr);
+    a_trickling_body_is_cut_off(proxy.addr);
 }

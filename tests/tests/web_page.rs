@@ -208,6 +208,10 @@ fn the_chat_page_works_in_headless_chromium() {
     // The page and its assets come with a strict Content-Security-Policy.
     let r = proxy.request("GET", "/", &[], "").unwrap();
     assert!(r.body.contains("EE private chat"));
+    assert_eq!(
+        r.header("content-security-policy"),
+        Some(ee_client::proxy::page::CONTENT_SECURITY_POLICY)
+    );
     for name in ["chat.js", "chat.css", "marked.js", "purify.js"] {
         let r = proxy
             .request("GET", &format!("/assets/{name}"), &[], "")
@@ -299,10 +303,32 @@ fn the_chat_page_works_in_headless_chromium() {
     );
     let rendered = rendered.as_str().unwrap();
     assert!(rendered.contains("<strong>bold</strong>"), "{rendered}");
-    for bad in ["onerror", "<script", "javascript:", "onclick"] {
+    for bad in [
+        "onerror",
+        "<script",
+        "javascript:",
+        "onclick",
+        "<input",
+        "<form",
+        "id=",
+    ] {
         assert!(!rendered.contains(bad), "{bad} in {rendered}");
     }
+    // Even unsanitized markup put into the page could not run: the policy
+    // refuses inline handlers and scripts.
+    browser.eval(
+        "document.getElementById('log').insertAdjacentHTML('beforeend', \
+         '<img src=\"data:,x\" onerror=\"window.pwned=1\"><div id=\"shadow\" onclick=\"window.pwned=2\"></div>'); \
+         document.getElementById('shadow').click(); true",
+    );
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(browser.eval("window.pwned === undefined"), json!(true));
+    // And an answer's markup cannot stand in for a control: a forged
+    // max-tokens field in the log is not the one the page reads.
+    let forged =
+        browser.eval("window.eeChat.renderMarkdown('<input id=\"max-tokens\" value=\"8192\">')");
+    assert_eq!(forged, json!(""));
+    browser.eval("document.getElementById('shadow').remove(); true");
 
     // 4. Stop: the answer ends where it got to and stays in the chat.
     browser.set("max-tokens", "400");

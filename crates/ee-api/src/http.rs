@@ -6,11 +6,16 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap};
 use serde::de::DeserializeOwned;
 
-use crate::ApiError;
+use http_body_util::LengthLimitError;
 use tower_http::timeout::TimeoutError;
 
+use crate::body::BodyDeadlineExceeded;
+use crate::ApiError;
+
 /// Whether `T` is anywhere in `e`'s chain of sources.
-fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn caused_by<T: std::error::Error + 'static>(
+    e: &(dyn std::error::Error + 'static),
+) -> bool {
     let mut next = Some(e);
     while let Some(e) = next {
         if e.is::<T>() {
@@ -23,7 +28,7 @@ fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'stati
 
 /// Reads a JSON body: content type, size and nesting checked first, so each
 /// failure gets its own status (415, 413, 400) and the envelope; a body that
-/// stalls past [`crate::serve`]'s body timeout is a 408.
+/// stalls or trickles past [`crate::serve`]'s body limits is a 408.
 pub async fn read_json<T: DeserializeOwned>(
     headers: &HeaderMap,
     body: Body,
@@ -42,9 +47,12 @@ pub async fn read_json<T: DeserializeOwned>(
         return Err(ApiError::unsupported_media_type());
     }
     let bytes = axum::body::to_bytes(body, max_bytes).await.map_err(|e| {
-        match caused_by::<TimeoutError>(&e) {
-            true => ApiError::body_timeout(),
-            false => ApiError::too_large(max_bytes),
+        if caused_by::<TimeoutError>(&e) || caused_by::<BodyDeadlineExceeded>(&e) {
+            ApiError::body_timeout()
+        } else if caused_by::<LengthLimitError>(&e) {
+            ApiError::too_large(max_bytes)
+        } else {
+            ApiError::bad_request(format!("reading the request body failed: {e}"))
         }
     })?;
     let depth = json_depth(&bytes);

@@ -17,6 +17,7 @@
 //! The request and response bodies themselves are `ee_core::wire`'s types:
 //! plain data, with no HTTP in them.
 
+pub mod body;
 mod cors;
 mod error;
 mod http;

@@ -6,14 +6,17 @@
 //! Here each HTTP/1 connection gets hyper's header-read timeout, which also
 //! bounds how long an idle keep-alive connection may wait for its next
 //! request, and each request body the same limit on any pause between its
-//! pieces (tower-http's body timeout), so a request whose headers are
-//! complete and whose body stalls is answered 408 by [`crate::read_json`]
-//! and closed. Accept errors are logged and retried, and on shutdown the
+//! pieces (tower-http's body timeout) plus a deadline for the whole body
+//! ([`ConnectionLimits::body_deadline`]), so a request whose headers are
+//! complete and whose body stalls or trickles is answered 408 by
+//! [`crate::read_json`] and closed. Accept errors are logged and retried, and on shutdown the
 //! listener closes and in-flight connections finish.
 
 use std::future::Future;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::Request;
 use axum::Router;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +24,8 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::body::DeadlineBody;
 
 /// Per-connection limits.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +47,13 @@ impl Default for ConnectionLimits {
 }
 
 impl ConnectionLimits {
+    /// How long a whole request body may take, from its headers: four
+    /// header-read timeouts (2 minutes by default), so a client that sends
+    /// a byte just inside every pause is still cut off.
+    pub fn body_deadline(&self) -> Duration {
+        self.header_read_timeout * 4
+    }
+
     /// Limits from a setting in seconds, as the server config and the
     /// proxy's flag give it.
     ///
@@ -70,7 +82,12 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = app.layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout));
+    let whole_body = limits.body_deadline();
+    let app = app
+        .layer(axum::middleware::map_request(
+            move |r: Request| async move { r.map(|b| Body::new(DeadlineBody::new(b, whole_body))) },
+        ))
+        .layer(RequestBodyTimeoutLayer::new(limits.header_read_timeout));
     let graceful = GracefulShutdown::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())

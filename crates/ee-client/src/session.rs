@@ -129,7 +129,8 @@ impl Session {
             self.default_max_tokens,
         ) {
             let longest = request.encrypted_prompts.iter().map(Vec::len).max();
-            let room = card.context_length - longest.unwrap_or(0);
+            // Never negative: a prompt that fills the context is refused above.
+            let room = card.context_length.saturating_sub(longest.unwrap_or(0));
             fields.max_tokens = Some(cap.min(room) as i64);
         }
         let stream = self.upstream.stream(&upstream).await?;

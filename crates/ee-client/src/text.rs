@@ -167,13 +167,19 @@ impl TextCodec {
     /// Refuses, before tokenizing it, text that must hold more than `limit`
     /// tokens (a model's context length), so that a huge prompt costs
     /// memory in proportion to the context, not to its own size. Not set
-    /// for a tokenizer whose normalizer may shrink text.
+    /// for a tokenizer where a text's length does not bound its token count
+    /// (see `text/budget.rs`).
     pub fn with_token_limit(mut self, limit: usize) -> Self {
         let longest = (0..self.vocab_size() as u32)
+            .chain(self.added.keys().copied())
             .map(|id| self.spelled_len(id))
             .max()
             .unwrap_or(0);
-        self.budget = TokenBudget::new(&self.tokenizer, longest, limit);
+        let strip_specials = self
+            .specials
+            .as_ref()
+            .is_some_and(|s| s.tokens.iter().any(|&(_, lstrip, rstrip)| lstrip || rstrip));
+        self.budget = TokenBudget::new(&self.tokenizer, strip_specials, longest, limit);
         self
     }
 

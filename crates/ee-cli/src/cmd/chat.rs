@@ -16,6 +16,7 @@ use nix::sys::termios::{tcflush, tcgetattr, tcsetattr, FlushArg, LocalFlags, Set
 use rustyline::error::ReadlineError;
 use rustyline::DefaultEditor;
 use serde_json::{json, Map, Value};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 use crate::SamplingArgs;
 
@@ -39,8 +40,10 @@ pub(crate) struct ChatArgs {
     /// A system message.
     #[arg(long)]
     system: Option<String>,
-    #[arg(long, default_value_t = 512)]
-    max_tokens: usize,
+    /// The longest answer, in tokens. Default: 512, or what the context
+    /// has left, whichever is less.
+    #[arg(long)]
+    max_tokens: Option<usize>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -50,7 +53,6 @@ impl ChatArgs {
         let s = &self.sampling;
         let mut body = json!({
             "messages": history,
-            "max_tokens": self.max_tokens,
             "temperature": s.temperature,
             "top_p": s.top_p,
             "top_k": s.top_k,
@@ -59,6 +61,9 @@ impl ChatArgs {
         });
         if let Some(seed) = s.seed {
             body["seed"] = json!(seed);
+        }
+        if let Some(n) = self.max_tokens {
+            body["max_tokens"] = json!(n);
         }
         match body {
             Value::Object(m) => m,
@@ -77,35 +82,40 @@ enum Ended {
     Stopped,
 }
 
-/// Resolves at Ctrl-C when `interruptible`, else never (Ctrl-C then ends
-/// the program, as usual).
-async fn ctrl_c(interruptible: bool) {
-    match interruptible {
-        true => {
-            let _ = tokio::signal::ctrl_c().await;
+/// Resolves at the next Ctrl-C when there is a listener, else never (Ctrl-C
+/// then ends the program, as usual).
+async fn ctrl_c(interrupts: Option<&mut Signal>) {
+    match interrupts {
+        Some(signal) => {
+            signal.recv().await;
         }
-        false => std::future::pending().await,
+        None => std::future::pending().await,
     }
 }
 
 /// Streams one answer to stdout and returns its text and how it ended; a
-/// cut-off or stopped answer is marked on stderr.
+/// cut-off or stopped answer is marked on stderr. With `interrupts`, Ctrl-C
+/// stops the answer, at any point, instead of the program.
 async fn answer(
     session: &Session,
     body: &Map<String, Value>,
-    interruptible: bool,
+    interrupts: Option<&mut Signal>,
 ) -> Result<(String, Ended)> {
     let request = match translate(&session.keys, Endpoint::Chat, body) {
         Ok(r) => r,
         Err(e) => bail!("{}", e.message),
     };
-    let stop = ctrl_c(interruptible);
+    let stop = ctrl_c(interrupts);
     tokio::pin!(stop);
+    let mut stdout = std::io::stdout();
     let mut generation = tokio::select! {
-        _ = &mut stop => return Ok((String::new(), Ended::Stopped)),
+        _ = &mut stop => {
+            writeln!(stdout)?;
+            eprintln!("[stopped]");
+            return Ok((String::new(), Ended::Stopped));
+        }
         g = session.generate(&request) => g?,
     };
-    let mut stdout = std::io::stdout();
     let ended = loop {
         let next = tokio::select! {
             _ = &mut stop => break Ended::Stopped,
@@ -176,6 +186,12 @@ fn chat_on_terminal(
         session.upstream.base_url()
     );
     let mut editor = DefaultEditor::new()?;
+    // One listener for the whole chat, so that no Ctrl-C during an answer
+    // is missed; at the prompt rustyline reads Ctrl-C as a key instead.
+    let mut interrupts = {
+        let _guard = runtime.enter();
+        signal(SignalKind::interrupt())?
+    };
     loop {
         let line = match editor.readline("> ") {
             Ok(line) => line,
@@ -190,9 +206,18 @@ fn chat_on_terminal(
         let _ = editor.add_history_entry(line);
         history.push(ChatMessage::new("user", line));
         let quiet = NoEcho::new();
-        let result = runtime.block_on(answer(session, &args.request(history), true));
+        let result = runtime.block_on(answer(
+            session,
+            &args.request(history),
+            Some(&mut interrupts),
+        ));
         drop(quiet);
         match result {
+            // Stopped before a word: the question goes too, so that two
+            // questions never stand in a row.
+            Ok((reply, Ended::Stopped)) if reply.is_empty() => {
+                history.pop();
+            }
             // A stopped answer stays in the conversation as far as it got,
             // as llama.cpp's CLI keeps it.
             Ok((reply, _)) => history.push(ChatMessage::new("assistant", &reply)),
@@ -205,14 +230,19 @@ fn chat_on_terminal(
     }
 }
 
+/// `ee chat`'s answer length when `--max-tokens` is not given (cut to what
+/// the context leaves).
+const DEFAULT_MAX_TOKENS: usize = 512;
+
 pub(crate) fn run(args: ChatArgs) -> Result<()> {
-    let session = super::proxy::session(
+    let mut session = super::proxy::session(
         &args.bundle,
         args.chat_format,
         &args.server,
         args.api_key.clone(),
         Default::default(),
     )?;
+    session.default_max_tokens = Some(DEFAULT_MAX_TOKENS);
     let mut history: Vec<ChatMessage> = args
         .system
         .iter()
@@ -222,7 +252,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
     runtime.block_on(session.server_model())?;
     if let Some(prompt) = &args.prompt {
         history.push(ChatMessage::new("user", prompt));
-        runtime.block_on(answer(&session, &args.request(&history), false))?;
+        runtime.block_on(answer(&session, &args.request(&history), None))?;
         return Ok(());
     }
     if std::io::stdin().is_terminal() {
@@ -236,7 +266,7 @@ pub(crate) fn run(args: ChatArgs) -> Result<()> {
             continue;
         }
         history.push(ChatMessage::new("user", line));
-        let (reply, _) = runtime.block_on(answer(&session, &args.request(&history), false))?;
+        let (reply, _) = runtime.block_on(answer(&session, &args.request(&history), None))?;
         history.push(ChatMessage::new("assistant", &reply));
     }
     Ok(())

@@ -12,11 +12,12 @@ use ee_api::ApiError;
 
 const CHAT_HTML: &str = include_str!("web/chat.html");
 
-/// Scripts and styles from this origin only; no inline script, no plugins,
-/// no framing; `connect-src 'self'` keeps the page talking to this proxy.
-const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
+/// Scripts and styles from this origin only; no inline script or event
+/// handler, no plugins, no framing, forms post only here, and
+/// `connect-src 'self'` keeps the page talking to this proxy.
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'; \
      style-src 'self'; img-src 'self' data:; connect-src 'self'; object-src 'none'; \
-     base-uri 'none'; frame-ancestors 'none'";
+     base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// `GET /`: the page.
 pub async fn chat_page() -> Response {
@@ -25,6 +26,7 @@ pub async fn chat_page() -> Response {
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
             (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
         ],
         CHAT_HTML,
     )

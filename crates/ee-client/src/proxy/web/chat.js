@@ -4,19 +4,30 @@
 "use strict";
 
 const STORE = "ee-chat-v1";
+// Every element is looked up once, before any answer is on the page: an
+// answer's markup must never stand in for a control.
 const $ = (id) => document.getElementById(id);
 const log = $("log"), form = $("form"), input = $("input"), send = $("send"), stop = $("stop");
-const systemBox = $("system");
+const systemBox = $("system"), systemDetails = $("system-box");
+const settings = { "temperature": $("temperature"), "max-tokens": $("max-tokens") };
+const showWire = $("show-wire"), reset = $("reset");
 
 // One conversation. A turn is {role, content}; an assistant turn also has
 // status ("done", "stopped", "cut" or "error"), error, stats and wire.
 let state = { system: "", turns: [] };
 let running = null; // the AbortController of the answer being written
 
+// A stored conversation of the right shape, or a new one.
 function load() {
   try {
     const saved = JSON.parse(localStorage.getItem(STORE) || "null");
-    if (saved && Array.isArray(saved.turns)) state = saved;
+    const turnOk = (t) => t && (t.role === "user" || t.role === "assistant") &&
+      typeof t.content === "string";
+    if (saved && typeof saved.system === "string" && Array.isArray(saved.turns) &&
+        saved.turns.every(turnOk)) {
+      state = { system: saved.system, turns: saved.turns,
+                settings: typeof saved.settings === "object" && saved.settings ? saved.settings : {} };
+    }
   } catch (_) { /* a damaged store starts a new chat */ }
 }
 
@@ -25,10 +36,17 @@ function save() {
 }
 
 // Model output is Markdown; marked renders it and DOMPurify removes anything
-// executable, so the model cannot inject script or markup into the page.
+// executable, forms and their fields, and ids and names (which could shadow
+// the page's own), so the model cannot run script or fake a control. The
+// page's Content-Security-Policy would refuse inline script anyway.
+const PURIFY = {
+  USE_PROFILES: { html: true },
+  FORBID_TAGS: ["form", "input", "button", "textarea", "select", "option", "style"],
+  FORBID_ATTR: ["id", "name", "style"],
+};
 function renderMarkdown(text) {
   const html = marked.parse(text, { gfm: true, breaks: true, async: false });
-  return DOMPurify.sanitize(html, { USE_PROFILES: { html: true } });
+  return DOMPurify.sanitize(html, PURIFY);
 }
 
 function addCopyButtons(root) {
@@ -203,8 +221,8 @@ async function answer() {
         stream: true,
         stream_options: { include_usage: true },
         ee_trace: true,
-        temperature: Number($("temperature").value),
-        max_tokens: Number($("max-tokens").value),
+        temperature: Number(settings["temperature"].value),
+        max_tokens: Number(settings["max-tokens"].value),
       }),
     });
     if (!response.ok) {
@@ -263,10 +281,10 @@ input.addEventListener("keydown", (e) => {
   }
 });
 stop.addEventListener("click", () => running && running.abort());
-$("show-wire").addEventListener("change", (e) => {
+showWire.addEventListener("change", (e) => {
   document.body.classList.toggle("show-wire", e.target.checked);
 });
-$("reset").addEventListener("click", () => {
+reset.addEventListener("click", () => {
   if (running) running.abort();
   state = { system: state.system, settings: state.settings, turns: [] };
   save();
@@ -277,9 +295,9 @@ systemBox.addEventListener("input", () => {
   save();
 });
 // The settings are kept with the conversation.
-for (const id of ["temperature", "max-tokens"]) {
-  $(id).addEventListener("input", () => {
-    state.settings = { ...(state.settings || {}), [id]: $(id).value };
+for (const [id, field] of Object.entries(settings)) {
+  field.addEventListener("input", () => {
+    state.settings = { ...(state.settings || {}), [id]: field.value };
     save();
   });
 }
@@ -287,18 +305,20 @@ for (const id of ["temperature", "max-tokens"]) {
 load();
 systemBox.value = state.system;
 for (const [id, value] of Object.entries(state.settings || {})) {
-  if ($(id)) $(id).value = value;
+  if (settings[id] && typeof value === "string") settings[id].value = value;
 }
-if (state.system) $("system-box").open = true;
+if (state.system) systemDetails.open = true;
 redraw();
 scrollToEnd();
 
 // For tests and the console: the renderer the page uses.
 window.eeChat = { renderMarkdown };
 
-// ?prompt=...&send=1 fills the box and presses Send: shareable links.
+// ?prompt=... fills the box (a shareable link); it is never sent by itself,
+// since any site could link here, and the address is cleaned so that a
+// reload does not fill it again.
 const params = new URLSearchParams(location.search);
 if (params.has("prompt")) {
   input.value = params.get("prompt");
-  if (params.get("send") === "1") form.requestSubmit();
+  history.replaceState(null, "", "/");
 }
