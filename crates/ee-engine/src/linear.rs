@@ -14,9 +14,11 @@ use crate::Error;
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Use candle's matmul kernels instead of ours for block-quantized (GGUF)
-    /// weights. Slower in a portable build; it isolates the forward pass
-    /// from kernel rounding when comparing with candle's reference model.
+    /// Use candle's kernels instead of ours: its matmuls for block-quantized
+    /// (GGUF) weights, and attention as candle-transformers computes it (a
+    /// masked score matrix and a softmax) instead of our tiled kernel.
+    /// Slower; it isolates the forward pass from kernel rounding when
+    /// comparing with candle's reference model.
     pub candle_kernels: bool,
 }
 

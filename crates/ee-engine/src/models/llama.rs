@@ -17,7 +17,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::attention::decode_attention;
+use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, LoadOptions};
@@ -49,6 +49,9 @@ pub struct LlamaModel {
     rope_layout: RopeLayout,
     /// Per-token tie-break keys; see [`CausalLm::tie_keys`].
     tie_keys: Vec<u64>,
+    /// Attention as candle's reference model computes it
+    /// ([`LoadOptions::candle_kernels`]).
+    reference_attention: bool,
     device: Device,
 }
 
@@ -160,6 +163,7 @@ impl LlamaModel {
             sin,
             rope_layout: weights.rope_layout(),
             tie_keys,
+            reference_attention: opts.candle_kernels,
             device,
             config,
         })
@@ -207,7 +211,6 @@ impl LlamaModel {
             layer.wk.forward(h)?,
             layer.wv.forward(h)?,
         );
-        let group = c.n_head / c.n_kv_head;
         // Sequences attend independently, so they run in parallel.
         let mut first_rows = Vec::with_capacity(batch.len());
         let mut row = 0;
@@ -241,44 +244,13 @@ impl LlamaModel {
                 let k_s = rope(heads(&k, c.n_kv_head)?)?;
                 let v_s = heads(&v, c.n_kv_head)?;
                 let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
-                let total = pos + n;
-                if n == 1 {
-                    return decode_attention(&q_s, &k_all, &v_all, c.sliding_window);
+                match self.reference_attention {
+                    false => attention(&q_s, &k_all, &v_all, c.sliding_window),
+                    true => reference_attention(&q_s, &k_all, &v_all, c.sliding_window),
                 }
-                // Each q-head reads kv-head `h / group` (GQA): repeat K/V per q-head.
-                let rep = |t: &Tensor| -> Result<Tensor, Error> {
-                    Ok(t.unsqueeze(1)?
-                        .expand((c.n_kv_head, group, total, c.head_dim))?
-                        .reshape((c.n_head, total, c.head_dim))?)
-                };
-                let scale = 1.0 / (c.head_dim as f64).sqrt();
-                let scores = (q_s.matmul(&rep(&k_all)?.t()?)? * scale)?
-                    .broadcast_add(&self.attention_mask(n, pos, total)?)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-                let out = probs.matmul(&rep(&v_all)?)?;
-                Ok(out.transpose(0, 1)?.reshape((n, c.n_head * c.head_dim))?)
             })
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Tensor::cat(&outputs, 0)?)
-    }
-
-    /// Additive mask `[n, total]` for `n` new tokens at `pos` (a prefill
-    /// chunk; one token decodes in [`decode_attention`]): causal, plus the
-    /// sliding window when the model has one.
-    fn attention_mask(&self, n: usize, pos: usize, total: usize) -> Result<Tensor, Error> {
-        let window = self.config.sliding_window;
-        let mut mask = vec![0f32; n * total];
-        for (i, row) in mask.chunks_exact_mut(total).enumerate() {
-            let query_pos = pos + i;
-            for (key_pos, m) in row.iter_mut().enumerate() {
-                let future = key_pos > query_pos;
-                let too_old = window.is_some_and(|w| query_pos.saturating_sub(key_pos) >= w);
-                if future || too_old {
-                    *m = f32::NEG_INFINITY;
-                }
-            }
-        }
-        Ok(Tensor::from_vec(mask, (n, total), &self.device)?)
     }
 }
 
