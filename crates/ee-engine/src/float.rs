@@ -142,7 +142,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 /// `w · x_n` for `N` vectors at once: each result is summed exactly as
 /// [`dot`] sums it, whatever `N`, so batching changes no bit.
 #[inline(always)]
-pub(crate) fn dot_n<const N: usize>(w: &[f32], xs: [&[f32]; N]) -> [f32; N] {
+fn dot_n<const N: usize>(w: &[f32], xs: [&[f32]; N]) -> [f32; N] {
     let mut lanes = [[0f32; 8]; N];
     let body = w.len() / 8 * 8;
     let xs8: [&[[f32; 8]]; N] = xs.map(|x| x[..body].as_chunks::<8>().0);

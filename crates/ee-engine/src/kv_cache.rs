@@ -4,26 +4,85 @@
 //! positions advance together in one batched forward step. Buffers grow by
 //! doubling and are written in place, so a decode step costs O(new tokens)
 //! rather than re-concatenating the whole history.
+//!
+//! Keys are stored in chunks of [`KEY_CHUNK`] positions, each chunk
+//! transposed (`[n_kv_head][capacity / KEY_CHUNK][head_dim][KEY_CHUNK]`):
+//! the attention kernel reads one dimension of a chunk's keys as a vector,
+//! and a chunk's keys are one contiguous stretch of memory, read in order.
+//! Values are `[n_kv_head][capacity][head_dim]`. Capacity is a multiple of
+//! [`KEY_CHUNK`], so the kernel may read a whole chunk past the last key.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 use crate::Error;
 
-/// Keys and values of one layer: `[n_kv_head, capacity, head_dim]`.
-#[derive(Debug, Clone)]
+/// Positions per transposed key chunk.
+pub(crate) const KEY_CHUNK: usize = 32;
+
+/// One layer's keys and values, laid out as the module docs say.
+#[derive(Debug, Clone, Default)]
 struct LayerCache {
-    k: Tensor,
-    v: Tensor,
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 /// The cache of one sequence across all layers.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
+    layers: Vec<LayerCache>,
     /// Tokens stored (identical across layers once a step completes).
     len: usize,
     capacity: usize,
     max_len: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+}
+
+/// Everything one layer has cached for a sequence, after an append.
+pub(crate) struct LayerView<'a> {
+    /// `[n_kv_head][capacity / KEY_CHUNK][head_dim][KEY_CHUNK]`.
+    pub keys: &'a [f32],
+    /// `[n_kv_head][capacity][head_dim]`.
+    pub values: &'a [f32],
+    pub n_kv_head: usize,
+    pub head_dim: usize,
+    pub capacity: usize,
+    /// Positions cached, the new ones included.
+    pub total: usize,
+}
+
+impl LayerView<'_> {
+    /// Keys as a tensor `[n_kv_head, total, head_dim]` (for the reference
+    /// path, which wants candle's layout).
+    pub fn keys_tensor(&self) -> Result<Tensor, Error> {
+        let (hd, chunks) = (self.head_dim, self.capacity / KEY_CHUNK);
+        let mut k = Vec::with_capacity(self.n_kv_head * self.total * hd);
+        for kv in 0..self.n_kv_head {
+            for pos in 0..self.total {
+                let chunk = (kv * chunks + pos / KEY_CHUNK) * hd * KEY_CHUNK;
+                k.extend((0..hd).map(|d| self.keys[chunk + d * KEY_CHUNK + pos % KEY_CHUNK]));
+            }
+        }
+        Ok(Tensor::from_vec(
+            k,
+            (self.n_kv_head, self.total, hd),
+            &candle_core::Device::Cpu,
+        )?)
+    }
+
+    /// Values as a tensor `[n_kv_head, total, head_dim]`.
+    pub fn values_tensor(&self) -> Result<Tensor, Error> {
+        let hd = self.head_dim;
+        let mut v = Vec::with_capacity(self.n_kv_head * self.total * hd);
+        for kv in 0..self.n_kv_head {
+            v.extend_from_slice(&self.values[kv * self.capacity * hd..][..self.total * hd]);
+        }
+        Ok(Tensor::from_vec(
+            v,
+            (self.n_kv_head, self.total, hd),
+            &candle_core::Device::Cpu,
+        )?)
+    }
 }
 
 const MIN_CAPACITY: usize = 64;
@@ -31,10 +90,12 @@ const MIN_CAPACITY: usize = 64;
 impl KvCache {
     pub fn new(n_layers: usize, max_len: usize) -> Self {
         Self {
-            layers: vec![None; n_layers],
+            layers: vec![LayerCache::default(); n_layers],
             len: 0,
             capacity: 0,
             max_len,
+            n_kv_head: 0,
+            head_dim: 0,
         }
     }
 
@@ -48,14 +109,17 @@ impl KvCache {
     }
 
     /// Appends `k`, `v` (`[n_kv_head, n_new, head_dim]`) to `layer` and returns
-    /// views of everything cached so far for that layer.
-    pub fn append(
+    /// a view of everything cached so far for that layer.
+    pub(crate) fn append(
         &mut self,
         layer: usize,
         k: &Tensor,
         v: &Tensor,
-    ) -> Result<(Tensor, Tensor), Error> {
-        let (n_kv, n_new, head_dim) = k.dims3()?;
+    ) -> Result<LayerView<'_>, Error> {
+        let (n_kv, n_new, hd) = k.dims3()?;
+        if v.dims3()? != (n_kv, n_new, hd) {
+            return Err(Error::Model("keys and values differ in shape".into()));
+        }
         let new_len = self.len + n_new;
         if new_len > self.max_len {
             return Err(Error::ContextOverflow {
@@ -63,15 +127,40 @@ impl KvCache {
                 limit: self.max_len,
             });
         }
-        if new_len > self.capacity {
-            self.grow(new_len, n_kv, head_dim, k.device())?;
+        if self.capacity > 0 && (n_kv, hd) != (self.n_kv_head, self.head_dim) {
+            return Err(Error::Model("the cache was made for other heads".into()));
         }
-        let slot = self.layers[layer]
-            .as_mut()
+        (self.n_kv_head, self.head_dim) = (n_kv, hd);
+        if new_len > self.capacity {
+            self.grow(new_len);
+        }
+        let (capacity, chunks) = (self.capacity, self.capacity / KEY_CHUNK);
+        let slot = self
+            .layers
+            .get_mut(layer)
             .ok_or_else(|| Error::Model("cache layer missing".into()))?;
-        slot.k.slice_set(&k.contiguous()?, 1, self.len)?;
-        slot.v.slice_set(&v.contiguous()?, 1, self.len)?;
-        Ok((slot.k.narrow(1, 0, new_len)?, slot.v.narrow(1, 0, new_len)?))
+        let k: Vec<f32> = k.flatten_all()?.to_vec1()?;
+        let v: Vec<f32> = v.flatten_all()?.to_vec1()?;
+        for kv in 0..n_kv {
+            for i in 0..n_new {
+                let pos = self.len + i;
+                let row = &k[(kv * n_new + i) * hd..][..hd];
+                let chunk = (kv * chunks + pos / KEY_CHUNK) * hd * KEY_CHUNK;
+                for (d, &x) in row.iter().enumerate() {
+                    slot.keys[chunk + d * KEY_CHUNK + pos % KEY_CHUNK] = x;
+                }
+                slot.values[(kv * capacity + pos) * hd..][..hd]
+                    .copy_from_slice(&v[(kv * n_new + i) * hd..][..hd]);
+            }
+        }
+        Ok(LayerView {
+            keys: &slot.keys,
+            values: &slot.values,
+            n_kv_head: n_kv,
+            head_dim: hd,
+            capacity,
+            total: new_len,
+        })
     }
 
     /// Marks `n_new` tokens as committed once every layer has appended them.
@@ -79,29 +168,78 @@ impl KvCache {
         self.len += n_new;
     }
 
-    fn grow(
-        &mut self,
-        needed: usize,
-        n_kv: usize,
-        head_dim: usize,
-        device: &Device,
-    ) -> Result<(), Error> {
+    /// Reallocates every layer for at least `needed` positions, keeping
+    /// what is cached (each kv-head's chunks and rows move to their new
+    /// places).
+    fn grow(&mut self, needed: usize) {
         let capacity = needed
             .max(self.capacity * 2)
             .max(MIN_CAPACITY)
-            .min(self.max_len);
+            .min(self.max_len)
+            .next_multiple_of(KEY_CHUNK);
+        let (n_kv, hd, old) = (self.n_kv_head, self.head_dim, self.capacity);
         for slot in &mut self.layers {
-            let fresh = || Tensor::zeros((n_kv, capacity, head_dim), DType::F32, device);
-            let (k, v) = (fresh()?, fresh()?);
-            if let Some(old) = slot.as_ref() {
-                if self.len > 0 {
-                    k.slice_set(&old.k.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
-                    v.slice_set(&old.v.narrow(1, 0, self.len)?.contiguous()?, 1, 0)?;
+            let mut keys = vec![0f32; n_kv * capacity * hd];
+            let mut values = vec![0f32; n_kv * capacity * hd];
+            if !slot.keys.is_empty() {
+                for kv in 0..n_kv {
+                    // Chunks keep their layout; a kv-head's run of chunks moves.
+                    let run = old * hd;
+                    keys[kv * capacity * hd..][..run]
+                        .copy_from_slice(&slot.keys[kv * run..][..run]);
+                    values[kv * capacity * hd..][..run]
+                        .copy_from_slice(&slot.values[kv * run..][..run]);
                 }
             }
-            *slot = Some(LayerCache { k, v });
+            *slot = LayerCache { keys, values };
         }
         self.capacity = capacity;
-        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn appends_across_growth_read_back_as_written() {
+        let (n_kv, hd) = (2, 3);
+        let mut cache = KvCache::new(1, 500);
+        let mut all_k = Vec::new();
+        let mut total = 0;
+        for (step, n) in [5usize, 1, 70, 1, 100].into_iter().enumerate() {
+            let k: Vec<f32> = (0..n_kv * n * hd)
+                .map(|i| (step * 1000 + i) as f32)
+                .collect();
+            let t = Tensor::from_vec(k.clone(), (n_kv, n, hd), &Device::Cpu).unwrap();
+            all_k.push(t.clone());
+            let view = cache.append(0, &t, &(t.clone() * 2.0).unwrap()).unwrap();
+            total += n;
+            assert_eq!(view.total, total);
+            let want = Tensor::cat(&all_k, 1).unwrap();
+            let got = view.keys_tensor().unwrap();
+            assert_eq!(
+                got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+            let values = view.values_tensor().unwrap();
+            assert_eq!(
+                values.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                (want * 2.0)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            );
+            cache.advance(n);
+        }
+        let too_many =
+            Tensor::zeros((n_kv, 400, hd), candle_core::DType::F32, &Device::Cpu).unwrap();
+        assert!(matches!(
+            cache.append(0, &too_many, &too_many),
+            Err(Error::ContextOverflow { .. })
+        ));
     }
 }

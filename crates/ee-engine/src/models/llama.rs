@@ -243,10 +243,10 @@ impl LlamaModel {
                 let q_s = rope(heads(&q, c.n_head)?)?;
                 let k_s = rope(heads(&k, c.n_kv_head)?)?;
                 let v_s = heads(&v, c.n_kv_head)?;
-                let (k_all, v_all) = step.cache.append(li, &k_s, &v_s)?;
+                let cached = step.cache.append(li, &k_s, &v_s)?;
                 match self.reference_attention {
-                    false => attention(&q_s, &k_all, &v_all, c.sliding_window),
-                    true => reference_attention(&q_s, &k_all, &v_all, c.sliding_window),
+                    false => attention(&q_s, &cached, c.sliding_window),
+                    true => reference_attention(&q_s, &cached, c.sliding_window),
                 }
             })
             .collect::<Result<Vec<_>, Error>>()?;
