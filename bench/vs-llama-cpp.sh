@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Side by side in one run: `ee bench` (plaintext and encrypted) against
+# llama.cpp's `llama-bench`, on the same model, threads and machine, each
+# cell measured back to back so that the machine's drift hits both alike.
+# A benchmark, not a test: CI does not run it.
+#
+#   bench/vs-llama-cpp.sh [MODEL.gguf]      (default: the SmolLM2 Q4_1 model)
+#
+# llama.cpp is built from the llama-cpp-python==0.3.36 sdist on PyPI (the
+# same pin and sha256 as scripts/fetch-test-data.sh), with CMake from pip,
+# into the git-ignored bench/.cache/. EE_BENCH_THREADS (2), EE_BENCH_REPS (3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+THREADS="${EE_BENCH_THREADS:-2}"
+REPS="${EE_BENCH_REPS:-3}"
+CACHE="bench/.cache"
+SDIST_REQ="llama-cpp-python==0.3.36"
+SDIST_FILE="llama_cpp_python-0.3.36.tar.gz"
+SDIST_SHA256="832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
+LLAMA_BENCH="$CACHE/llama.cpp/build/bin/llama-bench"
+
+# The venv with CMake (and the model, when it is the default one).
+scripts/fetch-test-data.sh
+VENV="models/.venv"
+[ -f "$MODEL" ] || cargo run --release --quiet -p ee-cli --bin ee -- fetch-model
+
+if [ ! -x "$LLAMA_BENCH" ]; then
+  mkdir -p "$CACHE"
+  if [ ! -f "$CACHE/$SDIST_FILE" ]; then
+    "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check \
+      --no-deps --no-binary :all: --no-build-isolation --dest "$CACHE" "$SDIST_REQ"
+  fi
+  echo "$SDIST_SHA256  $CACHE/$SDIST_FILE" | sha256sum --check --quiet
+  rm -rf "$CACHE/llama.cpp"
+  tar -xzf "$CACHE/$SDIST_FILE" -C "$CACHE" "${SDIST_FILE%.tar.gz}/vendor/llama.cpp"
+  mv "$CACHE/${SDIST_FILE%.tar.gz}/vendor/llama.cpp" "$CACHE/llama.cpp"
+  rm -rf "$CACHE/${SDIST_FILE%.tar.gz}"
+  PATH="$VENV/bin:$PATH" cmake -S "$CACHE/llama.cpp" -B "$CACHE/llama.cpp/build" \
+    -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
+  PATH="$VENV/bin:$PATH" cmake --build "$CACHE/llama.cpp/build" \
+    --target llama-bench llama-server -j "$(nproc)" >/dev/null
+fi
+cargo build --release --quiet
+EE="target/release/ee"
+
+# llama-bench's mean tokens/s for one test (-p N -n 0, or -p 0 -n N -d D).
+llama() {
+  "$LLAMA_BENCH" -m "$MODEL" -t "$THREADS" -r "$REPS" -o json "$@" 2>/dev/null |
+    python3 -c 'import json,sys; print("%.1f" % json.load(sys.stdin)[0]["avg_ts"])'
+}
+# ee bench's median prefill and decode tokens/s, plaintext then encrypted.
+ee() {
+  "$EE" bench --model "$MODEL" --threads "$THREADS" --reps "$REPS" "$@" |
+    awk '/^plaintext/ {p = $2 " " $3} /^encrypted/ {e = $2 " " $3} END {print p, e}'
+}
+ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
+
+echo "$(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p'), $THREADS threads, $(basename "$MODEL")"
+echo
+echo "| | ee plaintext | ee encrypted | llama.cpp | ratio (plaintext / llama.cpp) |"
+echo "|---|---|---|---|---|"
+for n in 128 512 2048; do
+  l=$(llama -p "$n" -n 0)
+  read -r pp _ ep _ <<<"$(ee --prompt-tokens "$n" --gen-tokens 1)"
+  echo "| prefill, $n-token prompt | $pp | $ep | $l | $(ratio "$pp" "$l") |"
+done
+l=$(llama -p 0 -n 128)
+read -r _ pd _ ed <<<"$(ee --prompt-tokens 1 --gen-tokens 128)"
+echo "| decode, empty context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
+l=$(llama -p 0 -n 128 -d 2048)
+read -r _ pd _ ed <<<"$(ee --prompt-tokens 2048 --gen-tokens 128)"
+echo "| decode after a 2048-token context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
