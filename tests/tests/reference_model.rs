@@ -32,7 +32,7 @@ fn candle_logits(model: &mut ModelWeights, tokens: &[u32], pos: usize) -> Vec<f3
 }
 
 #[test]
-fn logits_agree_and_greedy_tokens_match_candle_to_a_near_tie() {
+fn logits_agree_and_greedy_tokens_match_candle_but_at_near_ties() {
     let ours = ee_engine::load(&model_path()).unwrap();
     let mut theirs = candle_model();
 
@@ -40,6 +40,7 @@ fn logits_agree_and_greedy_tokens_match_candle_to_a_near_tie() {
     let mut tokens = PROMPT.to_vec();
     let mut ours_logits: Vec<f32> = ours.forward_one(&tokens, &mut cache).unwrap();
     let mut their_logits = candle_logits(&mut theirs, &tokens, 0);
+    let mut near_ties = 0;
     for step in 0..32 {
         let scale = their_logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         // Activations are quantized to 8 bits before every quantized matmul.
@@ -47,7 +48,8 @@ fn logits_agree_and_greedy_tokens_match_candle_to_a_near_tie() {
         // one sum in different orders, a last-bit difference can flip a
         // rounding, and 30 layers compound it (llama.cpp and candle differ
         // from each other the same way). Hence a tolerance of a few percent
-        // on the worst logit, a tight one on the mean, and exact greedy text.
+        // on the worst logit, a tight one on the mean, and the same greedy
+        // text but for near-ties (below).
         // Logits are centred first: softmax ignores a common offset.
         let centred = |v: &[f32]| {
             let mean = v.iter().sum::<f32>() / v.len() as f32;
@@ -68,9 +70,9 @@ fn logits_agree_and_greedy_tokens_match_candle_to_a_near_tie() {
         let (a, b) = (argmax(&ours_logits), argmax(&their_logits));
         if a != b {
             // Different summation orders may break a near-tie either way:
-            // accept a split only where both models rank the two tokens
-            // within 0.5% of the logit scale, after most of the answer
-            // agreed; the texts part there.
+            // a split is accepted only where both models rank the two
+            // tokens within 0.5% of the logit scale, at most twice; both
+            // then go on with candle's token, so every step is compared.
             let margin = |l: &[f32]| (l[a as usize] - l[b as usize]).abs();
             assert!(
                 margin(&ours_logits) <= 0.005 * scale && margin(&their_logits) <= 0.005 * scale,
@@ -78,12 +80,13 @@ fn logits_agree_and_greedy_tokens_match_candle_to_a_near_tie() {
                 margin(&ours_logits),
                 margin(&their_logits)
             );
+            near_ties += 1;
             assert!(
-                step >= 24,
-                "the greedy texts part at step {step}, at a near-tie"
+                near_ties <= 2,
+                "{near_ties} near-ties split the greedy texts"
             );
-            return;
         }
+        let a = b;
         let pos = tokens.len();
         tokens.push(a);
         ours_logits = ours.forward_one(&[a], &mut cache).unwrap();

@@ -16,9 +16,14 @@
 //! Every query row is computed by the same operations in the same order,
 //! whatever tile, chunk or batch it arrives in: block boundaries sit at
 //! fixed absolute key positions, each score is a fused multiply-add over
-//! the dimensions in order, and values are accumulated in key order. So a token attends with the same
-//! bits whether it is prefilled in one chunk or another, or decoded, and
-//! the encrypted model (same path) stays bit-identical to the plaintext one.
+//! the dimensions in order, and values are accumulated in key order. So,
+//! given the same queries, keys and values, a token attends with the same
+//! bits whether it is prefilled in one chunk or another, or decoded (the
+//! weight matmuls keep that property for their rows; see `linear.rs`), and
+//! the encrypted model (same path) stays bit-identical to the plaintext
+//! one. The AVX2 build and the portable one give the same bits: `mul_add`
+//! is a correctly rounded fused multiply-add in both (a slow libm call
+//! where the CPU has no FMA).
 
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
@@ -28,6 +33,8 @@ use crate::Error;
 
 /// Keys per block of the online softmax, at fixed absolute positions.
 const KEY_BLOCK: usize = 64;
+// A block is whole chunks of keys.
+const _: () = assert!(KEY_BLOCK % KEY_CHUNK == 0);
 /// Query rows per parallel task.
 const QUERY_TILE: usize = 32;
 /// Query rows sharing each key load.
@@ -43,17 +50,16 @@ const DIM_CHUNK: usize = 16;
 /// `[n, n_head * hd]`.
 ///
 /// # Errors
-/// `q` not on the CPU, or not matching the cache's heads.
+/// Shapes that do not match the cache's heads, no new token, or a sliding
+/// window of 0.
 pub(crate) fn attention(
     q: &Tensor,
     cache: &LayerView<'_>,
     sliding_window: Option<usize>,
 ) -> Result<Tensor, Error> {
     let (n_head, n, hd) = q.dims3()?;
+    check_shapes(n_head, n, hd, cache, sliding_window)?;
     let (n_kv, total) = (cache.n_kv_head, cache.total);
-    if total < n || n_kv == 0 || n_head % n_kv != 0 || hd != cache.head_dim {
-        return Err(Error::Model("attention shapes do not match".into()));
-    }
     let q: Vec<f32> = q.flatten_all()?.to_vec1()?;
     let shape = Shape {
         head_dim: hd,
@@ -97,8 +103,9 @@ pub(crate) fn reference_attention(
     cache: &LayerView<'_>,
     sliding_window: Option<usize>,
 ) -> Result<Tensor, Error> {
-    let (k, v) = (&cache.keys_tensor()?, &cache.values_tensor()?);
     let (n_head, n, hd) = q.dims3()?;
+    check_shapes(n_head, n, hd, cache, sliding_window)?;
+    let (k, v) = (&cache.keys_tensor()?, &cache.values_tensor()?);
     let (n_kv_head, total, _) = k.dims3()?;
     let pos = total - n;
     let mut mask = vec![0f32; n * total];
@@ -124,6 +131,27 @@ pub(crate) fn reference_attention(
     let probs = candle_nn::ops::softmax_last_dim(&scores)?;
     let out = probs.matmul(&rep(v)?)?;
     Ok(out.transpose(0, 1)?.reshape((n, n_head * hd))?)
+}
+
+/// Refuses what the kernels cannot compute: no new token, a head size of
+/// 0, heads that do not match the cache, or a window of 0 keys.
+fn check_shapes(
+    n_head: usize,
+    n: usize,
+    hd: usize,
+    cache: &LayerView<'_>,
+    sliding_window: Option<usize>,
+) -> Result<(), Error> {
+    let n_kv = cache.n_kv_head;
+    if n == 0 || hd == 0 || cache.total < n || n_kv == 0 || n_head % n_kv != 0 {
+        return Err(Error::Model("attention shapes do not match".into()));
+    }
+    if hd != cache.head_dim || sliding_window == Some(0) {
+        return Err(Error::Model(
+            "attention shapes do not match the cache".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// What every row of one call shares.
@@ -312,7 +340,8 @@ fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.max(-87.0);
+    // Not `max`, which would turn a NaN into a weight: NaN stays NaN.
+    let x = if x < -87.0 { -87.0 } else { x };
     let n = (x * LOG2E + 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut p = 1.987_569_1e-4_f32;
@@ -391,6 +420,7 @@ mod tests {
             (2, 2, 70, 130, 32, Some(50)),
             (2, 1, 1, 300, 16, Some(64)),
             (6, 3, 5, 5, 64, None),
+            (2, 1, 9, 75, 40, Some(33)),
         ] {
             let q = values(n_head * n * hd, 1);
             let k = values(n_kv * total * hd, 2);
@@ -417,6 +447,42 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_and_portable_builds_give_the_same_bits() {
+        if !crate::quant::has_avx2() {
+            return;
+        }
+        let (hd, total, n) = (40, 150, 20);
+        let t = |seed, shape: (usize, usize, usize)| {
+            Tensor::from_vec(
+                values(shape.0 * shape.1 * shape.2, seed),
+                shape,
+                &Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (k, v) = (t(10, (1, total, hd)), t(11, (1, total, hd)));
+        let q = values(n * hd, 12);
+        with_cache(&k, &v, |c| {
+            let shape = Shape {
+                head_dim: hd,
+                group: 1,
+                first_pos: total - n,
+                sliding_window: Some(70),
+                scale: 1.0 / (hd as f32).sqrt(),
+            };
+            let head = Head {
+                keys: c.keys,
+                values: c.values,
+            };
+            let (mut fast, mut portable) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+            attend_tile(&shape, &head, 0, &q, &mut fast);
+            attend_tile_portable(&shape, &head, 0, &q, &mut portable);
+            assert_eq!(fast, portable);
+        });
+    }
+
     #[test]
     fn the_fast_exp_is_within_a_few_ulp() {
         let mut worst = 0f32;
@@ -428,6 +494,7 @@ mod tests {
         assert!(worst < 4e-7, "relative error {worst}");
         assert_eq!(exp(0.0), 1.0);
         assert!(exp(-1e30) >= 0.0 && exp(-1e30) < 1e-37);
+        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]
@@ -459,7 +526,7 @@ mod tests {
     }
 
     #[test]
-    fn a_row_has_the_same_bits_in_any_chunk() {
+    fn a_row_has_the_same_bits_in_any_chunk_window_or_cache_history() {
         let (n_head, n_kv, total, hd) = (2, 1, 90, 64);
         let q = values(n_head * total * hd, 4);
         let k = Tensor::from_vec(
@@ -475,16 +542,44 @@ mod tests {
         )
         .unwrap();
         let q_all = Tensor::from_vec(q, (n_head, total, hd), &Device::Cpu).unwrap();
-        let whole = with_cache(&k, &v, |c| attention(&q_all, c, None)).unwrap();
-        // The last 7 rows as a chunk of their own, and the last row alone.
-        for n in [7, 1] {
-            let q_tail = q_all.narrow(1, total - n, n).unwrap();
-            let part = with_cache(&k, &v, |c| attention(&q_tail, c, None)).unwrap();
-            let expected = whole.narrow(0, total - n, n).unwrap();
+        for window in [None, Some(40)] {
+            let whole = with_cache(&k, &v, |c| attention(&q_all, c, window)).unwrap();
+            // The last 7 rows as a chunk of their own, and the last row alone.
+            for n in [7, 1] {
+                let q_tail = q_all.narrow(1, total - n, n).unwrap();
+                let part = with_cache(&k, &v, |c| attention(&q_tail, c, window)).unwrap();
+                let expected = whole.narrow(0, total - n, n).unwrap();
+                assert_eq!(
+                    part.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                    expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                );
+            }
+            // The last row again, from a cache filled a token at a time
+            // through several reallocations.
+            let mut cache = crate::KvCache::new(1, total);
+            for p in 0..total - 1 {
+                let one = |t: &Tensor| t.narrow(1, p, 1).unwrap();
+                cache.append(0, &one(&k), &one(&v)).unwrap();
+                cache.advance(1);
+            }
+            let last = |t: &Tensor| t.narrow(1, total - 1, 1).unwrap();
+            let view = cache.append(0, &last(&k), &last(&v)).unwrap();
+            let alone = attention(&last(&q_all), &view, window).unwrap();
             assert_eq!(
-                part.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-                expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                whole
+                    .narrow(0, total - 1, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
             );
         }
+        // What cannot be computed is an error, not a panic.
+        with_cache(&k, &v, |c| {
+            assert!(attention(&q_all.narrow(1, 0, 0).unwrap(), c, None).is_err());
+            assert!(attention(&q_all, c, Some(0)).is_err());
+        });
     }
 }

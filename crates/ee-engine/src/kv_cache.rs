@@ -242,4 +242,14 @@ mod tests {
             Err(Error::ContextOverflow { .. })
         ));
     }
+
+    #[test]
+    fn a_context_that_is_not_a_whole_chunk_still_leaves_a_whole_chunk_to_read() {
+        let mut cache = KvCache::new(1, 100);
+        let t = Tensor::ones((1, 100, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let view = cache.append(0, &t, &t).unwrap();
+        assert_eq!(view.total, 100);
+        assert_eq!(view.capacity % KEY_CHUNK, 0);
+        assert!(view.keys.len() >= view.capacity * 8 && view.capacity >= 100);
+    }
 }
