@@ -34,7 +34,7 @@ use crate::Error;
 /// Keys per block of the online softmax, at fixed absolute positions.
 const KEY_BLOCK: usize = 64;
 // A block is whole chunks of keys.
-const _: () = assert!(KEY_BLOCK % KEY_CHUNK == 0);
+const _: () = assert!(KEY_BLOCK.is_multiple_of(KEY_CHUNK));
 /// Query rows per parallel task.
 const QUERY_TILE: usize = 32;
 /// Query rows sharing each key load.
@@ -143,7 +143,7 @@ fn check_shapes(
     sliding_window: Option<usize>,
 ) -> Result<(), Error> {
     let n_kv = cache.n_kv_head;
-    if n == 0 || hd == 0 || cache.total < n || n_kv == 0 || n_head % n_kv != 0 {
+    if n == 0 || hd == 0 || cache.total < n || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
         return Err(Error::Model("attention shapes do not match".into()));
     }
     if hd != cache.head_dim || sliding_window == Some(0) {
