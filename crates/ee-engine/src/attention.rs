@@ -259,16 +259,19 @@ fn attend_rows<const R: usize>(
                 continue;
             }
             let p = &mut probs[r][mine.start - block..mine.end - block];
-            let block_max = p.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+            // A maximum is exact in any order, so it may take lanes.
+            let block_max = lanes::<8>(p, f32::NEG_INFINITY, f32::max)
+                .into_iter()
+                .fold(f32::NEG_INFINITY, f32::max);
             let new_max = max[r].max(block_max);
             // exp(-inf) = 0: the first block rescales nothing.
             let rescale = (max[r] - new_max).exp();
             max[r] = new_max;
-            let mut block_sum = 0f32;
             for x in p.iter_mut() {
                 *x = exp(*x - new_max);
-                block_sum += *x;
             }
+            // Eight lanes by position in the row's own range, then in order.
+            let block_sum: f32 = lanes::<8>(p, 0.0, |a, b| a + b).iter().sum();
             sum[r] = sum[r] * rescale + block_sum;
             let row_out = &mut out[r * hd..(r + 1) * hd];
             for o in row_out.iter_mut() {
@@ -306,21 +309,36 @@ fn scores<const R: usize>(keys: &[f32], chunk: usize, rows: [&[f32]; R]) -> [[f3
     s
 }
 
+/// `xs` folded into `N` lanes, `x_i` into lane `i % N`, each lane in order.
+#[inline(always)]
+fn lanes<const N: usize>(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> [f32; N] {
+    let mut acc = [init; N];
+    let (whole, tail) = xs.as_chunks::<N>();
+    for c in whole {
+        for i in 0..N {
+            acc[i] = f(acc[i], c[i]);
+        }
+    }
+    for (i, &x) in tail.iter().enumerate() {
+        acc[i] = f(acc[i], x);
+    }
+    acc
+}
+
 /// `out += Σ p_j · v_j` over the keys from `first`, in key order, a fused
-/// multiply-add per element, [`DIM_CHUNK`] dimensions at a time in
-/// registers.
+/// multiply-add per element: 64 dimensions at a time in registers (eight
+/// independent chains, so the adds' latency is hidden), then
+/// [`DIM_CHUNK`], then one by one. Each element's arithmetic is the same
+/// whichever way it is reached.
 #[inline(always)]
 fn accumulate_values(values: &[f32], hd: usize, first: usize, p: &[f32], out: &mut [f32]) {
     let mut d = 0;
+    while d + 64 <= hd {
+        accumulate_chunk::<64>(values, hd, first, p, &mut out[d..d + 64], d);
+        d += 64;
+    }
     while d + DIM_CHUNK <= hd {
-        let mut acc: [f32; DIM_CHUNK] = std::array::from_fn(|t| out[d + t]);
-        for (j, &pj) in p.iter().enumerate() {
-            let v = &values[(first + j) * hd + d..][..DIM_CHUNK];
-            for t in 0..DIM_CHUNK {
-                acc[t] = pj.mul_add(v[t], acc[t]);
-            }
-        }
-        out[d..d + DIM_CHUNK].copy_from_slice(&acc);
+        accumulate_chunk::<DIM_CHUNK>(values, hd, first, p, &mut out[d..d + DIM_CHUNK], d);
         d += DIM_CHUNK;
     }
     for (t, o) in out.iter_mut().enumerate().skip(d) {
@@ -328,6 +346,26 @@ fn accumulate_values(values: &[f32], hd: usize, first: usize, p: &[f32], out: &m
             *o = pj.mul_add(values[(first + j) * hd + t], *o);
         }
     }
+}
+
+/// [`accumulate_values`] for dimensions `d..d + C`, held in registers.
+#[inline(always)]
+fn accumulate_chunk<const C: usize>(
+    values: &[f32],
+    hd: usize,
+    first: usize,
+    p: &[f32],
+    out: &mut [f32],
+    d: usize,
+) {
+    let mut acc: [f32; C] = std::array::from_fn(|t| out[t]);
+    for (j, &pj) in p.iter().enumerate() {
+        let v = &values[(first + j) * hd + d..][..C];
+        for t in 0..C {
+            acc[t] = pj.mul_add(v[t], acc[t]);
+        }
+    }
+    out.copy_from_slice(&acc);
 }
 
 /// `e^x` for `x <= 0` (a softmax term), in operations that vectorize:
