@@ -72,11 +72,12 @@ fn the_real_checkpoint_agrees_with_candle_transformers_llama() {
 /// rounds activations to 8 bits before each quantized matmul (as llama.cpp
 /// and candle's `quantized_llama` do) where the float path keeps f32, so
 /// logits differ by up to about one unit in 25, and greedy text parts where
-/// the two best tokens are that close. Measured: of the five prompts, one
-/// answer is identical; the others part at tokens 0, 1, 10 and 15, each at
-/// a near-tie (the capital question's first token: 25.04 against 24.96).
-/// The test holds every parting to a near-tie in both models, and the
-/// logits to that bound.
+/// the two best tokens are that close. Which prompts part, and where, moves
+/// with any change of rounding (measured: with one attention kernel one of
+/// the five answers was identical, with the next none; they part at tokens
+/// 0, 1, 10, 15 and 17, each at a near-tie, margins 0.02-0.23). So the test
+/// holds every parting to a near-tie in both models, and the logits to that
+/// bound, and counts identical answers only to report them.
 #[test]
 fn the_checkpoint_answers_the_exactness_prompts_like_its_gguf() {
     let gguf = ee_engine::load(&model_path()).unwrap();
@@ -124,7 +125,6 @@ fn the_checkpoint_answers_the_exactness_prompts_like_its_gguf() {
         );
     }
     eprintln!("{identical} of {} answers identical", PROMPTS.len());
-    assert!(identical >= 1);
 }
 
 /// The most any logit of the GGUF and the checkpoint may differ by.

@@ -100,12 +100,25 @@ pub(crate) fn by_weight_rows(
     if m == 1 {
         return yt;
     }
+    // Transposed back in square tiles, in parallel: a plain strided copy
+    // reads a new cache line for every element once a long prompt makes
+    // `m` large, and cost more than the attention at 2048 tokens.
+    const TILE: usize = 32;
     let mut y = vec![0f32; m * n];
-    for (i, y_row) in y.chunks_exact_mut(n).enumerate() {
-        for (o, v) in y_row.iter_mut().zip(yt[i..].iter().step_by(m)) {
-            *o = *v;
-        }
-    }
+    y.par_chunks_mut(TILE * n)
+        .enumerate()
+        .for_each(|(b, y_rows)| {
+            let i0 = b * TILE;
+            let rows_here = y_rows.len() / n;
+            for r0 in (0..n).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(n) {
+                    let src = &yt[r * m + i0..][..rows_here];
+                    for (k, &v) in src.iter().enumerate() {
+                        y_rows[k * n + r] = v;
+                    }
+                }
+            }
+        });
     y
 }
 
