@@ -1,0 +1,231 @@
+//! The attention kernel against plain attention, candle's reference
+//! path, itself in other chunks, builds and caches, and its exp.
+
+use super::*;
+
+/// Plain causal attention, one row at a time, as the definition reads.
+fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    (n_head, n_kv, n, total, hd): (usize, usize, usize, usize, usize),
+    window: Option<usize>,
+) -> Vec<f32> {
+    let mut out = vec![0f32; n * n_head * hd];
+    for h in 0..n_head {
+        let kv = h / (n_head / n_kv);
+        for i in 0..n {
+            let pos = total - n + i;
+            let start = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let qi = &q[(h * n + i) * hd..][..hd];
+            let scores: Vec<f64> = (start..=pos)
+                .map(|j| {
+                    let kj = &k[(kv * total + j) * hd..][..hd];
+                    qi.iter()
+                        .zip(kj)
+                        .map(|(a, b)| f64::from(a * b))
+                        .sum::<f64>()
+                        / (hd as f64).sqrt()
+                })
+                .collect();
+            let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let sum: f64 = exps.iter().sum();
+            for (e, j) in exps.iter().zip(start..=pos) {
+                let vj = &v[(kv * total + j) * hd..][..hd];
+                for d in 0..hd {
+                    out[(i * n_head + h) * hd + d] += (e / sum * f64::from(vj[d])) as f32;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Runs `f` on a cache holding `k`, `v` (`[n_kv, total, hd]`).
+fn with_cache<T>(k: &Tensor, v: &Tensor, f: impl FnOnce(&LayerView<'_>) -> T) -> T {
+    let mut cache = crate::KvCache::new(1, 1 << 20);
+    f(&cache.append(0, k, v).unwrap())
+}
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let x = (i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed) >> 8;
+            (x % 2001) as f32 / 1000.0 - 1.0
+        })
+        .collect()
+}
+
+#[test]
+fn matches_plain_attention_for_prefill_decode_gqa_and_windows() {
+    // (n_head, n_kv, n new, total, head_dim, window)
+    for (n_head, n_kv, n, total, hd, window) in [
+        (4, 2, 37, 37, 64, None),
+        (4, 2, 37, 200, 64, None),
+        (3, 1, 1, 150, 64, None),
+        (2, 2, 70, 130, 32, Some(50)),
+        (2, 1, 1, 300, 16, Some(64)),
+        (6, 3, 5, 5, 64, None),
+        (2, 1, 9, 75, 40, Some(33)),
+    ] {
+        let q = values(n_head * n * hd, 1);
+        let k = values(n_kv * total * hd, 2);
+        let v = values(n_kv * total * hd, 3);
+        let t = |data: &[f32], shape: (usize, usize, usize)| {
+            Tensor::from_vec(data.to_vec(), shape, &Device::Cpu).unwrap()
+        };
+        let (kt, vt) = (t(&k, (n_kv, total, hd)), t(&v, (n_kv, total, hd)));
+        let ours = with_cache(&kt, &vt, |c| attention(&t(&q, (n_head, n, hd)), c, window))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = reference(&q, &k, &v, (n_head, n_kv, n, total, hd), window);
+        let worst = ours
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            worst < 1e-5,
+            "{n_head} {n_kv} {n} {total} {hd} {window:?}: {worst}"
+        );
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn the_avx2_and_portable_builds_give_the_same_bits() {
+    if !crate::quant::has_avx2() {
+        return;
+    }
+    let (hd, total, n) = (40, 150, 20);
+    let t = |seed, shape: (usize, usize, usize)| {
+        Tensor::from_vec(
+            values(shape.0 * shape.1 * shape.2, seed),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (k, v) = (t(10, (1, total, hd)), t(11, (1, total, hd)));
+    let q = values(n * hd, 12);
+    with_cache(&k, &v, |c| {
+        let shape = Shape {
+            head_dim: hd,
+            group: 1,
+            first_pos: total - n,
+            sliding_window: Some(70),
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        let head = Head {
+            keys: c.keys,
+            values: c.values,
+        };
+        let (mut fast, mut portable) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+        attend_tile(&shape, &head, 0, &q, &mut fast);
+        attend_tile_portable(&shape, &head, 0, &q, &mut portable);
+        assert_eq!(fast, portable);
+    });
+}
+
+#[test]
+fn the_fast_exp_is_within_a_few_ulp() {
+    let mut worst = 0f32;
+    for i in 0..=870_000 {
+        let x = -(i as f32) / 10_000.0;
+        let (ours, libm) = (exp(x), x.exp());
+        worst = worst.max((ours - libm).abs() / libm);
+    }
+    assert!(worst < 4e-7, "relative error {worst}");
+    assert_eq!(exp(0.0), 1.0);
+    assert!(exp(-1e30) >= 0.0 && exp(-1e30) < 1e-37);
+    assert!(exp(f32::NAN).is_nan());
+}
+
+#[test]
+fn the_reference_path_computes_the_same_attention() {
+    let (n_head, n_kv, n, total, hd) = (4, 2, 20, 100, 64);
+    let t = |seed, shape: (usize, usize, usize)| {
+        Tensor::from_vec(
+            values(shape.0 * shape.1 * shape.2, seed),
+            shape,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (q, k, v) = (
+        t(7, (n_head, n, hd)),
+        t(8, (n_kv, total, hd)),
+        t(9, (n_kv, total, hd)),
+    );
+    for window in [None, Some(30)] {
+        let (a, b) = with_cache(&k, &v, |c| {
+            (
+                attention(&q, c, window).unwrap(),
+                reference_attention(&q, c, window).unwrap(),
+            )
+        });
+        let worst = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(worst.to_scalar::<f32>().unwrap() < 1e-5, "{window:?}");
+    }
+}
+
+#[test]
+fn a_row_has_the_same_bits_in_any_chunk_window_or_cache_history() {
+    let (n_head, n_kv, total, hd) = (2, 1, 90, 64);
+    let q = values(n_head * total * hd, 4);
+    let k = Tensor::from_vec(
+        values(n_kv * total * hd, 5),
+        (n_kv, total, hd),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let v = Tensor::from_vec(
+        values(n_kv * total * hd, 6),
+        (n_kv, total, hd),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let q_all = Tensor::from_vec(q, (n_head, total, hd), &Device::Cpu).unwrap();
+    for window in [None, Some(40)] {
+        let whole = with_cache(&k, &v, |c| attention(&q_all, c, window)).unwrap();
+        // The last 7 rows as a chunk of their own, and the last row alone.
+        for n in [7, 1] {
+            let q_tail = q_all.narrow(1, total - n, n).unwrap();
+            let part = with_cache(&k, &v, |c| attention(&q_tail, c, window)).unwrap();
+            let expected = whole.narrow(0, total - n, n).unwrap();
+            assert_eq!(
+                part.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                expected.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        // The last row again, from a cache filled a token at a time
+        // through several reallocations.
+        let mut cache = crate::KvCache::new(1, total);
+        for p in 0..total - 1 {
+            let one = |t: &Tensor| t.narrow(1, p, 1).unwrap();
+            cache.append(0, &one(&k), &one(&v)).unwrap();
+            cache.advance(1);
+        }
+        let last = |t: &Tensor| t.narrow(1, total - 1, 1).unwrap();
+        let view = cache.append(0, &last(&k), &last(&v)).unwrap();
+        let alone = attention(&last(&q_all), &view, window).unwrap();
+        assert_eq!(
+            alone.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            whole
+                .narrow(0, total - 1, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        );
+    }
+    // What cannot be computed is an error, not a panic.
+    with_cache(&k, &v, |c| {
+        assert!(attention(&q_all.narrow(1, 0, 0).unwrap(), c, None).is_err());
+        assert!(attention(&q_all, c, Some(0)).is_err());
+    });
+}
