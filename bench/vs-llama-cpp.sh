@@ -6,6 +6,10 @@
 #
 #   bench/vs-llama-cpp.sh [MODEL.gguf]      (default: the SmolLM2 Q4_1 model)
 #
+# Other formats, until `ee quantize` exists, with llama.cpp's own tool:
+#   bench/.cache/llama.cpp/build/bin/llama-quantize --allow-requantize \
+#       models/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/q8_0.gguf Q8_0
+#
 # llama.cpp is built from the llama-cpp-python==0.3.36 sdist on PyPI (the
 # same pin and sha256 as scripts/fetch-test-data.sh), with CMake from pip,
 # into the git-ignored bench/.cache/. EE_BENCH_THREADS (2), EE_BENCH_REPS (3).
@@ -41,7 +45,7 @@ if [ ! -x "$LLAMA_BENCH" ]; then
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >/dev/null
   PATH="$VENV/bin:$PATH" cmake --build "$CACHE/llama.cpp/build" \
-    --target llama-bench llama-server -j "$(nproc)" >/dev/null
+    --target llama-bench llama-server llama-quantize -j "$(nproc)" >/dev/null
 fi
 cargo build --release --quiet
 EE="target/release/ee"
