@@ -217,6 +217,12 @@ impl TextCodec {
     /// token, which plain text must never become.
     pub fn encode_text(&self, text: &str) -> Result<Vec<u32>, Error> {
         self.check_budget(text)?;
+        self.encode_unchecked(text)
+    }
+
+    /// [`encode_text`](Self::encode_text) for text whose budget was checked
+    /// by the caller (the whole prompt it is a piece of).
+    fn encode_unchecked(&self, text: &str) -> Result<Vec<u32>, Error> {
         let text = match text.contains(DEFUSE_MARK) {
             true => Cow::Owned(text.replace(DEFUSE_MARK, "")),
             false => Cow::Borrowed(text),
@@ -302,7 +308,7 @@ impl TextCodec {
                     before = before.trim_end();
                 }
                 if !before.is_empty() {
-                    ids.extend(self.encode_text(before)?);
+                    ids.extend(self.encode_unchecked(before)?);
                 }
                 ids.push(id);
                 at = m.end();
@@ -312,7 +318,7 @@ impl TextCodec {
             }
         }
         if at < text.len() || text.is_empty() {
-            ids.extend(self.encode_text(&text[at..])?);
+            ids.extend(self.encode_unchecked(&text[at..])?);
         }
         if let (true, true, Some(bos)) = (add_special, self.add_bos, self.bos) {
             if ids.first() != Some(&bos) {

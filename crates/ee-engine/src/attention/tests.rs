@@ -57,6 +57,16 @@ fn values(len: usize, seed: u32) -> Vec<f32> {
         .collect()
 }
 
+/// A tensor of [`values`] in `shape`.
+fn tensor(seed: u32, shape: (usize, usize, usize)) -> Tensor {
+    Tensor::from_vec(
+        values(shape.0 * shape.1 * shape.2, seed),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 #[test]
 fn matches_plain_attention_for_prefill_decode_gqa_and_windows() {
     // (n_head, n_kv, n new, total, head_dim, window)
@@ -101,15 +111,7 @@ fn the_avx2_and_portable_builds_give_the_same_bits() {
         return;
     }
     let (hd, total, n) = (40, 150, 20);
-    let t = |seed, shape: (usize, usize, usize)| {
-        Tensor::from_vec(
-            values(shape.0 * shape.1 * shape.2, seed),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
-    let (k, v) = (t(10, (1, total, hd)), t(11, (1, total, hd)));
+    let (k, v) = (tensor(10, (1, total, hd)), tensor(11, (1, total, hd)));
     let q = values(n * hd, 12);
     with_cache(&k, &v, |c| {
         let shape = Shape {
@@ -147,18 +149,10 @@ fn the_fast_exp_is_within_a_few_ulp() {
 #[test]
 fn the_reference_path_computes_the_same_attention() {
     let (n_head, n_kv, n, total, hd) = (4, 2, 20, 100, 64);
-    let t = |seed, shape: (usize, usize, usize)| {
-        Tensor::from_vec(
-            values(shape.0 * shape.1 * shape.2, seed),
-            shape,
-            &Device::Cpu,
-        )
-        .unwrap()
-    };
     let (q, k, v) = (
-        t(7, (n_head, n, hd)),
-        t(8, (n_kv, total, hd)),
-        t(9, (n_kv, total, hd)),
+        tensor(7, (n_head, n, hd)),
+        tensor(8, (n_kv, total, hd)),
+        tensor(9, (n_kv, total, hd)),
     );
     for window in [None, Some(30)] {
         let (a, b) = with_cache(&k, &v, |c| {
@@ -175,20 +169,9 @@ fn the_reference_path_computes_the_same_attention() {
 #[test]
 fn a_row_has_the_same_bits_in_any_chunk_window_or_cache_history() {
     let (n_head, n_kv, total, hd) = (2, 1, 90, 64);
-    let q = values(n_head * total * hd, 4);
-    let k = Tensor::from_vec(
-        values(n_kv * total * hd, 5),
-        (n_kv, total, hd),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let v = Tensor::from_vec(
-        values(n_kv * total * hd, 6),
-        (n_kv, total, hd),
-        &Device::Cpu,
-    )
-    .unwrap();
-    let q_all = Tensor::from_vec(q, (n_head, total, hd), &Device::Cpu).unwrap();
+    let k = tensor(5, (n_kv, total, hd));
+    let v = tensor(6, (n_kv, total, hd));
+    let q_all = tensor(4, (n_head, total, hd));
     for window in [None, Some(40)] {
         let whole = with_cache(&k, &v, |c| attention(&q_all, c, window)).unwrap();
         // The last 7 rows as a chunk of their own, and the last row alone.
