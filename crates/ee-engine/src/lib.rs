@@ -3,10 +3,13 @@
 //! A model is three things kept apart, as in candle and mistral.rs:
 //! - **what it is**: an architecture behind [`CausalLm`], one file each
 //!   under [`models`], with a batched forward pass in which every sequence
-//!   has its own [`KvCache`] and position (for continuous batching);
+//!   has its own [`KvCache`] and position (for continuous batching); or an
+//!   encoder (BERT, DistilBERT) behind [`Encoder`], for embeddings and
+//!   classification;
 //! - **where its weights come from**: a [`weights::WeightSource`] per file
 //!   format (GGUF, Hugging Face safetensors), memory-mapped;
-//! - **its config**: [`LlamaConfig`], from GGUF metadata or `config.json`.
+//! - **its config**: [`LlamaConfig`], from GGUF metadata or `config.json`;
+//!   [`EncoderConfig`], from `config.json` and sentence-transformers' pooling.
 //!
 //! [`loader`] puts them together. On top of any model:
 //! - [`Sampler`]: permutation-equivariant sampling;
@@ -17,6 +20,7 @@
 
 mod attention;
 pub mod config;
+pub mod encoder;
 pub mod float;
 pub mod generate;
 pub mod kv_cache;
@@ -31,7 +35,9 @@ pub mod scheduler;
 pub mod testing;
 pub mod weights;
 
+pub use config::encoder::EncoderConfig;
 pub use config::LlamaConfig;
+pub use encoder::{Encoder, Pooling, PoolingMode};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use linear::LoadOptions;

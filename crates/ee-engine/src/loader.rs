@@ -12,7 +12,9 @@ use ee_core::safetensors::{
 };
 use ee_core::tokenizer::TOKENIZER_KEY_PREFIX;
 
+use crate::config::encoder::{is_encoder_config, EncoderConfig};
 use crate::config::LlamaConfig;
+use crate::encoder::Encoder;
 use crate::linear::LoadOptions;
 use crate::model::CausalLm;
 use crate::weights::gguf::GgufWeights;
@@ -135,6 +137,35 @@ impl ModelFiles {
         match self {
             Self::Gguf(w) => w,
             Self::HuggingFace { weights, .. } => weights,
+        }
+    }
+
+    /// Whether the files hold an encoder (BERT, DistilBERT) rather than a
+    /// causal LM: [`load_encoder`](Self::load_encoder) builds it.
+    pub fn is_encoder(&self) -> bool {
+        match self {
+            Self::Gguf(_) => false,
+            Self::HuggingFace { config, .. } => {
+                serde_json::from_slice(config).is_ok_and(|c| is_encoder_config(&c))
+            }
+        }
+    }
+
+    /// Reads the config and builds the encoder. Errors for a GGUF file
+    /// (encoders load from Hugging Face checkpoints only) or a causal LM.
+    pub fn load_encoder(&self) -> Result<Arc<dyn Encoder>, Error> {
+        match self {
+            Self::Gguf(_) => Err(Error::Unsupported(
+                "encoders load from Hugging Face checkpoint directories, not GGUF".into(),
+            )),
+            Self::HuggingFace {
+                config_path,
+                config,
+                weights,
+                ..
+            } => {
+                models::build_encoder(EncoderConfig::from_hf_config(config_path, config)?, weights)
+            }
         }
     }
 

@@ -1,6 +1,8 @@
-//! Llama/Mistral hyper-parameters, one module per source: GGUF metadata
-//! (`gguf.rs`) and Hugging Face's `config.json` (`hf.rs`).
+//! Hyper-parameters. Llama/Mistral's, one module per source: GGUF metadata
+//! (`gguf.rs`) and Hugging Face's `config.json` (`hf.rs`); BERT-family
+//! encoders' from `config.json` (`encoder.rs`).
 
+pub mod encoder;
 mod gguf;
 mod hf;
 

@@ -1,10 +1,15 @@
-//! Architectures, one file each, all behind [`CausalLm`].
+//! Architectures, one file each: decoders behind [`CausalLm`], encoders
+//! behind [`Encoder`].
 
+pub mod bert;
+pub mod distilbert;
 pub mod llama;
 
 use std::sync::Arc;
 
+use crate::config::encoder::EncoderConfig;
 use crate::config::LlamaConfig;
+use crate::encoder::Encoder;
 use crate::linear::LoadOptions;
 use crate::model::CausalLm;
 use crate::weights::WeightSource;
@@ -20,6 +25,20 @@ pub fn build(
         "llama" | "mistral" => Ok(Arc::new(llama::LlamaModel::new(config, weights, opts)?)),
         other => Err(Error::Unsupported(format!(
             "architecture {other:?} (supported: llama, mistral)"
+        ))),
+    }
+}
+
+/// Builds the encoder `config` names from `weights`.
+pub fn build_encoder(
+    config: EncoderConfig,
+    weights: &dyn WeightSource,
+) -> Result<Arc<dyn Encoder>, Error> {
+    match config.architecture.as_str() {
+        "bert" => Ok(Arc::new(bert::load(config, weights)?)),
+        "distilbert" => Ok(Arc::new(distilbert::load(config, weights)?)),
+        other => Err(Error::Unsupported(format!(
+            "encoder architecture {other:?} (supported: bert, distilbert)"
         ))),
     }
 }

@@ -2,6 +2,7 @@
 //! and weight format: GGUF here, Hugging Face checkpoints in [`hf`]. Not
 //! part of the public API.
 
+pub mod encoder;
 pub mod hf;
 
 use std::fs::File;
