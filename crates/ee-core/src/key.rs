@@ -93,6 +93,16 @@ impl Key {
         self.derive_permutation(VOCAB_DOMAIN, n)
     }
 
+    /// The permutation of `n` items the key derives for `domain`, a label
+    /// naming what it permutes (`ee/v1/residual`): the identity for the
+    /// identity key.
+    pub fn permutation_for(&self, domain: &str, n: u32) -> Permutation {
+        if self.identity {
+            return Permutation::identity(n);
+        }
+        self.derive_permutation(domain, n)
+    }
+
     fn derive_permutation(&self, domain: &str, n: u32) -> Permutation {
         let seed: [u8; 32] = Sha256::new()
             .chain_update(domain.as_bytes())

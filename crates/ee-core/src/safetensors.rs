@@ -27,8 +27,10 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// The `config.json` keys a server artifact keeps: what the forward pass
 /// needs. Everything else is dropped, among it `bos_token_id`,
 /// `eos_token_id` and `pad_token_id`, plaintext IDs that would point at
-/// the special tokens' rows.
-pub const SERVER_CONFIG_KEYS: [&str; 19] = [
+/// the special tokens' rows, and a classifier's label names (`id2label`),
+/// of which only the count (`num_labels`) stays. Llama/Mistral's keys come
+/// first, then BERT's and DistilBERT's.
+pub const SERVER_CONFIG_KEYS: [&str; 30] = [
     "architectures",
     "model_type",
     "hidden_size",
@@ -48,7 +50,21 @@ pub const SERVER_CONFIG_KEYS: [&str; 19] = [
     "attention_bias",
     "mlp_bias",
     "torch_dtype",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "position_embedding_type",
+    "num_labels",
+    "problem_type",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "hidden_dim",
+    "activation",
+    "sinusoidal_pos_embds",
 ];
+
+/// sentence-transformers' module list, beside `config.json`.
+pub const MODULES_FILE: &str = "modules.json";
 
 /// The files of a checkpoint directory.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +74,50 @@ pub struct CheckpointFiles {
     pub index: Option<PathBuf>,
     /// The weight files, in name order.
     pub shards: Vec<PathBuf>,
+    /// A sentence-transformers model's `modules.json` and the config of
+    /// its `Pooling` module, by path relative to the directory
+    /// (`1_Pooling/config.json`): how its embeddings are pooled, which the
+    /// server needs and an artifact keeps.
+    pub pooling: Vec<(String, PathBuf)>,
+}
+
+/// `modules.json`'s entries: a module's directory and its type.
+#[derive(serde::Deserialize)]
+struct Module {
+    #[serde(default)]
+    path: String,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+/// The pooling files of the model in `dir`, if it has `modules.json`.
+fn pooling_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    let modules = dir.join(MODULES_FILE);
+    if !modules.is_file() {
+        return Ok(Vec::new());
+    }
+    let bytes = std::fs::read(&modules)
+        .map_err(|e| Error::Io(format!("reading {}: {e}", modules.display())))?;
+    let listed: Vec<Module> = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Io(format!("{}: {e}", modules.display())))?;
+    let mut files = vec![(MODULES_FILE.to_owned(), modules.clone())];
+    for m in listed.iter().filter(|m| m.kind.ends_with(".Pooling")) {
+        // One plain directory name: nothing may point outside the model.
+        let plain = !m.path.is_empty()
+            && Path::new(&m.path)
+                .file_name()
+                .is_some_and(|n| n == m.path.as_str());
+        let name = format!("{}/{CONFIG_FILE}", m.path);
+        if !plain || !dir.join(&name).is_file() {
+            return Err(Error::Io(format!(
+                "{}: the pooling module's {name:?} is missing from {}",
+                modules.display(),
+                dir.display()
+            )));
+        }
+        files.push((name.clone(), dir.join(name)));
+    }
+    Ok(files)
 }
 
 #[derive(serde::Deserialize)]
@@ -88,6 +148,7 @@ impl CheckpointFiles {
                 config,
                 index: None,
                 shards: vec![single],
+                pooling: pooling_files(dir)?,
             });
         }
         let text = std::fs::read(&index)
@@ -115,10 +176,20 @@ impl CheckpointFiles {
             config,
             index: Some(index),
             shards,
+            pooling: pooling_files(dir)?,
         })
     }
 
-    /// Every file: config, index if any, shards.
+    /// Every file the server loads, by the name its fingerprint gives it:
+    /// config, index if any, shards, pooling files.
+    pub fn named(&self) -> Vec<(String, &Path)> {
+        let mut named: Vec<(String, &Path)> =
+            self.all().into_iter().map(|p| (file_name(p), p)).collect();
+        named.extend(self.pooling.iter().map(|(n, p)| (n.clone(), p.as_path())));
+        named
+    }
+
+    /// Config, index if any, shards.
     pub fn all(&self) -> Vec<&Path> {
         let mut all = vec![self.config.as_path()];
         all.extend(self.index.as_deref());
@@ -223,13 +294,18 @@ impl MappedFile {
     }
 }
 
-/// The server's `config.json`: only [`SERVER_CONFIG_KEYS`] of `config`.
+/// The server's `config.json`: only [`SERVER_CONFIG_KEYS`] of `config`,
+/// with a classifier's `id2label` replaced by its size, `num_labels`.
 pub fn server_config(config: &Map<String, Value>) -> Map<String, Value> {
-    config
+    let mut kept: Map<String, Value> = config
         .iter()
         .filter(|(k, _)| SERVER_CONFIG_KEYS.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+        .collect();
+    if let Some(labels) = config.get("id2label").and_then(Value::as_object) {
+        kept.insert("num_labels".into(), labels.len().into());
+    }
+    kept
 }
 
 /// The fingerprint of a checkpoint directory, as lowercase hex: the sha256
@@ -278,6 +354,15 @@ mod tests {
         let kept = server_config(&config);
         let keys: Vec<&str> = kept.keys().map(String::as_str).collect();
         assert_eq!(keys, ["architectures", "hidden_size", "rope_scaling"]);
+        let config: Map<String, Value> = serde_json::from_value(serde_json::json!({
+            "architectures": ["BertForSequenceClassification"], "id2label": {"0": "NEG", "1": "POS"},
+            "label2id": {"NEG": 0, "POS": 1}, "pad_token_id": 0}))
+        .unwrap();
+        let kept = Value::Object(server_config(&config));
+        assert_eq!(
+            kept,
+            serde_json::json!({"architectures": ["BertForSequenceClassification"], "num_labels": 2})
+        );
     }
 
     #[test]

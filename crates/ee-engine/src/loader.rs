@@ -41,6 +41,8 @@ pub enum ModelFiles {
         config: Vec<u8>,
         /// The shard index, if any: (file name, bytes).
         index: Option<(String, Vec<u8>)>,
+        /// sentence-transformers' pooling files: (relative name, bytes).
+        pooling: Vec<(String, Vec<u8>)>,
         weights: SafetensorsWeights,
     },
 }
@@ -63,6 +65,11 @@ impl ModelFiles {
                 Some(p) => Some((file_name(p), read(p)?)),
                 None => None,
             },
+            pooling: files
+                .pooling
+                .iter()
+                .map(|(n, p)| Ok((n.clone(), read(p)?)))
+                .collect::<Result<_, Error>>()?,
             config_path: files.config.clone(),
             weights: SafetensorsWeights::open(&files)?,
         })
@@ -78,6 +85,7 @@ impl ModelFiles {
             Self::HuggingFace {
                 config,
                 index,
+                pooling,
                 weights,
                 ..
             } => {
@@ -86,6 +94,7 @@ impl ModelFiles {
                 directory_fingerprint(
                     std::iter::once((CONFIG_FILE, config.as_slice()))
                         .chain(index.iter().map(|(n, b)| (n.as_str(), b.as_slice())))
+                        .chain(pooling.iter().map(|(n, b)| (n.as_str(), b.as_slice())))
                         .chain(shards.iter().map(|(n, b)| (n.as_str(), *b))),
                 )
             }

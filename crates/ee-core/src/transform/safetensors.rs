@@ -1,9 +1,11 @@
 //! The server artifact of a Hugging Face checkpoint: a directory with the
 //! architecture's keys of `config.json` only, the shard index if there is
-//! one, and the safetensors files with the rows of
-//! `model.embed_tokens.weight` and `lm_head.weight` permuted. Each file's
-//! header is copied verbatim (rows move, sizes and offsets do not), and
-//! tensors stream one by one.
+//! one, sentence-transformers' pooling files if there are any, and the
+//! safetensors files with their tensors moved under the key: for a causal
+//! LM the rows of `model.embed_tokens.weight` and `lm_head.weight`; for an
+//! encoder every tensor ([`super::encoder`]). Each file's header is copied
+//! verbatim (values move, sizes and offsets do not), and tensors stream one
+//! by one.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
@@ -11,12 +13,18 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use safetensors::tensor::TensorInfo;
+
+use super::encoder::EncoderPermutations;
 use super::{permute_rows, TransformReport};
 use crate::safetensors::{
     config_vocab_size, directory_fingerprint, file_name, map_file, read_config, server_config,
     CheckpointFiles, MappedFile, CONFIG_FILE, INDEX_FILE, VOCAB_ROW_TENSORS,
 };
-use crate::{Error, Permutation};
+use crate::{Error, Key, Permutation};
+
+/// What becomes of one tensor: its new bytes, or `None` to copy it as is.
+type MoveTensor<'a> = dyn FnMut(&str, &TensorInfo, &[u8]) -> Result<Option<Vec<u8>>, Error> + 'a;
 
 fn io(what: &str, path: &Path) -> impl Fn(std::io::Error) -> Error {
     let what = format!("{what} {}", path.display());
@@ -43,6 +51,69 @@ pub fn write_hf_server_artifact(
             perm.len()
         )));
     }
+    let mut move_rows = |name: &str, info: &TensorInfo, bytes: &[u8]| {
+        if !VOCAB_ROW_TENSORS.contains(&name) {
+            return Ok(None);
+        }
+        let rows = info.shape.first().copied().unwrap_or(0) as u64;
+        permute_rows(name, bytes, rows, perm).map(Some)
+    };
+    write_artifact(
+        &files,
+        &config,
+        output,
+        vocab_size,
+        &mut move_rows,
+        progress,
+    )
+}
+
+/// Writes the server artifact of the BERT-family encoder checkpoint in
+/// `input` under `key` into the directory `output`, as
+/// [`write_hf_server_artifact`] does: every tensor moves
+/// ([`super::encoder`]), and `config.json` keeps the number of classes of
+/// a classifier but not their names (`id2label`).
+///
+/// Errors: those of [`write_hf_server_artifact`], a config without its
+/// head count, or a tensor that is not part of the encoder.
+pub fn write_encoder_server_artifact(
+    input: &Path,
+    output: &Path,
+    key: &Key,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    let files = CheckpointFiles::find(input)?;
+    let config = read_config(&files.config)?;
+    let vocab_size = config_vocab_size(&config, &files.config)?;
+    let heads = ["num_attention_heads", "n_heads"]
+        .iter()
+        .find_map(|k| config.get(*k).and_then(Value::as_u64))
+        .ok_or_else(|| {
+            Error::Io(format!(
+                "{}: no num_attention_heads (n_heads)",
+                files.config.display()
+            ))
+        })?;
+    let mut perms =
+        EncoderPermutations::new(key, key.vocab_permutation(vocab_size), heads as usize);
+    let mut move_all = |name: &str, info: &TensorInfo, bytes: &[u8]| {
+        perms
+            .permute(name, &info.shape, info.dtype.size(), bytes)
+            .map(Some)
+    };
+    write_artifact(&files, &config, output, vocab_size, &mut move_all, progress)
+}
+
+/// Writes the artifact of `files` into `output` (fresh or empty), moving
+/// each tensor with `move_tensor`.
+fn write_artifact(
+    files: &CheckpointFiles,
+    config: &Map<String, Value>,
+    output: &Path,
+    vocab_size: u32,
+    move_tensor: &mut MoveTensor<'_>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
     let usable = match fs::read_dir(output) {
         Ok(mut entries) => entries.next().is_none(),
         Err(_) => !output.exists(),
@@ -61,7 +132,7 @@ pub fn write_hf_server_artifact(
         .prefix(".ee-artifact-")
         .tempdir_in(parent)
         .map_err(io("creating a directory in", parent))?;
-    let permuted_tensors = write_files(&files, &config, tmp.path(), perm, progress)?;
+    let permuted_tensors = write_files(files, config, tmp.path(), move_tensor, progress)?;
     if output.exists() {
         fs::remove_dir(output).map_err(io("replacing", output))?;
     }
@@ -70,9 +141,9 @@ pub fn write_hf_server_artifact(
     // will read it.
     let written = CheckpointFiles::find(output)?;
     let contents = written
-        .all()
+        .named()
         .into_iter()
-        .map(|p| Ok((file_name(p), map_file(p)?)))
+        .map(|(n, p)| Ok((n, map_file(p)?)))
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(TransformReport {
         sha256: directory_fingerprint(contents.iter().map(|(n, m)| (n.as_str(), &m[..]))),
@@ -82,12 +153,12 @@ pub fn write_hf_server_artifact(
     })
 }
 
-/// Writes every file into `dir`; returns the names of the permuted tensors.
+/// Writes every file into `dir`; returns the names of the moved tensors.
 fn write_files(
     files: &CheckpointFiles,
     config: &Map<String, Value>,
     dir: &Path,
-    perm: &Permutation,
+    move_tensor: &mut MoveTensor<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Vec<String>, Error> {
     let config_out =
@@ -103,6 +174,13 @@ fn write_files(
         let bytes = serde_json::to_vec(&kept).map_err(|e| Error::Io(e.to_string()))?;
         let index_path = dir.join(INDEX_FILE);
         fs::write(&index_path, bytes).map_err(io("writing", &index_path))?;
+    }
+    for (name, path) in &files.pooling {
+        let to = dir.join(name);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(io("creating", parent))?;
+        }
+        fs::copy(path, &to).map_err(io("copying to", &to))?;
     }
     let shards = files
         .shards
@@ -124,13 +202,12 @@ fn write_files(
         out.write_all(&shard.header_without_metadata()?)
             .map_err(&write_err)?;
         for (name, info, bytes) in shard.tensors() {
-            if VOCAB_ROW_TENSORS.contains(&name.as_str()) {
-                let rows = info.shape.first().copied().unwrap_or(0) as u64;
-                out.write_all(&permute_rows(&name, bytes, rows, perm)?)
-                    .map_err(&write_err)?;
-                permuted.push(name);
-            } else {
-                out.write_all(bytes).map_err(&write_err)?;
+            match move_tensor(&name, info, bytes)? {
+                Some(moved) => {
+                    out.write_all(&moved).map_err(&write_err)?;
+                    permuted.push(name);
+                }
+                None => out.write_all(bytes).map_err(&write_err)?,
             }
             done += bytes.len() as u64;
             progress(done, total);

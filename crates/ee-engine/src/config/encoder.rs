@@ -9,6 +9,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use ee_core::safetensors::{CONFIG_FILE, MODULES_FILE};
+
 use crate::encoder::{Pooling, PoolingMode};
 use crate::Error;
 
@@ -285,7 +287,7 @@ fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
             normalize,
         });
     };
-    let pooling_path = dir.join(&pooling.path).join(CONFIG_NAME);
+    let pooling_path = dir.join(&pooling.path).join(CONFIG_FILE);
     let bytes = read(&pooling_path)?
         .ok_or_else(|| at(&pooling_path, "missing; modules.json lists it".into()))?;
     let p: PoolingFile =
@@ -310,10 +312,6 @@ fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
         ))),
     }
 }
-
-/// sentence-transformers' module list, beside `config.json`.
-pub const MODULES_FILE: &str = "modules.json";
-const CONFIG_NAME: &str = "config.json";
 
 #[cfg(test)]
 mod tests {
