@@ -75,7 +75,13 @@ fn minilm_encrypted_embeddings_equal_the_plaintext_ones() {
             "the served vector is permuted: {cos_as_sent}"
         );
         let got = sigma.gather(s).unwrap();
-        let cos = e.iter().zip(&got).map(|(a, b)| (a * b) as f64).sum::<f64>();
+        let dot = |x: &[f32], y: &[f32]| {
+            x.iter()
+                .zip(y)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+        };
+        let cos = dot(e, &got) / (dot(e, e) * dot(&got, &got)).sqrt();
         let abs = e
             .iter()
             .zip(&got)

@@ -14,12 +14,14 @@
 //! [`loader`] puts them together. On top of any model:
 //! - [`Sampler`]: permutation-equivariant sampling;
 //! - [`Scheduler`]: continuous batching on an engine thread;
+//! - [`EncodeQueue`]: packed batches of encoder requests on an engine thread;
 //! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests.
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
 
 mod attention;
 pub mod config;
+pub mod encode_queue;
 pub mod encoder;
 pub mod float;
 pub mod generate;
@@ -37,6 +39,7 @@ pub mod weights;
 
 pub use config::encoder::EncoderConfig;
 pub use config::LlamaConfig;
+pub use encode_queue::{EncodeQueue, EncodeQueueConfig, PoolingTask};
 pub use encoder::{Encoder, Pooling, PoolingMode};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;

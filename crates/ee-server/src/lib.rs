@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod metrics;
+pub mod pooling;
 pub mod routes;
 pub mod serve;
 pub mod validate;
@@ -24,17 +25,29 @@ use axum::routing::{get, post};
 use axum::Router;
 use ee_api::ApiError;
 use ee_core::wire::ModelCard;
-use ee_engine::Scheduler;
+use ee_engine::{EncodeQueue, Scheduler};
 use subtle::ConstantTimeEq;
 
 use crate::config::ServerConfig;
 use crate::metrics::Metrics;
+use crate::pooling::PoolingLimits;
 use crate::validate::Limits;
+
+/// What runs the model: a causal LM's scheduler, or an encoder's queue.
+pub enum Engine {
+    Causal {
+        scheduler: Scheduler,
+        limits: Limits,
+    },
+    Encoder {
+        queue: EncodeQueue,
+        limits: PoolingLimits,
+    },
+}
 
 /// The model once it is loaded.
 pub struct LoadedModel {
-    pub scheduler: Scheduler,
-    pub limits: Limits,
+    pub engine: Engine,
     /// One card per served name.
     pub cards: Vec<ModelCard>,
     /// The name responses carry: the first served name.
@@ -47,6 +60,28 @@ impl LoadedModel {
     /// The card of a served name.
     pub fn card(&self, name: &str) -> Option<&ModelCard> {
         self.cards.iter().find(|c| c.id == name)
+    }
+
+    /// The causal LM's scheduler and limits; a 400 on an encoder's server.
+    pub fn causal(&self) -> Result<(&Scheduler, &Limits), ApiError> {
+        match &self.engine {
+            Engine::Causal { scheduler, limits } => Ok((scheduler, limits)),
+            Engine::Encoder { .. } => Err(ApiError::bad_request(
+                "this server hosts an encoder, which does not generate text; use /v1/embeddings                  or /classify",
+            )
+            .with_code("model_not_supported")),
+        }
+    }
+
+    /// The encoder's queue and limits; a 400 on a causal LM's server.
+    pub fn encoder(&self) -> Result<(&EncodeQueue, &PoolingLimits), ApiError> {
+        match &self.engine {
+            Engine::Encoder { queue, limits } => Ok((queue, limits)),
+            Engine::Causal { .. } => Err(ApiError::bad_request(
+                "this server hosts a causal language model, not an encoder; use                  /v1/completions or /v1/chat/completions",
+            )
+            .with_code("model_not_supported")),
+        }
     }
 }
 
@@ -84,6 +119,8 @@ pub fn router(state: SharedState) -> Router {
         .route("/v1/models/{*id}", get(routes::model))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/chat/completions", post(routes::chat_completions))
+        .route("/v1/embeddings", post(pooling::embeddings))
+        .route("/classify", post(pooling::classify))
         .route("/metrics", get(routes::metrics))
         // Inner layer: only authenticated responses name the artifact.
         .route_layer(middleware::from_fn_with_state(state.clone(), name_artifact))

@@ -64,7 +64,10 @@ fn not_served(loaded: &LoadedModel, requested: &str) -> ApiError {
 pub async fn metrics(State(state): State<SharedState>) -> Response {
     let (waiting, running) = match state.model.get() {
         Some(m) => {
-            let s = m.scheduler.stats();
+            let s = match &m.engine {
+                crate::Engine::Causal { scheduler, .. } => scheduler.stats(),
+                crate::Engine::Encoder { queue, .. } => queue.stats(),
+            };
             (
                 s.waiting.load(std::sync::atomic::Ordering::Relaxed),
                 s.running.load(std::sync::atomic::Ordering::Relaxed),
@@ -79,7 +82,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
         .into_response()
 }
 
-fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
+pub(crate) fn check_model(loaded: &LoadedModel, requested: Option<&str>) -> Result<(), ApiError> {
     match requested {
         Some(m) if loaded.card(m).is_none() => Err(not_served(loaded, m)),
         _ => Ok(()),
@@ -133,7 +136,8 @@ async fn serve<R: DeserializeOwned>(
         let request: R = read_json(&headers, body, c.max_body_bytes, c.max_json_depth).await?;
         let loaded = state.loaded()?;
         check_model(loaded, model_of(&request))?;
-        let valid = validator(&request, &loaded.limits)?;
+        let (_, limits) = loaded.causal()?;
+        let valid = validator(&request, limits)?;
         Ok::<_, ApiError>(generate(state.clone(), loaded, valid, endpoint).await)
     };
     result.await.unwrap_or_else(IntoResponse::into_response)
@@ -373,7 +377,8 @@ fn submit(loaded: &LoadedModel, v: &ValidRequest) -> Result<Events, ApiError> {
                 stop_token_ids: v.stop_token_ids.clone(),
                 top_logprobs: v.top_logprobs,
             };
-            let rx = loaded.scheduler.submit(request).map_err(|e| match e {
+            let (scheduler, _) = loaded.causal()?;
+            let rx = scheduler.submit(request).map_err(|e| match e {
                 SubmitError::QueueFull(_) => ApiError::overloaded(),
                 SubmitError::Stopped => ApiError::internal("the engine has stopped"),
             })?;

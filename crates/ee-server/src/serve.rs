@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ee_core::wire::ModelCard;
-use ee_engine::{ModelFiles, Scheduler, SchedulerConfig};
+use ee_engine::{EncodeQueue, EncodeQueueConfig, ModelFiles, Scheduler, SchedulerConfig};
 use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
+use crate::pooling::PoolingLimits;
 use crate::validate::Limits;
-use crate::{router, LoadedModel, SharedState};
+use crate::{router, Engine, LoadedModel, SharedState};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -49,14 +50,46 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
         tracing::warn!(model = %path.display(), carries = %shown, "SERVING A PLAINTEXT MODEL (--allow-plaintext): token IDs on the wire are plaintext and the model is identifiable");
     }
     let sha256 = files.sha256();
-    let model = files.load(&Default::default()).map_err(engine_err)?;
     let c = &state.config;
-    let limits = Limits {
-        vocab_size: model.vocab_size(),
-        context_length: model.context_length(),
-        max_n: c.max_n,
-        max_logprobs: c.max_logprobs,
-        default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
+    let (engine, vocab_size, context_length) = match files.is_encoder() {
+        true => {
+            let model = files.load_encoder().map_err(engine_err)?;
+            let limits = PoolingLimits {
+                vocab_size: model.vocab_size(),
+                max_positions: model.max_positions(),
+                hidden_size: model.hidden_size(),
+                num_labels: model.num_labels(),
+            };
+            let queue = EncodeQueue::start(
+                model,
+                EncodeQueueConfig {
+                    max_batch_tokens: c.encoder_batch_tokens,
+                    max_queue: c.max_queue,
+                },
+            );
+            let (v, p) = (limits.vocab_size, limits.max_positions);
+            (Engine::Encoder { queue, limits }, v, p)
+        }
+        false => {
+            let model = files.load(&Default::default()).map_err(engine_err)?;
+            let limits = Limits {
+                vocab_size: model.vocab_size(),
+                context_length: model.context_length(),
+                max_n: c.max_n,
+                max_logprobs: c.max_logprobs,
+                default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
+            };
+            let (v, p) = (model.vocab_size(), model.context_length());
+            let scheduler = Scheduler::start(
+                model,
+                SchedulerConfig {
+                    max_batch: c.max_batch,
+                    max_queue: c.max_queue,
+                    step_token_budget: c.step_token_budget,
+                },
+            );
+            (Engine::Causal { scheduler, limits }, v, p)
+        }
     };
     let created = ee_api::unix_now();
     let mut names = c.served_model_names.clone();
@@ -72,23 +105,14 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
             created,
             owned_by: "ee".into(),
             artifact_sha256: sha256.clone(),
-            vocab_size: model.vocab_size(),
-            context_length: model.context_length(),
+            vocab_size,
+            context_length,
         })
         .collect();
-    let scheduler = Scheduler::start(
-        model,
-        SchedulerConfig {
-            max_batch: c.max_batch,
-            max_queue: c.max_queue,
-            step_token_budget: c.step_token_budget,
-        },
-    );
     let artifact_header = axum::http::HeaderValue::from_str(&sha256)
         .map_err(|e| ServeError::Io(std::io::Error::other(e)))?;
     let _ = state.model.set(LoadedModel {
-        scheduler,
-        limits,
+        engine,
         cards,
         name: names[0].clone(),
         artifact_header,

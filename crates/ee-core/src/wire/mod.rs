@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+pub mod pooling;
+
 /// `prompt` of `/v1/completions`: one token-ID sequence or several (vLLM's
 /// convention). Text is accepted by the parser only so the server can refuse
 /// it with a clear message.
