@@ -57,6 +57,9 @@ fn inputs(
     limits: &PoolingLimits,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let mut inputs = match input {
+        PromptInput::Tokens(ids) if ids.is_empty() => {
+            return Err(ApiError::invalid("input", "input is empty"))
+        }
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::Batch(batch) => batch.clone(),
         PromptInput::Text(_) => {
@@ -300,7 +303,7 @@ mod tests {
                 serde_json::json!([]),
                 serde_json::json!({}),
                 "input",
-                "0 sequences",
+                "input is empty",
             ),
             (
                 serde_json::json!([[1], []]),
