@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use ee_core::transform::encoder::{label_permutation, residual_permutation};
 use ee_core::wire::ModelCard;
 use ee_core::{ClientBundle, Permutation};
 
@@ -16,6 +17,8 @@ pub struct KeyHolder {
     perm: Permutation,
     codec: TextCodec,
     template: ChatTemplate,
+    /// An encoder's σ (its embeddings' channels) and λ (its classes).
+    encoder: Option<(Permutation, Option<Permutation>)>,
 }
 
 impl KeyHolder {
@@ -27,12 +30,54 @@ impl KeyHolder {
             None => codec,
         };
         let perm = bundle.key.vocab_permutation(bundle.manifest.vocab_size);
+        let encoder = bundle.manifest.encoder.as_ref().map(|e| {
+            let labels = e
+                .labels
+                .as_ref()
+                .map(|l| label_permutation(&bundle.key, l.len() as u32));
+            (residual_permutation(&bundle.key, e.hidden_size), labels)
+        });
         Ok(Self {
             bundle,
             perm,
             codec,
             template,
+            encoder,
         })
+    }
+
+    /// Whether the bundle is an encoder's (embeddings, classification).
+    pub fn is_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// An embedding from the server (in the key's channel order, σ) in the
+    /// model's own order.
+    ///
+    /// Errors: the bundle is not an encoder's, or the vector's width is
+    /// not the model's.
+    pub fn decrypt_embedding(&self, served: &[f32]) -> Result<Vec<f32>, Error> {
+        let (sigma, _) = self.encoder.as_ref().ok_or_else(not_an_encoder)?;
+        Ok(sigma.gather(served)?)
+    }
+
+    /// Class probabilities from the server (in the key's class order, λ) in
+    /// the model's order, with the class names (`id2label`).
+    ///
+    /// Errors: the bundle is not a classifier's, or the count is wrong.
+    pub fn decrypt_classes(&self, served: &[f32]) -> Result<(Vec<f32>, &[String]), Error> {
+        let (_, lambda) = self.encoder.as_ref().ok_or_else(not_an_encoder)?;
+        let lambda = lambda
+            .as_ref()
+            .ok_or_else(|| Error::Model("this encoder has no classification head".into()))?;
+        let names = self
+            .bundle
+            .manifest
+            .encoder
+            .as_ref()
+            .and_then(|e| e.labels.as_deref())
+            .unwrap_or_default();
+        Ok((lambda.gather(served)?, names))
     }
 
     pub fn bundle(&self) -> &ClientBundle {
@@ -85,4 +130,8 @@ impl KeyHolder {
         self.bundle.check_server_artifact(&card.artifact_sha256)?;
         Ok(())
     }
+}
+
+fn not_an_encoder() -> Error {
+    Error::Model("this bundle is a language model's, not an encoder's".into())
 }

@@ -7,12 +7,15 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use ee_core::bundle::{ArtifactFingerprint, SpecialTokens, BUNDLE_FORMAT};
+use ee_core::bundle::{ArtifactFingerprint, EncoderFacts, SpecialTokens, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::{HfText, TOKENIZER_FILE};
-use ee_core::safetensors::{config_vocab_size, read_config, SERVER_CONFIG_KEYS};
+use ee_core::safetensors::{config_vocab_size, read_config, CONFIG_FILE, SERVER_CONFIG_KEYS};
 use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
-use ee_core::transform::{embedding_vocab_size, write_server_artifact, TransformReport};
+use ee_core::transform::encoder::{class_names, is_encoder_config};
+use ee_core::transform::{
+    embedding_vocab_size, write_encoder_server_artifact, write_server_artifact, TransformReport,
+};
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
 use crate::template::{ChatFormat, ChatTemplate};
@@ -226,8 +229,41 @@ pub fn encrypt_model(
         KeySource::File(path) => Key::load(path)?,
         KeySource::Identity => Key::identity(),
     };
-    let perm: Permutation = key.vocab_permutation(facts.vocab_size);
-    let report = write_server_artifact(model, server_out, &perm, progress)?;
+    let config = match model.is_dir() {
+        true => Some(read_config(&model.join(CONFIG_FILE))?),
+        false => None,
+    };
+    let encoder = config.as_ref().filter(|c| is_encoder_config(c));
+    let mut text = text;
+    let report = match encoder {
+        Some(_) => {
+            // An encoder's inputs are single texts, cut by the proxy, never
+            // padded: its tokenizer's own padding and truncation (MiniLM's
+            // pads to 128) would change what it embeds.
+            if let Some(t) = text.tokenizer_json.as_object_mut() {
+                t.insert("padding".into(), serde_json::Value::Null);
+                t.insert("truncation".into(), serde_json::Value::Null);
+            }
+            text.chat_template = None;
+            write_encoder_server_artifact(model, server_out, &key, progress)?
+        }
+        None => {
+            let perm: Permutation = key.vocab_permutation(facts.vocab_size);
+            write_server_artifact(model, server_out, &perm, progress)?
+        }
+    };
+    let encoder = encoder
+        .map(|c| -> Result<EncoderFacts, Error> {
+            let hidden = ["hidden_size", "dim"]
+                .iter()
+                .find_map(|k| c.get(*k).and_then(|v| v.as_u64()))
+                .ok_or_else(|| Error::Model(format!("{}: no hidden_size", model.display())))?;
+            Ok(EncoderFacts {
+                hidden_size: hidden as u32,
+                labels: class_names(c),
+            })
+        })
+        .transpose()?;
     let manifest = BundleManifest {
         format: BUNDLE_FORMAT.into(),
         model_name: facts.name,
@@ -242,6 +278,7 @@ pub fn encrypt_model(
         identity_key: key.is_identity(),
         chat_template: text.chat_template.clone(),
         special_tokens: text.special.clone(),
+        encoder,
     };
     ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;
     Ok(EncryptSummary {

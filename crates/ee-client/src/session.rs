@@ -97,6 +97,19 @@ impl Session {
         }
     }
 
+    /// Posts an encoder request (encrypted IDs) to the server's `path` and
+    /// returns its answer, from the bundle's artifact only.
+    pub async fn pool<T: serde::Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        request: &T,
+    ) -> Result<(R, &ModelCard), SessionError> {
+        let card = self.server_model().await?;
+        let (answer, named) = self.upstream.post(path, request).await?;
+        self.check_named_artifact(named.as_deref())?;
+        Ok((answer, card))
+    }
+
     /// Sends a translated request and returns the running generation.
     pub async fn generate<'a>(
         &'a self,

@@ -212,6 +212,26 @@ impl Upstream {
         Ok((card, artifact))
     }
 
+    /// Posts `body` to the server's `path` (`/v1/embeddings`, `/classify`)
+    /// and reads its JSON answer, and the artifact the response names.
+    pub async fn post<T: Serialize, R: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &T,
+    ) -> Result<(R, Option<String>), UpstreamError> {
+        let url = format!("{}{path}", self.base);
+        let response = self.send(self.http.post(url).json(body)).await?;
+        let artifact = artifact_header(&response);
+        let limit = self.timeouts.between_events;
+        let bytes = tokio::time::timeout(limit, response.bytes())
+            .await
+            .map_err(|_| UpstreamError::Timeout(limit.as_secs()))?
+            .map_err(|e| UpstreamError::Protocol(format!("{path}: {}", error_chain(&e))))?;
+        let answer = serde_json::from_slice(&bytes)
+            .map_err(|e| UpstreamError::Protocol(format!("{path}: {e}")))?;
+        Ok((answer, artifact))
+    }
+
     /// Starts a streamed generation (`request` must ask to stream).
     pub async fn stream(&self, request: &UpstreamRequest) -> Result<ServerStream, UpstreamError> {
         let endpoint = request.endpoint();

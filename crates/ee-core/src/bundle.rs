@@ -71,6 +71,22 @@ pub struct BundleManifest {
     pub identity_key: bool,
     pub chat_template: Option<String>,
     pub special_tokens: SpecialTokens,
+    /// What the client needs of an encoder (BERT-family) model; absent for
+    /// a causal LM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<EncoderFacts>,
+}
+
+/// An encoder's facts the key holder needs: the width of its embeddings
+/// (σ's size) and its class names in plaintext class order, which the
+/// server never holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncoderFacts {
+    pub hidden_size: u32,
+    /// `id2label`, by class index; absent for a model without a
+    /// classification head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
 }
 
 impl SpecialTokens {
@@ -187,6 +203,7 @@ mod tests {
             identity_key: false,
             chat_template: None,
             special_tokens: SpecialTokens::default(),
+            encoder: None,
         }
     }
 

@@ -11,8 +11,9 @@ use ee_core::safetensors::{
     directory_fingerprint, file_name, CheckpointFiles, CONFIG_FILE, SERVER_CONFIG_KEYS,
 };
 use ee_core::tokenizer::TOKENIZER_KEY_PREFIX;
+use ee_core::transform::encoder::is_encoder_config;
 
-use crate::config::encoder::{is_encoder_config, EncoderConfig};
+use crate::config::encoder::EncoderConfig;
 use crate::config::LlamaConfig;
 use crate::encoder::Encoder;
 use crate::linear::LoadOptions;

@@ -4,6 +4,7 @@
 //! small web chat page at `/`.
 
 pub mod page;
+pub mod pooling;
 pub mod request;
 pub mod response;
 pub mod served;
@@ -47,6 +48,8 @@ pub fn router(session: Arc<Session>, cors_origins: &[String]) -> Router {
         .route("/v1/models/{*id}", get(model))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
+        .route("/v1/embeddings", post(embeddings))
+        .route("/classify", post(classify))
         .route("/tokenize", post(tokenize_route))
         .route("/detokenize", post(detokenize_route))
         .fallback(|| async { ApiError::not_found("no such route").into_response() })
@@ -218,6 +221,32 @@ async fn completions(
     body: Body,
 ) -> Response {
     answer(session, headers, body, Endpoint::Completion).await
+}
+
+/// `POST /v1/embeddings` (OpenAI's), for an encoder's bundle.
+async fn embeddings(
+    State(session): State<Arc<Session>>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
+        Ok(request) => match pooling::embeddings(&session, request).await {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => error_response(e),
+        },
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /classify` (vLLM's), for a classifier's bundle.
+async fn classify(State(session): State<Arc<Session>>, headers: HeaderMap, body: Body) -> Response {
+    match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
+        Ok(request) => match pooling::classify(&session, request).await {
+            Ok(answer) => Json(answer).into_response(),
+            Err(e) => error_response(e),
+        },
+        Err(e) => e.into_response(),
+    }
 }
 
 /// `POST /tokenize` (vLLM's): plaintext, answered here, never forwarded.

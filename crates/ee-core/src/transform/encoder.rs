@@ -26,7 +26,36 @@
 
 use std::collections::HashMap;
 
+use serde_json::{Map, Value};
+
 use crate::{Error, Key, Permutation};
+
+/// The encoder architectures a `config.json` may name.
+pub const ENCODER_ARCHITECTURES: [&str; 4] = [
+    "BertModel",
+    "BertForSequenceClassification",
+    "DistilBertModel",
+    "DistilBertForSequenceClassification",
+];
+
+/// Whether `config` (a `config.json`) names an encoder architecture.
+pub fn is_encoder_config(config: &Map<String, Value>) -> bool {
+    let named = config
+        .get("architectures")
+        .and_then(|a| a.get(0))
+        .and_then(Value::as_str);
+    named.is_some_and(|n| ENCODER_ARCHITECTURES.contains(&n))
+}
+
+/// A classifier's class names by index (`id2label`, whose keys are the
+/// indices as strings); `None` when the config has none or they do not
+/// cover `0..n` exactly.
+pub fn class_names(config: &Map<String, Value>) -> Option<Vec<String>> {
+    let labels = config.get("id2label")?.as_object()?;
+    (0..labels.len())
+        .map(|i| labels.get(&i.to_string())?.as_str().map(str::to_owned))
+        .collect()
+}
 
 const RESIDUAL_DOMAIN: &str = "ee/v1/encoder/residual";
 const HEAD_DENSE_DOMAIN: &str = "ee/v1/encoder/head-dense";

@@ -96,15 +96,6 @@ fn gelu() -> String {
     "gelu".into()
 }
 
-/// Whether `config` names an encoder architecture.
-pub fn is_encoder_config(config: &Map<String, Value>) -> bool {
-    let named = config
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str);
-    ARCHITECTURES.iter().any(|(hf, _, _)| Some(*hf) == named)
-}
-
 impl EncoderConfig {
     /// Reads the encoder of the checkpoint whose `config.json` (at `path`)
     /// holds `json`; the pooling files are looked for beside it.
