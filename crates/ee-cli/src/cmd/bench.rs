@@ -1,6 +1,7 @@
 //! `ee bench`: prefill and decode tokens/s of the plaintext model and of its
-//! EE-transformed twin on the same token stream, and their ratio. A
-//! benchmark, not a test: it asserts nothing.
+//! EE-transformed twin on the same token stream, and their ratio; for an
+//! encoder, embeddings/s (`bench_encoder.rs`). A benchmark, not a test: it
+//! asserts nothing.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -31,6 +32,12 @@ pub(crate) struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// Encoders: tokens per input.
+    #[arg(long, default_value_t = 32)]
+    input_tokens: usize,
+    /// Encoders: inputs per batch for the batched measurement.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
 }
 
 struct Speeds {
@@ -38,7 +45,7 @@ struct Speeds {
     decode: Vec<f64>,
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
@@ -64,6 +71,9 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         // Read by candle's thread pools on first use, which is below.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         std::env::set_var("CANDLE_NUM_THREADS", n.to_string());
+    }
+    if args.model.is_dir() && ee_engine::ModelFiles::open(&args.model)?.is_encoder() {
+        return super::bench_encoder::run(&args.model, args.input_tokens, args.batch, args.reps);
     }
     let dir = tempfile::tempdir()?;
     let enc_path = match args.model.is_dir() {
@@ -156,7 +166,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn cpu_features() -> String {
+pub(crate) fn cpu_features() -> String {
     let mut f = Vec::new();
     #[cfg(target_arch = "x86_64")]
     {

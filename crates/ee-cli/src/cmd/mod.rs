@@ -2,6 +2,7 @@
 
 pub(crate) mod attack;
 pub(crate) mod bench;
+pub(crate) mod bench_encoder;
 pub(crate) mod bench_proxy;
 pub(crate) mod bench_server;
 pub(crate) mod chat;

@@ -180,14 +180,14 @@ impl<'k> EncoderPermutations<'k> {
                 known.len()
             )));
         }
-        if !self.derived.contains_key(&axis) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.derived.entry(axis) {
             let perm = match axis {
                 Axis::Residual => residual_permutation(key, n as u32),
                 Axis::Labels => label_permutation(key, n as u32),
                 Axis::HeadDense => key.permutation_for(HEAD_DENSE_DOMAIN, n as u32),
                 Axis::Ffn(l) => key.permutation_for(&format!("ee/v1/encoder/ffn/{l}"), n as u32),
                 Axis::Heads(l) => {
-                    if heads == 0 || n % heads != 0 {
+                    if heads == 0 || !n.is_multiple_of(heads) {
                         return Err(Error::Permutation(format!(
                             "{n} attention channels do not split into {heads} heads"
                         )));
@@ -206,7 +206,7 @@ impl<'k> EncoderPermutations<'k> {
                 }
                 Axis::Fixed | Axis::Vocab => unreachable!("returned above"),
             };
-            self.derived.insert(axis, perm);
+            slot.insert(perm);
         }
         Ok(self.derived.get(&axis))
     }
