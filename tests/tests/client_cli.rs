@@ -95,8 +95,18 @@ fn ee_chat_on_a_terminal_stops_answers_not_the_chat() {
     assert!(marker.contains("[cut off"), "{marker}");
 }
 
-#[test]
-fn ee_demo_runs_the_whole_system_until_ctrl_c() {
+/// A running `ee demo` on `model`, on free ports.
+struct Demo {
+    child: std::process::Child,
+    /// What it printed up to its "Ctrl-C" line.
+    printed: String,
+    /// The proxy's address.
+    addr: std::net::SocketAddr,
+    progress: std::thread::JoinHandle<String>,
+    dir: tempfile::TempDir,
+}
+
+fn start_demo(model: &std::path::Path) -> Demo {
     use std::io::{BufRead, BufReader, Read};
     let dir = tempfile::tempdir().expect("temp dir");
     let mut child = Command::new(binary("ee"))
@@ -104,7 +114,7 @@ fn ee_demo_runs_the_whole_system_until_ctrl_c() {
         .arg("--dir")
         .arg(dir.path())
         .arg("--model")
-        .arg(ee_e2e::model_path())
+        .arg(model)
         .args(["--server-port", "0", "--proxy-port", "0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -137,17 +147,48 @@ fn ee_demo_runs_the_whole_system_until_ctrl_c() {
             break;
         }
     }
-    assert!(
-        printed.contains("chat page:") && printed.contains("curl "),
-        "{printed}"
-    );
-    let addr: std::net::SocketAddr = base_url
+    let addr = base_url
         .trim_start_matches("http://")
         .trim_end_matches("/v1")
         .parse()
         .expect("proxy address");
-    let r = ee_e2e::http_request(
+    Demo {
+        child,
+        printed,
         addr,
+        progress,
+        dir,
+    }
+}
+
+impl Demo {
+    /// Stops it with Ctrl-C; returns its progress output.
+    fn stop(mut self) -> (String, tempfile::TempDir) {
+        let status = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status()
+            .expect("kill -INT");
+        assert!(status.success());
+        let exit = self.child.wait().expect("ee demo exits");
+        assert!(exit.success(), "{exit}");
+        let progress = self.progress.join().expect("stderr reader");
+        for step in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"] {
+            assert!(progress.contains(step), "{progress}");
+        }
+        (progress, self.dir)
+    }
+}
+
+#[test]
+fn ee_demo_runs_the_whole_system_until_ctrl_c() {
+    let demo = start_demo(&ee_e2e::model_path());
+    let printed = &demo.printed;
+    assert!(
+        printed.contains("chat page:") && printed.contains("curl "),
+        "{printed}"
+    );
+    let r = ee_e2e::http_request(
+        demo.addr,
         "POST",
         "/v1/chat/completions",
         &[("content-type", "application/json")],
@@ -162,29 +203,55 @@ fn ee_demo_runs_the_whole_system_until_ctrl_c() {
         .unwrap()
         .contains("Paris"));
     assert_eq!(
-        ee_e2e::http_request(addr, "GET", "/", &[], b"")
+        ee_e2e::http_request(demo.addr, "GET", "/", &[], b"")
             .unwrap()
             .status,
         200
     );
-
-    let status = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .expect("kill -INT");
-    assert!(status.success());
-    let exit = child.wait().expect("ee demo exits");
-    assert!(exit.success(), "{exit}");
-    let progress = progress.join().expect("stderr reader");
-    for step in ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"] {
-        assert!(progress.contains(step), "{progress}");
-    }
+    let (_, dir) = demo.stop();
     for file in ["key.json", "server.gguf", "bundle/bundle.json"] {
         assert!(dir.path().join(file).exists(), "{file}");
     }
 }
 
-/// A busy port is reported before anything is made: no key, no transform.
+#[test]
+fn ee_demo_with_an_encoder_serves_encrypted_embeddings() {
+    let demo = start_demo(&ee_e2e::encoder_path());
+    assert!(
+        demo.printed.contains("client.embeddings.create(") && !demo.printed.contains("chat page:"),
+        "{}",
+        demo.printed
+    );
+    let r = ee_e2e::http_request(
+        demo.addr,
+        "POST",
+        "/v1/embeddings",
+        &[("content-type", "application/json")],
+        json!({"model": "ee-model", "input": ["a cat sits on the mat"]})
+            .to_string()
+            .as_bytes(),
+    )
+    .expect("ask the demo");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json()["data"][0]["embedding"].clone();
+    let norm: f64 = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap().powi(2))
+        .sum();
+    assert_eq!(v.as_array().unwrap().len(), 384);
+    assert!((norm - 1.0).abs() < 1e-4, "normalised: {norm}");
+    let (_, dir) = demo.stop();
+    for file in [
+        "server/config.json",
+        "server/model.safetensors",
+        "bundle/bundle.json",
+    ] {
+        assert!(dir.path().join(file).exists(), "{file}");
+    }
+}
+
 #[test]
 fn ee_demo_reports_a_busy_port_before_making_a_key() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");

@@ -181,6 +181,7 @@ async fn serve(
         .server_model()
         .await
         .context("checking the blind server")?;
+    let encoder = session.keys.bundle().manifest.encoder.clone();
     let proxy_listener = TcpListener::from_std(proxy_listener)?;
     let proxy_addr = proxy_listener.local_addr()?;
     let proxy = tokio::spawn(async move {
@@ -201,11 +202,32 @@ async fn serve(
     println!();
     println!("  blind server:  {server_url}   (sees only encrypted token IDs)");
     println!("  base_url:      http://{proxy_addr}/v1   (point any OpenAI client here)");
-    println!("  chat page:     http://{proxy_addr}/");
-    println!();
-    println!(
-        "  curl http://{proxy_addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"ee-model\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}]}}'"
-    );
+    match &encoder {
+        None => {
+            println!("  chat page:     http://{proxy_addr}/");
+            println!();
+            println!(
+                "  curl http://{proxy_addr}/v1/chat/completions -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"ee-model\",\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of France?\"}}]}}'"
+            );
+        }
+        Some(facts) => {
+            println!("  an encoder:    embeddings come back from the server permuted; the proxy un-permutes them");
+            println!();
+            println!("  from openai import OpenAI");
+            println!("  client = OpenAI(base_url=\"http://{proxy_addr}/v1\", api_key=\"unused\")");
+            println!("  r = client.embeddings.create(model=\"ee-model\", input=[\"a cat sits on the mat\", \"a kitten rests on the rug\"])");
+            println!(
+                "  print(len(r.data[0].embedding))   # {}",
+                facts.hidden_size
+            );
+            if facts.labels.is_some() {
+                println!();
+                println!(
+                    "  curl http://{proxy_addr}/classify -H 'Content-Type: application/json' \\\n    -d '{{\"model\":\"ee-model\",\"input\":[\"I loved it\"]}}'"
+                );
+            }
+        }
+    }
     println!();
     println!("  Ctrl-C to stop.");
     use std::io::Write;
