@@ -8,7 +8,8 @@
 //! - [`rows`]: a model's vocabulary rows (embedding and output head), as an
 //!   operator holding the weights reads them;
 //! - attacks: [`weight_match`] (the server operator with the public base
-//!   model), [`nearest`] (the same operator facing private, fine-tuned
+//!   model), [`channel_match`] (the same operator against an encoder's
+//!   hidden channels), [`nearest`] (the same operator facing private, fine-tuned
 //!   weights), [`fingerprint`] (anyone who can query the server), [`frequency`] (a passive observer of the traffic, with the
 //!   public model as its prior), [`bound`] (brute force).
 //!
@@ -16,6 +17,7 @@
 //! never the key.
 
 pub mod bound;
+pub mod channel_match;
 pub mod fingerprint;
 pub mod frequency;
 pub mod map;

@@ -8,7 +8,14 @@ use ee_engine::ModelFiles;
 
 use crate::Error;
 
-const EMBEDDING: &str = "model.embed_tokens.weight";
+/// The token embedding's name: a Llama/Mistral model's, then a BERT or
+/// DistilBERT encoder's (saved alone, or under a classifier's prefix).
+const EMBEDDINGS: [&str; 4] = [
+    "model.embed_tokens.weight",
+    "embeddings.word_embeddings.weight",
+    "bert.embeddings.word_embeddings.weight",
+    "distilbert.embeddings.word_embeddings.weight",
+];
 const HEAD: &str = "lm_head.weight";
 
 /// One vocabulary-indexed matrix: its stored bytes per row and its values.
@@ -106,14 +113,19 @@ impl VocabRows {
                 dim,
             })
         };
-        let embedding = matrix(EMBEDDING)?;
+        let name = EMBEDDINGS
+            .iter()
+            .find(|n| weights.contains(n))
+            .copied()
+            .unwrap_or(EMBEDDINGS[0]);
+        let embedding = matrix(name)?;
         let head = match weights.contains(HEAD) {
             true => Some(matrix(HEAD)?),
             false => None,
         };
         if let Some(h) = head.as_ref().filter(|h| h.rows() != embedding.rows()) {
             return Err(Error::Model(format!(
-                "{}: {HEAD} has {} rows, {EMBEDDING} {}",
+                "{}: {HEAD} has {} rows, {name} {}",
                 path.display(),
                 h.rows(),
                 embedding.rows()

@@ -25,6 +25,10 @@ pub(crate) enum AttackCommand {
     /// The server operator with the artifact and the public base model:
     /// match the artifact's vocabulary rows to the base's.
     WeightMatch(WeightMatchArgs),
+    /// The operator with an encoder's artifact and its public base model:
+    /// recover the hidden-channel permutation σ (which the server's
+    /// embeddings are permuted by) by matching position-embedding columns.
+    ChannelMatch(ChannelMatchArgs),
     /// The operator facing a private fine-tune: simulate fine-tunes of the
     /// base at several sizes, encrypt each with a fresh key, and match rows
     /// to their nearest base row.
@@ -64,6 +68,23 @@ pub(crate) struct WeightMatchArgs {
     #[arg(long)]
     permute_channels: bool,
     /// Where to write the recovered mapping.
+    #[arg(long)]
+    out: PathBuf,
+    /// The true key, to print the score (the attack itself never reads it).
+    #[arg(long)]
+    key: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub(crate) struct ChannelMatchArgs {
+    /// The public base encoder (a checkpoint directory).
+    #[arg(long)]
+    base: PathBuf,
+    /// The server artifact of the encoder.
+    #[arg(long)]
+    artifact: PathBuf,
+    /// Where to write the recovered σ: a JSON array indexed by encrypted
+    /// channel, each entry the plaintext channel or null.
     #[arg(long)]
     out: PathBuf,
     /// The true key, to print the score (the attack itself never reads it).
@@ -156,6 +177,7 @@ pub(crate) struct ScoreArgs {
 pub(crate) fn run(command: AttackCommand) -> Result<()> {
     match command {
         AttackCommand::WeightMatch(args) => weight_match_cmd(args),
+        AttackCommand::ChannelMatch(args) => channel_match_cmd(args),
         AttackCommand::PrivateWeights(args) => private_weights(args),
         AttackCommand::Frequency(args) => frequency(args),
         AttackCommand::Fingerprint(args) => fingerprint(args),
@@ -225,6 +247,38 @@ fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
     );
     if let Some(key) = &args.key {
         print_score(&map, key)?;
+    }
+    Ok(())
+}
+
+fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
+    let started = Instant::now();
+    let sigma = ee_lab::channel_match::recover_channels(
+        &args.base,
+        &args.artifact,
+        &ee_lab::channel_match::POSITION_EMBEDDINGS,
+    )?;
+    let secs = started.elapsed().as_secs_f64();
+    let found = sigma.iter().filter(|c| c.is_some()).count();
+    std::fs::write(&args.out, serde_json::to_vec(&sigma)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    println!(
+        "channel-match: {found} of {} hidden channels mapped in {secs:.2} s; written to {}",
+        sigma.len(),
+        args.out.display()
+    );
+    if let Some(key) = &args.key {
+        let key = Key::load(key).with_context(|| format!("loading {}", key.display()))?;
+        let truth = ee_core::transform::encoder::residual_permutation(&key, sigma.len() as u32);
+        let correct = (0..sigma.len() as u32)
+            .filter(|&c| sigma[c as usize].is_some_and(|p| truth.decrypt(c) == Some(p)))
+            .count();
+        println!(
+            "recovered {correct} of {} ({:.2}%), {} wrong",
+            sigma.len(),
+            100.0 * correct as f64 / sigma.len().max(1) as f64,
+            found - correct
+        );
     }
     Ok(())
 }
