@@ -136,3 +136,33 @@ fn encrypted_classifiers_give_the_plaintext_label_and_probabilities() {
         }
     }
 }
+
+#[test]
+fn a_bert_checkpoint_of_another_kind_is_refused_not_copied_in_the_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyEncoderSpec::classifier(TinyEncoderKind::Bert, 30522);
+    write_tiny_encoder(
+        dir.path(),
+        &spec,
+        Some(&encoder_path().join("tokenizer.json")),
+    )
+    .unwrap();
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    config["architectures"] = serde_json::json!(["BertForMaskedLM"]);
+    std::fs::write(&path, config.to_string()).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let err = ee_client::model_tool::encrypt_model(
+        dir.path(),
+        &out.path().join("server"),
+        &out.path().join("bundle"),
+        &ee_client::model_tool::KeySource::Generate,
+        &mut |_, _| {},
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(err.contains("would change nothing"), "{err}");
+    assert!(!out.path().join("server").exists());
+}

@@ -153,6 +153,12 @@ fn proxy_refuses_bad_embedding_requests_by_name_and_truncates_when_asked() {
             json!("truncate_prompt_tokens"),
             None,
         ),
+        (json!({"input": "x", "stream": true}), json!("stream"), None),
+        (
+            json!({"input": "x", "dimensions": 10}),
+            json!("dimensions"),
+            None,
+        ),
         // OpenAI's own model_not_found names no param.
         (
             json!({"input": "x", "model": "other"}),

@@ -12,7 +12,7 @@ use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::{HfText, TOKENIZER_FILE};
 use ee_core::safetensors::{config_vocab_size, read_config, CONFIG_FILE, SERVER_CONFIG_KEYS};
 use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
-use ee_core::transform::encoder::{class_names, is_encoder_config};
+use ee_core::transform::encoder::{classifier_labels, is_encoder_config};
 use ee_core::transform::{
     embedding_vocab_size, write_encoder_server_artifact, write_server_artifact, TransformReport,
 };
@@ -260,7 +260,7 @@ pub fn encrypt_model(
                 .ok_or_else(|| Error::Model(format!("{}: no hidden_size", model.display())))?;
             Ok(EncoderFacts {
                 hidden_size: hidden as u32,
-                labels: class_names(c),
+                labels: classifier_labels(c),
             })
         })
         .transpose()?;

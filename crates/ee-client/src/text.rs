@@ -13,6 +13,7 @@ use crate::Error;
 use budget::TokenBudget;
 
 mod budget;
+mod input;
 
 /// Breaks special-token text in message contents (see
 /// [`TextCodec::defuse_specials`]). A Unicode noncharacter, which the
@@ -331,51 +332,6 @@ impl TextCodec {
             if ids.first() != Some(&bos) {
                 ids.insert(0, bos);
             }
-        }
-        Ok(ids)
-    }
-
-    /// Tokenizes one input of an encoder as sentence-transformers does: the
-    /// text as plain text (special-token text is text), wrapped by the
-    /// tokenizer's post-processor (`[CLS] … [SEP]` for BERT). With
-    /// `max_tokens`, the text's tokens are cut from the end so that the
-    /// whole, wrappers included, holds at most that many (transformers'
-    /// `truncation=True, max_length=…`).
-    ///
-    /// # Errors
-    /// The tokenizer fails; `max_tokens` leaves no room for a text token; or
-    /// (a last guard) a special token appears that the post-processor did
-    /// not add.
-    pub fn encode_input(&self, text: &str, max_tokens: Option<usize>) -> Result<Vec<u32>, Error> {
-        let tok = |e: tokenizers::Error| Error::Tokenizer(e.to_string());
-        let mut encoding = self.tokenizer.encode(text, false).map_err(tok)?;
-        if let Some(max) = max_tokens {
-            let wrappers = self
-                .tokenizer
-                .get_post_processor()
-                .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
-            if max <= wrappers {
-                return Err(Error::Tokenizer(format!(
-                    "{max} tokens leave no room for text beside the {wrappers} special tokens                      every input carries"
-                )));
-            }
-            encoding.truncate(max - wrappers, 0, tokenizers::TruncationDirection::Right);
-        }
-        let encoding = self
-            .tokenizer
-            .post_process(encoding, None, true)
-            .map_err(tok)?;
-        let ids = encoding.get_ids().to_vec();
-        let added = encoding.get_special_tokens_mask();
-        if let Some((&id, _)) = ids
-            .iter()
-            .zip(added)
-            .find(|&(&id, &added)| added == 0 && self.is_special(id))
-        {
-            return Err(Error::Tokenizer(format!(
-                "plain text tokenized into the special token {:?}; refusing",
-                self.piece(id).unwrap_or_default()
-            )));
         }
         Ok(ids)
     }

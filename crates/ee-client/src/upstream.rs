@@ -73,7 +73,8 @@ pub enum UpstreamError {
     #[error("the blind server answered {status}: {}", .envelope.error.message)]
     Refused {
         status: u16,
-        envelope: ErrorEnvelope,
+        /// Boxed: an envelope is large, and errors travel on every path.
+        envelope: Box<ErrorEnvelope>,
         retry_after: Option<String>,
     },
     #[error("the blind server sent something unexpected: {0}")]
@@ -187,7 +188,7 @@ impl Upstream {
         })?;
         Err(UpstreamError::Refused {
             status,
-            envelope,
+            envelope: Box::new(envelope),
             retry_after,
         })
     }
@@ -332,7 +333,7 @@ fn parse_chunk(endpoint: Endpoint, data: &str) -> Result<Vec<ServerDelta>, Upstr
         };
         return Err(UpstreamError::Refused {
             status,
-            envelope,
+            envelope: Box::new(envelope),
             retry_after: None,
         });
     }

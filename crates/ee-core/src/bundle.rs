@@ -83,7 +83,8 @@ pub struct BundleManifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncoderFacts {
     pub hidden_size: u32,
-    /// `id2label`, by class index; absent for a model without a
+    /// A classifier's class names by class index (`id2label`, or
+    /// transformers' `LABEL_i`); absent for a model without a
     /// classification head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<String>>,

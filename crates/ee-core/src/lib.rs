@@ -2,7 +2,8 @@
 //!
 //! - [`Key`] and the [`Permutation`]s derived from it;
 //! - a module per model file format: [`gguf`] (a streaming reader/writer,
-//!   tensor names) and [`safetensors`] (Hugging Face checkpoints);
+//!   tensor names) and [`safetensors`] (Hugging Face checkpoints), with
+//!   [`sentence_transformers`]' pooling files beside them;
 //! - [`transform`], which writes the server artifact (vocabulary rows
 //!   permuted, tokenizer gone);
 //! - [`tokenizer`]: the tokenizer metadata of a GGUF, which only the client
@@ -22,6 +23,7 @@ pub mod key;
 pub mod perm;
 pub mod rng;
 pub mod safetensors;
+pub mod sentence_transformers;
 pub mod tokenizer;
 pub mod transform;
 pub mod wire;

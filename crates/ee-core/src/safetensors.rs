@@ -63,9 +63,6 @@ pub const SERVER_CONFIG_KEYS: [&str; 30] = [
     "sinusoidal_pos_embds",
 ];
 
-/// sentence-transformers' module list, beside `config.json`.
-pub const MODULES_FILE: &str = "modules.json";
-
 /// The files of a checkpoint directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CheckpointFiles {
@@ -81,48 +78,14 @@ pub struct CheckpointFiles {
     pub pooling: Vec<(String, PathBuf)>,
 }
 
-/// `modules.json`'s entries: a module's directory and its type.
-#[derive(serde::Deserialize)]
-struct Module {
-    #[serde(default)]
-    path: String,
-    #[serde(rename = "type")]
-    kind: String,
-}
-
-/// The pooling files of the model in `dir`, if it has `modules.json`.
-fn pooling_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
-    let modules = dir.join(MODULES_FILE);
-    if !modules.is_file() {
-        return Ok(Vec::new());
-    }
-    let bytes = std::fs::read(&modules)
-        .map_err(|e| Error::Io(format!("reading {}: {e}", modules.display())))?;
-    let listed: Vec<Module> = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Io(format!("{}: {e}", modules.display())))?;
-    let mut files = vec![(MODULES_FILE.to_owned(), modules.clone())];
-    for m in listed.iter().filter(|m| m.kind.ends_with(".Pooling")) {
-        // One plain directory name: nothing may point outside the model.
-        let plain = !m.path.is_empty()
-            && Path::new(&m.path)
-                .file_name()
-                .is_some_and(|n| n == m.path.as_str());
-        let name = format!("{}/{CONFIG_FILE}", m.path);
-        if !plain || !dir.join(&name).is_file() {
-            return Err(Error::Io(format!(
-                "{}: the pooling module's {name:?} is missing from {}",
-                modules.display(),
-                dir.display()
-            )));
-        }
-        files.push((name.clone(), dir.join(name)));
-    }
-    Ok(files)
-}
-
 #[derive(serde::Deserialize)]
 struct ShardIndex {
     weight_map: std::collections::BTreeMap<String, String>,
+}
+
+/// The pooling files of the model in `dir` (none without `modules.json`).
+fn pooling_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, Error> {
+    Ok(crate::sentence_transformers::read_modules(dir)?.map_or_else(Vec::new, |m| m.files))
 }
 
 impl CheckpointFiles {

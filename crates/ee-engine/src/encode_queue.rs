@@ -87,19 +87,21 @@ impl EncodeQueue {
         sequences: Vec<Vec<u32>>,
         task: PoolingTask,
     ) -> Result<oneshot::Receiver<PoolingResult>, SubmitError> {
-        let waiting = self.stats.waiting.load(Ordering::Relaxed);
+        let waiting = self.stats.waiting.fetch_add(1, Ordering::SeqCst);
         if waiting >= self.max_queue {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(SubmitError::QueueFull(waiting));
         }
         let (reply, rx) = oneshot::channel();
-        self.stats.waiting.fetch_add(1, Ordering::Relaxed);
-        self.tx
-            .send(Job {
-                sequences,
-                task,
-                reply,
-            })
-            .map_err(|_| SubmitError::Stopped)?;
+        let job = Job {
+            sequences,
+            task,
+            reply,
+        };
+        self.tx.send(job).map_err(|_| {
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::Stopped
+        })?;
         Ok(rx)
     }
 }
@@ -132,22 +134,28 @@ fn run(model: &dyn Encoder, rx: &mpsc::Receiver<Job>, stats: &SchedulerStats, bu
                 Err(_) => break,
             }
         }
-        stats.waiting.fetch_sub(jobs.len(), Ordering::Relaxed);
+        stats.waiting.fetch_sub(jobs.len(), Ordering::SeqCst);
         stats.running.store(jobs.len(), Ordering::Relaxed);
         let task = jobs[0].task;
         let all: Vec<&[u32]> = jobs
             .iter()
             .flat_map(|j| j.sequences.iter().map(Vec::as_slice))
             .collect();
-        let mut results = run_passes(model, task, &all, budget);
-        for job in jobs.into_iter().rev() {
-            let n = job.sequences.len();
-            let mine = match &mut results {
-                Ok(vectors) => Ok(vectors.split_off(vectors.len() - n)),
-                Err(e) => Err(Error::Model(e.to_string())),
-            };
-            // A client that left drops its receiver: nothing to do.
-            let _ = job.reply.send(mine);
+        match run_passes(model, task, &all, budget) {
+            Ok(mut vectors) => {
+                for job in jobs.into_iter().rev() {
+                    let mine = vectors.split_off(vectors.len() - job.sequences.len());
+                    // A client that left drops its receiver: nothing to do.
+                    let _ = job.reply.send(Ok(mine));
+                }
+            }
+            // One job's failure is not its neighbours': each runs alone.
+            Err(_) => {
+                for job in jobs {
+                    let seqs: Vec<&[u32]> = job.sequences.iter().map(Vec::as_slice).collect();
+                    let _ = job.reply.send(run_passes(model, task, &seqs, budget));
+                }
+            }
         }
         stats.running.store(0, Ordering::Relaxed);
     }
@@ -163,6 +171,7 @@ fn run_passes(
 ) -> PoolingResult {
     let mut out = Vec::with_capacity(sequences.len());
     let mut start = 0;
+    // A pass holds whole sequences, at least one.
     while start < sequences.len() {
         let mut end = start + 1;
         let mut tokens = sequences[start].len();
@@ -178,4 +187,74 @@ fn run_passes(
         start = end;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::encoder::{write_tiny_encoder, TinyEncoderKind, TinyEncoderSpec};
+
+    fn tiny() -> (tempfile::TempDir, Arc<dyn Encoder>) {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyEncoderSpec::classifier(TinyEncoderKind::Bert, 50);
+        write_tiny_encoder(dir.path(), &spec, None).unwrap();
+        let model = crate::ModelFiles::open(dir.path())
+            .unwrap()
+            .load_encoder()
+            .unwrap();
+        (dir, model)
+    }
+
+    #[test]
+    fn queued_jobs_get_their_own_results_whatever_the_passes() {
+        let (_dir, model) = tiny();
+        // A budget of 5 tokens splits these jobs over several passes.
+        let queue = EncodeQueue::start(
+            model.clone(),
+            EncodeQueueConfig {
+                max_batch_tokens: 5,
+                max_queue: 16,
+            },
+        );
+        let jobs: Vec<(Vec<Vec<u32>>, PoolingTask)> = vec![
+            (vec![vec![1, 2, 3], vec![4]], PoolingTask::Embed),
+            (vec![vec![5, 6, 7, 8, 9, 10]], PoolingTask::Classify),
+            (vec![vec![11, 12]], PoolingTask::Embed),
+            // Out of range: this job fails alone.
+            (vec![vec![99]], PoolingTask::Embed),
+        ];
+        let receivers: Vec<_> = jobs
+            .iter()
+            .map(|(s, t)| queue.submit(s.clone(), *t).unwrap())
+            .collect();
+        for ((seqs, task), rx) in jobs.iter().zip(receivers) {
+            let got = rx.blocking_recv().unwrap();
+            if seqs[0][0] == 99 {
+                assert!(got.unwrap_err().to_string().contains("99"));
+                continue;
+            }
+            let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+            let expected = match task {
+                PoolingTask::Embed => model.embed(&refs).unwrap(),
+                PoolingTask::Classify => model.classify(&refs).unwrap(),
+            };
+            assert_eq!(got.unwrap(), expected);
+        }
+        assert_eq!(queue.stats().waiting.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_full_queue_refuses_and_counts_nothing() {
+        let (_dir, model) = tiny();
+        let queue = EncodeQueue::start(
+            model,
+            EncodeQueueConfig {
+                max_batch_tokens: 64,
+                max_queue: 0,
+            },
+        );
+        let err = queue.submit(vec![vec![1]], PoolingTask::Embed).unwrap_err();
+        assert!(matches!(err, SubmitError::QueueFull(0)));
+        assert_eq!(queue.stats().waiting.load(Ordering::SeqCst), 0);
+    }
 }

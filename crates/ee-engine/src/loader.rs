@@ -23,13 +23,18 @@ use crate::weights::safetensors::SafetensorsWeights;
 use crate::weights::WeightSource;
 use crate::{models, Error};
 
-/// A checkpoint's files that only the client may keep.
-const CLIENT_FILES: [&str; 5] = [
+/// A checkpoint's files that only the client may keep (a WordPiece
+/// tokenizer's `vocab.txt`, and sentence-transformers' tokenizer settings,
+/// among them).
+const CLIENT_FILES: [&str; 8] = [
     TOKENIZER_FILE,
     TOKENIZER_CONFIG_FILE,
     CHAT_TEMPLATE_FILE,
     GENERATION_CONFIG_FILE,
     "special_tokens_map.json",
+    "vocab.txt",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 ];
 
 /// A model's files, mapped and with their headers parsed.

@@ -67,7 +67,8 @@ impl LoadedModel {
         match &self.engine {
             Engine::Causal { scheduler, limits } => Ok((scheduler, limits)),
             Engine::Encoder { .. } => Err(ApiError::bad_request(
-                "this server hosts an encoder, which does not generate text; use /v1/embeddings                  or /classify",
+                "this server hosts an encoder, which does not generate text; use /v1/embeddings \
+                 or /classify",
             )
             .with_code("model_not_supported")),
         }
@@ -78,7 +79,8 @@ impl LoadedModel {
         match &self.engine {
             Engine::Encoder { queue, limits } => Ok((queue, limits)),
             Engine::Causal { .. } => Err(ApiError::bad_request(
-                "this server hosts a causal language model, not an encoder; use                  /v1/completions or /v1/chat/completions",
+                "this server hosts a causal language model, not an encoder; use \
+                 /v1/completions or /v1/chat/completions",
             )
             .with_code("model_not_supported")),
         }

@@ -12,21 +12,18 @@ use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use base64::Engine as _;
 use ee_api::{read_json, response_id, unix_now, ApiError};
 use ee_core::wire::pooling::{
-    ClassificationData, ClassificationRequest, ClassificationResponse, EmbeddingData,
-    EmbeddingRequest, EmbeddingResponse, EmbeddingVector, PoolingUsage,
+    base64_floats, check_dimensions, check_input_count, check_unknown, too_long, truncation,
+    wants_base64, ClassificationData, ClassificationRequest, ClassificationResponse, EmbeddingData,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingVector, FieldError, PoolingUsage,
 };
-use ee_core::wire::{PromptInput, CONTEXT_LENGTH_EXCEEDED};
+use ee_core::wire::PromptInput;
 use ee_engine::scheduler::SubmitError;
 use ee_engine::PoolingTask;
 
 use crate::routes::check_model;
 use crate::SharedState;
-
-/// OpenAI's limit on inputs per embeddings request.
-pub const MAX_INPUTS: usize = 2048;
 
 /// What an encoder's requests may ask.
 #[derive(Debug, Clone)]
@@ -47,19 +44,26 @@ pub struct ValidPooling {
     pub base64: bool,
 }
 
+fn api(e: FieldError) -> ApiError {
+    let error = ApiError::invalid(&e.param, e.message);
+    match e.code {
+        Some(code) => error.with_code(code),
+        None => error,
+    }
+}
+
 /// Checks `input` and `truncate_prompt_tokens`: one or more non-empty
 /// sequences of IDs inside the vocabulary, each within the model's
-/// positions, or cut to `truncate_prompt_tokens` (its first tokens; `-1`:
-/// the model's limit) when the request asks.
+/// positions, or cut to its first `truncate_prompt_tokens` when the
+/// request asks (the server cannot tell `[SEP]` from any other ID; the
+/// proxy cuts text itself, keeping it).
 fn inputs(
     input: &PromptInput,
     truncate: Option<i64>,
     limits: &PoolingLimits,
 ) -> Result<Vec<Vec<u32>>, ApiError> {
     let mut inputs = match input {
-        PromptInput::Tokens(ids) if ids.is_empty() => {
-            return Err(ApiError::invalid("input", "input is empty"))
-        }
+        PromptInput::Tokens(ids) if ids.is_empty() => Vec::new(),
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::Batch(batch) => batch.clone(),
         PromptInput::Text(_) => {
@@ -71,27 +75,9 @@ fn inputs(
             ))
         }
     };
-    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
-        return Err(ApiError::invalid(
-            "input",
-            format!(
-                "input holds {} sequences; send 1 to {MAX_INPUTS}",
-                inputs.len()
-            ),
-        ));
-    }
+    check_input_count(inputs.len()).map_err(api)?;
     let max = limits.max_positions;
-    let keep = match truncate {
-        None => None,
-        Some(-1) => Some(max),
-        Some(k) if k >= 1 && k as u64 <= max as u64 => Some(k as usize),
-        Some(k) => {
-            return Err(ApiError::invalid(
-                "truncate_prompt_tokens",
-                format!("truncate_prompt_tokens is {k}; use -1 (the model's {max}) or 1 to {max}"),
-            ))
-        }
-    };
+    let keep = truncation(truncate, max).map_err(api)?;
     for (i, ids) in inputs.iter_mut().enumerate() {
         if ids.is_empty() {
             return Err(ApiError::invalid("input", format!("input[{i}] is empty")));
@@ -107,17 +93,7 @@ fn inputs(
         }
         match keep {
             Some(k) => ids.truncate(k),
-            None if ids.len() > max => {
-                return Err(ApiError::invalid(
-                    "input",
-                    format!(
-                        "input[{i}] holds {} tokens; this model's maximum is {max}. Shorten it, \
-                         or set truncate_prompt_tokens to cut it",
-                        ids.len()
-                    ),
-                )
-                .with_code(CONTEXT_LENGTH_EXCEEDED))
-            }
+            None if ids.len() > max => return Err(api(too_long(i, max))),
             None => {}
         }
     }
@@ -126,26 +102,9 @@ fn inputs(
 
 /// Validates a `/v1/embeddings` request.
 pub fn embedding(r: &EmbeddingRequest, limits: &PoolingLimits) -> Result<ValidPooling, ApiError> {
-    let base64 = match r.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(ApiError::invalid(
-                "encoding_format",
-                format!("encoding_format {other:?}: use \"float\" or \"base64\""),
-            ))
-        }
-    };
-    if let Some(d) = r.dimensions.filter(|&d| d != limits.hidden_size as i64) {
-        return Err(ApiError::invalid(
-            "dimensions",
-            format!(
-                "dimensions {d}: this model's embeddings have {} dimensions and it was not \
-                 trained to be shortened (Matryoshka); leave dimensions out",
-                limits.hidden_size
-            ),
-        ));
-    }
+    check_unknown(&r.unknown).map_err(api)?;
+    let base64 = wants_base64(r.encoding_format.as_deref()).map_err(api)?;
+    check_dimensions(r.dimensions, limits.hidden_size).map_err(api)?;
     Ok(ValidPooling {
         inputs: inputs(&r.input, r.truncate_prompt_tokens, limits)?,
         base64,
@@ -157,6 +116,7 @@ pub fn classification(
     r: &ClassificationRequest,
     limits: &PoolingLimits,
 ) -> Result<ValidPooling, ApiError> {
+    check_unknown(&r.unknown).map_err(api)?;
     if limits.num_labels.is_none() {
         return Err(ApiError::bad_request(
             "this encoder has no classification head; it serves /v1/embeddings",
@@ -214,10 +174,7 @@ pub async fn embeddings(
                 object: "embedding".into(),
                 index,
                 embedding: match v.base64 {
-                    true => EmbeddingVector::Base64(
-                        base64::engine::general_purpose::STANDARD
-                            .encode(e.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
-                    ),
+                    true => EmbeddingVector::Base64(base64_floats(&e)),
                     false => EmbeddingVector::Float(e),
                 },
             })
@@ -321,7 +278,7 @@ mod tests {
                 serde_json::json!(long),
                 serde_json::json!({}),
                 "input",
-                "maximum is 8",
+                "maximum",
             ),
             (
                 serde_json::json!([1]),
@@ -346,6 +303,12 @@ mod tests {
                 serde_json::json!({"truncate_prompt_tokens": 0}),
                 "truncate_prompt_tokens",
                 "1 to 8",
+            ),
+            (
+                serde_json::json!([1]),
+                serde_json::json!({"stream": true}),
+                "stream",
+                "unsupported parameter",
             ),
         ] {
             let e = embedding(&request(input, extra), &limits()).unwrap_err();

@@ -38,11 +38,13 @@ pub(crate) fn run(model_path: &Path, input_tokens: usize, batch: usize, reps: us
     let enc = ModelFiles::open(&enc_path)?.load_encoder()?;
     let len = input_tokens.clamp(1, plain.max_positions());
     let vocab = plain.vocab_size() as u64;
-    // Distinct inputs of ordinary tokens spread over the vocabulary.
+    // Distinct inputs of ordinary tokens spread over the vocabulary, past
+    // the special and unused ones a WordPiece vocabulary starts with.
+    let skip = (vocab / 30).min(1000);
     let inputs: Vec<Vec<u32>> = (0..batch.max(1) as u64)
         .map(|s| {
             (0..len as u64)
-                .map(|i| (1000 + (s * 131 + i) * 7919 % (vocab - 1000)) as u32)
+                .map(|i| (skip + (s * 131 + i) * 7919 % (vocab - skip).max(1)) as u32)
                 .collect()
         })
         .collect();

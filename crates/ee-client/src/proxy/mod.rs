@@ -98,7 +98,7 @@ impl From<SessionError> for ClientError {
             }) => {
                 return ClientError::Relayed {
                     status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
-                    envelope,
+                    envelope: *envelope,
                     retry_after,
                 }
             }
@@ -229,19 +229,28 @@ async fn embeddings(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
-        Ok(request) => match pooling::embeddings(&session, request).await {
-            Ok(answer) => Json(answer).into_response(),
-            Err(e) => error_response(e),
-        },
-        Err(e) => e.into_response(),
-    }
+    encoder_route(&session, headers, body, pooling::embeddings).await
 }
 
 /// `POST /classify` (vLLM's), for a classifier's bundle.
 async fn classify(State(session): State<Arc<Session>>, headers: HeaderMap, body: Body) -> Response {
+    encoder_route(&session, headers, body, pooling::classify).await
+}
+
+/// Reads an encoder request, runs it, answers its JSON or its error.
+async fn encoder_route<'s, Req, Resp, Fut>(
+    session: &'s Session,
+    headers: HeaderMap,
+    body: Body,
+    run: fn(&'s Session, Req) -> Fut,
+) -> Response
+where
+    Req: serde::de::DeserializeOwned,
+    Resp: serde::Serialize,
+    Fut: std::future::Future<Output = Result<Resp, SessionError>>,
+{
     match read_json(&headers, body, MAX_BODY_BYTES, MAX_JSON_DEPTH).await {
-        Ok(request) => match pooling::classify(&session, request).await {
+        Ok(request) => match run(session, request).await {
             Ok(answer) => Json(answer).into_response(),
             Err(e) => error_response(e),
         },

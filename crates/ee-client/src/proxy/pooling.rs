@@ -1,16 +1,18 @@
 //! The proxy's encoder endpoints: OpenAI's `POST /v1/embeddings` and
 //! vLLM's `POST /classify`, taking text (a string or a list of strings) or
-//! plaintext token IDs. Each input is tokenized as sentence-transformers
+//! plaintext token IDs. Each text is tokenized as sentence-transformers
 //! does (`[CLS] … [SEP]`), encrypted, and sent to the blind server; its
 //! answer, in the key's coordinates, is mapped back: embeddings by σ⁻¹,
 //! class probabilities by λ⁻¹, with the class names only this side holds.
+//! Fields are checked by the same rules as the server's
+//! ([`ee_core::wire::pooling`]), before anything is sent.
 
-use base64::Engine as _;
 use ee_core::wire::pooling::{
-    ClassificationData, ClassificationRequest, ClassificationResponse, EmbeddingRequest,
-    EmbeddingResponse, EmbeddingVector,
+    base64_floats, check_dimensions, check_input_count, check_unknown, too_long, truncation,
+    wants_base64, ClassificationData, ClassificationRequest, ClassificationResponse,
+    EmbeddingRequest, EmbeddingResponse, EmbeddingVector, FieldError,
 };
-use ee_core::wire::{PromptInput, CONTEXT_LENGTH_EXCEEDED};
+use ee_core::wire::PromptInput;
 use serde_json::Value;
 
 use super::request::{invalid, RequestError};
@@ -19,104 +21,100 @@ use crate::keyholder::KeyHolder;
 use crate::session::{Session, SessionError};
 use crate::Error;
 
-/// OpenAI's limit on inputs per embeddings request.
-pub const MAX_INPUTS: usize = 2048;
+fn refused(e: FieldError) -> RequestError {
+    RequestError {
+        param: Some(e.param),
+        message: e.message,
+        code: e.code,
+    }
+}
 
-/// The inputs of a request as plaintext token IDs, wrapped and checked
-/// against the model's `max_positions`: longer ones are refused, or cut
-/// when `truncate_prompt_tokens` asks (`-1`: to the model's limit).
-fn plaintext_inputs(
+fn bad(param: &str, message: impl Into<String>) -> RequestError {
+    invalid(param, message)
+}
+
+/// The inputs of a request as encrypted token IDs, each within the model's
+/// `max` positions: a text is wrapped in `[CLS] … [SEP]` and cut, keeping them, to
+/// `truncate_prompt_tokens` when the request asks; token IDs are taken as
+/// they are (first tokens kept when cut); anything longer is refused.
+fn encrypted_inputs(
     keys: &KeyHolder,
     input: &PromptInput,
     truncate: Option<i64>,
-    max_positions: usize,
+    max: usize,
 ) -> Result<Vec<Vec<u32>>, RequestError> {
-    let keep = match truncate {
-        None => None,
-        Some(-1) => Some(max_positions),
-        Some(k) if k >= 1 && k as u64 <= max_positions as u64 => Some(k as usize),
-        Some(k) => {
-            return Err(invalid(
+    let keep = truncation(truncate, max).map_err(refused)?;
+    let count = match input {
+        PromptInput::Tokens(ids) => usize::from(!ids.is_empty()),
+        PromptInput::Batch(batch) => batch.len(),
+        PromptInput::Text(Value::Array(items)) => items.len(),
+        PromptInput::Text(_) => 1,
+    };
+    check_input_count(count).map_err(refused)?;
+    // Text is cut one past the limit at most, so a long one costs no more.
+    let limit = keep.unwrap_or(max.saturating_add(1));
+    let wrappers = keys.codec().wrapper_tokens();
+    let text = |t: &str| {
+        if limit <= wrappers {
+            return Err(bad(
                 "truncate_prompt_tokens",
                 format!(
-                    "truncate_prompt_tokens is {k}; use -1 (the model's {max_positions}) or 1 \
-                     to {max_positions}"
+                    "truncate_prompt_tokens {limit} leaves no room beside the {wrappers} special \
+                     tokens every text input carries"
                 ),
-            ))
+            ));
         }
-    };
-    let text = |t: &str| {
         keys.codec()
-            .encode_input(t, Some(keep.unwrap_or(usize::MAX).min(max_positions + 1)))
-            .map_err(|e| match e {
-                Error::Tokenizer(m) if keep.is_some() => invalid("truncate_prompt_tokens", m),
-                e => invalid("input", e.to_string()),
-            })
+            .encode_input(t, Some(limit))
+            .map_err(|e| bad("input", e.to_string()))
     };
-    let inputs: Vec<Vec<u32>> = match input {
-        PromptInput::Tokens(ids) if ids.is_empty() => {
-            return Err(invalid("input", "input is empty"))
-        }
+    let plain: Vec<Vec<u32>> = match input {
         PromptInput::Tokens(ids) => vec![ids.clone()],
         PromptInput::Batch(batch) => batch.clone(),
         PromptInput::Text(Value::String(s)) => vec![text(s)?],
-        PromptInput::Text(Value::Array(items)) if !items.is_empty() => items
+        PromptInput::Text(Value::Array(items)) => items
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => text(s),
-                _ => Err(invalid(
+                _ => Err(bad(
                     "input",
                     format!("input[{i}] is not a string; send strings, or arrays of token IDs"),
                 )),
             })
             .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(invalid(
+        PromptInput::Text(_) => {
+            return Err(bad(
                 "input",
                 "input must be a string, an array of strings, an array of token IDs, or an \
                  array of such arrays",
             ))
         }
     };
-    if inputs.is_empty() || inputs.len() > MAX_INPUTS {
-        return Err(invalid(
-            "input",
-            format!("input holds {} items; send 1 to {MAX_INPUTS}", inputs.len()),
-        ));
-    }
-    inputs
+    plain
         .into_iter()
         .enumerate()
         .map(|(i, mut ids)| {
             if ids.is_empty() {
-                return Err(invalid("input", format!("input[{i}] is empty")));
+                return Err(bad("input", format!("input[{i}] is empty")));
             }
-            if let Some(k) = keep {
-                ids.truncate(k);
+            match keep {
+                Some(k) => ids.truncate(k),
+                None if ids.len() > max => return Err(refused(too_long(i, max))),
+                None => {}
             }
-            if ids.len() > max_positions {
-                let mut e = invalid(
-                    "input",
-                    format!(
-                        "input[{i}] holds more than {max_positions} tokens, [CLS] and [SEP] \
-                         included: this model's maximum. Shorten it, or set \
-                         truncate_prompt_tokens to cut it"
-                    ),
-                );
-                e.code = Some(CONTEXT_LENGTH_EXCEEDED);
-                return Err(e);
-            }
-            keys.encrypt(&ids)
-                .map_err(|e| invalid("input", e.to_string()))
+            keys.encrypt(&ids).map_err(|e| bad("input", e.to_string()))
         })
         .collect()
 }
 
-/// The proxy's names for the model (`--served-model-name`): the name
-/// answers carry, or a refusal of another one. Without names of its own,
-/// the proxy forwards the name for the server to check.
-fn answer_model(session: &Session, asked: Option<&String>) -> Result<Option<String>, RequestError> {
+/// The name answers carry: the client's, or the proxy's first
+/// (`--served-model-name`), refusing another; and the name the server is
+/// asked for (the client's, unless the proxy serves names of its own).
+fn model_names(
+    session: &Session,
+    asked: Option<&String>,
+) -> Result<(Option<String>, Option<String>), SessionError> {
     let served = &session.served_model_names;
     match asked {
         Some(m) if !served.is_empty() && !served.contains(m) => {
@@ -125,34 +123,46 @@ fn answer_model(session: &Session, asked: Option<&String>) -> Result<Option<Stri
                 format!("model {m:?} is not served here; this proxy serves {served:?}"),
             );
             e.code = Some(MODEL_NOT_FOUND);
-            Err(e)
+            Err(SessionError::Request(e))
         }
-        Some(m) => Ok(Some(m.clone())),
-        None => Ok(served.first().cloned()),
+        Some(m) if served.is_empty() => Ok((Some(m.clone()), Some(m.clone()))),
+        Some(m) => Ok((Some(m.clone()), None)),
+        None => Ok((served.first().cloned(), None)),
     }
 }
 
-/// The name the server is asked for: the client's, unless the proxy
-/// serves names of its own (then the server's model, whatever its name).
-fn forwarded_model(session: &Session, model: &Option<String>) -> Option<String> {
-    match session.served_model_names.is_empty() {
-        true => model.clone(),
-        false => None,
+fn require_encoder(keys: &KeyHolder) -> Result<(), SessionError> {
+    match keys.is_encoder() {
+        true => Ok(()),
+        false => Err(SessionError::Request(RequestError {
+            param: None,
+            message: "this proxy's model is a language model, not an encoder; use \
+                      /v1/chat/completions or /v1/completions"
+                .into(),
+            code: Some("model_not_supported"),
+        })),
     }
 }
 
-fn not_an_encoder() -> RequestError {
-    RequestError {
-        param: None,
-        message: "this proxy's model is a language model, not an encoder; use \
-                  /v1/chat/completions or /v1/completions"
-            .into(),
-        code: Some("model_not_supported"),
+/// The model's positions: the bundle's `max_position_embeddings`, which the
+/// key holder read from the model itself (the server's word only for a
+/// bundle that lacks it).
+async fn max_positions(session: &Session) -> Result<usize, SessionError> {
+    match session.keys.bundle().manifest.context_length {
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+        None => Ok(session.server_model().await?.context_length),
     }
 }
 
-fn decode_error(e: impl std::fmt::Display) -> SessionError {
-    SessionError::Decode(Error::Model(e.to_string()))
+/// Checks that the server answered each input once, in order.
+fn check_indices(indices: impl Iterator<Item = usize>, inputs: usize) -> Result<(), SessionError> {
+    let got: Vec<usize> = indices.collect();
+    match got.iter().copied().eq(0..inputs) {
+        true => Ok(()),
+        false => Err(SessionError::Decode(Error::Model(format!(
+            "the server answered items {got:?} for {inputs} inputs"
+        )))),
+    }
 }
 
 /// `POST /v1/embeddings`.
@@ -161,59 +171,54 @@ pub async fn embeddings(
     request: EmbeddingRequest,
 ) -> Result<EmbeddingResponse, SessionError> {
     let keys = &session.keys;
-    if !keys.is_encoder() {
-        return Err(SessionError::Request(not_an_encoder()));
-    }
-    let model = answer_model(session, request.model.as_ref()).map_err(SessionError::Request)?;
-    let base64 = match request.encoding_format.as_deref() {
-        None | Some("float") => false,
-        Some("base64") => true,
-        Some(other) => {
-            return Err(SessionError::Request(invalid(
-                "encoding_format",
-                format!("encoding_format {other:?}: use \"float\" or \"base64\""),
-            )))
-        }
-    };
-    let card = session.server_model().await?;
-    let inputs = plaintext_inputs(
-        keys,
-        &request.input,
-        request.truncate_prompt_tokens,
-        card.context_length,
-    )
-    .map_err(SessionError::Request)?;
+    require_encoder(keys)?;
+    check_unknown(&request.unknown)
+        .map_err(refused)
+        .map_err(SessionError::Request)?;
+    let (answer_model, forwarded) = model_names(session, request.model.as_ref())?;
+    let base64 = wants_base64(request.encoding_format.as_deref())
+        .map_err(refused)
+        .map_err(SessionError::Request)?;
+    let hidden = keys
+        .bundle()
+        .manifest
+        .encoder
+        .as_ref()
+        .map_or(0, |e| e.hidden_size);
+    check_dimensions(request.dimensions, hidden as usize)
+        .map_err(refused)
+        .map_err(SessionError::Request)?;
+    let max = max_positions(session).await?;
+    let inputs = encrypted_inputs(keys, &request.input, request.truncate_prompt_tokens, max)
+        .map_err(SessionError::Request)?;
+    let n = inputs.len();
     let upstream = EmbeddingRequest {
-        model: forwarded_model(session, &model),
+        model: forwarded,
         input: PromptInput::Batch(inputs),
         encoding_format: None,
-        // Checked by the server against the model's width, unchanged.
-        dimensions: request.dimensions,
+        dimensions: None,
         truncate_prompt_tokens: None,
         user: None,
+        unknown: Default::default(),
     };
     let (mut answer, card): (EmbeddingResponse, _) =
         session.pool("/v1/embeddings", &upstream).await?;
+    check_indices(answer.data.iter().map(|d| d.index), n)?;
     for item in &mut answer.data {
         let EmbeddingVector::Float(served) = &item.embedding else {
-            return Err(decode_error("the server sent an embedding not as floats"));
+            return Err(SessionError::Decode(Error::Model(
+                "the server sent an embedding not as floats".into(),
+            )));
         };
         let plain = keys
             .decrypt_embedding(served)
             .map_err(SessionError::Decode)?;
         item.embedding = match base64 {
-            true => EmbeddingVector::Base64(
-                base64::engine::general_purpose::STANDARD.encode(
-                    plain
-                        .iter()
-                        .flat_map(|x| x.to_le_bytes())
-                        .collect::<Vec<u8>>(),
-                ),
-            ),
+            true => EmbeddingVector::Base64(base64_floats(&plain)),
             false => EmbeddingVector::Float(plain),
         };
     }
-    answer.model = model.unwrap_or_else(|| card.id.clone());
+    answer.model = answer_model.unwrap_or_else(|| card.id.clone());
     Ok(answer)
 }
 
@@ -223,26 +228,25 @@ pub async fn classify(
     request: ClassificationRequest,
 ) -> Result<ClassificationResponse, SessionError> {
     let keys = &session.keys;
-    if !keys.is_encoder() {
-        return Err(SessionError::Request(not_an_encoder()));
-    }
-    let model = answer_model(session, request.model.as_ref()).map_err(SessionError::Request)?;
-    let card = session.server_model().await?;
-    let inputs = plaintext_inputs(
-        keys,
-        &request.input,
-        request.truncate_prompt_tokens,
-        card.context_length,
-    )
-    .map_err(SessionError::Request)?;
+    require_encoder(keys)?;
+    check_unknown(&request.unknown)
+        .map_err(refused)
+        .map_err(SessionError::Request)?;
+    let (answer_model, forwarded) = model_names(session, request.model.as_ref())?;
+    let max = max_positions(session).await?;
+    let inputs = encrypted_inputs(keys, &request.input, request.truncate_prompt_tokens, max)
+        .map_err(SessionError::Request)?;
+    let n = inputs.len();
     let upstream = ClassificationRequest {
-        model: forwarded_model(session, &model),
+        model: forwarded,
         input: PromptInput::Batch(inputs),
         truncate_prompt_tokens: None,
         user: None,
+        unknown: Default::default(),
     };
     let (mut answer, card): (ClassificationResponse, _) =
         session.pool("/classify", &upstream).await?;
+    check_indices(answer.data.iter().map(|d| d.index), n)?;
     for item in &mut answer.data {
         let (probs, names) = keys
             .decrypt_classes(&item.probs)
@@ -250,16 +254,11 @@ pub async fn classify(
         let best = (0..probs.len()).max_by(|&a, &b| probs[a].total_cmp(&probs[b]));
         *item = ClassificationData {
             index: item.index,
-            label: best.map(|i| {
-                names
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| format!("LABEL_{i}"))
-            }),
+            label: best.and_then(|i| names.get(i).cloned()),
             num_classes: probs.len(),
             probs,
         };
     }
-    answer.model = model.unwrap_or_else(|| card.id.clone());
+    answer.model = answer_model.unwrap_or_else(|| card.id.clone());
     Ok(answer)
 }

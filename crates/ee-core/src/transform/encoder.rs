@@ -40,21 +40,39 @@ pub const ENCODER_ARCHITECTURES: [&str; 4] = [
 
 /// Whether `config` (a `config.json`) names an encoder architecture.
 pub fn is_encoder_config(config: &Map<String, Value>) -> bool {
-    let named = config
-        .get("architectures")
-        .and_then(|a| a.get(0))
-        .and_then(Value::as_str);
-    named.is_some_and(|n| ENCODER_ARCHITECTURES.contains(&n))
+    architecture(config).is_some_and(|n| ENCODER_ARCHITECTURES.contains(&n))
 }
 
-/// A classifier's class names by index (`id2label`, whose keys are the
-/// indices as strings); `None` when the config has none or they do not
-/// cover `0..n` exactly.
-pub fn class_names(config: &Map<String, Value>) -> Option<Vec<String>> {
-    let labels = config.get("id2label")?.as_object()?;
-    (0..labels.len())
-        .map(|i| labels.get(&i.to_string())?.as_str().map(str::to_owned))
-        .collect()
+/// The architecture `config` names (`architectures[0]`).
+fn architecture(config: &Map<String, Value>) -> Option<&str> {
+    config.get("architectures")?.get(0)?.as_str()
+}
+
+/// A sequence classifier's classes by index, `None` for a model without a
+/// classification head: `id2label`'s names where they cover `0..n`
+/// exactly, else transformers' default names `LABEL_i` for its
+/// `num_labels` (`id2label`'s size, or the key a server artifact keeps,
+/// or transformers' default of 2).
+pub fn classifier_labels(config: &Map<String, Value>) -> Option<Vec<String>> {
+    if !architecture(config)?.ends_with("ForSequenceClassification") {
+        return None;
+    }
+    let named = config.get("id2label").and_then(Value::as_object);
+    if let Some(labels) = named.filter(|l| !l.is_empty()) {
+        let names: Option<Vec<String>> = (0..labels.len())
+            .map(|i| labels.get(&i.to_string())?.as_str().map(str::to_owned))
+            .collect();
+        return Some(names.unwrap_or_else(|| default_names(labels.len())));
+    }
+    let n = config
+        .get("num_labels")
+        .and_then(Value::as_u64)
+        .unwrap_or(2);
+    Some(default_names(n as usize))
+}
+
+fn default_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("LABEL_{i}")).collect()
 }
 
 const RESIDUAL_DOMAIN: &str = "ee/v1/encoder/residual";
@@ -248,6 +266,9 @@ impl<'k> EncoderPermutations<'k> {
         };
         let n_cols = shape.get(1).copied().unwrap_or(1);
         let row_bytes = n_cols * element;
+        if row_bytes == 0 {
+            return Ok(Vec::new()); // no values: nothing to move
+        }
         let mut out = vec![0u8; bytes.len()];
         for (r, src) in bytes.chunks_exact(row_bytes).enumerate() {
             let r2 = rows
@@ -317,7 +338,11 @@ mod tests {
 
     #[test]
     fn values_move_whole_and_heads_move_in_blocks() {
-        let key = Key::from_bytes([7; 32]);
+        // A key that swaps layer 0's two heads (half of keys do).
+        let key = (0u8..)
+            .map(|b| Key::from_bytes([b; 32]))
+            .find(|k| !k.permutation_for("ee/v1/encoder/heads/0", 2).is_identity())
+            .unwrap();
         let mut perms = EncoderPermutations::new(&key, Permutation::identity(1), 2);
         // A [4, 3] query weight of 2 heads × 2 channels over 3 residual
         // channels: value (i, j) lands at (η-block(i), σ(j)).
@@ -332,6 +357,7 @@ mod tests {
             .unwrap();
         let sigma = residual_permutation(&key, 3);
         let heads = perms.of(Axis::Heads(0), 4).unwrap().unwrap().clone();
+        assert!(!heads.is_identity(), "this key swaps the two heads");
         for i in 0..4u32 {
             // Channels keep their place within a head.
             assert_eq!(heads.encrypt(i).unwrap() % 2, i % 2);
@@ -365,6 +391,33 @@ mod tests {
             .permute("cls.predictions.bias", &[1], 1, &[0])
             .unwrap_err();
         assert!(err.to_string().contains("unencrypted"), "{err}");
+    }
+
+    #[test]
+    fn classifier_labels_are_named_or_counted() {
+        let config = |v: serde_json::Value| v.as_object().unwrap().clone();
+        let bert = |extra: serde_json::Value| {
+            let mut c =
+                config(serde_json::json!({"architectures": ["BertForSequenceClassification"]}));
+            c.extend(config(extra));
+            classifier_labels(&c)
+        };
+        assert_eq!(
+            bert(serde_json::json!({"id2label": {"1": "POS", "0": "NEG"}})),
+            Some(vec!["NEG".into(), "POS".into()])
+        );
+        assert_eq!(
+            bert(serde_json::json!({"id2label": {"0": "NEG", "2": "POS"}})),
+            Some(vec!["LABEL_0".into(), "LABEL_1".into()])
+        );
+        assert_eq!(
+            bert(serde_json::json!({"num_labels": 3})).map(|l| l.len()),
+            Some(3)
+        );
+        assert_eq!(bert(serde_json::json!({})).map(|l| l.len()), Some(2));
+        let plain =
+            config(serde_json::json!({"architectures": ["BertModel"], "id2label": {"0": "A"}}));
+        assert_eq!(classifier_labels(&plain), None);
     }
 
     #[test]

@@ -51,6 +51,22 @@ pub fn write_hf_server_artifact(
             perm.len()
         )));
     }
+    // A checkpoint of another kind (a masked-LM BERT) has no such tensor:
+    // every tensor would be copied as it is, and the "artifact" would be
+    // the plaintext model.
+    let embedding = VOCAB_ROW_TENSORS[0];
+    let mut has_embedding = false;
+    for shard in &files.shards {
+        has_embedding |= MappedFile::open(shard)?.metadata.info(embedding).is_some();
+    }
+    if !has_embedding {
+        return Err(Error::Permutation(format!(
+            "{} has no tensor {embedding}: it is not a Llama/Mistral checkpoint (nor a \
+             BERT-family encoder: {:?}), and encrypting it would change nothing",
+            input.display(),
+            super::encoder::ENCODER_ARCHITECTURES
+        )));
+    }
     let mut move_rows = |name: &str, info: &TensorInfo, bytes: &[u8]| {
         if !VOCAB_ROW_TENSORS.contains(&name) {
             return Ok(None);

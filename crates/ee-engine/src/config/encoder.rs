@@ -9,18 +9,11 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use ee_core::safetensors::{CONFIG_FILE, MODULES_FILE};
+use ee_core::sentence_transformers::read_modules;
+use ee_core::transform::encoder::{classifier_labels, is_encoder_config, ENCODER_ARCHITECTURES};
 
 use crate::encoder::{Pooling, PoolingMode};
 use crate::Error;
-
-/// The encoder architectures, by the name `config.json` gives them.
-const ARCHITECTURES: [(&str, &str, bool); 4] = [
-    ("BertModel", "bert", false),
-    ("BertForSequenceClassification", "bert", true),
-    ("DistilBertModel", "distilbert", false),
-    ("DistilBertForSequenceClassification", "distilbert", true),
-];
 
 /// `DistilBertConfig` has no `layer_norm_eps`: transformers hard-codes it.
 const DISTILBERT_LAYER_NORM_EPS: f64 = 1e-12;
@@ -102,8 +95,8 @@ impl EncoderConfig {
     ///
     /// Errors (naming the file): a malformed config, another architecture,
     /// what our forward pass lacks (relative position embeddings,
-    /// sinusoidal DistilBERT positions, an unknown activation, multi-label
-    /// heads), or a pooling mode we do not implement.
+    /// sinusoidal DistilBERT positions, an unknown activation, regression or
+    /// multi-label heads), or pooling we do not implement.
     pub fn from_hf_config(path: &Path, json: &[u8]) -> Result<Self, Error> {
         let at = |e: String| Error::Model(format!("{}: {e}", path.display()));
         let unsupported = |what: String| Error::Unsupported(format!("{}: {what}", path.display()));
@@ -114,27 +107,31 @@ impl EncoderConfig {
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .unwrap_or("");
-        let &(_, architecture, classifier) =
-            ARCHITECTURES
-                .iter()
-                .find(|(hf, _, _)| *hf == named)
-                .ok_or_else(|| unsupported(format!("architecture {named:?} is not an encoder")))?;
+        if !is_encoder_config(&raw) {
+            return Err(unsupported(format!(
+                "architecture {named:?} is not an encoder (supported: {ENCODER_ARCHITECTURES:?})"
+            )));
+        }
+        let architecture = match named.starts_with("DistilBert") {
+            true => "distilbert",
+            false => "bert",
+        };
         let vocab_size = raw
             .get("vocab_size")
             .and_then(Value::as_u64)
             .filter(|&v| v > 0)
             .ok_or_else(|| at("no valid vocab_size".into()))? as usize;
-        let num_labels = match classifier {
-            true => Some(
-                num_labels(&raw)
-                    .ok_or_else(|| at(format!("{named} needs id2label or num_labels")))?,
-            ),
-            false => None,
-        };
-        if raw.get("problem_type").and_then(Value::as_str) == Some("multi_label_classification") {
-            return Err(unsupported(
-                "problem_type multi_label_classification (supported: single-label, softmax)".into(),
-            ));
+        let num_labels = classifier_labels(&raw).map(|l| l.len());
+        // transformers runs a one-output head as regression, and a
+        // multi-label one through sigmoids: neither is a softmax.
+        let problem = raw.get("problem_type").and_then(Value::as_str);
+        let regression = num_labels == Some(1) || problem == Some("regression");
+        if regression || problem == Some("multi_label_classification") {
+            return Err(unsupported(format!(
+                "a {} head (supported: single-label classification of 2 or more classes, \
+                 softmax)",
+                problem.unwrap_or("regression")
+            )));
         }
         let value = Value::Object(raw.clone());
         let (hidden_size, n_layers, n_heads, intermediate_size, max_positions, types, eps, act) =
@@ -216,32 +213,11 @@ impl EncoderConfig {
     }
 }
 
-/// Classes of a classification head: `id2label`'s size (transformers derives
-/// `num_labels` from it), or `num_labels` where a server artifact keeps the
-/// count without the names.
-pub fn num_labels(config: &Map<String, Value>) -> Option<usize> {
-    match config.get("id2label").and_then(Value::as_object) {
-        Some(labels) if !labels.is_empty() => Some(labels.len()),
-        _ => config
-            .get("num_labels")
-            .and_then(Value::as_u64)
-            .filter(|&n| n > 0)
-            .map(|n| n as usize),
-    }
-}
-
-/// sentence-transformers' module list: the pooling config and whether a
-/// `Normalize` module follows. Without `modules.json` this is what
-/// sentence-transformers builds for a plain Hugging Face model: mean
-/// pooling, no normalisation.
+/// sentence-transformers' pooling ([`read_modules`]): the `Pooling`
+/// module's mode, and whether `Normalize` follows. Without `modules.json`
+/// this is what sentence-transformers builds for a plain Hugging Face
+/// model: mean pooling, no normalisation.
 fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
-    #[derive(Deserialize)]
-    struct Module {
-        #[serde(default)]
-        path: String,
-        #[serde(rename = "type")]
-        kind: String,
-    }
     #[derive(Deserialize)]
     struct PoolingFile {
         #[serde(default)]
@@ -257,32 +233,19 @@ fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
         #[serde(default)]
         pooling_mode_lasttoken: bool,
     }
-    let read = |p: &Path| -> Result<Option<Vec<u8>>, Error> {
-        match std::fs::read(p) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::Model(format!("reading {}: {e}", p.display()))),
-        }
-    };
-    let modules_path = dir.join(MODULES_FILE);
-    let Some(bytes) = read(&modules_path)? else {
+    let Some(modules) = read_modules(dir)? else {
         return Ok(Pooling::default());
     };
-    let at = |p: &Path, e: String| Error::Model(format!("{}: {e}", p.display()));
-    let modules: Vec<Module> =
-        serde_json::from_slice(&bytes).map_err(|e| at(&modules_path, e.to_string()))?;
-    let normalize = modules.iter().any(|m| m.kind.ends_with(".Normalize"));
-    let Some(pooling) = modules.iter().find(|m| m.kind.ends_with(".Pooling")) else {
+    let normalize = modules.normalize;
+    let Some(path) = modules.pooling_config else {
         return Ok(Pooling {
             mode: PoolingMode::Mean,
             normalize,
         });
     };
-    let pooling_path = dir.join(&pooling.path).join(CONFIG_FILE);
-    let bytes = read(&pooling_path)?
-        .ok_or_else(|| at(&pooling_path, "missing; modules.json lists it".into()))?;
-    let p: PoolingFile =
-        serde_json::from_slice(&bytes).map_err(|e| at(&pooling_path, e.to_string()))?;
+    let at = |e: String| Error::Model(format!("{}: {e}", path.display()));
+    let bytes = std::fs::read(&path).map_err(|e| at(e.to_string()))?;
+    let p: PoolingFile = serde_json::from_slice(&bytes).map_err(|e| at(e.to_string()))?;
     let modes = [
         (p.pooling_mode_cls_token, Some(PoolingMode::Cls)),
         (p.pooling_mode_mean_tokens, Some(PoolingMode::Mean)),
@@ -299,7 +262,7 @@ fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
         }),
         _ => Err(Error::Unsupported(format!(
             "{}: pooling other than exactly one of cls, mean, max",
-            pooling_path.display()
+            path.display()
         ))),
     }
 }
@@ -307,6 +270,7 @@ fn read_pooling(dir: &Path) -> Result<Pooling, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ee_core::sentence_transformers::MODULES_FILE;
 
     fn write(dir: &Path, name: &str, json: serde_json::Value) {
         let path = dir.join(name);
@@ -385,8 +349,14 @@ mod tests {
             ),
             (serde_json::json!({"hidden_act": "swish"}), "swish"),
             (
-                serde_json::json!({"architectures": ["BertForSequenceClassification"]}),
-                "id2label",
+                serde_json::json!({"architectures": ["BertForSequenceClassification"],
+                    "num_labels": 1}),
+                "regression",
+            ),
+            (
+                serde_json::json!({"architectures": ["BertForSequenceClassification"],
+                    "problem_type": "multi_label_classification"}),
+                "multi_label",
             ),
             (serde_json::json!({"num_attention_heads": 5}), "5 heads"),
         ] {
