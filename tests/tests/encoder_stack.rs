@@ -194,6 +194,13 @@ fn proxy_refuses_bad_embedding_requests_by_name_and_truncates_when_asked() {
     );
     assert_eq!(r.status, 400, "{}", r.body);
     assert!(r.body.contains("encoder"), "{}", r.body);
+    // The server counts what it embedded (16 tokens above).
+    let metrics = ee_e2e::http_request(server.addr, "GET", "/metrics", &[], b"").unwrap();
+    assert!(
+        metrics.body.contains("ee_prompt_tokens_total 16"),
+        "{}",
+        metrics.body
+    );
     // The server's own refusals, to a client without the key.
     let r = server.post_json("/v1/embeddings", &json!({"input": "text"}));
     assert_eq!(r.status, 400);

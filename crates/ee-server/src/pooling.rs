@@ -140,9 +140,16 @@ async fn run(
         SubmitError::QueueFull(_) => ApiError::overloaded(),
         SubmitError::Stopped => ApiError::internal("the engine has stopped"),
     })?;
-    rx.await
+    let vectors = rx
+        .await
         .map_err(|_| ApiError::internal("the engine has stopped"))?
-        .map_err(|e| ApiError::internal(format!("the encoder failed: {e}")))
+        .map_err(|e| ApiError::internal(format!("the encoder failed: {e}")))?;
+    let tokens: usize = v.inputs.iter().map(Vec::len).sum();
+    state
+        .metrics
+        .prompt_tokens
+        .fetch_add(tokens as u64, std::sync::atomic::Ordering::Relaxed);
+    Ok(vectors)
 }
 
 fn usage(v: &ValidPooling) -> PoolingUsage {
