@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use ee_core::transform::encoder::{label_permutation, residual_permutation};
+use ee_core::transform::channels::{label_permutation, residual_permutation};
 use ee_core::transform::write_encoder_server_artifact;
 use ee_core::Key;
 use ee_e2e::encoder_path;

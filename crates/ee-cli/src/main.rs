@@ -9,8 +9,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use ee_client::fetch::{fetch_model, ModelSource, DEFAULT_MODEL_FILE};
-use ee_client::model_tool::{encrypt_model, EncryptSummary, KeySource, ModelText};
+use ee_client::model_tool::{encrypt_model_at, EncryptSummary, KeySource, ModelText};
 use ee_client::template::{ChatFormat, ChatMessage};
+use ee_core::bundle::Tier;
 use ee_core::Key;
 use ee_engine::{generate, GenerateOptions, SamplingParams};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -88,6 +89,13 @@ struct FetchArgs {
     sha256: Option<String>,
 }
 
+/// `--tier` of `ee encrypt-model`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum TierArg {
+    Vocab,
+    Hidden,
+}
+
 #[derive(Args)]
 struct EncryptArgs {
     /// Plaintext model: a GGUF file, or a Hugging Face checkpoint directory
@@ -107,6 +115,12 @@ struct EncryptArgs {
     /// INSECURE: encrypt with the identity key (plaintext baseline, tests).
     #[arg(long)]
     identity_key: bool,
+    /// What the key hides: `vocab` (token IDs; logits bit-exact) or
+    /// `hidden` (also the residual, FFN and head channels; logits exact to
+    /// float rounding; Hugging Face checkpoints only). Encoders are always
+    /// encrypted at `hidden`.
+    #[arg(long, value_enum, default_value_t = TierArg::Vocab)]
+    tier: TierArg,
     /// Replace an existing bundle (and its key) and server artifact. Without
     /// it they are refused: a replaced key no longer matches the artifact
     /// already deployed.
@@ -190,14 +204,16 @@ pub(crate) fn encrypt_with_progress(
     server_out: &Path,
     client_out: &Path,
     key_source: &KeySource,
+    tier: Tier,
     label: &str,
 ) -> Result<EncryptSummary> {
     let bar = progress_bar(0, label);
-    let summary = encrypt_model(
+    let summary = encrypt_model_at(
         model,
         server_out,
         client_out,
         key_source,
+        tier,
         &mut |done, total| {
             bar.set_length(total);
             bar.set_position(done);
@@ -292,11 +308,16 @@ fn main() -> Result<()> {
             }
             refuse_to_overwrite(&args)?;
             let started = Instant::now();
+            let tier = match args.tier {
+                TierArg::Vocab => Tier::Vocab,
+                TierArg::Hidden => Tier::Hidden,
+            };
             let summary = encrypt_with_progress(
                 &args.model,
                 &args.server_out,
                 &args.client_out,
                 &key_source,
+                tier,
                 "encrypting",
             )?;
             let r = &summary.report;
@@ -310,11 +331,11 @@ fn main() -> Result<()> {
                 "client bundle:   {} (keep it private: it holds the key)",
                 summary.bundle_dir.display()
             );
-            println!(
-                "vocabulary: {} tokens; permuted: {}",
-                r.vocab_size,
-                r.permuted_tensors.join(", ")
-            );
+            let permuted = match r.permuted_tensors.len() {
+                n if n > 4 => format!("{n} tensors (every one: hidden channels move)"),
+                _ => r.permuted_tensors.join(", "),
+            };
+            println!("vocabulary: {} tokens; permuted: {permuted}", r.vocab_size);
             eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
         }
         Command::Generate(args) => run_generate(args)?,

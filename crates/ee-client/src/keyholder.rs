@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use ee_core::transform::encoder::{label_permutation, residual_permutation};
+use ee_core::transform::channels::{label_permutation, residual_permutation};
 use ee_core::wire::ModelCard;
 use ee_core::{ClientBundle, Permutation};
 

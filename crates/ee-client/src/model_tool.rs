@@ -7,14 +7,15 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
-use ee_core::bundle::{ArtifactFingerprint, EncoderFacts, SpecialTokens, BUNDLE_FORMAT};
+use ee_core::bundle::{ArtifactFingerprint, EncoderFacts, SpecialTokens, Tier, BUNDLE_FORMAT};
 use ee_core::gguf::{GgufHeader, Value};
 use ee_core::hf_text::{HfText, TOKENIZER_FILE};
 use ee_core::safetensors::{config_vocab_size, read_config, CONFIG_FILE, SERVER_CONFIG_KEYS};
 use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
 use ee_core::transform::encoder::{classifier_labels, is_encoder_config};
 use ee_core::transform::{
-    embedding_vocab_size, write_encoder_server_artifact, write_server_artifact, TransformReport,
+    embedding_vocab_size, write_encoder_server_artifact, write_hf_hidden_artifact,
+    write_server_artifact, TransformReport,
 };
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
@@ -192,7 +193,8 @@ pub struct EncryptSummary {
 
 /// Writes the server artifact and the client bundle of `model`, a GGUF file
 /// (the artifact is a `.gguf`) or a checkpoint directory (the artifact is a
-/// directory, which must not exist or be empty). `progress(done, total)`
+/// directory, which must not exist or be empty), at the vocabulary tier
+/// (an encoder's at the hidden tier, always). `progress(done, total)`
 /// follows the tensor bytes written.
 pub fn encrypt_model(
     model: &Path,
@@ -201,6 +203,34 @@ pub fn encrypt_model(
     key_source: &KeySource,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EncryptSummary, Error> {
+    encrypt_model_at(
+        model,
+        server_out,
+        client_out,
+        key_source,
+        Tier::Vocab,
+        progress,
+    )
+}
+
+/// [`encrypt_model`] at `tier`. [`Tier::Hidden`] needs a Hugging Face
+/// checkpoint: on GGUF, only block-structured column moves are exact, and
+/// they are not implemented yet.
+pub fn encrypt_model_at(
+    model: &Path,
+    server_out: &Path,
+    client_out: &Path,
+    key_source: &KeySource,
+    tier: Tier,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<EncryptSummary, Error> {
+    if tier == Tier::Hidden && !model.is_dir() {
+        return Err(Error::Model(format!(
+            "{}: --tier hidden needs a Hugging Face checkpoint directory; GGUF's quantized \
+             blocks allow only block-structured channel moves, not implemented yet",
+            model.display()
+        )));
+    }
     let (text, facts) = ModelText::read_with_facts(model)?;
     // Refuse a model whose tokenizer we cannot rebuild before writing anything.
     let tokens = text.codec()?.vocab_size();
@@ -235,6 +265,10 @@ pub fn encrypt_model(
     };
     let encoder = config.as_ref().filter(|c| is_encoder_config(c));
     let mut text = text;
+    let tier = match encoder {
+        Some(_) => Tier::Hidden,
+        None => tier,
+    };
     let report = match encoder {
         Some(_) => {
             // An encoder's inputs are single texts, cut by the proxy, never
@@ -246,6 +280,9 @@ pub fn encrypt_model(
             }
             text.chat_template = None;
             write_encoder_server_artifact(model, server_out, &key, progress)?
+        }
+        None if tier == Tier::Hidden => {
+            write_hf_hidden_artifact(model, server_out, &key, progress)?
         }
         None => {
             let perm: Permutation = key.vocab_permutation(facts.vocab_size);
@@ -278,6 +315,7 @@ pub fn encrypt_model(
         identity_key: key.is_identity(),
         chat_template: text.chat_template.clone(),
         special_tokens: text.special.clone(),
+        tier,
         encoder,
     };
     ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;

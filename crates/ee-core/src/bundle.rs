@@ -71,10 +71,28 @@ pub struct BundleManifest {
     pub identity_key: bool,
     pub chat_template: Option<String>,
     pub special_tokens: SpecialTokens,
+    /// What the key hides: the vocabulary only (logits bit-exact), or the
+    /// hidden channels too (exact up to float summation order).
+    #[serde(default)]
+    pub tier: Tier,
     /// What the client needs of an encoder (BERT-family) model; absent for
     /// a causal LM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder: Option<EncoderFacts>,
+}
+
+/// How much of a model a key hides (`ee encrypt-model --tier`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    /// The vocabulary permutation π only: rows of the embedding and output
+    /// head move, and encrypted logits are bit-identical, permuted.
+    #[default]
+    Vocab,
+    /// π plus hidden-channel permutations (residual σ, FFN τₗ, heads ηₗ):
+    /// the same function, summed in another order, so logits agree to
+    /// float rounding. Encoders always use it.
+    Hidden,
 }
 
 /// An encoder's facts the key holder needs: the width of its embeddings
@@ -204,6 +222,7 @@ mod tests {
             identity_key: false,
             chat_template: None,
             special_tokens: SpecialTokens::default(),
+            tier: Tier::Vocab,
             encoder: None,
         }
     }

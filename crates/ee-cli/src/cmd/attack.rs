@@ -25,9 +25,10 @@ pub(crate) enum AttackCommand {
     /// The server operator with the artifact and the public base model:
     /// match the artifact's vocabulary rows to the base's.
     WeightMatch(WeightMatchArgs),
-    /// The operator with an encoder's artifact and its public base model:
-    /// recover the hidden-channel permutation σ (which the server's
-    /// embeddings are permuted by) by matching position-embedding columns.
+    /// The operator with a hidden-tier artifact (an encoder's, or a chat
+    /// model's `--tier hidden`) and its public base model: recover the
+    /// residual-channel permutation σ by matching sorted slices of a
+    /// tensor σ moves (position-embedding columns; FFN down-projection rows).
     ChannelMatch(ChannelMatchArgs),
     /// The operator facing a private fine-tune: simulate fine-tunes of the
     /// base at several sizes, encrypt each with a fresh key, and match rows
@@ -77,10 +78,10 @@ pub(crate) struct WeightMatchArgs {
 
 #[derive(Args)]
 pub(crate) struct ChannelMatchArgs {
-    /// The public base encoder (a checkpoint directory).
+    /// The public base model (a checkpoint directory).
     #[arg(long)]
     base: PathBuf,
-    /// The server artifact of the encoder.
+    /// The server artifact (hidden tier).
     #[arg(long)]
     artifact: PathBuf,
     /// Where to write the recovered σ: a JSON array indexed by encrypted
@@ -253,23 +254,21 @@ fn weight_match_cmd(args: WeightMatchArgs) -> Result<()> {
 
 fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
     let started = Instant::now();
-    let sigma = ee_lab::channel_match::recover_channels(
-        &args.base,
-        &args.artifact,
-        &ee_lab::channel_match::POSITION_EMBEDDINGS,
-    )?;
+    let (name, along) = ee_lab::channel_match::residual_tensor(&args.base)?;
+    let sigma = ee_lab::channel_match::recover_channels(&args.base, &args.artifact, name, along)?;
     let secs = started.elapsed().as_secs_f64();
     let found = sigma.iter().filter(|c| c.is_some()).count();
     std::fs::write(&args.out, serde_json::to_vec(&sigma)?)
         .with_context(|| format!("writing {}", args.out.display()))?;
     println!(
-        "channel-match: {found} of {} hidden channels mapped in {secs:.2} s; written to {}",
+        "channel-match ({name}, {along:?}): {found} of {} hidden channels mapped in {secs:.2} s; \
+         written to {}",
         sigma.len(),
         args.out.display()
     );
     if let Some(key) = &args.key {
         let key = Key::load(key).with_context(|| format!("loading {}", key.display()))?;
-        let truth = ee_core::transform::encoder::residual_permutation(&key, sigma.len() as u32);
+        let truth = ee_core::transform::channels::residual_permutation(&key, sigma.len() as u32);
         let correct = (0..sigma.len() as u32)
             .filter(|&c| sigma[c as usize].is_some_and(|p| truth.decrypt(c) == Some(p)))
             .count();

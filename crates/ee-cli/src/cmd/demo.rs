@@ -114,6 +114,7 @@ pub(crate) fn run(args: DemoArgs) -> Result<()> {
         &artifact,
         &bundle,
         &KeySource::File(key_path),
+        ee_core::bundle::Tier::Vocab,
         "      encrypting",
     )?;
     eprintln!(

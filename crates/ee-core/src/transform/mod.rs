@@ -7,8 +7,10 @@
 //! format: [`gguf`] writes a `.gguf`, [`safetensors`] a Hugging Face
 //! directory.
 
+pub mod channels;
 pub mod encoder;
 pub mod gguf;
+pub mod llama;
 pub mod safetensors;
 
 use std::fs::File;
@@ -19,7 +21,9 @@ use sha2::{Digest, Sha256};
 use crate::{Error, Permutation};
 
 pub use gguf::{embedding_vocab_size, write_gguf_server_artifact};
-pub use safetensors::{write_encoder_server_artifact, write_hf_server_artifact};
+pub use safetensors::{
+    write_encoder_server_artifact, write_hf_hidden_artifact, write_hf_server_artifact,
+};
 
 /// Writes the server artifact of `input` under `perm` to `output`: a
 /// `.gguf` for a GGUF file ([`write_gguf_server_artifact`]), a directory

@@ -15,7 +15,9 @@ use serde_json::{Map, Value};
 
 use safetensors::tensor::TensorInfo;
 
-use super::encoder::EncoderPermutations;
+use super::channels::{Axis, ChannelPermutations};
+use super::encoder::encoder_axes;
+use super::llama::llama_axes;
 use super::{permute_rows, TransformReport};
 use crate::safetensors::{
     config_vocab_size, directory_fingerprint, file_name, map_file, read_config, server_config,
@@ -100,24 +102,70 @@ pub fn write_encoder_server_artifact(
 ) -> Result<TransformReport, Error> {
     let files = CheckpointFiles::find(input)?;
     let config = read_config(&files.config)?;
-    let vocab_size = config_vocab_size(&config, &files.config)?;
-    let heads = ["num_attention_heads", "n_heads"]
-        .iter()
+    let heads = config_count(&config, &["num_attention_heads", "n_heads"], &files.config)?;
+    let axes = |name: &str| encoder_axes(name);
+    write_with_channels(&files, &config, output, key, heads, &axes, progress)
+}
+
+/// Writes the hidden-tier server artifact of the Llama/Mistral checkpoint
+/// in `input` under `key` into the directory `output`: the vocabulary rows
+/// move as in [`write_hf_server_artifact`], and so do the residual, FFN and
+/// head channels of every tensor ([`super::llama`]).
+///
+/// Errors: those of [`write_hf_server_artifact`], a config without its
+/// head counts, or a tensor that is not a Llama/Mistral one.
+pub fn write_hf_hidden_artifact(
+    input: &Path,
+    output: &Path,
+    key: &Key,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    let files = CheckpointFiles::find(input)?;
+    let config = read_config(&files.config)?;
+    let heads = config_count(&config, &["num_attention_heads"], &files.config)?;
+    let kv_heads = match config.get("num_key_value_heads").and_then(Value::as_u64) {
+        Some(n) => n as usize,
+        None => heads,
+    };
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return Err(Error::Io(format!(
+            "{}: {heads} attention heads do not group over {kv_heads} key/value heads",
+            files.config.display()
+        )));
+    }
+    let q_group = heads / kv_heads;
+    let axes = |name: &str| llama_axes(name, q_group);
+    write_with_channels(&files, &config, output, key, kv_heads, &axes, progress)
+}
+
+/// A positive count from `config.json`, under the first of `keys` present.
+fn config_count(config: &Map<String, Value>, keys: &[&str], path: &Path) -> Result<usize, Error> {
+    keys.iter()
         .find_map(|k| config.get(*k).and_then(Value::as_u64))
-        .ok_or_else(|| {
-            Error::Io(format!(
-                "{}: no num_attention_heads (n_heads)",
-                files.config.display()
-            ))
-        })?;
-    let mut perms =
-        EncoderPermutations::new(key, key.vocab_permutation(vocab_size), heads as usize);
+        .filter(|&n| n > 0)
+        .map(|n| n as usize)
+        .ok_or_else(|| Error::Io(format!("{}: no {}", path.display(), keys.join(" or "))))
+}
+
+/// Writes the artifact with every tensor moved by the key's channel
+/// permutations, along the axes `axes` gives each tensor.
+fn write_with_channels(
+    files: &CheckpointFiles,
+    config: &Map<String, Value>,
+    output: &Path,
+    key: &Key,
+    kv_heads: usize,
+    axes: &dyn Fn(&str) -> Option<Vec<Axis>>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    let vocab_size = config_vocab_size(config, &files.config)?;
+    let mut perms = ChannelPermutations::new(key, key.vocab_permutation(vocab_size), kv_heads);
     let mut move_all = |name: &str, info: &TensorInfo, bytes: &[u8]| {
         perms
-            .permute(name, &info.shape, info.dtype.size(), bytes)
+            .permute(name, axes(name), &info.shape, info.dtype.size(), bytes)
             .map(Some)
     };
-    write_artifact(&files, &config, output, vocab_size, &mut move_all, progress)
+    write_artifact(files, config, output, vocab_size, &mut move_all, progress)
 }
 
 /// Writes the artifact of `files` into `output` (fresh or empty), moving
