@@ -332,7 +332,7 @@ fn main() -> Result<()> {
                 summary.bundle_dir.display()
             );
             let permuted = match r.permuted_tensors.len() {
-                n if n > 4 => format!("{n} tensors (every one: hidden channels move)"),
+                n if n > 4 => format!("{n} tensors (hidden channels move too)"),
                 _ => r.permuted_tensors.join(", "),
             };
             println!("vocabulary: {} tokens; permuted: {permuted}", r.vocab_size);

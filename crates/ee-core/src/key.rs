@@ -94,7 +94,7 @@ impl Key {
     }
 
     /// The permutation of `n` items the key derives for `domain`, a label
-    /// naming what it permutes (`ee/v1/encoder/residual`): the identity for the
+    /// naming what it permutes (`ee/v1/hidden/residual`): the identity for the
     /// identity key.
     pub fn permutation_for(&self, domain: &str, n: u32) -> Permutation {
         if self.identity {

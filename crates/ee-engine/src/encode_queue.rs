@@ -142,18 +142,29 @@ fn run(model: &dyn Encoder, rx: &mpsc::Receiver<Job>, stats: &SchedulerStats, bu
             .flat_map(|j| j.sequences.iter().map(Vec::as_slice))
             .collect();
         match run_passes(model, task, &all, budget) {
-            Ok(mut vectors) => {
+            Ok(mut vectors) if vectors.len() == all.len() => {
                 for job in jobs.into_iter().rev() {
                     let mine = vectors.split_off(vectors.len() - job.sequences.len());
                     // A client that left drops its receiver: nothing to do.
                     let _ = job.reply.send(Ok(mine));
                 }
             }
-            // One job's failure is not its neighbours': each runs alone.
-            Err(_) => {
+            // One job's failure is not its neighbours': each runs alone
+            // (and a model that answered the wrong count fails each).
+            _ => {
                 for job in jobs {
                     let seqs: Vec<&[u32]> = job.sequences.iter().map(Vec::as_slice).collect();
-                    let _ = job.reply.send(run_passes(model, task, &seqs, budget));
+                    let result = run_passes(model, task, &seqs, budget).and_then(|v| {
+                        match v.len() == seqs.len() {
+                            true => Ok(v),
+                            false => Err(Error::Model(format!(
+                                "the encoder returned {} results for {} inputs",
+                                v.len(),
+                                seqs.len()
+                            ))),
+                        }
+                    });
+                    let _ = job.reply.send(result);
                 }
             }
         }

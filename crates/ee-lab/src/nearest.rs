@@ -160,6 +160,71 @@ pub fn nearest(base: &VocabRows, artifact: &VocabRows) -> Result<RecoveredMap, E
     Ok(RecoveredMap(out))
 }
 
+/// Against a hidden-channel key on private weights: recovers the channel
+/// permutation from the vocabulary rows alone. A column of the embedding
+/// holds one channel's value for every token; the vocabulary permutation
+/// reorders it and the fine-tune nudges it, but its *sorted* values barely
+/// move, so each artifact column is matched to the base column whose
+/// sorted values are most similar (cosine, centred). Returns, for each
+/// artifact channel, the base channel it is taken to be.
+///
+/// # Errors
+/// The two matrices differ in shape.
+pub fn recover_channels(base: &RowMatrix, artifact: &RowMatrix) -> Result<Vec<usize>, Error> {
+    if (base.rows(), base.dim) != (artifact.rows(), artifact.dim) {
+        return Err(Error::Model(format!(
+            "a {}×{} artifact against a {}×{} base",
+            artifact.rows(),
+            artifact.dim,
+            base.rows(),
+            base.dim
+        )));
+    }
+    let sorted_columns = |m: &RowMatrix| -> Result<Tensor, Error> {
+        let (rows, dim) = (m.rows(), m.dim);
+        let mut out = Vec::with_capacity(rows * dim);
+        for c in 0..dim {
+            let mut col: Vec<f32> = (0..rows).map(|r| m.values[r * dim + c]).collect();
+            col.sort_by(f32::total_cmp);
+            let mean = col.iter().map(|&x| f64::from(x)).sum::<f64>() / rows.max(1) as f64;
+            col.iter_mut().for_each(|x| *x -= mean as f32);
+            let n = norm(&col).max(1e-12) as f32;
+            col.iter_mut().for_each(|x| *x /= n);
+            out.extend(col);
+        }
+        Ok(Tensor::from_vec(out, (dim, rows), &Device::Cpu)?)
+    };
+    let (b, a) = (sorted_columns(base)?, sorted_columns(artifact)?);
+    let sims = a.matmul(&b.t()?.contiguous()?)?;
+    let best = sims
+        .argmax(D::Minus1)?
+        .to_dtype(DType::U32)?
+        .to_vec1::<u32>()?;
+    Ok(best.into_iter().map(|c| c as usize).collect())
+}
+
+/// `artifact` with its channels put back in the base's order, by a
+/// recovered channel map (artifact channel → base channel; where two
+/// artifact channels claim one base channel, the first keeps it and
+/// unclaimed base channels take the rest in order).
+pub fn unpermute_channels(artifact: &VocabRows, recovered: &[usize]) -> VocabRows {
+    let dim = recovered.len();
+    let mut source: Vec<Option<usize>> = vec![None; dim];
+    let mut spare = Vec::new();
+    for (i, &j) in recovered.iter().enumerate() {
+        match source.get_mut(j) {
+            Some(slot @ None) => *slot = Some(i),
+            _ => spare.push(i),
+        }
+    }
+    let mut spare = spare.into_iter();
+    let sigma: Vec<usize> = source
+        .into_iter()
+        .map(|s| s.or_else(|| spare.next()).unwrap_or(0))
+        .collect();
+    artifact.with_channels_permuted(&sigma)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +255,20 @@ mod tests {
             let rel = norm(&diff) / norm(&b.embedding.values);
             assert!((rel - 0.05).abs() < 1e-4, "{kind}: {rel}");
         }
+    }
+
+    #[test]
+    fn hidden_channels_of_a_lightly_tuned_model_are_recovered_from_sorted_columns() {
+        let b = base(2000, 16);
+        let key = ee_core::Key::from_bytes([9; 32]).vocab_permutation(2000);
+        let tuned = private_artifact(&b, &key, 0.01, Perturbation::Noise, 5);
+        let sigma: Vec<usize> = (0..16).map(|i| (i * 7 + 3) % 16).collect();
+        let hidden = tuned.with_channels_permuted(&sigma);
+        let got = recover_channels(&b.embedding, &hidden.embedding).unwrap();
+        assert_eq!(got, sigma);
+        let back = unpermute_channels(&hidden, &got);
+        let s = Score::of(&nearest(&b, &back).unwrap(), &key, &[]);
+        assert!(s.vocab_recovered() > 0.99, "{}", s.vocab_recovered());
     }
 
     #[test]

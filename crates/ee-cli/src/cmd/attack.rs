@@ -110,6 +110,11 @@ pub(crate) struct PrivateWeightsArgs {
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Simulate the hidden tier too: each fine-tune's channels get a random
+    /// permutation, which the attack recovers from sorted embedding columns
+    /// before matching rows.
+    #[arg(long)]
+    hidden: bool,
 }
 
 #[derive(Args)]
@@ -318,18 +323,35 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
             Perturbation::LowRank(args.rank as usize),
         ] {
             // The lab's own key: the scorer reads it, the attack never does.
-            let key = Key::generate()?.vocab_permutation(n as u32);
-            let artifact = private_artifact(&base, &key, delta, kind, args.seed);
+            let lab_key = Key::generate()?;
+            let key = lab_key.vocab_permutation(n as u32);
+            let mut artifact = private_artifact(&base, &key, delta, kind, args.seed);
+            let dim = base.embedding.dim;
+            let sigma = lab_key.permutation_for("ee/lab/sigma", dim as u32);
+            let sigma: Vec<usize> = (0..dim as u32)
+                .map(|i| sigma.encrypt(i).unwrap_or(i) as usize)
+                .collect();
+            if args.hidden {
+                artifact = artifact.with_channels_permuted(&sigma);
+            }
             let started = Instant::now();
+            let mut channels = None;
+            if args.hidden {
+                let got = ee_lab::nearest::recover_channels(&base.embedding, &artifact.embedding)?;
+                channels = Some(got.iter().zip(&sigma).filter(|(g, s)| g == s).count());
+                artifact = ee_lab::nearest::unpermute_channels(&artifact, &got);
+            }
             let map = nearest(&base, &artifact)?;
             let secs = started.elapsed().as_secs_f64();
             let s = Score::of(&map, &key, &[]);
+            let channels_shown = channels.map_or(String::new(), |c| format!(" (σ: {c} of {dim})"));
             println!(
-                "| {kind} | {delta} | {:.2}% | {} | {secs:.1} |",
+                "| {kind} | {delta} | {:.2}%{channels_shown} | {} | {secs:.1} |",
                 100.0 * s.vocab_recovered(),
                 s.vocab_wrong
             );
             results.push(json!({"fine_tune": kind.to_string(), "delta": delta,
+                                "hidden": args.hidden, "channels_recovered": channels,
                                 "recovered": s.vocab_recovered(), "score": s, "seconds": secs}));
         }
     }

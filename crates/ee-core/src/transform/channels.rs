@@ -1,6 +1,6 @@
 //! Hidden-channel permutations: what a key does to every axis of every
 //! tensor when it hides a model's internal representation, not only its
-//! vocabulary (`../docs/ee-design.md`, "hidden-channel permutations").
+//! vocabulary (`../shared/docs/ee-design.md`, "hidden-channel permutations").
 //!
 //! Each architecture says, per tensor name, what each axis is indexed by
 //! (an [`Axis`]; `encoder.rs` for BERT-family encoders, `llama.rs` for
@@ -160,7 +160,8 @@ impl<'k> ChannelPermutations<'k> {
                 axes.len()
             ))
         };
-        if shape.len() != axes.len() || bytes.len() != shape.iter().product::<usize>() * element {
+        let fits = shape.len() == axes.len() && axes.len() <= 2;
+        if !fits || bytes.len() != shape.iter().product::<usize>() * element {
             return Err(misfit());
         }
         let rows = self.of(axes[0], shape[0])?.cloned();

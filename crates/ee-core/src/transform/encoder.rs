@@ -4,7 +4,7 @@
 //! permuted hidden coordinates, and returns embeddings and class
 //! probabilities the user's key alone can read.
 //!
-//! What moves (`[out, in]` matrices, per `../docs/ee-design.md`):
+//! What moves (`[out, in]` matrices, per `../shared/docs/ee-design.md`):
 //! - token rows of `word_embeddings` by the vocabulary permutation π, so
 //!   `[CLS]`, `[SEP]`, `[PAD]` and `[MASK]` are encrypted like every token;
 //! - residual channels by σ: the columns of every embedding table and of

@@ -1,7 +1,7 @@
 //! The hidden tier of a Llama/Mistral checkpoint (Hugging Face names): on
 //! top of the vocabulary permutation, the residual channels (σ), each
 //! layer's FFN channels (τₗ) and attention heads (ηₗ, by key/value head,
-//! query heads following their group) move, as `../docs/ee-design.md`
+//! query heads following their group) move, as `../shared/docs/ee-design.md`
 //! lays out. RMSNorm is invariant under a channel permutation, SiLU and
 //! the gate product act per channel, and RoPE pairs stay within their
 //! head, so the model computes the same function; only float sums run in
@@ -29,6 +29,9 @@ pub fn llama_axes(name: &str, q_group: usize) -> Option<Vec<Axis>> {
         Heads { layer: l, group: 1 },
     );
     Some(match part {
+        // RoPE's inverse frequencies, which some checkpoints save: a buffer
+        // of per-pair constants, untouched (pairs never leave their head).
+        "self_attn.rotary_emb.inv_freq" => vec![],
         "input_layernorm.weight" | "post_attention_layernorm.weight" => vec![Residual],
         "self_attn.q_proj.weight" => vec![q, Residual],
         "self_attn.k_proj.weight" | "self_attn.v_proj.weight" => vec![kv, Residual],
@@ -54,7 +57,17 @@ mod tests {
             ("model.norm.weight", vec![Residual]),
             ("model.layers.2.input_layernorm.weight", vec![Residual]),
             ("model.layers.2.self_attn.q_proj.weight", vec![q, Residual]),
+            (
+                "model.layers.2.post_attention_layernorm.weight",
+                vec![Residual],
+            ),
+            ("model.layers.2.self_attn.k_proj.weight", vec![kv, Residual]),
             ("model.layers.2.self_attn.v_proj.weight", vec![kv, Residual]),
+            ("model.layers.2.self_attn.rotary_emb.inv_freq", vec![]),
+            (
+                "model.layers.2.mlp.gate_proj.weight",
+                vec![Ffn(2), Residual],
+            ),
             ("model.layers.2.self_attn.o_proj.weight", vec![Residual, q]),
             ("model.layers.2.mlp.up_proj.weight", vec![Ffn(2), Residual]),
             (

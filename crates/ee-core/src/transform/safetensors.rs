@@ -123,8 +123,8 @@ pub fn write_hf_hidden_artifact(
     let files = CheckpointFiles::find(input)?;
     let config = read_config(&files.config)?;
     let heads = config_count(&config, &["num_attention_heads"], &files.config)?;
-    let kv_heads = match config.get("num_key_value_heads").and_then(Value::as_u64) {
-        Some(n) => n as usize,
+    let kv_heads = match config.get("num_key_value_heads") {
+        Some(_) => config_count(&config, &["num_key_value_heads"], &files.config)?,
         None => heads,
     };
     if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
@@ -144,7 +144,13 @@ fn config_count(config: &Map<String, Value>, keys: &[&str], path: &Path) -> Resu
         .find_map(|k| config.get(*k).and_then(Value::as_u64))
         .filter(|&n| n > 0)
         .map(|n| n as usize)
-        .ok_or_else(|| Error::Io(format!("{}: no {}", path.display(), keys.join(" or "))))
+        .ok_or_else(|| {
+            Error::Io(format!(
+                "{}: no positive integer {}",
+                path.display(),
+                keys.join(" or ")
+            ))
+        })
 }
 
 /// Writes the artifact with every tensor moved by the key's channel
@@ -160,10 +166,12 @@ fn write_with_channels(
 ) -> Result<TransformReport, Error> {
     let vocab_size = config_vocab_size(config, &files.config)?;
     let mut perms = ChannelPermutations::new(key, key.vocab_permutation(vocab_size), kv_heads);
-    let mut move_all = |name: &str, info: &TensorInfo, bytes: &[u8]| {
-        perms
-            .permute(name, axes(name), &info.shape, info.dtype.size(), bytes)
-            .map(Some)
+    let mut move_all = |name: &str, info: &TensorInfo, bytes: &[u8]| match axes(name) {
+        // A tensor no key touches (position IDs, RoPE buffers): as it is.
+        Some(a) if a.is_empty() => Ok(None),
+        a => perms
+            .permute(name, a, &info.shape, info.dtype.size(), bytes)
+            .map(Some),
     };
     write_artifact(files, config, output, vocab_size, &mut move_all, progress)
 }

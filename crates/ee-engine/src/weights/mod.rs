@@ -141,8 +141,12 @@ impl StoredTensor<'_> {
         }
     }
 
-    /// An FNV-1a hash of each stored row. Rows move whole under the
-    /// vocabulary permutation, so a row's hash travels with its token.
+    /// A hash of each stored row that travels with its token: an FNV-1a
+    /// hash of a block-quantized row's bytes (rows move whole under the
+    /// vocabulary permutation), and for a float row a hash of the multiset
+    /// of its values (a sum of their mixed bit patterns), which a
+    /// hidden-channel permutation reordering the row's values does not
+    /// change either.
     pub fn row_hashes(&self) -> Result<Vec<u64>, Error> {
         let rows = self.shape.first().copied().unwrap_or(0);
         if rows == 0 || !self.bytes.len().is_multiple_of(rows) {
@@ -152,12 +156,32 @@ impl StoredTensor<'_> {
                 self.bytes.len()
             )));
         }
+        let element = match self.dtype {
+            StoredDType::F32 => 4,
+            StoredDType::F16 | StoredDType::BF16 => 2,
+            StoredDType::Ggml(_) => 0,
+        };
         Ok(self
             .bytes
             .chunks_exact(self.bytes.len() / rows)
-            .map(fnv1a)
+            .map(|row| match element {
+                0 => fnv1a(row),
+                n => row
+                    .chunks_exact(n)
+                    .map(|v| v.iter().rev().fold(0u64, |x, &b| x << 8 | u64::from(b)))
+                    .fold(0u64, |h, bits| h.wrapping_add(mix64(bits))),
+            })
             .collect())
     }
+}
+
+/// splitmix64's finaliser: spreads a value's bits over the whole word, so
+/// that a sum of mixed values identifies their multiset.
+fn mix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
