@@ -131,6 +131,20 @@ pub fn openai_package() -> std::path::PathBuf {
     dir
 }
 
+/// Runs `tests/py/{script}` against the proxy at `proxy_url` with the
+/// official `openai` package (`EE_BASE_URL` is its `/v1`, plus `env`), and
+/// returns the JSON it prints, asserting that it succeeded.
+pub fn run_openai_script(script: &str, proxy_url: &str, env: &[(&str, &str)]) -> serde_json::Value {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.arg(workspace_root().join("tests").join("py").join(script))
+        .env("PYTHONPATH", openai_package())
+        .env("EE_BASE_URL", format!("{proxy_url}/v1"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    serde_json::from_slice(&stdout_of(&mut cmd)).expect("JSON from the script")
+}
+
 /// Runs `cmd` and returns its standard output, asserting that it
 /// succeeded (with its standard error in the message if not).
 pub fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {

@@ -6,10 +6,9 @@
 //! its plaintext token IDs, nor the embeddings in the user's coordinates.
 
 use std::path::Path;
-use std::process::Command;
 
 use ee_client::model_tool::KeySource;
-use ee_e2e::{encoder_path, encrypt, workspace_root, RecordingRelay, ServerProcess};
+use ee_e2e::{encoder_path, encrypt, RecordingRelay, ServerProcess};
 use ee_engine::testing::encoder::{write_tiny_encoder, TinyEncoderKind, TinyEncoderSpec};
 use ee_engine::ModelFiles;
 use serde_json::{json, Value};
@@ -70,20 +69,12 @@ fn sdk_embeddings_through_the_proxy_equal_the_plaintext_model_and_stay_off_the_w
     let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
     let expected = plain.embed(&refs).unwrap();
 
-    let script = workspace_root().join("tests/py/openai_embeddings.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .env("PYTHONPATH", ee_e2e::openai_package())
-        .env("EE_BASE_URL", format!("{}/v1", proxy.url()))
-        .env("EE_TEXTS", serde_json::to_string(&TEXTS).unwrap())
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let texts = serde_json::to_string(&TEXTS).unwrap();
+    let r = ee_e2e::run_openai_script(
+        "openai_embeddings.py",
+        &proxy.url(),
+        &[("EE_TEXTS", &texts)],
     );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
     assert_eq!(r["indices"], json!([0, 1, 2]));
     assert_eq!(r["model"], "ee-model");
     assert_eq!(r["usage"], json!(ids.iter().map(Vec::len).sum::<usize>()));

@@ -9,8 +9,7 @@ use std::path::Path;
 
 use ee_e2e::hf_fixture::real_hf_checkpoint;
 use ee_e2e::{
-    binary, encrypt, encrypt_real_model, model_path, workspace_root, EncryptedPair, RecordingRelay,
-    ServerProcess,
+    binary, encrypt, encrypt_real_model, model_path, EncryptedPair, RecordingRelay, ServerProcess,
 };
 use safetensors::tensor::Dtype;
 use serde_json::{json, Value};
@@ -436,22 +435,7 @@ fn the_official_openai_python_package_works_against_a_checkpoint() {
 }
 
 fn openai_sdk_works_against(s: &Stack) {
-    let script = workspace_root()
-        .join("tests")
-        .join("py")
-        .join("openai_client.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .env("PYTHONPATH", ee_e2e::openai_package())
-        .env("EE_BASE_URL", format!("{}/v1", s.proxy.url()))
-        .output()
-        .expect("run python3");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: Value = serde_json::from_slice(&out.stdout).expect("JSON from the script");
+    let r = ee_e2e::run_openai_script("openai_client.py", &s.proxy.url(), &[]);
 
     assert_eq!(r["models"], json!(["ee-model"]));
     assert_eq!(r["retrieved"]["id"], "ee-model");

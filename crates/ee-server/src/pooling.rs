@@ -160,19 +160,37 @@ fn usage(v: &ValidPooling) -> PoolingUsage {
     }
 }
 
+fn embedding_model(r: &EmbeddingRequest) -> Option<&str> {
+    r.model.as_deref()
+}
+
+fn classification_model(r: &ClassificationRequest) -> Option<&str> {
+    r.model.as_deref()
+}
+
+/// Reads a request, checks the model it names and validates it.
+async fn accept<R: serde::de::DeserializeOwned>(
+    state: &SharedState,
+    headers: HeaderMap,
+    body: Body,
+    model: fn(&R) -> Option<&str>,
+    validate: fn(&R, &PoolingLimits) -> Result<ValidPooling, ApiError>,
+) -> Result<(&crate::LoadedModel, ValidPooling), ApiError> {
+    let c = &state.config;
+    let r: R = read_json(&headers, body, c.max_body_bytes, c.max_json_depth).await?;
+    let loaded = state.loaded()?;
+    check_model(loaded, model(&r))?;
+    let (_, limits) = loaded.encoder()?;
+    Ok((loaded, validate(&r, limits)?))
+}
+
 pub async fn embeddings(
     State(state): State<SharedState>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let result = async {
-        let c = &state.config;
-        let r: EmbeddingRequest =
-            read_json(&headers, body, c.max_body_bytes, c.max_json_depth).await?;
-        let loaded = state.loaded()?;
-        check_model(loaded, r.model.as_deref())?;
-        let (_, limits) = loaded.encoder()?;
-        let v = embedding(&r, limits)?;
+        let (loaded, v) = accept(&state, headers, body, embedding_model, embedding).await?;
         let vectors = run(&state, &v, PoolingTask::Embed).await?;
         let data = vectors
             .into_iter()
@@ -202,13 +220,8 @@ pub async fn classify(
     body: Body,
 ) -> Response {
     let result = async {
-        let c = &state.config;
-        let r: ClassificationRequest =
-            read_json(&headers, body, c.max_body_bytes, c.max_json_depth).await?;
-        let loaded = state.loaded()?;
-        check_model(loaded, r.model.as_deref())?;
-        let (_, limits) = loaded.encoder()?;
-        let v = classification(&r, limits)?;
+        let (loaded, v) =
+            accept(&state, headers, body, classification_model, classification).await?;
         let probs = run(&state, &v, PoolingTask::Classify).await?;
         let data = probs
             .into_iter()

@@ -165,17 +165,41 @@ fn check_indices(indices: impl Iterator<Item = usize>, inputs: usize) -> Result<
     }
 }
 
+/// What both endpoints do first: refuse a non-encoder bundle and unknown
+/// fields, settle the model names, and encrypt the inputs. Returns the
+/// name answers carry, the name the server is asked for, and the inputs.
+async fn prepare(
+    session: &Session,
+    unknown: &std::collections::BTreeMap<String, Value>,
+    model: Option<&String>,
+    input: &PromptInput,
+    truncate: Option<i64>,
+) -> Result<(Option<String>, Option<String>, Vec<Vec<u32>>), SessionError> {
+    let keys = &session.keys;
+    require_encoder(keys)?;
+    check_unknown(unknown)
+        .map_err(refused)
+        .map_err(SessionError::Request)?;
+    let (answer_model, forwarded) = model_names(session, model)?;
+    let max = max_positions(session).await?;
+    let inputs = encrypted_inputs(keys, input, truncate, max).map_err(SessionError::Request)?;
+    Ok((answer_model, forwarded, inputs))
+}
+
 /// `POST /v1/embeddings`.
 pub async fn embeddings(
     session: &Session,
     request: EmbeddingRequest,
 ) -> Result<EmbeddingResponse, SessionError> {
     let keys = &session.keys;
-    require_encoder(keys)?;
-    check_unknown(&request.unknown)
-        .map_err(refused)
-        .map_err(SessionError::Request)?;
-    let (answer_model, forwarded) = model_names(session, request.model.as_ref())?;
+    let (answer_model, forwarded, inputs) = prepare(
+        session,
+        &request.unknown,
+        request.model.as_ref(),
+        &request.input,
+        request.truncate_prompt_tokens,
+    )
+    .await?;
     let base64 = wants_base64(request.encoding_format.as_deref())
         .map_err(refused)
         .map_err(SessionError::Request)?;
@@ -187,9 +211,6 @@ pub async fn embeddings(
         .map_or(0, |e| e.hidden_size);
     check_dimensions(request.dimensions, hidden as usize)
         .map_err(refused)
-        .map_err(SessionError::Request)?;
-    let max = max_positions(session).await?;
-    let inputs = encrypted_inputs(keys, &request.input, request.truncate_prompt_tokens, max)
         .map_err(SessionError::Request)?;
     let n = inputs.len();
     let upstream = EmbeddingRequest {
@@ -228,14 +249,14 @@ pub async fn classify(
     request: ClassificationRequest,
 ) -> Result<ClassificationResponse, SessionError> {
     let keys = &session.keys;
-    require_encoder(keys)?;
-    check_unknown(&request.unknown)
-        .map_err(refused)
-        .map_err(SessionError::Request)?;
-    let (answer_model, forwarded) = model_names(session, request.model.as_ref())?;
-    let max = max_positions(session).await?;
-    let inputs = encrypted_inputs(keys, &request.input, request.truncate_prompt_tokens, max)
-        .map_err(SessionError::Request)?;
+    let (answer_model, forwarded, inputs) = prepare(
+        session,
+        &request.unknown,
+        request.model.as_ref(),
+        &request.input,
+        request.truncate_prompt_tokens,
+    )
+    .await?;
     let n = inputs.len();
     let upstream = ClassificationRequest {
         model: forwarded,
