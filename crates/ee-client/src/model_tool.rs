@@ -264,6 +264,19 @@ pub fn encrypt_model_at(
         false => None,
     };
     let encoder = config.as_ref().filter(|c| is_encoder_config(c));
+    // Checked before anything is written.
+    let encoder_facts = encoder
+        .map(|c| -> Result<EncoderFacts, Error> {
+            let hidden = ["hidden_size", "dim"]
+                .iter()
+                .find_map(|k| c.get(*k).and_then(|v| v.as_u64()))
+                .ok_or_else(|| Error::Model(format!("{}: no hidden_size", model.display())))?;
+            Ok(EncoderFacts {
+                hidden_size: hidden as u32,
+                labels: classifier_labels(c),
+            })
+        })
+        .transpose()?;
     let mut text = text;
     let tier = match encoder {
         Some(_) => Tier::Hidden,
@@ -289,18 +302,6 @@ pub fn encrypt_model_at(
             write_server_artifact(model, server_out, &perm, progress)?
         }
     };
-    let encoder = encoder
-        .map(|c| -> Result<EncoderFacts, Error> {
-            let hidden = ["hidden_size", "dim"]
-                .iter()
-                .find_map(|k| c.get(*k).and_then(|v| v.as_u64()))
-                .ok_or_else(|| Error::Model(format!("{}: no hidden_size", model.display())))?;
-            Ok(EncoderFacts {
-                hidden_size: hidden as u32,
-                labels: classifier_labels(c),
-            })
-        })
-        .transpose()?;
     let manifest = BundleManifest {
         format: BUNDLE_FORMAT.into(),
         model_name: facts.name,
@@ -316,7 +317,7 @@ pub fn encrypt_model_at(
         chat_template: text.chat_template.clone(),
         special_tokens: text.special.clone(),
         tier,
-        encoder,
+        encoder: encoder_facts,
     };
     ClientBundle::write(client_out, &manifest, &key, &text.tokenizer_json)?;
     Ok(EncryptSummary {
