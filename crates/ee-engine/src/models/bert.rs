@@ -282,31 +282,70 @@ pub struct EncoderModel {
     pub(crate) head: Option<ClassifierHead>,
 }
 
+/// Where an encoder family keeps its tensors.
+pub(crate) struct Naming {
+    /// The prefix of a classifier's encoder tensors (`bert.`), absent when
+    /// the bare model was saved alone; the head sits at the root.
+    pub prefix: &'static str,
+    /// Layer `l` is `{prefix}{layers}.{l}`.
+    pub layers: &'static str,
+    pub layer: LayerNames,
+    /// The head's first projection, and what follows it.
+    pub head_dense: &'static str,
+    pub head_activation: HeadActivation,
+}
+
+const BERT: Naming = Naming {
+    prefix: "bert.",
+    layers: "encoder.layer",
+    layer: BERT_LAYER,
+    head_dense: "bert.pooler.dense",
+    head_activation: HeadActivation::Tanh,
+};
+
+impl EncoderModel {
+    /// Loads the encoder `config` describes from `src`, named as `naming`
+    /// says.
+    pub(crate) fn load(
+        config: EncoderConfig,
+        src: &dyn WeightSource,
+        naming: &Naming,
+    ) -> Result<Self, Error> {
+        let p = match src.contains(&format!(
+            "{}embeddings.word_embeddings.weight",
+            naming.prefix
+        )) {
+            true => naming.prefix,
+            false => "",
+        };
+        let d = config.hidden_size;
+        let layers = (0..config.n_layers)
+            .map(|l| {
+                let prefix = format!("{p}{}.{l}", naming.layers);
+                EncoderLayer::load(src, &prefix, &naming.layer, &config)
+            })
+            .collect::<Result<_, _>>()?;
+        let head = match config.num_labels {
+            Some(labels) => Some(ClassifierHead {
+                dense: Dense::load(src, naming.head_dense, d, d)?,
+                activation: naming.head_activation,
+                classifier: Dense::load(src, "classifier", labels, d)?,
+            }),
+            None => None,
+        };
+        Ok(Self {
+            embeddings: Embeddings::load(src, &format!("{p}embeddings"), &config)?,
+            layers,
+            head,
+            config,
+        })
+    }
+}
+
 /// Loads BERT. A classifier's tensors sit under `bert.` (with `classifier`
 /// at the root); a bare `BertModel` saved alone has none.
 pub fn load(config: EncoderConfig, src: &dyn WeightSource) -> Result<EncoderModel, Error> {
-    let p = match src.contains("bert.embeddings.word_embeddings.weight") {
-        true => "bert.",
-        false => "",
-    };
-    let d = config.hidden_size;
-    let layers = (0..config.n_layers)
-        .map(|l| EncoderLayer::load(src, &format!("{p}encoder.layer.{l}"), &BERT_LAYER, &config))
-        .collect::<Result<_, _>>()?;
-    let head = match config.num_labels {
-        Some(labels) => Some(ClassifierHead {
-            dense: Dense::load(src, &format!("{p}pooler.dense"), d, d)?,
-            activation: HeadActivation::Tanh,
-            classifier: Dense::load(src, "classifier", labels, d)?,
-        }),
-        None => None,
-    };
-    Ok(EncoderModel {
-        embeddings: Embeddings::load(src, &format!("{p}embeddings"), &config)?,
-        layers,
-        head,
-        config,
-    })
+    EncoderModel::load(config, src, &BERT)
 }
 
 impl Encoder for EncoderModel {
