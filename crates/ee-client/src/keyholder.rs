@@ -2,12 +2,15 @@
 //! into encrypted token IDs and back. Nothing here talks to the network.
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use ee_core::transform::channels::{label_permutation, residual_permutation};
+use ee_core::wire::token_mask::TokenMask;
 use ee_core::wire::ModelCard;
 use ee_core::{ClientBundle, Permutation};
 
 use crate::model_tool::ModelText;
+use crate::structured::Grammars;
 use crate::template::{ChatFormat, ChatMessage, ChatTemplate};
 use crate::text::TextCodec;
 use crate::Error;
@@ -19,6 +22,8 @@ pub struct KeyHolder {
     template: ChatTemplate,
     /// An encoder's σ (its embeddings' channels) and λ (its classes).
     encoder: Option<(Permutation, Option<Permutation>)>,
+    /// Built on the first structured request: most sessions never need it.
+    grammars: OnceLock<Result<Grammars, String>>,
 }
 
 impl KeyHolder {
@@ -43,6 +48,7 @@ impl KeyHolder {
             codec,
             template,
             encoder,
+            grammars: OnceLock::new(),
         })
     }
 
@@ -117,6 +123,32 @@ impl KeyHolder {
 
     pub fn decrypt(&self, cipher: &[u32]) -> Result<Vec<u32>, Error> {
         Ok(self.perm.decrypt_all(cipher)?)
+    }
+
+    /// The grammar compiler over this model's vocabulary (structured output).
+    ///
+    /// # Errors
+    /// Why it cannot be built (no stop token, a vocabulary llguidance refuses).
+    pub fn grammars(&self) -> Result<&Grammars, &str> {
+        self.grammars
+            .get_or_init(|| {
+                Grammars::new(
+                    &self.codec,
+                    self.bundle.manifest.vocab_size as usize,
+                    self.stop_ids(),
+                )
+                .map_err(|e| e.to_string())
+            })
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// The plaintext set `mask` as the server sees it (encrypted IDs).
+    ///
+    /// # Errors
+    /// The mask covers another vocabulary than the key's.
+    pub fn encrypt_mask(&self, mask: &TokenMask) -> Result<TokenMask, Error> {
+        Ok(mask.permuted(&self.perm)?)
     }
 
     /// Tokens that end an answer (EOS, end of turn), plaintext.

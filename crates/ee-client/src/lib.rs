@@ -6,6 +6,8 @@
 //! ([`model_tool`]), and the model fetch ([`fetch`]). [`session`] talks to a
 //! blind server ([`upstream`]) and turns its encrypted answers back into
 //! text ([`decode`]); [`proxy`] puts an OpenAI-compatible HTTP face on it.
+//! [`structured`] holds the grammars of structured output, which only the
+//! key holder can apply.
 //! The `ee` binary (crate `ee-cli`) is its command line.
 
 pub mod decode;
@@ -14,6 +16,7 @@ pub mod keyholder;
 pub mod model_tool;
 pub mod proxy;
 pub mod session;
+pub mod structured;
 pub mod template;
 pub mod text;
 pub mod upstream;

@@ -8,7 +8,10 @@ use tokio::sync::OnceCell;
 use crate::decode::{ChoiceDecoder, ChoiceDelta};
 use crate::keyholder::KeyHolder;
 use crate::proxy::request::{RequestError, Translated};
-use crate::upstream::{Endpoint, ServerStream, Upstream, UpstreamError};
+use crate::structured::Constraint;
+use crate::upstream::{
+    Endpoint, ServerDelta, ServerStream, Upstream, UpstreamError, UpstreamRequest,
+};
 use crate::Error;
 
 #[derive(Debug, thiserror::Error)]
@@ -146,31 +149,140 @@ impl Session {
             let room = card.context_length.saturating_sub(longest.unwrap_or(0));
             fields.max_tokens = Some(cap.min(room) as i64);
         }
-        let stream = self.upstream.stream(&upstream).await?;
-        // Every answer is checked, not only the first: a server re-deployed
-        // with another key behind the same address would answer garbage.
-        self.check_named_artifact(stream.artifact.as_deref())?;
+        let stream = self.open_stream(&upstream).await?;
         let decoders = (0..request.choices)
             .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
             .collect();
+        let guided = request.constraint.clone().map(|constraint| Guided {
+            constraint,
+            upstream,
+            accepted: Vec::new(),
+            restarted: false,
+        });
         Ok(Generation {
+            session: self,
             request,
             model: request.model.clone().unwrap_or_else(|| card.id.clone()),
             created: ee_api::unix_now(),
             stream: Some(stream),
             decoders,
+            guided,
         })
+    }
+
+    /// Starts a server stream and checks the artifact it names: every
+    /// answer is checked, not only the first, since a server re-deployed
+    /// with another key behind the same address would answer garbage.
+    async fn open_stream(&self, upstream: &UpstreamRequest) -> Result<ServerStream, SessionError> {
+        let stream = self.upstream.stream(upstream).await?;
+        self.check_named_artifact(stream.artifact.as_deref())?;
+        Ok(stream)
     }
 }
 
 /// One request in flight. Dropping it closes the server stream, which
 /// cancels the server's work.
 pub struct Generation<'a> {
+    session: &'a Session,
     pub request: &'a Translated,
     pub model: String,
     pub created: u64,
     stream: Option<ServerStream>,
     pub decoders: Vec<ChoiceDecoder<'a>>,
+    /// Structured output's state (one choice).
+    guided: Option<Guided>,
+}
+
+/// A structured answer, driven by the optimistic protocol of
+/// `docs/protocol.md`: the server samples freely; each token is checked
+/// against the grammar here; at the first token the grammar refuses, the
+/// stream is dropped and a new one starts after the accepted tokens, its
+/// first token drawn from the grammar's set (`first_token_mask`).
+struct Guided {
+    constraint: Constraint,
+    /// The request as first sent (after the session's defaults).
+    upstream: UpstreamRequest,
+    /// Accepted answer tokens, encrypted.
+    accepted: Vec<u32>,
+    /// The current stream starts with a masked token.
+    restarted: bool,
+}
+
+impl Guided {
+    /// Keeps the leading tokens of `delta` that the grammar accepts.
+    /// Returns the delta to decode and whether the stream must restart.
+    fn filter(
+        &mut self,
+        keys: &KeyHolder,
+        mut delta: ServerDelta,
+    ) -> Result<(ServerDelta, bool), SessionError> {
+        let plain = keys
+            .decrypt(&delta.token_ids)
+            .map_err(SessionError::Decode)?;
+        let mut kept = 0;
+        let mut refused = false;
+        for &token in &plain {
+            let ok = self
+                .constraint
+                .accept(token)
+                .map_err(|e| SessionError::Decode(Error::Tokenizer(format!("llguidance: {e}"))))?;
+            if !ok {
+                // The first token of a restarted stream was drawn from the
+                // grammar's own set: a refusal there is the server's fault.
+                if self.restarted && self.accepted.is_empty() {
+                    return Err(UpstreamError::Protocol(
+                        "the server ignored first_token_mask".into(),
+                    )
+                    .into());
+                }
+                refused = true;
+                break;
+            }
+            kept += 1;
+            self.restarted = false;
+            if self.constraint.is_complete() {
+                break;
+            }
+        }
+        self.accepted.extend_from_slice(&delta.token_ids[..kept]);
+        delta.token_ids.truncate(kept);
+        delta.logprobs.truncate(kept);
+        if self.constraint.is_complete() {
+            delta.finish_reason = Some(wire::FinishReason::Stop);
+        } else if refused || kept < plain.len() {
+            delta.finish_reason = None;
+        }
+        Ok((delta, refused))
+    }
+
+    /// The request that goes on after the accepted tokens, or `None` when
+    /// the length cap is reached.
+    fn continuation(&mut self, keys: &KeyHolder) -> Result<Option<UpstreamRequest>, SessionError> {
+        let mut next = self.upstream.clone();
+        let prompt = [next.prompt_ids(), &self.accepted[..]].concat();
+        let fields = next.fields_mut();
+        let cap = fields.max_tokens.or(fields.max_completion_tokens);
+        let left = cap.map(|c| c - self.accepted.len() as i64);
+        if left.is_some_and(|l| l <= 0) {
+            return Ok(None);
+        }
+        fields.max_tokens = left;
+        fields.max_completion_tokens = None;
+        // A seeded answer stays reproducible: each restart position has
+        // its own seed, the same on every stack.
+        fields.seed = fields.seed.map(|s| {
+            s.wrapping_add((self.accepted.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        });
+        let mask = self
+            .constraint
+            .mask()
+            .map_err(|e| SessionError::Decode(Error::Tokenizer(format!("llguidance: {e}"))))?;
+        let mask = keys.encrypt_mask(&mask).map_err(SessionError::Decode)?;
+        fields.first_token_mask = Some(mask.to_base64());
+        next.set_prompt(prompt);
+        self.restarted = true;
+        Ok(Some(next))
+    }
 }
 
 impl Generation<'_> {
@@ -195,6 +307,19 @@ impl Generation<'_> {
             )
             .into());
         };
+        let (deltas, restart) = match self.guided.as_mut() {
+            Some(g) => {
+                let mut kept = Vec::with_capacity(deltas.len());
+                let mut restart = false;
+                for d in deltas {
+                    let (d, refused) = g.filter(&self.session.keys, d)?;
+                    restart |= refused;
+                    kept.push(d);
+                }
+                (kept, restart)
+            }
+            None => (deltas, false),
+        };
         let mut out = Vec::with_capacity(deltas.len());
         for delta in &deltas {
             let decoder = self.decoders.get_mut(delta.index).ok_or_else(|| {
@@ -209,16 +334,47 @@ impl Generation<'_> {
                 out.push((delta.index, piece));
             }
         }
+        if restart && !self.decoders.iter().all(ChoiceDecoder::is_finished) {
+            self.stream = None;
+            self.restart(&mut out).await?;
+        }
         if self.decoders.iter().all(ChoiceDecoder::is_finished) {
             if let Some(mut stream) = self.stream.take() {
                 // Finished by the server: read its [DONE] so the connection
-                // can be reused. Cut by a stop string: drop it, cancelling.
-                if !self.decoders.iter().any(|d| d.stopped_by_string) {
+                // can be reused. Cut by a stop string or a complete grammar:
+                // drop it, cancelling.
+                let cut = self
+                    .guided
+                    .as_ref()
+                    .is_some_and(|g| g.constraint.is_complete());
+                if !cut && !self.decoders.iter().any(|d| d.stopped_by_string) {
                     while let Ok(Some(_)) = stream.next().await {}
                 }
             }
         }
         Ok(Some(out))
+    }
+
+    /// Starts the stream that goes on after a structured answer's accepted
+    /// tokens; at the length cap the choice ends there instead.
+    async fn restart(&mut self, out: &mut Vec<(usize, ChoiceDelta)>) -> Result<(), SessionError> {
+        let Some(guided) = self.guided.as_mut() else {
+            return Ok(());
+        };
+        match guided.continuation(&self.session.keys)? {
+            Some(next) => self.stream = Some(self.session.open_stream(&next).await?),
+            None => {
+                let end = ServerDelta {
+                    index: 0,
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: Some(wire::FinishReason::Length),
+                };
+                let piece = self.decoders[0].push(&end).map_err(SessionError::Decode)?;
+                out.push((0, piece));
+            }
+        }
+        Ok(())
     }
 
     /// Token counts as the user sees them: plaintext prompt tokens, and the

@@ -10,6 +10,9 @@
 
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ee_core::wire::token_mask::TokenMask;
 
 use ee_core::rng::{os_random_bytes, uniform_below};
 use rand_chacha::ChaCha20Rng;
@@ -42,6 +45,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     pub frequency_penalty: f32,
     pub logit_bias: Vec<(u32, f32)>,
+    /// The only tokens the first draw may give (the key holder's structured
+    /// output); `None`: any. Later draws are free.
+    pub first_token_mask: Option<Arc<TokenMask>>,
     /// `None` seeds from the OS.
     pub seed: Option<u64>,
 }
@@ -57,6 +63,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             logit_bias: Vec::new(),
+            first_token_mask: None,
             seed: None,
         }
     }
@@ -97,6 +104,14 @@ impl SamplingParams {
         ] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some(m) = &self.first_token_mask {
+            if m.vocab_size() != vocab_size {
+                return bad(format!(
+                    "first_token_mask covers {} tokens, the vocabulary {vocab_size}",
+                    m.vocab_size()
+                ));
             }
         }
         for &(t, b) in &self.logit_bias {
@@ -216,6 +231,14 @@ impl Sampler {
             for (&t, &n) in &self.generated {
                 if let Some(x) = l.get_mut(t as usize) {
                     *x -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+        // A masked-out token cannot be drawn: no mass, never the maximum.
+        if let (Some(mask), true) = (&p.first_token_mask, self.generated.is_empty()) {
+            for (t, x) in l.iter_mut().enumerate() {
+                if !mask.contains(t as u32) {
+                    *x = f32::NEG_INFINITY;
                 }
             }
         }
@@ -398,6 +421,46 @@ mod tests {
         let t = s.sample(&tie, &[0, 1, 2], None).unwrap().token;
         assert_eq!(t, 2, "tie goes to the larger key");
         assert_eq!(s.sample(&tie, &[0, 2, 1], None).unwrap().token, 1);
+    }
+
+    #[test]
+    fn a_first_token_mask_binds_the_first_draw_only_and_moves_with_the_key() {
+        let n = 300;
+        let perm = Key::from_bytes([5; 32]).vocab_permutation(n as u32);
+        let mut allowed = TokenMask::empty(n);
+        for t in [4, 90, 211] {
+            allowed.insert(t);
+        }
+        let enc_allowed = allowed.permuted(&perm).unwrap();
+        for (seed, temperature) in [(1, 0.0), (2, 0.9), (3, 1.5)] {
+            let params = |mask: &TokenMask| SamplingParams {
+                temperature,
+                seed: Some(seed),
+                first_token_mask: Some(Arc::new(mask.clone())),
+                ..Default::default()
+            };
+            let mut plain = Sampler::new(params(&allowed), &[]).unwrap();
+            let mut enc = Sampler::new(params(&enc_allowed), &[]).unwrap();
+            let plain_keys = keys(n);
+            let enc_keys = perm.scatter(&plain_keys).unwrap();
+            let mut outside = 0;
+            for step in 0..20 {
+                let logits = random_logits(n, seed * 1000 + step);
+                let enc_logits = perm.scatter(&logits).unwrap();
+                let a = plain.sample(&logits, &plain_keys, None).unwrap().token;
+                let b = enc.sample(&enc_logits, &enc_keys, None).unwrap().token;
+                assert_eq!(perm.decrypt(b).unwrap(), a, "seed {seed} step {step}");
+                if step == 0 {
+                    assert!(allowed.contains(a), "the first draw {a} is masked out");
+                } else if !allowed.contains(a) {
+                    outside += 1;
+                }
+            }
+            assert!(
+                outside > 10,
+                "later draws are free: {outside} of 19 outside"
+            );
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! [`ValidRequest`] the scheduler can run as is, or a 400 naming the field.
 
 use ee_api::ApiError;
+use ee_core::wire::token_mask::TokenMask;
 use ee_core::wire::{
     ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent,
     PromptInput,
@@ -176,6 +177,13 @@ fn common(
             "at most 64 stop token IDs",
         ));
     }
+    let first_token_mask = f
+        .first_token_mask
+        .as_deref()
+        .map(|m| TokenMask::from_base64(m, limits.vocab_size))
+        .transpose()
+        .map_err(|e| ApiError::invalid("first_token_mask", e.to_string()))?
+        .map(std::sync::Arc::new);
     if f.stream_options.is_some() && !f.stream {
         return Err(ApiError::invalid(
             "stream_options",
@@ -191,6 +199,7 @@ fn common(
         presence_penalty: in_range("presence_penalty", f.presence_penalty, -2.0, 2.0, 0.0)?,
         frequency_penalty: in_range("frequency_penalty", f.frequency_penalty, -2.0, 2.0, 0.0)?,
         logit_bias,
+        first_token_mask,
         seed: f.seed,
     };
     Ok(ValidRequest {
@@ -473,6 +482,10 @@ mod tests {
             (
                 serde_json::json!({"prompt": [1], "stop_token_ids": [100]}),
                 "stop_token_ids",
+            ),
+            (
+                serde_json::json!({"prompt": [1], "first_token_mask": "AAAA"}),
+                "first_token_mask",
             ),
             (
                 serde_json::json!({"prompt": [1], "logprobs": 6}),

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 
 use ee_core::wire::{
-    self, ChatCompletionRequest, CompletionRequest, ContentPart, GenerationFields, MessageContent,
-    PromptInput,
+    self, ChatCompletionRequest, CompletionRequest, GenerationFields, PromptInput,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::keyholder::KeyHolder;
+use crate::structured::{response_format_grammar, Constraint};
 use crate::template::ChatMessage;
 use crate::upstream::{Endpoint, UpstreamRequest};
 
@@ -77,6 +77,7 @@ const TRANSLATED: &[&str] = &[
     "logit_bias",
     "stream",
     "stream_options",
+    "response_format",
     "ee_trace",
 ];
 const CHAT_ONLY: &[&str] = &["messages", "logprobs", "top_logprobs"];
@@ -113,6 +114,8 @@ pub struct Translated {
     pub trace: bool,
     /// The `model` the client asked for, echoed back.
     pub model: Option<String>,
+    /// The grammar the answer must follow (structured output), fresh.
+    pub constraint: Option<Constraint>,
 }
 
 pub fn translate(
@@ -198,6 +201,7 @@ pub fn translate(
                 .map_err(|e| invalid("stop_token_ids", e.to_string()))?,
         ),
         ignore_eos: typed(body, "ignore_eos", "true or false")?.unwrap_or(false),
+        first_token_mask: None,
         // The proxy always streams from the server, so that a stop string
         // can cancel the rest at once; it counts usage itself.
         stream: true,
@@ -205,21 +209,17 @@ pub fn translate(
         user: typed(body, "user", "a string")?,
     };
     let n = fields.n.unwrap_or(1).max(1) as usize;
+    let constraint = match null_is_absent("response_format") {
+        Some(v) => structured_output(keys, v, prompts.len() * n)?,
+        None => None,
+    };
     let model = typed::<String>(body, "model", "a string")?;
     let (upstream, logprobs) = match endpoint {
         Endpoint::Chat => {
             let logprobs = typed(body, "logprobs", "true or false")?.unwrap_or(false);
-            // One message holds the whole rendered conversation: the server
-            // needs no turn boundaries, so it is not given them.
-            let message = wire::ChatMessage {
-                role: "user".into(),
-                content: MessageContent::Parts(vec![ContentPart::TokenIds {
-                    token_ids: encrypted_prompts[0].clone(),
-                }]),
-            };
             let request = ChatCompletionRequest {
                 model: model.clone(),
-                messages: vec![message],
+                messages: Vec::new(),
                 logprobs,
                 top_logprobs: typed(body, "top_logprobs", "an integer")?,
                 fields,
@@ -229,7 +229,9 @@ pub fn translate(
                 true => LogprobsShape::Chat,
                 false => LogprobsShape::None,
             };
-            (UpstreamRequest::Chat(request), shape)
+            let mut upstream = UpstreamRequest::Chat(request);
+            upstream.set_prompt(encrypted_prompts[0].clone());
+            (upstream, shape)
         }
         Endpoint::Completion => {
             let logprobs = typed(body, "logprobs", "an integer")?;
@@ -279,7 +281,33 @@ pub fn translate(
         logprobs,
         trace: flag(null_is_absent("ee_trace"), "ee_trace")?,
         model,
+        constraint,
     })
+}
+
+/// The constraint `response_format` asks for, if any. It is validated
+/// token by token for one answer at a time, so it takes one choice.
+fn structured_output(
+    keys: &KeyHolder,
+    response_format: &Value,
+    choices: usize,
+) -> Result<Option<Constraint>, RequestError> {
+    let Some(grammar) = response_format_grammar(response_format)? else {
+        return Ok(None);
+    };
+    if choices > 1 {
+        return Err(invalid(
+            "n",
+            "response_format other than text takes one answer per request (n = 1, one prompt)",
+        ));
+    }
+    let grammars = keys.grammars().map_err(|e| {
+        invalid(
+            "response_format",
+            format!("structured output is unavailable for this model: {e}"),
+        )
+    })?;
+    grammars.constraint(grammar, "response_format").map(Some)
 }
 
 /// A field the server validates, type-checked here so that a wrong type is

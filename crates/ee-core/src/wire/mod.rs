@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub mod pooling;
+pub mod token_mask;
 
 /// `prompt` of `/v1/completions`: one token-ID sequence or several (vLLM's
 /// convention). Text is accepted by the parser only so the server can refuse
@@ -46,6 +47,10 @@ pub struct GenerationFields {
     pub logit_bias: Option<BTreeMap<String, f64>>,
     /// Encrypted IDs that end a choice (the client encrypts EOS, `<|im_end|>`).
     pub stop_token_ids: Option<Vec<u32>>,
+    /// The set the first generated token is drawn from, as a
+    /// [`token_mask::TokenMask`] in base64 (encrypted IDs): the key holder's
+    /// structured output (`docs/protocol.md`). Absent: any token.
+    pub first_token_mask: Option<String>,
     /// Generate `max_tokens` regardless of stop tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
@@ -274,7 +279,8 @@ pub fn inert_field(name: &str, value: &serde_json::Value) -> Option<Result<(), S
     Some(match name {
         "response_format" => ok(
             value.is_null() || value.get("type").and_then(Value::as_str) == Some("text"),
-            "only {\"type\": \"text\"} is supported (no JSON mode or schemas yet)",
+            "this server has no vocabulary, so it cannot apply a grammar; \
+             structured output is applied by the ee client proxy (it sends first_token_mask)",
         ),
         "tool_choice" => ok(
             value.is_null() || value.as_str() == Some("none"),
