@@ -149,16 +149,22 @@ impl Session {
             let room = card.context_length.saturating_sub(longest.unwrap_or(0));
             fields.max_tokens = Some(cap.min(room) as i64);
         }
-        let stream = self.open_stream(&upstream).await?;
-        let decoders = (0..request.choices)
-            .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
-            .collect();
-        let guided = request.constraint.clone().map(|constraint| Guided {
+        let mut guided = request.constraint.clone().map(|constraint| Guided {
             constraint,
-            upstream,
+            upstream: upstream.clone(),
             accepted: Vec::new(),
             restarted: false,
         });
+        // A structured answer's first token is drawn from the grammar's set
+        // from the start: most answers would begin off it (prose, not `{`).
+        let first = match guided.as_mut() {
+            Some(g) => g.continuation(&self.keys)?.unwrap_or(upstream),
+            None => upstream,
+        };
+        let stream = self.open_stream(&first).await?;
+        let decoders = (0..request.choices)
+            .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
+            .collect();
         Ok(Generation {
             session: self,
             request,
