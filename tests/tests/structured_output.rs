@@ -1,8 +1,9 @@
-//! Structured output through the whole stack (`response_format`), on the
-//! real model: every answer parses and validates against its schema (checked
-//! by an independent validator, the `jsonschema` crate), the encrypted stack
-//! says exactly what the identity-key stack says, and what llguidance cannot
-//! compile is a 400 naming `response_format`.
+//! Structured output (`response_format`) and tool calls through the whole
+//! stack, on the real model: every answer parses and validates against its
+//! schema (checked by an independent validator, the `jsonschema` crate), the
+//! encrypted stack says exactly what the identity-key stack says, the
+//! official SDK's tool loop works with only `base_url` changed, and what
+//! llguidance cannot compile is a 400 naming the parameter.
 
 use ee_client::model_tool::KeySource;
 use ee_e2e::{encrypt_real_model, RecordingRelay, ServerProcess};
@@ -206,6 +207,47 @@ fn structured_answers_are_the_same_through_the_encrypted_stack() {
             assert!(serde_json::from_str::<Value>(&a).is_ok(), "{a:?}");
         }
     }
+    // A forced tool call, streamed and not.
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
+                       "required": ["city"]}}}]);
+    for extra in [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.8, "seed": 2, "stream": true}),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "Weather in Oslo?"}],
+                              "tools": tools, "tool_choice": "required", "max_tokens": 40});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let a = plain.proxy.post_json("/v1/chat/completions", &body);
+        let b = secret.proxy.post_json("/v1/chat/completions", &body);
+        let calls = |r: &ee_e2e::HttpResponse| -> Vec<Value> {
+            let chunks = match body["stream"] == json!(true) {
+                true => r
+                    .sse_data()
+                    .iter()
+                    .filter(|d| *d != "[DONE]")
+                    .map(|d| serde_json::from_str::<Value>(d).unwrap())
+                    .collect(),
+                false => vec![r.json()],
+            };
+            chunks
+                .iter()
+                .flat_map(|c| c["choices"].as_array().unwrap().clone())
+                .flat_map(|c| {
+                    let calls = c["message"]["tool_calls"]
+                        .as_array()
+                        .or(c["delta"]["tool_calls"].as_array());
+                    calls.cloned().unwrap_or_default()
+                })
+                .map(|c| c["function"].clone())
+                .collect()
+        };
+        let (x, y) = (calls(&a), calls(&b));
+        assert_eq!(x.len(), 1, "{}", a.body);
+        assert_eq!(x, y, "{body}");
+    }
     let body = json!({"prompt": "A JSON list of three primes:", "max_tokens": 40, "temperature": 0,
                       "response_format": {"type": "json_schema", "json_schema": {"name": "p",
                       "schema": {"type": "array", "items": {"type": "integer"}, "maxItems": 3}}}});
@@ -271,4 +313,42 @@ fn what_cannot_be_compiled_is_a_400_naming_response_format() {
     // Still serving.
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
     assert_eq!(s.proxy.post_json("/v1/chat/completions", &body).status, 200);
+}
+
+/// The official SDK: a forced call, its result sent back, the final
+/// answer; the same call streamed; `chat.completions.parse` with a
+/// pydantic model; JSON mode; a streamed schema. No tool name, argument or
+/// schema word crosses the wire.
+#[test]
+fn the_openai_sdk_tool_loop_and_structured_output_work_through_the_proxy() {
+    let s = stack(KeySource::Generate);
+    let r = ee_e2e::run_openai_script("openai_tools.py", &s.proxy.url(), &[]);
+    let call = &r["call"];
+    assert_eq!(call["finish_reason"], "tool_calls", "{r}");
+    assert_eq!(call["name"], "get_weather");
+    assert!(call["arguments"]["city"].is_string(), "{call}");
+    assert_eq!(call["arguments"].as_object().unwrap().len(), 1, "{call}");
+    assert!(call["content"].is_null());
+    assert_eq!(r["final"]["finish_reason"], "stop", "{r}");
+    assert!(!r["final"]["content"].as_str().unwrap().is_empty());
+    assert!(r["final"]["tool_calls"].is_null());
+    assert_eq!(r["streamed"]["finish_reason"], "tool_calls");
+    assert_eq!(
+        r["streamed"]["calls"],
+        json!([{"name": "get_weather", "arguments": call["arguments"]}])
+    );
+    let parsed = &r["parsed"];
+    assert!(
+        parsed["name"].is_string() && parsed["country"].is_string(),
+        "{parsed}"
+    );
+    assert!(parsed["population_millions"]
+        .as_i64()
+        .is_some_and(|p| (0..=100).contains(&p)));
+    assert!(r["json_object"].is_object());
+    assert_eq!(r["streamed_schema"], *parsed, "streamed and not agree");
+    let wire = String::from_utf8_lossy(&s.relay.captured()).into_owned();
+    for word in ["get_weather", "tool_call", "Paris", "population", "sunny"] {
+        assert!(!wire.contains(word), "{word:?} crossed the wire");
+    }
 }

@@ -165,6 +165,20 @@ impl<'a> ChoiceDecoder<'a> {
         self.finish.is_some()
     }
 
+    /// The answer so far with its special tokens' text (`[TOOL_CALLS]`,
+    /// `<|python_tag|>`), less the stop tokens: what tool calls are read
+    /// from.
+    pub fn text_with_specials(&self) -> Result<String, Error> {
+        let stops = self.keys.stop_ids();
+        let plain: Vec<u32> = self
+            .keys
+            .decrypt(&self.encrypted_ids)?
+            .into_iter()
+            .filter(|id| !stops.contains(id))
+            .collect();
+        self.keys.codec().decode_with_specials(&plain)
+    }
+
     /// Applies a server delta. After a stop string matched, the rest of the
     /// server's output for this choice is ignored.
     pub fn push(&mut self, delta: &ServerDelta) -> Result<ChoiceDelta, Error> {

@@ -11,8 +11,9 @@ use ee_core::{ClientBundle, Permutation};
 
 use crate::model_tool::ModelText;
 use crate::structured::Grammars;
-use crate::template::{ChatFormat, ChatMessage, ChatTemplate};
+use crate::template::{ChatFormat, ChatInput, ChatMessage, ChatTemplate};
 use crate::text::TextCodec;
+use crate::tools::ToolFormat;
 use crate::Error;
 
 pub struct KeyHolder {
@@ -24,12 +25,16 @@ pub struct KeyHolder {
     encoder: Option<(Permutation, Option<Permutation>)>,
     /// Built on the first structured request: most sessions never need it.
     grammars: OnceLock<Result<Grammars, String>>,
+    /// The shipped template when it renders tools, with its call format.
+    tool_template: Option<(ChatTemplate, ToolFormat)>,
 }
 
 impl KeyHolder {
     pub fn load(dir: &Path, format: ChatFormat) -> Result<Self, Error> {
         let bundle = ClientBundle::load(dir)?;
-        let (codec, template) = ModelText::from_bundle(&bundle)?.chat(format)?;
+        let text = ModelText::from_bundle(&bundle)?;
+        let (codec, template) = text.chat(format)?;
+        let tool_template = text.tool_template()?;
         let codec = match bundle.manifest.context_length {
             Some(context) => codec.with_token_limit(context as usize),
             None => codec,
@@ -49,6 +54,7 @@ impl KeyHolder {
             template,
             encoder,
             grammars: OnceLock::new(),
+            tool_template,
         })
     }
 
@@ -117,6 +123,50 @@ impl KeyHolder {
             .prompt_ids(&self.codec, messages, add_generation_prompt)
     }
 
+    /// A conversation offered `tools`, rendered and tokenized (plaintext
+    /// IDs), and the format the answer's calls will take: the shipped
+    /// template's own where it renders tools, else the Hermes fallback in a
+    /// system message (merged into the first one where there is one).
+    pub fn chat_prompt_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+    ) -> Result<(Vec<u32>, ToolFormat), Error> {
+        if let Some((template, format)) = &self.tool_template {
+            let mut input = ChatInput::plain(messages, true);
+            input.tools = Some(serde_json::Value::Array(tools.to_vec()));
+            return Ok((template.prompt_ids_for(&self.codec, &input)?, *format));
+        }
+        let offer = crate::tools::fallback_system_text(tools);
+        let mut messages = messages.to_vec();
+        match messages.first_mut() {
+            Some(first) if first.role == "system" => {
+                first.content = format!("{}\n\n{offer}", first.content)
+            }
+            _ => messages.insert(0, ChatMessage::new("system", &offer)),
+        }
+        for m in &mut messages {
+            fallback_tool_turns(m);
+        }
+        Ok((
+            self.template.prompt_ids(&self.codec, &messages, true)?,
+            ToolFormat::Hermes,
+        ))
+    }
+
+    /// The format of the answers this model's calls take when the request
+    /// offers tools ([`chat_prompt_with_tools`](Self::chat_prompt_with_tools)).
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_template
+            .as_ref()
+            .map_or(ToolFormat::Hermes, |(_, f)| *f)
+    }
+
+    /// A special token's ID by its text (`[TOOL_CALLS]`).
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.codec.special_id(text)
+    }
+
     pub fn encrypt(&self, plain: &[u32]) -> Result<Vec<u32>, Error> {
         Ok(self.perm.encrypt_all(plain)?)
     }
@@ -166,4 +216,25 @@ impl KeyHolder {
 
 fn not_an_encoder() -> Error {
     Error::Model("this bundle is a language model's, not an encoder's".into())
+}
+
+/// A tool turn as a template without tools can show it, in the Hermes
+/// format the fallback prompt describes: an assistant's calls become
+/// `<tool_call>` blocks after its text, a tool's result a user turn in
+/// `<tool_response>` tags.
+fn fallback_tool_turns(m: &mut ChatMessage) {
+    for call in std::mem::take(&mut m.tool_calls) {
+        let f = &call["function"];
+        let block = serde_json::json!({"name": f["name"], "arguments": f["arguments"]});
+        if !m.content.is_empty() {
+            m.content.push('\n');
+        }
+        m.content
+            .push_str(&format!("<tool_call>\n{block}\n</tool_call>"));
+    }
+    if m.role == "tool" {
+        m.role = "user".into();
+        m.content = format!("<tool_response>\n{}\n</tool_response>", m.content);
+        m.tool_call_id = None;
+    }
 }

@@ -19,6 +19,7 @@ pub mod session;
 pub mod structured;
 pub mod template;
 pub mod text;
+pub mod tools;
 pub mod upstream;
 
 /// Errors of the client library.

@@ -21,6 +21,7 @@ use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
 use crate::template::{ChatFormat, ChatTemplate};
 use crate::text::TextCodec;
+use crate::tools::ToolFormat;
 use crate::Error;
 
 /// Which key to encrypt with.
@@ -155,6 +156,23 @@ impl ModelText {
             self.special.bos_id,
             self.special.add_bos,
         )
+    }
+
+    /// The shipped template, when it renders `tools`, and the call format
+    /// it asks its model for. `None`: tool requests take the fallback.
+    pub fn tool_template(&self) -> Result<Option<(ChatTemplate, ToolFormat)>, Error> {
+        let Some(source) = self.chat_template.as_deref() else {
+            return Ok(None);
+        };
+        let Some(format) = ToolFormat::of_template(source) else {
+            return Ok(None);
+        };
+        let template = ChatTemplate::new(
+            source,
+            self.special.bos.as_deref(),
+            self.special.eos.as_deref(),
+        )?;
+        Ok(Some((template, format)))
     }
 
     /// The tokenizer and template for chats in `format`

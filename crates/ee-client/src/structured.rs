@@ -246,14 +246,19 @@ pub fn response_format_grammar(v: &Value) -> Result<Option<TopLevelGrammar>, Req
 /// `json.dumps` does (`", "` and `": "`, no other whitespace), unless the
 /// schema sets its own llguidance options (`x-guidance`). A fixed layout
 /// keeps a small model from spending its answer on whitespace.
-fn json_grammar(mut schema: Value) -> TopLevelGrammar {
+fn json_grammar(schema: Value) -> TopLevelGrammar {
+    TopLevelGrammar::from_json_schema(json_layout(schema))
+}
+
+/// `schema` with [`json_grammar`]'s layout set, unless it sets its own.
+pub(crate) fn json_layout(mut schema: Value) -> Value {
     if let Value::Object(o) = &mut schema {
         o.entry("x-guidance").or_insert_with(|| {
             serde_json::json!({"whitespace_flexible": false, "item_separator": ", ",
                                "key_separator": ": "})
         });
     }
-    TopLevelGrammar::from_json_schema(schema)
+    schema
 }
 
 /// `schema` with every object that lists its `properties` and says nothing
@@ -261,7 +266,7 @@ fn json_grammar(mut schema: Value) -> TopLevelGrammar {
 /// strict mode and xgrammar's default do: the answer still validates
 /// against the schema as given, and a model cannot wander into keys nobody
 /// asked for.
-fn closed_objects(mut schema: Value) -> Value {
+pub(crate) fn closed_objects(mut schema: Value) -> Value {
     fn close(v: &mut Value) {
         match v {
             Value::Object(o) => {

@@ -14,13 +14,25 @@ use crate::text::TextCodec;
 mod python;
 use crate::Error;
 
-/// One chat message with plain-text content.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+/// One chat message with plain-text content, and the tool fields of
+/// OpenAI's messages.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Default)]
 pub struct ChatMessage {
-    /// `system`, `user` or `assistant`.
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
     /// The text.
     pub content: String,
+    /// An assistant's calls: `{"id", "type": "function", "function":
+    /// {"name", "arguments"}}`, `arguments` an object, as templates read
+    /// them (OpenAI sends JSON text; vLLM parses it the same way).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<Json>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The author's name (OpenAI's `name`), for templates that show it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -29,11 +41,12 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
 
     fn to_json(&self) -> Json {
-        serde_json::json!({"role": self.role, "content": self.content})
+        serde_json::to_value(self).unwrap_or(Json::Null)
     }
 }
 

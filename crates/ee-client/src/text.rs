@@ -389,6 +389,14 @@ impl TextCodec {
         spelled.unwrap_or_else(|| self.decode(&[id]).unwrap_or_default().into_bytes())
     }
 
+    /// The ID of the special token spelled `text` (`[TOOL_CALLS]`).
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        self.added
+            .iter()
+            .find(|(id, (t, _))| t == text && self.is_special(**id))
+            .map(|(id, _)| *id)
+    }
+
     /// Whether decoding drops this token (a special token).
     pub fn is_special(&self, id: u32) -> bool {
         self.specials.as_ref().is_some_and(|s| s.ids.contains(&id))

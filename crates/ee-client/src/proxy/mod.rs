@@ -25,6 +25,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::session::{Session, SessionError};
+use crate::tools::{self, ToolStream};
 use crate::upstream::{Endpoint, UpstreamError};
 use request::translate;
 use response::AnswerMeta;
@@ -335,7 +336,23 @@ async fn answer(
         let mut generation = session.generate(&request).await?;
         while generation.next().await?.is_some() {}
         let meta = AnswerMeta::of(&generation, answer_id(endpoint));
-        Ok::<_, SessionError>(meta.response(&generation.decoders, &generation.usage()))
+        let tool_answers = match request.tool_calls {
+            Some(format) => generation
+                .decoders
+                .iter()
+                .map(|d| {
+                    let text = d.text_with_specials().map_err(SessionError::Decode)?;
+                    let parsed = tools::parse::parse(format, &text);
+                    Ok((!parsed.calls.is_empty()).then_some(parsed))
+                })
+                .collect::<Result<Vec<_>, SessionError>>()?,
+            None => Vec::new(),
+        };
+        Ok::<_, SessionError>(meta.response(
+            &generation.decoders,
+            &generation.usage(),
+            &tool_answers,
+        ))
     }
     .await;
     match result {
@@ -369,6 +386,12 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                 .await;
         }
         let mut first = vec![true; request.choices];
+        let mut held: Vec<ToolStream> = match request.tool_calls {
+            Some(format) => (0..request.choices)
+                .map(|_| ToolStream::new(format))
+                .collect(),
+            None => Vec::new(),
+        };
         loop {
             let next = tokio::select! {
                 _ = tx.closed() => return,
@@ -382,23 +405,51 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                     break;
                 }
             };
-            for (i, delta) in deltas {
+            for (i, mut delta) in deltas {
+                // Text that may begin a tool call waits until it is decided.
+                let mut calls = Vec::new();
+                if let Some(stream) = held.get_mut(i) {
+                    delta.text = stream.push(&delta.text);
+                    if delta.finish.is_some() {
+                        let full = match generation.decoders[i].text_with_specials() {
+                            Ok(t) => t,
+                            Err(e) => {
+                                let e = ClientError::from(SessionError::Decode(e));
+                                let _ = tx.send(data(json!(e.envelope()))).await;
+                                return;
+                            }
+                        };
+                        let end = stream.finish(&full);
+                        delta.text.push_str(&end.content);
+                        calls = end.calls;
+                    }
+                }
+                if !calls.is_empty() {
+                    delta.finish = None;
+                }
                 let worth_sending = first[i]
                     || !delta.text.is_empty()
                     || delta.finish.is_some()
                     || !delta.logprobs.is_empty()
                     || request.trace;
-                if !worth_sending {
-                    continue;
+                if worth_sending {
+                    if tx
+                        .send(data(meta.chunk(i, &delta, first[i])))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    first[i] = false;
                 }
-                if tx
-                    .send(data(meta.chunk(i, &delta, first[i])))
-                    .await
-                    .is_err()
+                if !calls.is_empty()
+                    && tx
+                        .send(data(meta.tool_calls_chunk(i, &calls)))
+                        .await
+                        .is_err()
                 {
                     return;
                 }
-                first[i] = false;
             }
         }
         if request.include_usage {

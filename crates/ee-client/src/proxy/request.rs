@@ -15,6 +15,7 @@ use serde_json::{Map, Value};
 use crate::keyholder::KeyHolder;
 use crate::structured::{response_format_grammar, Constraint};
 use crate::template::ChatMessage;
+use crate::tools::{forced_grammar, ToolFormat, ToolRequest};
 use crate::upstream::{Endpoint, UpstreamRequest};
 
 /// A 400 about the plaintext request.
@@ -80,7 +81,13 @@ const TRANSLATED: &[&str] = &[
     "response_format",
     "ee_trace",
 ];
-const CHAT_ONLY: &[&str] = &["messages", "logprobs", "top_logprobs"];
+const CHAT_ONLY: &[&str] = &[
+    "messages",
+    "logprobs",
+    "top_logprobs",
+    "tools",
+    "tool_choice",
+];
 const COMPLETION_ONLY: &[&str] = &["prompt", "logprobs"];
 
 /// Most stop strings a request may carry.
@@ -114,8 +121,12 @@ pub struct Translated {
     pub trace: bool,
     /// The `model` the client asked for, echoed back.
     pub model: Option<String>,
-    /// The grammar the answer must follow (structured output), fresh.
+    /// The grammar the answer must follow (structured output, a forced
+    /// tool call), fresh.
     pub constraint: Option<Constraint>,
+    /// The format to read tool calls out of the answer in, when the
+    /// request offered tools and did not say `tool_choice: "none"`.
+    pub tool_calls: Option<ToolFormat>,
 }
 
 pub fn translate(
@@ -147,15 +158,20 @@ pub fn translate(
     }
     let null_is_absent = |k: &str| body.get(k).filter(|v| !v.is_null());
 
-    let prompts: Vec<Vec<u32>> = match endpoint {
+    let tools = ToolRequest::parse(null_is_absent("tools"), null_is_absent("tool_choice"))?;
+    let (prompts, tool_format) = match endpoint {
         Endpoint::Chat => {
             let messages = parse_messages(null_is_absent("messages"))?;
-            let ids = keys
-                .chat_prompt(&messages)
-                .map_err(|e| text_error("messages", e))?;
-            vec![ids]
+            let (ids, format) = match &tools {
+                Some(t) => keys
+                    .chat_prompt_with_tools(&messages, &t.tools)
+                    .map(|(ids, f)| (ids, Some(f))),
+                None => keys.chat_prompt(&messages).map(|ids| (ids, None)),
+            }
+            .map_err(|e| text_error("messages", e))?;
+            (vec![ids], format)
         }
-        Endpoint::Completion => parse_prompt(keys, null_is_absent("prompt"))?,
+        Endpoint::Completion => (parse_prompt(keys, null_is_absent("prompt"))?, None),
     };
     if prompts.iter().any(Vec::is_empty) {
         return Err(invalid(
@@ -209,9 +225,24 @@ pub fn translate(
         user: typed(body, "user", "a string")?,
     };
     let n = fields.n.unwrap_or(1).max(1) as usize;
-    let constraint = match null_is_absent("response_format") {
-        Some(v) => structured_output(keys, v, prompts.len() * n)?,
+    let forced = match (&tools, tool_format) {
+        (Some(t), Some(format)) => forced_grammar(t, format, &|text| keys.special_id(text)),
+        _ => None,
+    };
+    let grammar = match null_is_absent("response_format") {
+        Some(v) => response_format_grammar(v)?,
         None => None,
+    };
+    let constraint = match (grammar, forced) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "response_format",
+                "a response_format cannot be combined with a tool_choice that forces a call",
+            ))
+        }
+        (Some(g), None) => Some(constrain(keys, g, "response_format", prompts.len() * n)?),
+        (None, Some(g)) => Some(constrain(keys, g, "tool_choice", prompts.len() * n)?),
+        (None, None) => None,
     };
     let model = typed::<String>(body, "model", "a string")?;
     let (upstream, logprobs) = match endpoint {
@@ -282,32 +313,33 @@ pub fn translate(
         trace: flag(null_is_absent("ee_trace"), "ee_trace")?,
         model,
         constraint,
+        tool_calls: tools.filter(ToolRequest::parses_calls).and(tool_format),
     })
 }
 
-/// The constraint `response_format` asks for, if any. It is validated
+/// The constraint of `grammar`, which `param` asked for. It is validated
 /// token by token for one answer at a time, so it takes one choice.
-fn structured_output(
+fn constrain(
     keys: &KeyHolder,
-    response_format: &Value,
+    grammar: llguidance::api::TopLevelGrammar,
+    param: &str,
     choices: usize,
-) -> Result<Option<Constraint>, RequestError> {
-    let Some(grammar) = response_format_grammar(response_format)? else {
-        return Ok(None);
-    };
+) -> Result<Constraint, RequestError> {
     if choices > 1 {
         return Err(invalid(
             "n",
-            "response_format other than text takes one answer per request (n = 1, one prompt)",
+            format!(
+                "a constrained answer ({param}) takes one choice per request (n = 1, one prompt)"
+            ),
         ));
     }
     let grammars = keys.grammars().map_err(|e| {
         invalid(
-            "response_format",
-            format!("structured output is unavailable for this model: {e}"),
+            param,
+            format!("constrained decoding is unavailable for this model: {e}"),
         )
     })?;
-    grammars.constraint(grammar, "response_format").map(Some)
+    grammars.constraint(grammar, param)
 }
 
 /// A field the server validates, type-checked here so that a wrong type is
@@ -359,25 +391,28 @@ fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, RequestError> {
     };
     if let Some(k) = m
         .keys()
-        .find(|k| !["role", "content", "name"].contains(&k.as_str()))
+        .find(|k| !["role", "content", "name", "tool_calls", "tool_call_id"].contains(&k.as_str()))
     {
         return Err(invalid(
             &format!("{param}.{k}"),
-            format!("unsupported message field: {k} (tools and function calls are not supported)"),
+            format!("unsupported message field: {k}"),
         ));
     }
     let role = match m.get("role").and_then(Value::as_str) {
-        Some(r @ ("system" | "user" | "assistant")) => r,
+        Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
         // OpenAI's newer name for the system role.
         Some("developer") => "system",
         Some(other) => {
             return Err(invalid(
                 &format!("{param}.role"),
-                format!("unsupported role {other:?}: use system, developer, user or assistant"),
+                format!(
+                    "unsupported role {other:?}: use system, developer, user, assistant or tool"
+                ),
             ))
         }
         None => return Err(invalid(&format!("{param}.role"), "role must be a string")),
     };
+    let has_calls = role == "assistant" && m.get("tool_calls").is_some_and(|c| !c.is_null());
     let content = match m.get("content") {
         Some(Value::String(s)) => s.clone(),
         None | Some(Value::Null) if role == "assistant" => String::new(),
@@ -389,7 +424,102 @@ fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, RequestError> {
             ))
         }
     };
-    Ok(ChatMessage::new(role, &content))
+    let mut message = ChatMessage::new(role, &content);
+    message.name = optional_string(m, &param, "name")?;
+    message.tool_call_id = optional_string(m, &param, "tool_call_id")?;
+    match (role, &message.tool_call_id) {
+        ("tool", None) => {
+            return Err(invalid(
+                &format!("{param}.tool_call_id"),
+                "a tool message needs the tool_call_id it answers",
+            ))
+        }
+        ("tool", Some(_)) | (_, None) => {}
+        (_, Some(_)) => {
+            return Err(invalid(
+                &format!("{param}.tool_call_id"),
+                "only a tool message has a tool_call_id",
+            ))
+        }
+    }
+    if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
+        if !has_calls {
+            return Err(invalid(
+                &format!("{param}.tool_calls"),
+                "only an assistant message has tool_calls",
+            ));
+        }
+        message.tool_calls = tool_calls(&format!("{param}.tool_calls"), calls)?;
+    }
+    Ok(message)
+}
+
+/// A string field of a message, if present.
+fn optional_string(
+    m: &Map<String, Value>,
+    param: &str,
+    key: &str,
+) -> Result<Option<String>, RequestError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(invalid(
+            &format!("{param}.{key}"),
+            format!("{key} must be a string"),
+        )),
+    }
+}
+
+/// An assistant message's `tool_calls`, with each call's `arguments` (JSON
+/// text in OpenAI's API) read into the object templates expect.
+fn tool_calls(param: &str, v: &Value) -> Result<Vec<Value>, RequestError> {
+    let Value::Array(calls) = v else {
+        return Err(invalid(param, "tool_calls must be an array"));
+    };
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let p = format!("{param}[{i}]");
+            let f = c
+                .get("function")
+                .filter(|_| {
+                    c.get("type").and_then(Value::as_str).unwrap_or("function") == "function"
+                })
+                .ok_or_else(|| {
+                    invalid(
+                        &p,
+                        "a tool call is {\"type\": \"function\", \"function\": {...}}",
+                    )
+                })?;
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                invalid(
+                    &format!("{p}.function.name"),
+                    "a call needs a function name",
+                )
+            })?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(s)) => serde_json::from_str::<Map<String, Value>>(s)
+                    .map(Value::Object)
+                    .map_err(|_| {
+                        invalid(
+                            &format!("{p}.function.arguments"),
+                            "arguments must be a JSON object, as text",
+                        )
+                    })?,
+                Some(o @ Value::Object(_)) => o.clone(),
+                _ => {
+                    return Err(invalid(
+                        &format!("{p}.function.arguments"),
+                        "arguments must be a JSON object, as text",
+                    ))
+                }
+            };
+            let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
+            Ok(serde_json::json!({"id": id, "type": "function",
+                                  "function": {"name": name, "arguments": arguments}}))
+        })
+        .collect()
 }
 
 /// Text content parts, joined with newlines as vLLM does.

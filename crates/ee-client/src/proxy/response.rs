@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 use crate::decode::{ChoiceDecoder, ChoiceDelta, PlainLogprob, PlainTopLogprob};
 use crate::proxy::request::LogprobsShape;
 use crate::session::Generation;
+use crate::tools::parse::{ParsedAnswer, ToolCall};
 use crate::upstream::Endpoint;
 
 /// What every response and chunk of one answer shares.
@@ -83,22 +84,46 @@ impl AnswerMeta {
         v
     }
 
-    /// The whole answer of a non-streamed request.
-    pub fn response(&self, decoders: &[ChoiceDecoder<'_>], usage: &Usage) -> Value {
+    /// A streamed choice's tool calls, whole, each under its `index`, and
+    /// the choice's end (`finish_reason: "tool_calls"`).
+    pub fn tool_calls_chunk(&self, index: usize, calls: &[ToolCall]) -> Value {
+        let delta = json!({"tool_calls": calls_json(calls, true)});
+        let choice = json!({"index": index, "delta": delta, "logprobs": null,
+                            "finish_reason": "tool_calls"});
+        self.envelope(self.chunk_object(), vec![choice], None)
+    }
+
+    /// The whole answer of a non-streamed request; `tool_answers` holds the
+    /// choices whose answer parsed as tool calls.
+    pub fn response(
+        &self,
+        decoders: &[ChoiceDecoder<'_>],
+        usage: &Usage,
+        tool_answers: &[Option<ParsedAnswer>],
+    ) -> Value {
         let choices = decoders
             .iter()
             .enumerate()
             .map(|(index, d)| {
                 let finish = d.finish.unwrap_or(FinishReason::Length);
                 let logprobs = self.logprobs_json(&d.logprobs);
-                let mut choice = match self.endpoint {
-                    Endpoint::Chat => json!({
+                let called = tool_answers.get(index).and_then(Option::as_ref);
+                let mut choice = match (self.endpoint, called) {
+                    (Endpoint::Chat, Some(p)) => json!({
+                        "index": index,
+                        "message": {"role": "assistant",
+                                    "content": (!p.content.is_empty()).then_some(&p.content),
+                                    "tool_calls": calls_json(&p.calls, false)},
+                        "logprobs": logprobs,
+                        "finish_reason": "tool_calls",
+                    }),
+                    (Endpoint::Chat, None) => json!({
                         "index": index,
                         "message": {"role": "assistant", "content": d.output},
                         "logprobs": logprobs,
                         "finish_reason": finish,
                     }),
-                    Endpoint::Completion => json!({
+                    (Endpoint::Completion, _) => json!({
                         "index": index, "text": d.output, "logprobs": logprobs, "finish_reason": finish,
                     }),
                 };
@@ -135,6 +160,23 @@ impl AnswerMeta {
             }
         }
     }
+}
+
+/// Calls in OpenAI's shape, each with a fresh ID; a streamed delta also
+/// numbers them (`index`).
+fn calls_json(calls: &[ToolCall], with_index: bool) -> Vec<Value> {
+    calls
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = json!({"id": ee_api::response_id("call"), "type": "function",
+                               "function": {"name": c.name, "arguments": c.arguments}});
+            if with_index {
+                v["index"] = json!(i);
+            }
+            v
+        })
+        .collect()
 }
 
 fn top_json(t: &PlainTopLogprob) -> Value {
