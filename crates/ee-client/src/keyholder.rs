@@ -226,6 +226,7 @@ fn fallback_tool_turns(m: &mut ChatMessage) {
     for call in std::mem::take(&mut m.tool_calls) {
         let f = &call["function"];
         let block = serde_json::json!({"name": f["name"], "arguments": f["arguments"]});
+        let block = crate::template::python::dumps(&block);
         if !m.content.is_empty() {
             m.content.push('\n');
         }

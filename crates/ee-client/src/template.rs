@@ -11,7 +11,7 @@ use serde_json::{Map, Value as Json};
 
 use crate::text::TextCodec;
 
-mod python;
+pub(crate) mod python;
 use crate::Error;
 
 /// One chat message with plain-text content, and the tool fields of

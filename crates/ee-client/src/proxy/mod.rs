@@ -3,6 +3,7 @@
 //! blind server and turns the answers back into text. It also serves the
 //! small web chat page at `/`.
 
+pub mod messages;
 pub mod page;
 pub mod pooling;
 pub mod request;

@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 use crate::keyholder::KeyHolder;
+use crate::proxy::messages::parse_messages;
 use crate::structured::{response_format_grammar, Constraint};
-use crate::template::ChatMessage;
 use crate::tools::{forced_grammar, ToolFormat, ToolRequest};
 use crate::upstream::{Endpoint, UpstreamRequest};
 
@@ -370,179 +370,6 @@ pub(crate) fn flag_or(v: Option<&Value>, param: &str, default: bool) -> Result<b
     }
 }
 
-pub(crate) fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RequestError> {
-    let Some(Value::Array(items)) = v else {
-        return Err(invalid("messages", "messages must be a non-empty array"));
-    };
-    if items.is_empty() {
-        return Err(invalid("messages", "messages must be a non-empty array"));
-    }
-    items
-        .iter()
-        .enumerate()
-        .map(|(i, m)| parse_message(i, m))
-        .collect()
-}
-
-fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, RequestError> {
-    let param = format!("messages[{i}]");
-    let Value::Object(m) = m else {
-        return Err(invalid(&param, "each message must be an object"));
-    };
-    if let Some(k) = m
-        .keys()
-        .find(|k| !["role", "content", "name", "tool_calls", "tool_call_id"].contains(&k.as_str()))
-    {
-        return Err(invalid(
-            &format!("{param}.{k}"),
-            format!("unsupported message field: {k}"),
-        ));
-    }
-    let role = match m.get("role").and_then(Value::as_str) {
-        Some(r @ ("system" | "user" | "assistant" | "tool")) => r,
-        // OpenAI's newer name for the system role.
-        Some("developer") => "system",
-        Some(other) => {
-            return Err(invalid(
-                &format!("{param}.role"),
-                format!(
-                    "unsupported role {other:?}: use system, developer, user, assistant or tool"
-                ),
-            ))
-        }
-        None => return Err(invalid(&format!("{param}.role"), "role must be a string")),
-    };
-    let has_calls = role == "assistant" && m.get("tool_calls").is_some_and(|c| !c.is_null());
-    let content = match m.get("content") {
-        Some(Value::String(s)) => s.clone(),
-        None | Some(Value::Null) if role == "assistant" => String::new(),
-        Some(Value::Array(parts)) => text_parts(&param, parts)?,
-        _ => {
-            return Err(invalid(
-                &format!("{param}.content"),
-                "content must be a string or an array of text parts",
-            ))
-        }
-    };
-    let mut message = ChatMessage::new(role, &content);
-    message.name = optional_string(m, &param, "name")?;
-    message.tool_call_id = optional_string(m, &param, "tool_call_id")?;
-    match (role, &message.tool_call_id) {
-        ("tool", None) => {
-            return Err(invalid(
-                &format!("{param}.tool_call_id"),
-                "a tool message needs the tool_call_id it answers",
-            ))
-        }
-        ("tool", Some(_)) | (_, None) => {}
-        (_, Some(_)) => {
-            return Err(invalid(
-                &format!("{param}.tool_call_id"),
-                "only a tool message has a tool_call_id",
-            ))
-        }
-    }
-    if let Some(calls) = m.get("tool_calls").filter(|c| !c.is_null()) {
-        if !has_calls {
-            return Err(invalid(
-                &format!("{param}.tool_calls"),
-                "only an assistant message has tool_calls",
-            ));
-        }
-        message.tool_calls = tool_calls(&format!("{param}.tool_calls"), calls)?;
-    }
-    Ok(message)
-}
-
-/// A string field of a message, if present.
-fn optional_string(
-    m: &Map<String, Value>,
-    param: &str,
-    key: &str,
-) -> Result<Option<String>, RequestError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(
-            &format!("{param}.{key}"),
-            format!("{key} must be a string"),
-        )),
-    }
-}
-
-/// An assistant message's `tool_calls`, with each call's `arguments` (JSON
-/// text in OpenAI's API) read into the object templates expect.
-fn tool_calls(param: &str, v: &Value) -> Result<Vec<Value>, RequestError> {
-    let Value::Array(calls) = v else {
-        return Err(invalid(param, "tool_calls must be an array"));
-    };
-    calls
-        .iter()
-        .enumerate()
-        .map(|(i, c)| {
-            let p = format!("{param}[{i}]");
-            let f = c
-                .get("function")
-                .filter(|_| {
-                    c.get("type").and_then(Value::as_str).unwrap_or("function") == "function"
-                })
-                .ok_or_else(|| {
-                    invalid(
-                        &p,
-                        "a tool call is {\"type\": \"function\", \"function\": {...}}",
-                    )
-                })?;
-            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
-                invalid(
-                    &format!("{p}.function.name"),
-                    "a call needs a function name",
-                )
-            })?;
-            let arguments = match f.get("arguments") {
-                Some(Value::String(s)) => serde_json::from_str::<Map<String, Value>>(s)
-                    .map(Value::Object)
-                    .map_err(|_| {
-                        invalid(
-                            &format!("{p}.function.arguments"),
-                            "arguments must be a JSON object, as text",
-                        )
-                    })?,
-                Some(o @ Value::Object(_)) => o.clone(),
-                _ => {
-                    return Err(invalid(
-                        &format!("{p}.function.arguments"),
-                        "arguments must be a JSON object, as text",
-                    ))
-                }
-            };
-            let id = c.get("id").and_then(Value::as_str).unwrap_or_default();
-            Ok(serde_json::json!({"id": id, "type": "function",
-                                  "function": {"name": name, "arguments": arguments}}))
-        })
-        .collect()
-}
-
-/// Text content parts, joined with newlines as vLLM does.
-fn text_parts(param: &str, parts: &[Value]) -> Result<String, RequestError> {
-    let texts = parts
-        .iter()
-        .map(
-            |p| match (p.get("type").and_then(Value::as_str), p.get("text")) {
-                (Some("text"), Some(Value::String(t))) => Ok(t.as_str()),
-                (Some(kind), _) if kind != "text" => Err(invalid(
-                    &format!("{param}.content"),
-                    format!("content parts of type {kind:?} are not supported; only text"),
-                )),
-                _ => Err(invalid(
-                    &format!("{param}.content"),
-                    "a text part needs {\"type\":\"text\",\"text\":\"...\"}",
-                )),
-            },
-        )
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(texts.join("\n"))
-}
-
 /// A completion prompt: text, several texts, or plaintext token IDs (one
 /// list or several), as OpenAI accepts.
 fn parse_prompt(keys: &KeyHolder, v: Option<&Value>) -> Result<Vec<Vec<u32>>, RequestError> {
@@ -779,6 +606,55 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_tool_conversation_renders_calls_and_results_for_a_template_without_tools() {
+        let (_dir, keys) = tiny_keys();
+        let t = translate(
+            &keys,
+            Endpoint::Chat,
+            &body(json!({"messages": [
+                {"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Oslo\"}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}],
+                "tools": [{"type": "function", "function": {"name": "get_weather"}}]})),
+        )
+        .unwrap();
+        assert_eq!(t.tool_calls, Some(ToolFormat::Hermes));
+        assert!(t.constraint.is_none(), "auto forces nothing");
+        let plain = keys.decrypt(&t.encrypted_prompts[0]).unwrap();
+        let text = keys.codec().decode_with_specials(&plain).unwrap();
+        for part in [
+            "<tools>",
+            "\"get_weather\"",
+            "<tool_call>\n{\"name\": \"get_weather\"",
+            "\"city\": \"Oslo\"",
+            "<tool_response>\nsunny\n</tool_response>",
+        ] {
+            assert!(text.contains(part), "{part:?} missing from {text:?}");
+        }
+        let forced = translate(
+            &keys,
+            Endpoint::Chat,
+            &body(
+                json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required",
+                "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            ),
+        )
+        .unwrap();
+        assert!(forced.constraint.is_some());
+        let none = translate(
+            &keys,
+            Endpoint::Chat,
+            &body(
+                json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "none",
+                "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            ),
+        )
+        .unwrap();
+        assert_eq!(none.tool_calls, None, "none: calls are not parsed");
+    }
+
+    #[test]
     fn bad_requests_name_their_parameter() {
         let (_dir, keys) = tiny_keys();
         let vocab = keys.vocab_size();
@@ -825,8 +701,33 @@ pub(crate) mod tests {
             ),
             (
                 Endpoint::Chat,
-                json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}),
-                "response_format",
+                json!({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+                "response_format.type",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "tool", "content": "x"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}),
+                "messages[0].tool_call_id",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}),
+                "messages[0].tool_calls",
+            ),
+            (
+                Endpoint::Chat,
+                json!({"messages": [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+                "messages[0].tool_calls[0].function.arguments",
+            ),
+            (
+                Endpoint::Completion,
+                json!({"prompt": "x", "tools": [{"type": "function", "function": {"name": "f"}}]}),
+                "tools",
             ),
             (
                 Endpoint::Chat,

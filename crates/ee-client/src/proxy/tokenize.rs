@@ -15,7 +15,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::request::{flag_or, invalid, parse_messages, text_error, RequestError};
+use super::messages::parse_messages;
+use super::request::{flag_or, invalid, text_error, RequestError};
 use crate::keyholder::KeyHolder;
 
 const TOKENIZE_FIELDS: &[&str] = &[

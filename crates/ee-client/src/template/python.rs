@@ -137,6 +137,21 @@ pub fn tojson(value: Value, kwargs: Kwargs) -> Result<String, Error> {
     Ok(out)
 }
 
+/// `json.dumps(value)` with Python's defaults (`", "`, `": "`), for text
+/// the client writes into prompts itself.
+pub fn dumps(value: &Json) -> String {
+    let style = Style {
+        indent: None,
+        item: ", ".into(),
+        key: ": ".into(),
+        sort_keys: false,
+        ensure_ascii: false,
+    };
+    let mut out = String::new();
+    style.write(value, 0, &mut out);
+    out
+}
+
 struct Style {
     indent: Option<usize>,
     item: String,

@@ -82,8 +82,8 @@ impl ToolRequest {
     ) -> Result<Option<Self>, RequestError> {
         let tools = match tools {
             None | Some(Value::Null) => Vec::new(),
-            Some(Value::Array(a)) => a.clone(),
-            Some(_) => return Err(invalid("tools", "tools must be an array")),
+            Some(Value::Array(a)) if !a.is_empty() => a.clone(),
+            Some(_) => return Err(invalid("tools", "tools must be a non-empty array")),
         };
         let mut names = Vec::new();
         for (i, t) in tools.iter().enumerate() {
@@ -96,6 +96,7 @@ impl ToolRequest {
         {
             return Err(invalid("tools", format!("two tools are named {dup:?}")));
         }
+        let explicit = choice.is_some_and(|c| !c.is_null());
         let choice = match choice {
             None | Some(Value::Null) => ToolChoice::Auto,
             Some(Value::String(s)) => match s.as_str() {
@@ -131,8 +132,8 @@ impl ToolRequest {
             }
         };
         if tools.is_empty() {
-            return match choice {
-                ToolChoice::None | ToolChoice::Auto => Ok(None),
+            return match (explicit, choice) {
+                (false, _) | (true, ToolChoice::None) => Ok(None),
                 _ => Err(invalid("tool_choice", "tool_choice needs tools")),
             };
         }
@@ -198,7 +199,7 @@ pub fn fallback_system_text(tools: &[Value]) -> String {
     );
     for t in tools {
         text.push('\n');
-        text.push_str(&t.to_string());
+        text.push_str(&crate::template::python::dumps(t));
     }
     text.push_str(
         "\n</tools>\n\nTo call a function, answer with a JSON object holding its name and \
@@ -372,6 +373,7 @@ mod tests {
         );
         for (tools, choice, param) in [
             (json!({}), json!(null), "tools"),
+            (json!([]), json!(null), "tools"),
             (json!([{"type": "code"}]), json!(null), "tools[0].type"),
             (
                 json!([{"type": "function", "function": {}}]),
