@@ -149,6 +149,11 @@ impl Session {
             let room = card.context_length.saturating_sub(longest.unwrap_or(0));
             fields.max_tokens = Some(cap.min(room) as i64);
         }
+        // A structured answer restarts after the tokens it accepted: the
+        // server keeps each prompt, so a restart prefills only those.
+        if request.constraint.is_some() {
+            upstream.fields_mut().cache_prompt = true;
+        }
         let mut guided = request.constraint.clone().map(|constraint| Guided {
             constraint,
             upstream: upstream.clone(),

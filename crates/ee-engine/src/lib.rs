@@ -30,6 +30,7 @@ pub mod linear;
 pub mod loader;
 pub mod model;
 pub mod models;
+pub mod prefix_cache;
 pub mod quant;
 pub mod sampler;
 pub mod scheduler;

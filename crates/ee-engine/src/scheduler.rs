@@ -19,6 +19,7 @@ use tokio::sync::mpsc as tokio_mpsc;
 use crate::generate::{finish_reason, FinishReason};
 use crate::kv_cache::KvCache;
 use crate::model::{compute_pool, CausalLm, SeqStep};
+use crate::prefix_cache::PrefixCache;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
 
@@ -30,6 +31,9 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Tokens one step may process, decode and prefill together.
     pub step_token_budget: usize,
+    /// Most prompt tokens whose caches are kept for requests that extend
+    /// them ([`crate::prefix_cache`]); 0 keeps none.
+    pub prompt_cache_tokens: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -38,6 +42,7 @@ impl Default for SchedulerConfig {
             max_batch: 16,
             max_queue: 256,
             step_token_budget: 512,
+            prompt_cache_tokens: 16384,
         }
     }
 }
@@ -51,6 +56,9 @@ pub struct SequenceRequest {
     pub stop_token_ids: Vec<u32>,
     /// Alternatives per token to report; `None` reports no logprobs.
     pub top_logprobs: Option<usize>,
+    /// Start from a kept prompt this one extends, and keep this prompt's
+    /// cache after its prefill (llama.cpp server's `cache_prompt`).
+    pub cache_prompt: bool,
 }
 
 /// What the engine tells the submitter, in order.
@@ -78,6 +86,8 @@ pub enum SubmitError {
 pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
+    /// Prompt tokens taken from kept prompt caches instead of prefilled.
+    pub cached_prompt_tokens: AtomicUsize,
 }
 
 struct Submission {
@@ -163,11 +173,13 @@ struct EngineLoop {
     stats: Arc<SchedulerStats>,
     waiting: VecDeque<Submission>,
     running: Vec<Running>,
+    prompts: PrefixCache,
 }
 
 impl EngineLoop {
     fn new(model: Arc<dyn CausalLm>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
         Self {
+            prompts: PrefixCache::new(config.prompt_cache_tokens),
             model,
             config,
             stats,
@@ -230,13 +242,20 @@ impl EngineLoop {
                 .and_then(|s| check_request(self.model.as_ref(), &request).map(|()| s));
             match checked {
                 Ok(sampler) => {
-                    let cache = self.model.new_cache();
+                    let kept = match request.cache_prompt {
+                        true => self.prompts.take_longest(&request.prompt),
+                        false => None,
+                    };
+                    let (fed, cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
+                    self.stats
+                        .cached_prompt_tokens
+                        .fetch_add(fed, Ordering::Relaxed);
                     self.running.push(Running {
                         request,
                         events,
                         cache,
                         sampler,
-                        fed: 0,
+                        fed,
                         last: None,
                         generated: 0,
                     });
@@ -294,6 +313,11 @@ impl EngineLoop {
             };
             if seq.last.is_none() {
                 seq.fed += tokens.len();
+                // Kept as the prefill left it, before any decode step.
+                if seq.fed == seq.request.prompt.len() && seq.request.cache_prompt {
+                    self.prompts
+                        .insert(seq.request.prompt.clone(), seq.cache.clone());
+                }
             }
             if *samples {
                 to_sample.push((i, seq, row.as_slice()));
@@ -384,6 +408,7 @@ mod tests {
             max_tokens,
             stop_token_ids: vec![],
             top_logprobs: None,
+            cache_prompt: false,
         }
     }
 
@@ -399,6 +424,43 @@ mod tests {
             }
         }
         (tokens, None)
+    }
+
+    /// A prompt continued from a kept one draws the same tokens with the
+    /// same log-probabilities, bit for bit, as the prompt prefilled whole.
+    #[test]
+    fn a_prompt_continued_from_a_kept_prompt_equals_it_prefilled_whole() {
+        let (_dir, model) = tiny();
+        let sched = Scheduler::start(model, SchedulerConfig::default());
+        let first: Vec<u32> = (0..30).map(|j| (j * 13 % 240 + 3) as u32).collect();
+        let longer: Vec<u32> = first.iter().copied().chain([9, 8, 7]).collect();
+        let run = |prompt: &Vec<u32>, cache_prompt: bool| {
+            let mut rx = sched
+                .submit(SequenceRequest {
+                    cache_prompt,
+                    top_logprobs: Some(3),
+                    ..request(prompt.clone(), 6)
+                })
+                .unwrap();
+            let mut drawn = Vec::new();
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    SequenceEvent::Token(s) => drawn.push(format!("{:?}", s)),
+                    SequenceEvent::Finished { .. } => break,
+                    SequenceEvent::Failed(e) => panic!("{e}"),
+                }
+            }
+            drawn
+        };
+        let whole = run(&longer, false);
+        run(&first, true);
+        assert_eq!(sched.stats().cached_prompt_tokens.load(Ordering::SeqCst), 0);
+        let continued = run(&longer, true);
+        assert_eq!(
+            sched.stats().cached_prompt_tokens.load(Ordering::SeqCst),
+            30
+        );
+        assert_eq!(whole, continued);
     }
 
     #[test]
@@ -457,6 +519,7 @@ mod tests {
                     max_batch,
                     max_queue: 16,
                     step_token_budget,
+                    ..SchedulerConfig::default()
                 },
             );
             let receivers: Vec<_> = prompts
@@ -524,6 +587,7 @@ mod tests {
                 max_batch: 1,
                 max_queue: 2,
                 step_token_budget: 64,
+                ..SchedulerConfig::default()
             },
         );
         let mut held = Vec::new();

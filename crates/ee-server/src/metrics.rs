@@ -85,7 +85,9 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self, waiting: usize, running: usize) -> String {
+    /// The Prometheus text; `cached` counts prompt tokens taken from kept
+    /// prompt caches (the scheduler's count).
+    pub fn render(&self, waiting: usize, running: usize, cached: usize) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP ee_requests_total HTTP requests by status code.\n# TYPE ee_requests_total counter");
         if let Ok(m) = self.requests.lock() {
@@ -111,6 +113,12 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             );
         }
+        let name = "ee_prompt_tokens_cached_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Prompt tokens taken from kept prompt caches, not prefilled.\n\
+             # TYPE {name} counter\n{name} {cached}"
+        );
         for (name, help, v) in [
             (
                 "ee_queue_depth",
@@ -150,10 +158,11 @@ mod tests {
         m.record_status(200);
         m.record_status(400);
         m.time_to_first_token.observe(Duration::from_millis(30));
-        let text = m.render(2, 3);
+        let text = m.render(2, 3, 7);
         assert!(text.contains("ee_requests_total{status=\"200\"} 2"));
         assert!(text.contains("ee_queue_depth 2"));
         assert!(text.contains("ee_running_sequences 3"));
+        assert!(text.contains("ee_prompt_tokens_cached_total 7"));
         assert!(text.contains("ee_time_to_first_token_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("ee_time_to_first_token_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("ee_time_to_first_token_seconds_count 1"));

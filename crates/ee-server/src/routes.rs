@@ -62,7 +62,7 @@ fn not_served(loaded: &LoadedModel, requested: &str) -> ApiError {
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let (waiting, running) = match state.model.get() {
+    let (waiting, running, cached) = match state.model.get() {
         Some(m) => {
             let s = match &m.engine {
                 crate::Engine::Causal { scheduler, .. } => scheduler.stats(),
@@ -71,13 +71,15 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
             (
                 s.waiting.load(std::sync::atomic::Ordering::Relaxed),
                 s.running.load(std::sync::atomic::Ordering::Relaxed),
+                s.cached_prompt_tokens
+                    .load(std::sync::atomic::Ordering::Relaxed),
             )
         }
-        None => (0, 0),
+        None => (0, 0, 0),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(waiting, running),
+        state.metrics.render(waiting, running, cached),
     )
         .into_response()
 }
@@ -376,6 +378,7 @@ fn submit(loaded: &LoadedModel, v: &ValidRequest) -> Result<Events, ApiError> {
                 max_tokens: v.max_tokens[p],
                 stop_token_ids: v.stop_token_ids.clone(),
                 top_logprobs: v.top_logprobs,
+                cache_prompt: v.cache_prompt,
             };
             let (scheduler, _) = loaded.causal()?;
             let rx = scheduler.submit(request).map_err(|e| match e {

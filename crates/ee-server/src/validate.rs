@@ -32,6 +32,7 @@ pub struct ValidRequest {
     pub top_logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    pub cache_prompt: bool,
 }
 
 const TEXT_REFUSED: &str = "this server only accepts encrypted token IDs; it has no tokenizer. \
@@ -215,6 +216,7 @@ fn common(
         top_logprobs,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        cache_prompt: f.cache_prompt,
     })
 }
 

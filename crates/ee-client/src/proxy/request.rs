@@ -218,6 +218,7 @@ pub fn translate(
         ),
         ignore_eos: typed(body, "ignore_eos", "true or false")?.unwrap_or(false),
         first_token_mask: None,
+        cache_prompt: false,
         // The proxy always streams from the server, so that a stop string
         // can cancel the rest at once; it counts usage itself.
         stream: true,

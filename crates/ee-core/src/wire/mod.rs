@@ -51,6 +51,11 @@ pub struct GenerationFields {
     /// [`token_mask::TokenMask`] in base64 (encrypted IDs): the key holder's
     /// structured output (`docs/protocol.md`). Absent: any token.
     pub first_token_mask: Option<String>,
+    /// Start from a prompt the server kept that this one extends, and keep
+    /// this one's cache after its prefill (llama.cpp server's name; its
+    /// prefill bits are the same either way). Off unless asked.
+    #[serde(default)]
+    pub cache_prompt: bool,
     /// Generate `max_tokens` regardless of stop tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,

@@ -1,0 +1,116 @@
+//! Prompt caching across requests (llama.cpp server's `cache_prompt`,
+//! vLLM's prefix caching, in its simplest form): the key/value cache of a
+//! prompt, kept after its prefill, so that a later prompt that extends it
+//! prefills only the new tokens.
+//!
+//! Only prompts that ask (`cache_prompt`) are kept, and only as their
+//! prefill left them: a prefill's rows do not depend on how the prompt was
+//! chunked, so a prompt continued from a kept prefix gets the same bits as
+//! one prefilled whole (tested in `tests/exactness.rs`). Decoded tokens are
+//! never kept, since on candle's f32 matmul a one-row step rounds
+//! differently. The client's structured output restarts its stream after
+//! the tokens it accepted; with this, a restart costs those tokens, not the
+//! whole prompt again.
+//!
+//! Entries are keyed by (encrypted) token IDs and bounded by a total token
+//! count, oldest evicted first.
+
+use std::collections::VecDeque;
+
+use crate::kv_cache::KvCache;
+
+/// Kept prompt caches.
+pub struct PrefixCache {
+    entries: VecDeque<(Vec<u32>, KvCache)>,
+    /// Most tokens kept across entries; 0 disables.
+    capacity: usize,
+    stored: usize,
+}
+
+/// Fewest new tokens a continued prompt feeds: a prefill chunk of one row
+/// would round as a decode step does.
+const MIN_FED: usize = 2;
+
+impl PrefixCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: VecDeque::new(),
+            capacity,
+            stored: 0,
+        }
+    }
+
+    /// Takes the longest kept prompt that `prompt` extends by at least two
+    /// tokens: its length and cache.
+    pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, (tokens, _))| {
+                tokens.len() + MIN_FED <= prompt.len() && prompt.starts_with(tokens)
+            })
+            .max_by_key(|(_, (tokens, _))| tokens.len())
+            .map(|(i, _)| i)?;
+        let (tokens, cache) = self.entries.remove(best)?;
+        self.stored -= tokens.len();
+        Some((tokens.len(), cache))
+    }
+
+    /// Keeps `cache`, which holds exactly `tokens`, evicting the oldest
+    /// entries past the capacity. A prompt longer than the capacity is not
+    /// kept.
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
+        if tokens.len() > self.capacity || tokens.len() < MIN_FED {
+            return;
+        }
+        self.entries.retain(|(t, _)| *t != tokens);
+        self.stored = self.entries.iter().map(|(t, _)| t.len()).sum();
+        while self.stored + tokens.len() > self.capacity {
+            match self.entries.pop_front() {
+                Some((t, _)) => self.stored -= t.len(),
+                None => break,
+            }
+        }
+        self.stored += tokens.len();
+        self.entries.push_back((tokens, cache));
+    }
+
+    /// Tokens kept now (for metrics).
+    pub fn stored_tokens(&self) -> usize {
+        self.stored
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> KvCache {
+        KvCache::new(1, 64)
+    }
+
+    #[test]
+    fn the_longest_extended_prefix_is_taken_and_the_oldest_evicted() {
+        let mut c = PrefixCache::new(10);
+        c.insert(vec![1, 2, 3], cache());
+        c.insert(vec![1, 2, 3, 4, 5], cache());
+        assert_eq!(c.stored_tokens(), 8);
+        // Extends both; the longer wins and leaves the cache.
+        assert_eq!(
+            c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n),
+            Some(5)
+        );
+        assert_eq!(c.stored_tokens(), 3);
+        // One new token is too few; a prompt that diverges matches nothing.
+        assert!(c.take_longest(&[1, 2, 3, 4]).is_none());
+        assert!(c.take_longest(&[1, 9, 3, 4, 5]).is_none());
+        // Past the capacity, the oldest goes.
+        c.insert(vec![7; 8], cache());
+        assert_eq!(c.stored_tokens(), 8);
+        assert!(c.take_longest(&[1, 2, 3, 4, 5]).is_none());
+        // Too long to keep at all.
+        c.insert(vec![5; 11], cache());
+        assert_eq!(c.stored_tokens(), 8);
+    }
+}
