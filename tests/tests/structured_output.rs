@@ -182,6 +182,37 @@ fn every_answer_parses_and_validates_against_its_schema() {
     for word in ["json_schema", "airport", "properties", "maxLength"] {
         assert!(!wire.contains(word), "{word:?} crossed the wire");
     }
+    // What the masks show the server (SECURITY.md): how many there were,
+    // how large, and how many encrypted IDs a one-token mask pinned down.
+    let masks = allowed_sets(&wire);
+    let singletons: std::collections::BTreeSet<u32> =
+        masks.iter().filter(|m| m.len() == 1).map(|m| m[0]).collect();
+    let small = masks.iter().filter(|m| m.len() <= 16).count();
+    println!(
+        "masks: {} over 21 answers; {small} of at most 16 tokens; {} distinct IDs pinned alone",
+        masks.len(),
+        singletons.len()
+    );
+    assert!(masks.len() >= 21, "one mask per answer at least");
+    assert!(singletons.len() < 200, "{singletons:?}");
+}
+
+/// The allowed IDs of every `first_token_mask` in a capture.
+fn allowed_sets(wire: &str) -> Vec<Vec<u32>> {
+    use base64::Engine as _;
+    let key = "\"first_token_mask\":\"";
+    wire.match_indices(key)
+        .map(|(at, _)| {
+            let rest = &wire[at + key.len()..];
+            let b64 = &rest[..rest.find('"').expect("end of the mask")];
+            let bits = base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .expect("base64");
+            (0..bits.len() as u32 * 8)
+                .filter(|i| bits[*i as usize / 8] & (1 << (i % 8)) != 0)
+                .collect()
+        })
+        .collect()
 }
 
 /// The encrypted stack and the identity-key stack give the same structured
