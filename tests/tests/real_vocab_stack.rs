@@ -78,6 +78,81 @@ fn sdk_answer(stack: &Stack, question: &str) -> String {
     serde_json::from_slice(&out).unwrap()
 }
 
+/// Structured output and a forced tool call over this vocabulary and in
+/// this template's own call format (Mistral's `[TOOL_CALLS]`, Llama 3's
+/// JSON): the answer parses (a random model follows the grammar because it
+/// must), and the encrypted stack gives the identity-key stack's answer,
+/// greedy and seeded.
+fn constrained_answers_agree(plain: &Stack, secret: &Stack, vocab: &str) {
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"]});
+    let tools = json!([{"type": "function", "function": {"name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}},
+                       "required": ["city"]}}}]);
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.9, "seed": 4}),
+    ] {
+        let mut body = json!({"messages": [{"role": "user", "content": "Name and number?"}],
+            "max_tokens": 120,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}});
+        let mut call = json!({"messages": [{"role": "user", "content": "Weather in Oslo?"}],
+            "max_tokens": 120, "tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}});
+        for (k, v) in sampling.as_object().unwrap() {
+            body[k] = v.clone();
+            call[k] = v.clone();
+        }
+        let text = answer(secret, &body);
+        assert_eq!(text, answer(plain, &body), "{vocab} {sampling}");
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{vocab}: {e}: {text:?}"));
+        assert!(v["name"].is_string() && v["n"].is_u64(), "{vocab}: {v}");
+        let called = |s: &Stack| {
+            let r = s.proxy.post_json("/v1/chat/completions", &call);
+            assert_eq!(r.status, 200, "{vocab}: {}", r.body);
+            let v = r.json();
+            assert_eq!(
+                v["choices"][0]["finish_reason"], "tool_calls",
+                "{vocab}: {v}"
+            );
+            v["choices"][0]["message"]["tool_calls"][0]["function"].clone()
+        };
+        let f = called(secret);
+        assert_eq!(f, called(plain), "{vocab} {sampling}");
+        // Streamed: the call arrives whole under index 0, and none of it as
+        // content (Mistral's marker is a special token the text drops).
+        let mut streamed = call.clone();
+        streamed["stream"] = json!(true);
+        let r = secret.proxy.post_json("/v1/chat/completions", &streamed);
+        let (mut content, mut calls, mut finish) = (String::new(), Vec::new(), Value::Null);
+        for data in r.sse_data().iter().filter(|d| *d != "[DONE]") {
+            let chunk: Value = serde_json::from_str(data).unwrap();
+            for c in chunk["choices"].as_array().unwrap() {
+                content.push_str(c["delta"]["content"].as_str().unwrap_or(""));
+                calls.extend(
+                    c["delta"]["tool_calls"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default(),
+                );
+                if !c["finish_reason"].is_null() {
+                    finish = c["finish_reason"].clone();
+                }
+            }
+        }
+        assert_eq!(content, "", "{vocab}: the call leaked into content");
+        assert_eq!(finish, "tool_calls", "{vocab}");
+        assert_eq!(calls.len(), 1, "{vocab}: {calls:?}");
+        assert_eq!(calls[0]["index"], 0);
+        assert_eq!(calls[0]["function"], f, "{vocab}: streamed and not agree");
+        assert_eq!(f["name"], "get_weather", "{vocab}: {f}");
+        let args: Value = serde_json::from_str(f["arguments"].as_str().unwrap()).unwrap();
+        assert!(args["city"].is_string(), "{vocab}: {args}");
+    }
+}
+
 /// Through the proxy's `/tokenize`: a message spelling the control token
 /// `marker` holds no more of it than one without.
 fn message_text_is_not_control_tokens(stack: &Stack, marker: &str) {
@@ -172,6 +247,7 @@ fn encrypted_stack_says_what_the_plain_one_says(vocab: &str, template: &str, mar
         sdk_answer(&plain, question),
         "{vocab}"
     );
+    constrained_answers_agree(&plain, &secret, vocab);
     message_text_is_not_control_tokens(&secret, marker);
     if template.starts_with("mistralai") {
         refused_conversations_are_the_clients_400(&secret);

@@ -163,6 +163,28 @@ fn every_answer_parses_and_validates_against_its_schema() {
         assert_eq!(v["choices"][0]["finish_reason"], "stop", "{text}");
         assert!(v["usage"]["completion_tokens"].as_u64().unwrap() > 0);
     }
+    // Log-probabilities beside a mask: only allowed tokens are alternatives.
+    let (question, schema) = &schemas[1];
+    let body = schema_request(
+        question,
+        schema,
+        json!({"logprobs": true, "top_logprobs": 5}),
+    );
+    let r = s.proxy.post_json("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let lp = r.json()["choices"][0]["logprobs"]["content"].clone();
+    let tops: Vec<&Value> = lp
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|t| t["top_logprobs"].as_array().unwrap())
+        .collect();
+    assert!(!tops.is_empty());
+    assert!(
+        tops.iter()
+            .all(|t| t["logprob"].as_f64().is_some_and(f64::is_finite)),
+        "{lp}"
+    );
     // JSON mode: any object.
     let body = json!({"messages": [{"role": "user", "content": "Give a dog's name and age as a JSON object."}],
                       "max_tokens": 160, "temperature": 0,
@@ -185,8 +207,11 @@ fn every_answer_parses_and_validates_against_its_schema() {
     // What the masks show the server (SECURITY.md): how many there were,
     // how large, and how many encrypted IDs a one-token mask pinned down.
     let masks = allowed_sets(&wire);
-    let singletons: std::collections::BTreeSet<u32> =
-        masks.iter().filter(|m| m.len() == 1).map(|m| m[0]).collect();
+    let singletons: std::collections::BTreeSet<u32> = masks
+        .iter()
+        .filter(|m| m.len() == 1)
+        .map(|m| m[0])
+        .collect();
     let small = masks.iter().filter(|m| m.len() <= 16).count();
     println!(
         "masks: {} over 21 answers; {small} of at most 16 tokens; {} distinct IDs pinned alone",

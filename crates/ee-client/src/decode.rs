@@ -47,17 +47,25 @@ impl StopMatcher {
 
     /// Where the longest tail that begins some stop string starts.
     fn held_back_from(&self) -> usize {
-        let p = &self.pending;
-        (0..p.len())
-            .filter(|&i| p.is_char_boundary(i))
-            .find(|&i| self.stops.iter().any(|s| s.starts_with(&p[i..])))
-            .unwrap_or(p.len())
+        tail_start(&self.pending, |tail| {
+            self.stops.iter().any(|s| s.starts_with(tail))
+        })
     }
 
     /// The end of the answer: whatever was held back is text after all.
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.pending)
     }
+}
+
+/// Where the longest tail of `text` that `begins` (the start of something
+/// that must be held back until the next piece decides it) starts;
+/// `text.len()` if none. Always a character boundary.
+pub(crate) fn tail_start(text: &str, begins: impl Fn(&str) -> bool) -> usize {
+    (0..text.len())
+        .filter(|&i| text.is_char_boundary(i))
+        .find(|&i| begins(&text[i..]))
+        .unwrap_or(text.len())
 }
 
 /// An alternative token and its log-probability, in plaintext.
@@ -165,18 +173,21 @@ impl<'a> ChoiceDecoder<'a> {
         self.finish.is_some()
     }
 
-    /// The answer so far with its special tokens' text (`[TOOL_CALLS]`,
-    /// `<|python_tag|>`), less the stop tokens: what tool calls are read
-    /// from.
+    /// The answer so far with the text of the special tokens that tool-call
+    /// formats write (`[TOOL_CALLS]`, `<|python_tag|>`, `<tool_call>`);
+    /// other special tokens (stops, `<|eom_id|>`) are dropped. What tool
+    /// calls are read from.
     pub fn text_with_specials(&self) -> Result<String, Error> {
-        let stops = self.keys.stop_ids();
+        let codec = self.keys.codec();
         let plain: Vec<u32> = self
             .keys
             .decrypt(&self.encrypted_ids)?
             .into_iter()
-            .filter(|id| !stops.contains(id))
+            .filter(|&id| {
+                !codec.is_special(id) || crate::tools::parse::is_call_marker(&codec.token_bytes(id))
+            })
             .collect();
-        self.keys.codec().decode_with_specials(&plain)
+        codec.decode_with_specials(&plain)
     }
 
     /// Applies a server delta. After a stop string matched, the rest of the

@@ -34,7 +34,11 @@ impl KeyHolder {
         let bundle = ClientBundle::load(dir)?;
         let text = ModelText::from_bundle(&bundle)?;
         let (codec, template) = text.chat(format)?;
-        let tool_template = text.tool_template()?;
+        // A template that fails to compile only loses its tool path.
+        let tool_template = text.tool_template().unwrap_or_else(|e| {
+            tracing::warn!("the shipped chat template's tool path is unusable: {e}");
+            None
+        });
         let codec = match bundle.manifest.context_length {
             Some(context) => codec.with_token_limit(context as usize),
             None => codec,
@@ -123,10 +127,11 @@ impl KeyHolder {
             .prompt_ids(&self.codec, messages, add_generation_prompt)
     }
 
-    /// A conversation offered `tools`, rendered and tokenized (plaintext
-    /// IDs), and the format the answer's calls will take: the shipped
-    /// template's own where it renders tools, else the Hermes fallback in a
-    /// system message (merged into the first one where there is one).
+    /// A conversation offered `tools` (none: only its tool turns), rendered
+    /// and tokenized (plaintext IDs), and the format the answer's calls will
+    /// take: the shipped template's own where it renders tools, else the
+    /// Hermes fallback, offered in a system message (merged into the first
+    /// one where there is one).
     pub fn chat_prompt_with_tools(
         &self,
         messages: &[ChatMessage],
@@ -134,32 +139,23 @@ impl KeyHolder {
     ) -> Result<(Vec<u32>, ToolFormat), Error> {
         if let Some((template, format)) = &self.tool_template {
             let mut input = ChatInput::plain(messages, true);
-            input.tools = Some(serde_json::Value::Array(tools.to_vec()));
+            input.tools = (!tools.is_empty()).then(|| serde_json::Value::Array(tools.to_vec()));
             return Ok((template.prompt_ids_for(&self.codec, &input)?, *format));
         }
-        let offer = crate::tools::fallback_system_text(tools);
-        let mut messages = messages.to_vec();
-        match messages.first_mut() {
-            Some(first) if first.role == "system" => {
-                first.content = format!("{}\n\n{offer}", first.content)
+        let mut messages = fallback_tool_turns(messages);
+        if !tools.is_empty() {
+            let offer = crate::tools::fallback_system_text(tools);
+            match messages.first_mut() {
+                Some(first) if first.role == "system" => {
+                    first.content = format!("{}\n\n{offer}", first.content)
+                }
+                _ => messages.insert(0, ChatMessage::new("system", &offer)),
             }
-            _ => messages.insert(0, ChatMessage::new("system", &offer)),
-        }
-        for m in &mut messages {
-            fallback_tool_turns(m);
         }
         Ok((
             self.template.prompt_ids(&self.codec, &messages, true)?,
             ToolFormat::Hermes,
         ))
-    }
-
-    /// The format of the answers this model's calls take when the request
-    /// offers tools ([`chat_prompt_with_tools`](Self::chat_prompt_with_tools)).
-    pub fn tool_format(&self) -> ToolFormat {
-        self.tool_template
-            .as_ref()
-            .map_or(ToolFormat::Hermes, |(_, f)| *f)
     }
 
     /// A special token's ID by its text (`[TOOL_CALLS]`).
@@ -218,24 +214,40 @@ fn not_an_encoder() -> Error {
     Error::Model("this bundle is a language model's, not an encoder's".into())
 }
 
-/// A tool turn as a template without tools can show it, in the Hermes
+/// Tool turns as a template without tools can show them, in the Hermes
 /// format the fallback prompt describes: an assistant's calls become
-/// `<tool_call>` blocks after its text, a tool's result a user turn in
-/// `<tool_response>` tags.
-fn fallback_tool_turns(m: &mut ChatMessage) {
-    for call in std::mem::take(&mut m.tool_calls) {
-        let f = &call["function"];
-        let block = serde_json::json!({"name": f["name"], "arguments": f["arguments"]});
-        let block = crate::template::python::dumps(&block);
-        if !m.content.is_empty() {
-            m.content.push('\n');
+/// `<tool_call>` blocks after its text, tool results a user turn of
+/// `<tool_response>` blocks (results in a row share one, so that templates
+/// that insist on alternating roles take them).
+fn fallback_tool_turns(messages: &[ChatMessage]) -> Vec<ChatMessage> {
+    let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len());
+    let mut after_result = false;
+    for m in messages {
+        let mut m = m.clone();
+        for call in std::mem::take(&mut m.tool_calls) {
+            let f = &call["function"];
+            let block = serde_json::json!({"name": f["name"], "arguments": f["arguments"]});
+            let block = crate::template::python::dumps(&block);
+            if !m.content.is_empty() {
+                m.content.push('\n');
+            }
+            m.content
+                .push_str(&format!("<tool_call>\n{block}\n</tool_call>"));
         }
-        m.content
-            .push_str(&format!("<tool_call>\n{block}\n</tool_call>"));
+        if m.role != "tool" {
+            after_result = false;
+            out.push(m);
+            continue;
+        }
+        let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
+        match out.last_mut() {
+            Some(last) if after_result => {
+                last.content.push('\n');
+                last.content.push_str(&block);
+            }
+            _ => out.push(ChatMessage::new("user", &block)),
+        }
+        after_result = true;
     }
-    if m.role == "tool" {
-        m.role = "user".into();
-        m.content = format!("<tool_response>\n{}\n</tool_response>", m.content);
-        m.tool_call_id = None;
-    }
+    out
 }

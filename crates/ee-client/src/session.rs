@@ -156,6 +156,11 @@ impl Session {
         }
         let mut guided = request.constraint.clone().map(|constraint| Guided {
             constraint,
+            prompt: request
+                .encrypted_prompts
+                .first()
+                .cloned()
+                .unwrap_or_default(),
             upstream: upstream.clone(),
             accepted: Vec::new(),
             restarted: false,
@@ -213,10 +218,17 @@ struct Guided {
     constraint: Constraint,
     /// The request as first sent (after the session's defaults).
     upstream: UpstreamRequest,
+    /// Its prompt (encrypted): constrained requests have one.
+    prompt: Vec<u32>,
     /// Accepted answer tokens, encrypted.
     accepted: Vec<u32>,
-    /// The current stream starts with a masked token.
+    /// The current stream's next token is its first, drawn from the mask.
     restarted: bool,
+}
+
+/// The grammar engine failed inside (its message).
+fn grammar_failed(e: String) -> SessionError {
+    SessionError::Decode(Error::Tokenizer(format!("llguidance: {e}")))
 }
 
 impl Guided {
@@ -233,14 +245,11 @@ impl Guided {
         let mut kept = 0;
         let mut refused = false;
         for &token in &plain {
-            let ok = self
-                .constraint
-                .accept(token)
-                .map_err(|e| SessionError::Decode(Error::Tokenizer(format!("llguidance: {e}"))))?;
+            let ok = self.constraint.accept(token).map_err(grammar_failed)?;
             if !ok {
                 // The first token of a restarted stream was drawn from the
                 // grammar's own set: a refusal there is the server's fault.
-                if self.restarted && self.accepted.is_empty() {
+                if self.restarted {
                     return Err(UpstreamError::Protocol(
                         "the server ignored first_token_mask".into(),
                     )
@@ -270,7 +279,7 @@ impl Guided {
     /// the length cap is reached.
     fn continuation(&mut self, keys: &KeyHolder) -> Result<Option<UpstreamRequest>, SessionError> {
         let mut next = self.upstream.clone();
-        let prompt = [next.prompt_ids(), &self.accepted[..]].concat();
+        let prompt = [&self.prompt[..], &self.accepted[..]].concat();
         let fields = next.fields_mut();
         let cap = fields.max_tokens.or(fields.max_completion_tokens);
         let left = cap.map(|c| c - self.accepted.len() as i64);
@@ -284,10 +293,7 @@ impl Guided {
         fields.seed = fields.seed.map(|s| {
             s.wrapping_add((self.accepted.len() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
         });
-        let mask = self
-            .constraint
-            .mask()
-            .map_err(|e| SessionError::Decode(Error::Tokenizer(format!("llguidance: {e}"))))?;
+        let mask = self.constraint.mask().map_err(grammar_failed)?;
         let mask = keys.encrypt_mask(&mask).map_err(SessionError::Decode)?;
         fields.first_token_mask = Some(mask.to_base64());
         next.set_prompt(prompt);
@@ -324,8 +330,12 @@ impl Generation<'_> {
                 let mut restart = false;
                 for d in deltas {
                     let (d, refused) = g.filter(&self.session.keys, d)?;
-                    restart |= refused;
                     kept.push(d);
+                    // Nothing after a refused token follows from the answer.
+                    if refused {
+                        restart = true;
+                        break;
+                    }
                 }
                 (kept, restart)
             }

@@ -43,14 +43,16 @@ impl Grammars {
             .first()
             .ok_or_else(|| Error::Tokenizer("structured output needs a stop token".into()))?;
         // Special tokens are spelled with llguidance's marker byte first, so
-        // that no text can match them and a grammar can name them.
+        // that no text can match them and a grammar can name them; so are
+        // IDs past the tokenizer (padding rows), which nothing may choose.
         // (The tokenizer builds its whole vocabulary to count it: once.)
         let pieces = codec.vocab_size();
+        let marked = |text: &[u8]| [&[TokTrie::SPECIAL_TOKEN_MARKER][..], text].concat();
         let words: Vec<Vec<u8>> = (0..vocab_size as u32)
             .map(|id| match codec.is_special(id) {
-                true => [&[TokTrie::SPECIAL_TOKEN_MARKER][..], &codec.token_bytes(id)].concat(),
+                true => marked(&codec.token_bytes(id)),
                 false if (id as usize) < pieces => codec.token_bytes(id),
-                false => Vec::new(),
+                false => marked(format!("<unused {id}>").as_bytes()),
             })
             .collect();
         let trie = TokTrie::from(&TokRxInfo::new(vocab_size as u32, eos), &words)
@@ -267,21 +269,83 @@ pub(crate) fn json_layout(mut schema: Value) -> Value {
 /// against the schema as given, and a model cannot wander into keys nobody
 /// asked for.
 pub(crate) fn closed_objects(mut schema: Value) -> Value {
-    fn close(v: &mut Value) {
+    close(&mut schema);
+    schema
+}
+
+/// Keywords whose value is a schema, a list of schemas, or a map of names
+/// to schemas (JSON Schema 2020-12 and draft 7); `const`, `enum`,
+/// `default` and `examples` hold data and are left alone.
+const SUBSCHEMA: &[&str] = &[
+    "items",
+    "additionalItems",
+    "additionalProperties",
+    "not",
+    "if",
+    "then",
+    "else",
+    "contains",
+    "propertyNames",
+    "unevaluatedItems",
+    "unevaluatedProperties",
+];
+const SUBSCHEMA_LISTS: &[&str] = &["anyOf", "oneOf", "allOf", "prefixItems"];
+const SUBSCHEMA_MAPS: &[&str] = &[
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+];
+
+fn close(schema: &mut Value) {
+    let Value::Object(o) = schema else {
+        return;
+    };
+    if o.get("properties").is_some_and(Value::is_object)
+        && !o.contains_key("additionalProperties")
+        && !o.contains_key("patternProperties")
+    {
+        o.insert("additionalProperties".into(), Value::Bool(false));
+    }
+    for (k, v) in o.iter_mut() {
+        let k = k.as_str();
         match v {
-            Value::Object(o) => {
-                if o.get("properties").is_some_and(Value::is_object)
-                    && !o.contains_key("additionalProperties")
-                    && !o.contains_key("patternProperties")
-                {
-                    o.insert("additionalProperties".into(), Value::Bool(false));
-                }
-                o.values_mut().for_each(close);
-            }
-            Value::Array(a) => a.iter_mut().for_each(close),
+            _ if SUBSCHEMA.contains(&k) => close(v),
+            Value::Array(list) if SUBSCHEMA_LISTS.contains(&k) => list.iter_mut().for_each(close),
+            Value::Object(map) if SUBSCHEMA_MAPS.contains(&k) => map.values_mut().for_each(close),
             _ => {}
         }
     }
-    close(&mut schema);
-    schema
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn objects_are_closed_where_schemas_are_and_data_is_left_alone() {
+        let schema = json!({"type": "object", "properties": {
+            "properties": {"type": "object", "properties": {"a": {"type": "string"}}},
+            "c": {"const": {"properties": {"x": 1}}},
+            "list": {"type": "array", "items": {"properties": {"b": {}}}}},
+            "$defs": {"d": {"properties": {}}, "open": {"properties": {}, "additionalProperties": true}}});
+        let closed = closed_objects(schema);
+        assert_eq!(closed["additionalProperties"], false);
+        let props = &closed["properties"];
+        assert!(
+            props.get("additionalProperties").is_none(),
+            "a properties map is no schema"
+        );
+        assert_eq!(props["properties"]["additionalProperties"], false);
+        assert_eq!(
+            props["c"]["const"],
+            json!({"properties": {"x": 1}}),
+            "data untouched"
+        );
+        assert_eq!(props["list"]["items"]["additionalProperties"], false);
+        assert_eq!(closed["$defs"]["d"]["additionalProperties"], false);
+        assert_eq!(closed["$defs"]["open"]["additionalProperties"], true);
+    }
 }

@@ -53,28 +53,6 @@ impl UpstreamRequest {
         }
     }
 
-    /// The first prompt's IDs (encrypted).
-    pub fn prompt_ids(&self) -> &[u32] {
-        match self {
-            UpstreamRequest::Chat(r) => r
-                .messages
-                .first()
-                .and_then(|m| match &m.content {
-                    ee_core::wire::MessageContent::Parts(p) => p.first(),
-                    _ => None,
-                })
-                .map_or(&[], |p| match p {
-                    ee_core::wire::ContentPart::TokenIds { token_ids } => token_ids.as_slice(),
-                    _ => &[],
-                }),
-            UpstreamRequest::Completion(r) => match &r.prompt {
-                ee_core::wire::PromptInput::Tokens(t) => t,
-                ee_core::wire::PromptInput::Batch(b) => b.first().map_or(&[], Vec::as_slice),
-                ee_core::wire::PromptInput::Text(_) => &[],
-            },
-        }
-    }
-
     /// Makes `ids` (encrypted) the single prompt. A chat request carries it
     /// as one message holding the whole rendered conversation: the server
     /// needs no turn boundaries, so it is not given them.

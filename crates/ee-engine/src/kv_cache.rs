@@ -88,6 +88,15 @@ impl LayerView<'_> {
 const MIN_CAPACITY: usize = 64;
 
 impl KvCache {
+    /// The bytes its buffers hold (capacity, not length: buffers grow by
+    /// doubling).
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| (l.keys.len() + l.values.len()) * std::mem::size_of::<f32>())
+            .sum()
+    }
+
     pub fn new(n_layers: usize, max_len: usize) -> Self {
         Self {
             layers: vec![LayerCache::default(); n_layers],

@@ -12,8 +12,8 @@
 //! the tokens it accepted; with this, a restart costs those tokens, not the
 //! whole prompt again.
 //!
-//! Entries are keyed by (encrypted) token IDs and bounded by a total token
-//! count, oldest evicted first.
+//! Entries are keyed by (encrypted) token IDs and bounded by the bytes
+//! their caches hold, oldest evicted first.
 
 use std::collections::VecDeque;
 
@@ -21,8 +21,9 @@ use crate::kv_cache::KvCache;
 
 /// Kept prompt caches.
 pub struct PrefixCache {
-    entries: VecDeque<(Vec<u32>, KvCache)>,
-    /// Most tokens kept across entries; 0 disables.
+    /// (prompt, its cache, the cache's bytes), oldest first.
+    entries: VecDeque<(Vec<u32>, KvCache, usize)>,
+    /// Most bytes kept across entries; 0 disables.
     capacity: usize,
     stored: usize,
 }
@@ -47,37 +48,40 @@ impl PrefixCache {
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, (tokens, _))| {
+            .filter(|(_, (tokens, _, _))| {
                 tokens.len() + MIN_FED <= prompt.len() && prompt.starts_with(tokens)
             })
-            .max_by_key(|(_, (tokens, _))| tokens.len())
+            .max_by_key(|(_, (tokens, _, _))| tokens.len())
             .map(|(i, _)| i)?;
-        let (tokens, cache) = self.entries.remove(best)?;
-        self.stored -= tokens.len();
+        let (tokens, cache, bytes) = self.entries.remove(best)?;
+        self.stored -= bytes;
         Some((tokens.len(), cache))
     }
 
-    /// Keeps `cache`, which holds exactly `tokens`, evicting the oldest
-    /// entries past the capacity. A prompt longer than the capacity is not
-    /// kept.
-    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache) {
-        if tokens.len() > self.capacity || tokens.len() < MIN_FED {
+    /// Keeps `cache`, which holds exactly `tokens` in `bytes`, evicting the
+    /// oldest entries past the capacity. A cache larger than the capacity
+    /// is not kept.
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: KvCache, bytes: usize) {
+        if bytes > self.capacity || tokens.len() < MIN_FED {
             return;
         }
-        self.entries.retain(|(t, _)| *t != tokens);
-        self.stored = self.entries.iter().map(|(t, _)| t.len()).sum();
-        while self.stored + tokens.len() > self.capacity {
+        if let Some(i) = self.entries.iter().position(|(t, _, _)| *t == tokens) {
+            if let Some((_, _, b)) = self.entries.remove(i) {
+                self.stored -= b;
+            }
+        }
+        while self.stored + bytes > self.capacity {
             match self.entries.pop_front() {
-                Some((t, _)) => self.stored -= t.len(),
+                Some((_, _, b)) => self.stored -= b,
                 None => break,
             }
         }
-        self.stored += tokens.len();
-        self.entries.push_back((tokens, cache));
+        self.stored += bytes;
+        self.entries.push_back((tokens, cache, bytes));
     }
 
-    /// Tokens kept now (for metrics).
-    pub fn stored_tokens(&self) -> usize {
+    /// Bytes kept now.
+    pub fn stored_bytes(&self) -> usize {
         self.stored
     }
 }
@@ -92,25 +96,23 @@ mod tests {
 
     #[test]
     fn the_longest_extended_prefix_is_taken_and_the_oldest_evicted() {
-        let mut c = PrefixCache::new(10);
-        c.insert(vec![1, 2, 3], cache());
-        c.insert(vec![1, 2, 3, 4, 5], cache());
-        assert_eq!(c.stored_tokens(), 8);
+        let mut c = PrefixCache::new(100);
+        c.insert(vec![1, 2, 3], cache(), 30);
+        c.insert(vec![1, 2, 3, 4, 5], cache(), 50);
+        assert_eq!(c.stored_bytes(), 80);
         // Extends both; the longer wins and leaves the cache.
-        assert_eq!(
-            c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n),
-            Some(5)
-        );
-        assert_eq!(c.stored_tokens(), 3);
+        let taken = c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n);
+        assert_eq!(taken, Some(5));
+        assert_eq!(c.stored_bytes(), 30);
         // One new token is too few; a prompt that diverges matches nothing.
         assert!(c.take_longest(&[1, 2, 3, 4]).is_none());
         assert!(c.take_longest(&[1, 9, 3, 4, 5]).is_none());
         // Past the capacity, the oldest goes.
-        c.insert(vec![7; 8], cache());
-        assert_eq!(c.stored_tokens(), 8);
+        c.insert(vec![7; 8], cache(), 80);
+        assert_eq!(c.stored_bytes(), 80);
         assert!(c.take_longest(&[1, 2, 3, 4, 5]).is_none());
-        // Too long to keep at all.
-        c.insert(vec![5; 11], cache());
-        assert_eq!(c.stored_tokens(), 8);
+        // Too large to keep at all.
+        c.insert(vec![5; 11], cache(), 101);
+        assert_eq!(c.stored_bytes(), 80);
     }
 }

@@ -31,9 +31,9 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Tokens one step may process, decode and prefill together.
     pub step_token_budget: usize,
-    /// Most prompt tokens whose caches are kept for requests that extend
-    /// them ([`crate::prefix_cache`]); 0 keeps none.
-    pub prompt_cache_tokens: usize,
+    /// Most bytes of prompt caches kept for requests that extend them
+    /// ([`crate::prefix_cache`]); 0 keeps none.
+    pub prompt_cache_bytes: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -42,7 +42,7 @@ impl Default for SchedulerConfig {
             max_batch: 16,
             max_queue: 256,
             step_token_budget: 512,
-            prompt_cache_tokens: 16384,
+            prompt_cache_bytes: 1 << 30,
         }
     }
 }
@@ -179,7 +179,7 @@ struct EngineLoop {
 impl EngineLoop {
     fn new(model: Arc<dyn CausalLm>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
         Self {
-            prompts: PrefixCache::new(config.prompt_cache_tokens),
+            prompts: PrefixCache::new(config.prompt_cache_bytes),
             model,
             config,
             stats,
@@ -280,7 +280,11 @@ impl EngineLoop {
         }
         for (i, seq) in self.running.iter().enumerate() {
             if seq.last.is_none() && budget > 0 {
-                let take = (seq.request.prompt.len() - seq.fed).min(budget);
+                let left = seq.request.prompt.len() - seq.fed;
+                let take = prefill_take(left, budget, self.config.step_token_budget);
+                if take == 0 {
+                    continue;
+                }
                 let chunk = seq.request.prompt[seq.fed..seq.fed + take].to_vec();
                 budget -= take;
                 plan.push((i, chunk, seq.fed + take == seq.request.prompt.len()));
@@ -315,8 +319,9 @@ impl EngineLoop {
                 seq.fed += tokens.len();
                 // Kept as the prefill left it, before any decode step.
                 if seq.fed == seq.request.prompt.len() && seq.request.cache_prompt {
+                    let bytes = seq.cache.bytes();
                     self.prompts
-                        .insert(seq.request.prompt.clone(), seq.cache.clone());
+                        .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);
                 }
             }
             if *samples {
@@ -360,6 +365,24 @@ impl EngineLoop {
     }
 }
 
+/// Prompt tokens to feed this step: what the budget allows, but no chunk
+/// of one row while more remain, and no last chunk of one. A one-row step
+/// rounds as a decode step does on candle's f32 matmul, so a prompt's bits
+/// would depend on how it was cut; with this they do not (a budget under
+/// three takes what it can).
+fn prefill_take(left: usize, budget: usize, step_budget: usize) -> usize {
+    let take = left.min(budget);
+    if take == left || step_budget < 3 {
+        return take;
+    }
+    let take = if left - take == 1 { take - 1 } else { take };
+    if take < 2 {
+        0
+    } else {
+        take
+    }
+}
+
 /// Checks what the model itself constrains: IDs and context length.
 fn check_request(model: &dyn CausalLm, r: &SequenceRequest) -> Result<(), Error> {
     if r.prompt.is_empty() {
@@ -387,238 +410,4 @@ fn check_request(model: &dyn CausalLm, r: &SequenceRequest) -> Result<(), Error>
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::generate::{generate, GenerateOptions};
-    use crate::testing::{write_tiny_model, TinySpec};
-    use std::time::{Duration, Instant};
-
-    fn tiny() -> (tempfile::TempDir, Arc<dyn CausalLm>) {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.gguf");
-        write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
-        let model = crate::load(&path).unwrap();
-        (dir, model)
-    }
-
-    fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
-        SequenceRequest {
-            prompt,
-            sampling: SamplingParams::greedy(),
-            max_tokens,
-            stop_token_ids: vec![],
-            top_logprobs: None,
-            cache_prompt: false,
-        }
-    }
-
-    fn collect(
-        mut rx: tokio_mpsc::UnboundedReceiver<SequenceEvent>,
-    ) -> (Vec<u32>, Option<FinishReason>) {
-        let mut tokens = Vec::new();
-        while let Some(ev) = rx.blocking_recv() {
-            match ev {
-                SequenceEvent::Token(s) => tokens.push(s.token),
-                SequenceEvent::Finished { reason, .. } => return (tokens, Some(reason)),
-                SequenceEvent::Failed(e) => panic!("failed: {e}"),
-            }
-        }
-        (tokens, None)
-    }
-
-    /// A prompt continued from a kept one draws the same tokens with the
-    /// same log-probabilities, bit for bit, as the prompt prefilled whole.
-    #[test]
-    fn a_prompt_continued_from_a_kept_prompt_equals_it_prefilled_whole() {
-        let (_dir, model) = tiny();
-        let sched = Scheduler::start(model, SchedulerConfig::default());
-        let first: Vec<u32> = (0..30).map(|j| (j * 13 % 240 + 3) as u32).collect();
-        let longer: Vec<u32> = first.iter().copied().chain([9, 8, 7]).collect();
-        let run = |prompt: &Vec<u32>, cache_prompt: bool| {
-            let mut rx = sched
-                .submit(SequenceRequest {
-                    cache_prompt,
-                    top_logprobs: Some(3),
-                    ..request(prompt.clone(), 6)
-                })
-                .unwrap();
-            let mut drawn = Vec::new();
-            while let Some(ev) = rx.blocking_recv() {
-                match ev {
-                    SequenceEvent::Token(s) => drawn.push(format!("{:?}", s)),
-                    SequenceEvent::Finished { .. } => break,
-                    SequenceEvent::Failed(e) => panic!("{e}"),
-                }
-            }
-            drawn
-        };
-        let whole = run(&longer, false);
-        run(&first, true);
-        assert_eq!(sched.stats().cached_prompt_tokens.load(Ordering::SeqCst), 0);
-        let continued = run(&longer, true);
-        assert_eq!(
-            sched.stats().cached_prompt_tokens.load(Ordering::SeqCst),
-            30
-        );
-        assert_eq!(whole, continued);
-    }
-
-    #[test]
-    fn concurrent_sequences_equal_the_same_sequences_alone() {
-        let (_dir, model) = tiny();
-        let prompts: Vec<Vec<u32>> = (0..9)
-            .map(|i| {
-                (0..(4 + 9 * i))
-                    .map(|j| ((j * 31 + i * 7) % 250 + 3) as u32)
-                    .collect()
-            })
-            .collect();
-        // Even-numbered sequences are greedy, odd ones draw with their own
-        // seed: sampling in parallel must keep each sequence's RNG its own.
-        let sampling = |i: usize| match i % 2 {
-            0 => SamplingParams::greedy(),
-            _ => SamplingParams {
-                temperature: 0.9,
-                seed: Some(i as u64),
-                ..Default::default()
-            },
-        };
-        let alone: Vec<Vec<u32>> = prompts
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let opts = GenerateOptions {
-                    max_tokens: 12,
-                    sampling: sampling(i),
-                    ..Default::default()
-                };
-                generate(model.as_ref(), p, &opts, |_| {})
-                    .unwrap()
-                    .token_ids()
-            })
-            .collect();
-        let greedy = |p: &[u32]| {
-            let opts = GenerateOptions {
-                max_tokens: 12,
-                ..Default::default()
-            };
-            generate(model.as_ref(), p, &opts, |_| {})
-                .unwrap()
-                .token_ids()
-        };
-        assert!(
-            (1..9).step_by(2).any(|i| alone[i] != greedy(&prompts[i])),
-            "the seeded draws must differ from greedy somewhere, or they test nothing"
-        );
-        // A small batch and budget force chunked prefill interleaved with
-        // decoding; a large one puts eight and more rows in one step.
-        for (max_batch, step_token_budget) in [(3, 7), (9, 64)] {
-            let sched = Scheduler::start(
-                model.clone(),
-                SchedulerConfig {
-                    max_batch,
-                    max_queue: 16,
-                    step_token_budget,
-                    ..SchedulerConfig::default()
-                },
-            );
-            let receivers: Vec<_> = prompts
-                .iter()
-                .enumerate()
-                .map(|(i, p)| {
-                    let r = SequenceRequest {
-                        sampling: sampling(i),
-                        ..request(p.clone(), 12)
-                    };
-                    sched.submit(r).unwrap()
-                })
-                .collect();
-            for (i, rx) in receivers.into_iter().enumerate() {
-                let (tokens, reason) = collect(rx);
-                assert_eq!(tokens, alone[i], "sequence {i}, batch {max_batch}");
-                assert_eq!(reason, Some(FinishReason::Length));
-            }
-        }
-    }
-
-    #[test]
-    fn stop_tokens_end_a_sequence() {
-        let (_dir, model) = tiny();
-        let sched = Scheduler::start(model.clone(), SchedulerConfig::default());
-        let (free, _) = collect(sched.submit(request(vec![5, 6, 7], 8)).unwrap());
-        let stop = free[2];
-        let first = free.iter().position(|&t| t == stop).unwrap();
-        let (tokens, reason) = collect(
-            sched
-                .submit(SequenceRequest {
-                    stop_token_ids: vec![stop],
-                    ..request(vec![5, 6, 7], 8)
-                })
-                .unwrap(),
-        );
-        assert_eq!(reason, Some(FinishReason::Stop));
-        assert_eq!(tokens, free[..=first]);
-    }
-
-    #[test]
-    fn a_dropped_receiver_frees_its_slot() {
-        let (_dir, model) = tiny();
-        let sched = Scheduler::start(model, SchedulerConfig::default());
-        let mut rx = sched.submit(request(vec![5, 6, 7], 200)).unwrap();
-        assert!(matches!(rx.blocking_recv(), Some(SequenceEvent::Token(_))));
-        drop(rx);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sched.stats().running.load(Ordering::SeqCst) != 0 {
-            assert!(
-                Instant::now() < deadline,
-                "cancelled sequence still running"
-            );
-            thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    #[test]
-    fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
-        let (_dir, model) = tiny();
-        let vocab = model.vocab_size() as u32;
-        let sched = Scheduler::start(
-            model,
-            SchedulerConfig {
-                max_batch: 1,
-                max_queue: 2,
-                step_token_budget: 64,
-                ..SchedulerConfig::default()
-            },
-        );
-        let mut held = Vec::new();
-        let mut refused = 0;
-        for _ in 0..8 {
-            match sched.submit(request(vec![5; 20], 100)) {
-                Ok(rx) => held.push(rx),
-                Err(SubmitError::QueueFull(_)) => refused += 1,
-                Err(e) => panic!("{e}"),
-            }
-        }
-        assert!(refused >= 4, "only {refused} refused");
-        // Cancelled requests leave the queue between steps.
-        drop(held);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sched.stats().waiting.load(Ordering::SeqCst) != 0 {
-            assert!(Instant::now() < deadline, "cancelled requests still queued");
-            thread::sleep(Duration::from_millis(5));
-        }
-        let mut rx = sched.submit(request(vec![vocab], 4)).unwrap();
-        loop {
-            match rx.blocking_recv() {
-                Some(SequenceEvent::Failed(msg)) => {
-                    assert!(msg.contains("outside the vocabulary"), "{msg}");
-                    break;
-                }
-                other => assert!(Instant::now() < deadline, "unexpected {other:?}"),
-            }
-        }
-        // Still serving.
-        let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
-        assert_eq!(tokens.len(), 3);
-    }
-}
+mod tests;

@@ -35,9 +35,9 @@ pub struct ServerConfig {
     pub max_queue: usize,
     /// Tokens per forward step (decode + prefill chunks).
     pub step_token_budget: usize,
-    /// Prompt tokens whose caches are kept for requests that extend them
-    /// and ask (`cache_prompt`); 0 keeps none.
-    pub prompt_cache_tokens: usize,
+    /// MiB of prompt caches kept for requests that extend them and ask
+    /// (`cache_prompt`); 0 keeps none.
+    pub prompt_cache_mib: usize,
     /// Tokens per forward pass of an encoder (embeddings, classification):
     /// queued requests are packed together up to this.
     pub encoder_batch_tokens: usize,
@@ -76,7 +76,7 @@ impl Default for ServerConfig {
             max_batch: 16,
             max_queue: 256,
             step_token_budget: 512,
-            prompt_cache_tokens: 16384,
+            prompt_cache_mib: 1024,
             encoder_batch_tokens: 8192,
             max_n: 16,
             max_logprobs: 20,
@@ -150,7 +150,7 @@ impl ServerConfig {
             ("EE_MAX_BATCH", &mut self.max_batch),
             ("EE_MAX_QUEUE", &mut self.max_queue),
             ("EE_STEP_TOKEN_BUDGET", &mut self.step_token_budget),
-            ("EE_PROMPT_CACHE_TOKENS", &mut self.prompt_cache_tokens),
+            ("EE_PROMPT_CACHE_MIB", &mut self.prompt_cache_mib),
             ("EE_ENCODER_BATCH_TOKENS", &mut self.encoder_batch_tokens),
             ("EE_DEFAULT_MAX_TOKENS", &mut self.default_max_tokens),
         ] {

@@ -86,7 +86,7 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
                     max_batch: c.max_batch,
                     max_queue: c.max_queue,
                     step_token_budget: c.step_token_budget,
-                    prompt_cache_tokens: c.prompt_cache_tokens,
+                    prompt_cache_bytes: c.prompt_cache_mib.saturating_mul(1 << 20),
                 },
             );
             (Engine::Causal { scheduler, limits }, v, p)

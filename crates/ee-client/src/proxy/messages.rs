@@ -26,10 +26,12 @@ fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, RequestError> {
     let Value::Object(m) = m else {
         return Err(invalid(&param, "each message must be an object"));
     };
-    if let Some(k) = m
-        .keys()
-        .find(|k| !["role", "content", "name", "tool_calls", "tool_call_id"].contains(&k.as_str()))
-    {
+    // Fields an SDK echoes back from an answer (`refusal: null`, ...) are
+    // fine while they say nothing.
+    if let Some((k, _)) = m.iter().find(|(k, v)| {
+        !["role", "content", "name", "tool_calls", "tool_call_id"].contains(&k.as_str())
+            && !v.is_null()
+    }) {
         return Err(invalid(
             &format!("{param}.{k}"),
             format!("unsupported message field: {k}"),
@@ -181,4 +183,39 @@ fn text_parts(param: &str, parts: &[Value]) -> Result<String, RequestError> {
         )
         .collect::<Result<Vec<_>, _>>()?;
     Ok(texts.join("\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// An OpenAI tool round trip becomes what chat templates are given (and
+    /// what `tests/tests/chat_templates.rs` renders against jinja2): the
+    /// call's `arguments` an object, the result's `tool_call_id` kept.
+    #[test]
+    fn a_tool_round_trip_takes_the_shape_templates_read() {
+        let openai = json!([
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "abc", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+            {"role": "tool", "tool_call_id": "abc", "name": "get_weather", "content": "sunny"},
+        ]);
+        let messages = parse_messages(Some(&openai)).unwrap();
+        let shown: Vec<Value> = messages
+            .iter()
+            .map(|m| serde_json::to_value(m).unwrap())
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                json!({"role": "user", "content": "Weather in Paris?"}),
+                json!({"role": "assistant", "content": "", "tool_calls": [{"id": "abc",
+                    "type": "function", "function": {"name": "get_weather",
+                    "arguments": {"city": "Paris"}}}]}),
+                json!({"role": "tool", "content": "sunny", "tool_call_id": "abc",
+                       "name": "get_weather"}),
+            ]
+        );
+    }
 }

@@ -26,7 +26,8 @@ use serde_json::{json, Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::session::{Session, SessionError};
-use crate::tools::{self, ToolStream};
+use crate::tools::parse::ToolCall;
+use crate::tools::{ToolParsing, ToolStream};
 use crate::upstream::{Endpoint, UpstreamError};
 use request::translate;
 use response::AnswerMeta;
@@ -316,12 +317,19 @@ async fn answer(
             Ok(b) => b,
             Err(e) => return e.into_response(),
         };
-    let request = match translate(&session.keys, endpoint, &body).and_then(|mut r| {
-        served::apply_served_names(&mut r, &session.served_model_names)?;
+    // Tokenizing and compiling a grammar take CPU time (a vocabulary's
+    // grammar tables, once, about a second): off the async workers.
+    let keys = session.clone();
+    let translated = tokio::task::spawn_blocking(move || {
+        let mut r = translate(&keys.keys, endpoint, &body)?;
+        served::apply_served_names(&mut r, &keys.served_model_names)?;
         Ok(r)
-    }) {
-        Ok(r) => r,
-        Err(e) => return error_response(SessionError::Request(e)),
+    })
+    .await;
+    let request = match translated {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return error_response(SessionError::Request(e)),
+        Err(_) => return ApiError::internal("the request's translation failed").into_response(),
     };
     tracing::info!(
         endpoint = endpoint.path(),
@@ -337,16 +345,13 @@ async fn answer(
         let mut generation = session.generate(&request).await?;
         while generation.next().await?.is_some() {}
         let meta = AnswerMeta::of(&generation, answer_id(endpoint));
-        let tool_answers = match request.tool_calls {
-            Some(format) => generation
+        let tool_answers = match &request.tool_calls {
+            Some(parsing) => generation
                 .decoders
                 .iter()
-                .map(|d| {
-                    let text = d.text_with_specials().map_err(SessionError::Decode)?;
-                    let parsed = tools::parse::parse(format, &text);
-                    Ok((!parsed.calls.is_empty()).then_some(parsed))
-                })
-                .collect::<Result<Vec<_>, SessionError>>()?,
+                .map(|d| d.text_with_specials().map(|text| parsing.parse(&text)))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(SessionError::Decode)?,
             None => Vec::new(),
         };
         Ok::<_, SessionError>(meta.response(
@@ -387,9 +392,9 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
                 .await;
         }
         let mut first = vec![true; request.choices];
-        let mut held: Vec<ToolStream> = match request.tool_calls {
-            Some(format) => (0..request.choices)
-                .map(|_| ToolStream::new(format))
+        let mut held: Vec<ToolStream> = match &request.tool_calls {
+            Some(parsing) => (0..request.choices)
+                .map(|_| ToolStream::new(parsing.format))
                 .collect(),
             None => Vec::new(),
         };
@@ -409,24 +414,16 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
             for (i, mut delta) in deltas {
                 // Text that may begin a tool call waits until it is decided.
                 let mut calls = Vec::new();
-                if let Some(stream) = held.get_mut(i) {
-                    delta.text = stream.push(&delta.text);
-                    if delta.finish.is_some() {
-                        let full = match generation.decoders[i].text_with_specials() {
-                            Ok(t) => t,
-                            Err(e) => {
-                                let e = ClientError::from(SessionError::Decode(e));
-                                let _ = tx.send(data(json!(e.envelope()))).await;
-                                return;
-                            }
-                        };
-                        let end = stream.finish(&full);
-                        delta.text.push_str(&end.content);
-                        calls = end.calls;
+                if let (Some(stream), Some(parsing)) = (held.get_mut(i), &request.tool_calls) {
+                    let decoder = &generation.decoders[i];
+                    match tool_delta(stream, parsing, &session.keys, decoder, &mut delta) {
+                        Ok(c) => calls = c,
+                        Err(e) => {
+                            let e = ClientError::from(SessionError::Decode(e));
+                            let _ = tx.send(data(json!(e.envelope()))).await;
+                            return;
+                        }
                     }
-                }
-                if !calls.is_empty() {
-                    delta.finish = None;
                 }
                 let worth_sending = first[i]
                     || !delta.text.is_empty()
@@ -463,4 +460,31 @@ async fn stream_answer(session: Arc<Session>, request: request::Translated) -> R
         Ok(Err(e)) => error_response(e),
         Err(_) => ApiError::internal("the request task ended early").into_response(),
     }
+}
+
+/// Passes a streamed delta through its choice's tool-call hold-back: what
+/// can be shown now stays in `delta.text`; at the end of the answer, the
+/// calls, if it parsed as calls (and then the choice's end moves to the
+/// calls' chunk).
+fn tool_delta(
+    stream: &mut ToolStream,
+    parsing: &ToolParsing,
+    keys: &crate::keyholder::KeyHolder,
+    decoder: &crate::decode::ChoiceDecoder<'_>,
+    delta: &mut crate::decode::ChoiceDelta,
+) -> Result<Vec<ToolCall>, crate::Error> {
+    let plain = keys.decrypt(&delta.encrypted_ids)?;
+    if plain.iter().any(|id| parsing.trigger_ids.contains(id)) {
+        stream.start();
+    }
+    delta.text = stream.push(&delta.text);
+    if delta.finish.is_none() {
+        return Ok(Vec::new());
+    }
+    let end = stream.finish(parsing, &decoder.text_with_specials()?);
+    delta.text.push_str(&end.content);
+    if !end.calls.is_empty() {
+        delta.finish = None;
+    }
+    Ok(end.calls)
 }

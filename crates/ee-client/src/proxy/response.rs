@@ -162,14 +162,13 @@ impl AnswerMeta {
     }
 }
 
-/// Calls in OpenAI's shape, each with a fresh ID; a streamed delta also
-/// numbers them (`index`).
+/// Calls in OpenAI's shape; a streamed delta also numbers them (`index`).
 fn calls_json(calls: &[ToolCall], with_index: bool) -> Vec<Value> {
     calls
         .iter()
         .enumerate()
         .map(|(i, c)| {
-            let mut v = json!({"id": ee_api::response_id("call"), "type": "function",
+            let mut v = json!({"id": c.id, "type": "function",
                                "function": {"name": c.name, "arguments": c.arguments}});
             if with_index {
                 v["index"] = json!(i);

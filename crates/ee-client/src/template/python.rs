@@ -137,8 +137,9 @@ pub fn tojson(value: Value, kwargs: Kwargs) -> Result<String, Error> {
     Ok(out)
 }
 
-/// `json.dumps(value)` with Python's defaults (`", "`, `": "`), for text
-/// the client writes into prompts itself.
+/// `json.dumps(value, ensure_ascii=False)`: Python's separators (`", "`,
+/// `": "`) with non-ASCII text kept, as transformers' `tojson` writes, for
+/// text the client writes into prompts itself.
 pub fn dumps(value: &Json) -> String {
     let style = Style {
         indent: None,

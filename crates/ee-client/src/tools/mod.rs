@@ -15,6 +15,7 @@ pub mod parse;
 use llguidance::api::TopLevelGrammar;
 use serde_json::{json, Map, Value};
 
+use crate::decode::tail_start;
 use crate::proxy::request::{invalid, RequestError};
 use crate::structured::{closed_objects, json_layout};
 
@@ -150,6 +151,53 @@ impl ToolRequest {
             .iter()
             .filter_map(|t| t.get("function").and_then(Value::as_object))
             .find(|f| f.get("name").and_then(Value::as_str) == Some(name))
+    }
+}
+
+/// How calls are read out of one request's answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolParsing {
+    pub format: ToolFormat,
+    /// `parallel_tool_calls`: `false` keeps the first call only.
+    pub parallel: bool,
+    /// The plaintext IDs of the format's special tokens that begin a call
+    /// (Mistral's `[TOOL_CALLS]`): decoded text drops them, so streaming
+    /// watches for them by ID.
+    pub trigger_ids: Vec<u32>,
+}
+
+impl ToolParsing {
+    /// `text` (decoded with the format's own special tokens) as content
+    /// and calls, each call with a fresh ID; `None` when no call parses.
+    pub fn parse(&self, text: &str) -> Option<parse::ParsedAnswer> {
+        let mut parsed = parse::parse(self.format, text);
+        if !self.parallel {
+            parsed.calls.truncate(1);
+        }
+        for call in &mut parsed.calls {
+            call.id = call_id(self.format);
+        }
+        (!parsed.calls.is_empty()).then_some(parsed)
+    }
+}
+
+/// A fresh call ID: OpenAI's `call_` and 24 hex digits, or for Mistral the
+/// 9 letters and digits its templates insist on when the call comes back.
+fn call_id(format: ToolFormat) -> String {
+    let random = ee_core::rng::os_random_bytes().unwrap_or_default();
+    match format {
+        ToolFormat::Mistral => {
+            const ALPHABET: &[u8] =
+                b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+            random[..9]
+                .iter()
+                .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+                .collect()
+        }
+        _ => {
+            let hex: String = random[..12].iter().map(|b| format!("{b:02x}")).collect();
+            format!("call_{hex}")
+        }
     }
 }
 
@@ -302,27 +350,32 @@ impl ToolStream {
         if self.format == ToolFormat::Llama3 && whole.trim().is_empty() {
             return String::new();
         }
-        let keep = parse::triggers(self.format)
-            .iter()
-            .map(|t| partial_suffix(&self.held, t))
-            .max()
-            .unwrap_or(0);
-        let out: String = self.held[..self.held.len() - keep].to_owned();
-        self.held.drain(..out.len());
+        let triggers = parse::triggers(self.format);
+        let keep_from = tail_start(&self.held, |tail| {
+            triggers.iter().any(|t| t.starts_with(tail))
+        });
+        let out: String = self.held[..keep_from].to_owned();
+        self.held.drain(..keep_from);
         self.released.push_str(&out);
         out
     }
 
-    /// The held text at the end, parsed: content still to show and the
-    /// calls. `full` is the whole answer with its special tokens' text.
-    pub fn finish(&mut self, full: &str) -> parse::ParsedAnswer {
-        let parsed = parse::parse(self.format, full);
-        if parsed.calls.is_empty() {
+    /// A token that begins a call arrived (one decoding drops, such as
+    /// Mistral's `[TOOL_CALLS]`): hold everything from here.
+    pub fn start(&mut self) {
+        self.started = true;
+    }
+
+    /// The held text at the end, parsed by `parsing`: content still to
+    /// show and the calls. `full` is the whole answer with its call
+    /// markers' text.
+    pub fn finish(&mut self, parsing: &ToolParsing, full: &str) -> parse::ParsedAnswer {
+        let Some(parsed) = parsing.parse(full) else {
             return parse::ParsedAnswer {
                 content: std::mem::take(&mut self.held),
                 calls: Vec::new(),
             };
-        }
+        };
         self.held.clear();
         // What was released already is not sent again.
         let content = parsed
@@ -335,16 +388,6 @@ impl ToolStream {
             calls: parsed.calls,
         }
     }
-}
-
-/// The length of the longest end of `text` that begins `trigger`.
-fn partial_suffix(text: &str, trigger: &str) -> usize {
-    (1..trigger.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| {
-            text.is_char_boundary(text.len() - n) && trigger.starts_with(&text[text.len() - n..])
-        })
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -430,26 +473,58 @@ mod tests {
         }
         assert_eq!(shown, "Let me look. ");
         let full = "Let me look. <tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n</tool_call>";
-        let end = s.finish(full);
+        let end = s.finish(&parsing(ToolFormat::Hermes), full);
         assert_eq!(end.calls.len(), 1);
         assert_eq!(end.content, "");
         // A near miss is released, and text without a call all arrives.
         let mut s = ToolStream::new(ToolFormat::Hermes);
         let mut shown = s.push("a <to");
         shown.push_str(&s.push("p> b"));
-        let end = s.finish("a <top> b");
+        let end = s.finish(&parsing(ToolFormat::Hermes), "a <top> b");
         assert_eq!(format!("{shown}{}", end.content), "a <top> b");
         assert!(end.calls.is_empty());
         // Llama 3: an answer that opens with JSON is held whole.
         let mut s = ToolStream::new(ToolFormat::Llama3);
         assert_eq!(s.push(" "), "");
         assert_eq!(s.push("{\"name\": \"f\", \"parameters\": {}}"), "");
-        assert_eq!(
-            s.finish(" {\"name\": \"f\", \"parameters\": {}}")
-                .calls
-                .len(),
-            1
+        let end = s.finish(
+            &parsing(ToolFormat::Llama3),
+            " {\"name\": \"f\", \"parameters\": {}}",
         );
+        assert_eq!(end.calls.len(), 1);
+        assert!(end.calls[0].id.starts_with("call_"));
+        // Mistral's marker is a special token decoding drops: started by ID.
+        let mut s = ToolStream::new(ToolFormat::Mistral);
+        assert_eq!(s.push("Sure."), "Sure.");
+        s.start();
+        assert_eq!(s.push("[{\"name\": \"f\", \"arguments\": {}}]"), "");
+        let full = "Sure.[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}}]";
+        let end = s.finish(&parsing(ToolFormat::Mistral), full);
+        assert_eq!((end.content.as_str(), end.calls.len()), ("", 1));
+        assert_eq!(
+            end.calls[0].id.len(),
+            9,
+            "Mistral's templates want 9 characters"
+        );
+        // parallel_tool_calls: false keeps the first call.
+        let two = "<tool_call>{\"name\": \"a\", \"arguments\": {}}</tool_call><tool_call>{\"name\": \"b\", \"arguments\": {}}</tool_call>";
+        let one = ToolParsing {
+            parallel: false,
+            ..parsing(ToolFormat::Hermes)
+        };
+        assert_eq!(one.parse(two).unwrap().calls.len(), 1);
+        assert_eq!(
+            parsing(ToolFormat::Hermes).parse(two).unwrap().calls.len(),
+            2
+        );
+    }
+
+    fn parsing(format: ToolFormat) -> ToolParsing {
+        ToolParsing {
+            format,
+            parallel: true,
+            trigger_ids: Vec::new(),
+        }
     }
 
     #[test]

@@ -18,6 +18,8 @@ use super::ToolFormat;
 /// One call, as OpenAI returns it: `arguments` is JSON text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolCall {
+    /// Given by [`super::ToolParsing`]; empty from [`parse`].
+    pub id: String,
     pub name: String,
     pub arguments: String,
 }
@@ -33,6 +35,21 @@ const HERMES_OPEN: &str = "<tool_call>";
 const HERMES_CLOSE: &str = "</tool_call>";
 pub(crate) const PYTHON_TAG: &str = "<|python_tag|>";
 pub(crate) const MISTRAL_CALLS: &str = "[TOOL_CALLS]";
+const MISTRAL_ARGS: &str = "[ARGS]";
+
+/// Whether a special token spelled `text` is part of a call format (kept
+/// in the text calls are parsed from; other special tokens are not).
+pub fn is_call_marker(text: &[u8]) -> bool {
+    [
+        HERMES_OPEN,
+        HERMES_CLOSE,
+        PYTHON_TAG,
+        MISTRAL_CALLS,
+        MISTRAL_ARGS,
+    ]
+    .iter()
+    .any(|m| m.as_bytes() == text)
+}
 
 /// Splits `text` (decoded with its special tokens) into content and calls;
 /// with no call found, all of it is content.
@@ -87,7 +104,11 @@ fn call_of(v: &Value, args_keys: &[&str]) -> Option<ToolCall> {
         Value::String(s) if serde_json::from_str::<Map<String, Value>>(&s).is_ok() => s,
         _ => return None,
     };
-    Some(ToolCall { name, arguments })
+    Some(ToolCall {
+        id: String::new(),
+        name,
+        arguments,
+    })
 }
 
 fn hermes(text: &str) -> Option<ParsedAnswer> {
@@ -156,9 +177,10 @@ fn mistral(text: &str) -> Option<ParsedAnswer> {
         // v11: name[ARGS]{json}, repeated after further [TOOL_CALLS].
         body.split(MISTRAL_CALLS)
             .map(|one| {
-                let (name, args) = one.split_once("[ARGS]")?;
+                let (name, args) = one.split_once(MISTRAL_ARGS)?;
                 let args: Map<String, Value> = serde_json::from_str(args.trim()).ok()?;
                 Some(ToolCall {
+                    id: String::new(),
                     name: name.trim().to_owned(),
                     arguments: Value::Object(args).to_string(),
                 })
@@ -174,6 +196,7 @@ mod tests {
 
     fn call(name: &str, arguments: &str) -> ToolCall {
         ToolCall {
+            id: String::new(),
             name: name.into(),
             arguments: arguments.into(),
         }

@@ -1,0 +1,248 @@
+use super::*;
+use crate::generate::{generate, GenerateOptions};
+use crate::testing::{write_tiny_model, TinySpec};
+use std::time::{Duration, Instant};
+
+fn tiny() -> (tempfile::TempDir, Arc<dyn CausalLm>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.gguf");
+    write_tiny_model(&path, &TinySpec::llama_q4_1()).unwrap();
+    let model = crate::load(&path).unwrap();
+    (dir, model)
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize) -> SequenceRequest {
+    SequenceRequest {
+        prompt,
+        sampling: SamplingParams::greedy(),
+        max_tokens,
+        stop_token_ids: vec![],
+        top_logprobs: None,
+        cache_prompt: false,
+    }
+}
+
+fn collect(
+    mut rx: tokio_mpsc::UnboundedReceiver<SequenceEvent>,
+) -> (Vec<u32>, Option<FinishReason>) {
+    let mut tokens = Vec::new();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            SequenceEvent::Token(s) => tokens.push(s.token),
+            SequenceEvent::Finished { reason, .. } => return (tokens, Some(reason)),
+            SequenceEvent::Failed(e) => panic!("failed: {e}"),
+        }
+    }
+    (tokens, None)
+}
+
+#[test]
+fn prefill_chunks_are_never_one_row_while_more_remain() {
+    assert_eq!(prefill_take(10, 512, 512), 10);
+    assert_eq!(
+        prefill_take(1, 512, 512),
+        1,
+        "a one-token prompt is one row"
+    );
+    assert_eq!(prefill_take(10, 9, 512), 8, "never leave one behind");
+    assert_eq!(prefill_take(10, 1, 512), 0, "never feed one of many");
+    assert_eq!(prefill_take(10, 2, 512), 2);
+    assert_eq!(prefill_take(3, 2, 512), 0);
+    assert_eq!(prefill_take(10, 1, 2), 1, "a tiny budget takes what it can");
+}
+
+/// A prompt continued from a kept one draws the same tokens with the
+/// same log-probabilities, bit for bit, as the prompt prefilled whole.
+#[test]
+fn a_prompt_continued_from_a_kept_prompt_equals_it_prefilled_whole() {
+    let (_dir, model) = tiny();
+    let sched = Scheduler::start(model, SchedulerConfig::default());
+    let first: Vec<u32> = (0..30).map(|j| (j * 13 % 240 + 3) as u32).collect();
+    let longer: Vec<u32> = first.iter().copied().chain([9, 8, 7]).collect();
+    let run = |prompt: &Vec<u32>, cache_prompt: bool| {
+        let mut rx = sched
+            .submit(SequenceRequest {
+                cache_prompt,
+                top_logprobs: Some(3),
+                ..request(prompt.clone(), 6)
+            })
+            .unwrap();
+        let mut drawn = Vec::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                SequenceEvent::Token(s) => drawn.push(format!("{:?}", s)),
+                SequenceEvent::Finished { .. } => break,
+                SequenceEvent::Failed(e) => panic!("{e}"),
+            }
+        }
+        drawn
+    };
+    let whole = run(&longer, false);
+    run(&first, true);
+    assert_eq!(sched.stats().cached_prompt_tokens.load(Ordering::SeqCst), 0);
+    let continued = run(&longer, true);
+    assert_eq!(
+        sched.stats().cached_prompt_tokens.load(Ordering::SeqCst),
+        30
+    );
+    assert_eq!(whole, continued);
+}
+
+#[test]
+fn concurrent_sequences_equal_the_same_sequences_alone() {
+    let (_dir, model) = tiny();
+    let prompts: Vec<Vec<u32>> = (0..9)
+        .map(|i| {
+            (0..(4 + 9 * i))
+                .map(|j| ((j * 31 + i * 7) % 250 + 3) as u32)
+                .collect()
+        })
+        .collect();
+    // Even-numbered sequences are greedy, odd ones draw with their own
+    // seed: sampling in parallel must keep each sequence's RNG its own.
+    let sampling = |i: usize| match i % 2 {
+        0 => SamplingParams::greedy(),
+        _ => SamplingParams {
+            temperature: 0.9,
+            seed: Some(i as u64),
+            ..Default::default()
+        },
+    };
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let opts = GenerateOptions {
+                max_tokens: 12,
+                sampling: sampling(i),
+                ..Default::default()
+            };
+            generate(model.as_ref(), p, &opts, |_| {})
+                .unwrap()
+                .token_ids()
+        })
+        .collect();
+    let greedy = |p: &[u32]| {
+        let opts = GenerateOptions {
+            max_tokens: 12,
+            ..Default::default()
+        };
+        generate(model.as_ref(), p, &opts, |_| {})
+            .unwrap()
+            .token_ids()
+    };
+    assert!(
+        (1..9).step_by(2).any(|i| alone[i] != greedy(&prompts[i])),
+        "the seeded draws must differ from greedy somewhere, or they test nothing"
+    );
+    // A small batch and budget force chunked prefill interleaved with
+    // decoding; a large one puts eight and more rows in one step.
+    for (max_batch, step_token_budget) in [(3, 7), (9, 64)] {
+        let sched = Scheduler::start(
+            model.clone(),
+            SchedulerConfig {
+                max_batch,
+                max_queue: 16,
+                step_token_budget,
+                ..SchedulerConfig::default()
+            },
+        );
+        let receivers: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let r = SequenceRequest {
+                    sampling: sampling(i),
+                    ..request(p.clone(), 12)
+                };
+                sched.submit(r).unwrap()
+            })
+            .collect();
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let (tokens, reason) = collect(rx);
+            assert_eq!(tokens, alone[i], "sequence {i}, batch {max_batch}");
+            assert_eq!(reason, Some(FinishReason::Length));
+        }
+    }
+}
+
+#[test]
+fn stop_tokens_end_a_sequence() {
+    let (_dir, model) = tiny();
+    let sched = Scheduler::start(model.clone(), SchedulerConfig::default());
+    let (free, _) = collect(sched.submit(request(vec![5, 6, 7], 8)).unwrap());
+    let stop = free[2];
+    let first = free.iter().position(|&t| t == stop).unwrap();
+    let (tokens, reason) = collect(
+        sched
+            .submit(SequenceRequest {
+                stop_token_ids: vec![stop],
+                ..request(vec![5, 6, 7], 8)
+            })
+            .unwrap(),
+    );
+    assert_eq!(reason, Some(FinishReason::Stop));
+    assert_eq!(tokens, free[..=first]);
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot() {
+    let (_dir, model) = tiny();
+    let sched = Scheduler::start(model, SchedulerConfig::default());
+    let mut rx = sched.submit(request(vec![5, 6, 7], 200)).unwrap();
+    assert!(matches!(rx.blocking_recv(), Some(SequenceEvent::Token(_))));
+    drop(rx);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sched.stats().running.load(Ordering::SeqCst) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "cancelled sequence still running"
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
+    let (_dir, model) = tiny();
+    let vocab = model.vocab_size() as u32;
+    let sched = Scheduler::start(
+        model,
+        SchedulerConfig {
+            max_batch: 1,
+            max_queue: 2,
+            step_token_budget: 64,
+            ..SchedulerConfig::default()
+        },
+    );
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..8 {
+        match sched.submit(request(vec![5; 20], 100)) {
+            Ok(rx) => held.push(rx),
+            Err(SubmitError::QueueFull(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(refused >= 4, "only {refused} refused");
+    // Cancelled requests leave the queue between steps.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sched.stats().waiting.load(Ordering::SeqCst) != 0 {
+        assert!(Instant::now() < deadline, "cancelled requests still queued");
+        thread::sleep(Duration::from_millis(5));
+    }
+    let mut rx = sched.submit(request(vec![vocab], 4)).unwrap();
+    loop {
+        match rx.blocking_recv() {
+            Some(SequenceEvent::Failed(msg)) => {
+                assert!(msg.contains("outside the vocabulary"), "{msg}");
+                break;
+            }
+            other => assert!(Instant::now() < deadline, "unexpected {other:?}"),
+        }
+    }
+    // Still serving.
+    let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
+    assert_eq!(tokens.len(), 3);
+}
