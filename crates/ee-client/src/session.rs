@@ -154,7 +154,7 @@ impl Session {
         if request.constraint.is_some() {
             upstream.fields_mut().cache_prompt = true;
         }
-        let mut guided = request.constraint.clone().map(|constraint| Guided {
+        let guided = request.constraint.clone().map(|constraint| Guided {
             constraint,
             prompt: request
                 .encrypted_prompts
@@ -165,25 +165,31 @@ impl Session {
             accepted: Vec::new(),
             restarted: false,
         });
-        // A structured answer's first token is drawn from the grammar's set
-        // from the start: most answers would begin off it (prose, not `{`).
-        let first = match guided.as_mut() {
-            Some(g) => g.continuation(&self.keys)?.unwrap_or(upstream),
-            None => upstream,
-        };
-        let stream = self.open_stream(&first).await?;
         let decoders = (0..request.choices)
             .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
             .collect();
-        Ok(Generation {
+        let mut generation = Generation {
             session: self,
             request,
             model: request.model.clone().unwrap_or_else(|| card.id.clone()),
             created: ee_api::unix_now(),
-            stream: Some(stream),
+            stream: None,
             decoders,
             guided,
-        })
+            pending: Vec::new(),
+        };
+        // A structured answer starts as a restart does: with the tokens its
+        // grammar forces, and its first sampled token drawn from the
+        // grammar's set (most answers would begin off it: prose, not `{`).
+        match generation.guided.is_some() {
+            true => {
+                let mut out = Vec::new();
+                generation.restart(&mut out).await?;
+                generation.pending = out;
+            }
+            false => generation.stream = Some(self.open_stream(&upstream).await?),
+        }
+        Ok(generation)
     }
 
     /// Starts a server stream and checks the artifact it names: every
@@ -207,6 +213,19 @@ pub struct Generation<'a> {
     pub decoders: Vec<ChoiceDecoder<'a>>,
     /// Structured output's state (one choice).
     guided: Option<Guided>,
+    /// Deltas made before the first call of [`next`](Self::next) (tokens a
+    /// grammar forces at the start).
+    pending: Vec<(usize, ChoiceDelta)>,
+}
+
+/// Where a structured answer goes from its accepted tokens.
+struct Continuation {
+    /// Tokens the grammar forced, encrypted, now part of the answer.
+    forced: Vec<u32>,
+    /// The request that goes on, unless the answer ends here.
+    next: Option<UpstreamRequest>,
+    /// How it ends here: complete (`stop`) or at the length cap.
+    end: Option<wire::FinishReason>,
 }
 
 /// A structured answer, driven by the optimistic protocol of
@@ -275,16 +294,36 @@ impl Guided {
         Ok((delta, refused))
     }
 
-    /// The request that goes on after the accepted tokens, or `None` when
-    /// the length cap is reached.
-    fn continuation(&mut self, keys: &KeyHolder) -> Result<Option<UpstreamRequest>, SessionError> {
+    /// What follows the accepted tokens: the tokens the grammar forces,
+    /// then the request that goes on after them, its first token drawn
+    /// from the grammar's set; or the end, when the grammar is complete or
+    /// the length cap reached.
+    fn continuation(&mut self, keys: &KeyHolder) -> Result<Continuation, SessionError> {
         let mut next = self.upstream.clone();
-        let prompt = [&self.prompt[..], &self.accepted[..]].concat();
         let fields = next.fields_mut();
         let cap = fields.max_tokens.or(fields.max_completion_tokens);
+        let mut forced = self
+            .constraint
+            .forced(keys.codec())
+            .map_err(grammar_failed)?;
+        if let Some(cap) = cap {
+            let room = (cap - self.accepted.len() as i64).max(0) as usize;
+            forced.truncate(room);
+        }
+        let forced = keys.encrypt(&forced).map_err(SessionError::Decode)?;
+        self.accepted.extend_from_slice(&forced);
         let left = cap.map(|c| c - self.accepted.len() as i64);
-        if left.is_some_and(|l| l <= 0) {
-            return Ok(None);
+        let end = match () {
+            _ if self.constraint.is_complete() => Some(wire::FinishReason::Stop),
+            _ if left.is_some_and(|l| l <= 0) => Some(wire::FinishReason::Length),
+            _ => None,
+        };
+        if end.is_some() {
+            return Ok(Continuation {
+                forced,
+                next: None,
+                end,
+            });
         }
         fields.max_tokens = left;
         fields.max_completion_tokens = None;
@@ -296,9 +335,13 @@ impl Guided {
         let mask = self.constraint.mask().map_err(grammar_failed)?;
         let mask = keys.encrypt_mask(&mask).map_err(SessionError::Decode)?;
         fields.first_token_mask = Some(mask.to_base64());
-        next.set_prompt(prompt);
+        next.set_prompt([&self.prompt[..], &self.accepted[..]].concat());
         self.restarted = true;
-        Ok(Some(next))
+        Ok(Continuation {
+            forced,
+            next: Some(next),
+            end: None,
+        })
     }
 }
 
@@ -307,6 +350,9 @@ impl Generation<'_> {
     /// finished. When the last choice ends on a stop string, the server
     /// stream is dropped there and then.
     pub async fn next(&mut self) -> Result<Option<Vec<(usize, ChoiceDelta)>>, SessionError> {
+        if !self.pending.is_empty() {
+            return Ok(Some(std::mem::take(&mut self.pending)));
+        }
         if self.decoders.iter().all(ChoiceDecoder::is_finished) {
             self.stream = None;
             return Ok(None);
@@ -376,24 +422,28 @@ impl Generation<'_> {
         Ok(Some(out))
     }
 
-    /// Starts the stream that goes on after a structured answer's accepted
-    /// tokens; at the length cap the choice ends there instead.
+    /// Goes on after a structured answer's accepted tokens: the tokens its
+    /// grammar forces are decoded into `out`, then the next stream starts,
+    /// unless the answer ends there (complete, or at the length cap).
     async fn restart(&mut self, out: &mut Vec<(usize, ChoiceDelta)>) -> Result<(), SessionError> {
         let Some(guided) = self.guided.as_mut() else {
             return Ok(());
         };
-        match guided.continuation(&self.session.keys)? {
-            Some(next) => self.stream = Some(self.session.open_stream(&next).await?),
-            None => {
-                let end = ServerDelta {
-                    index: 0,
-                    token_ids: Vec::new(),
-                    logprobs: Vec::new(),
-                    finish_reason: Some(wire::FinishReason::Length),
-                };
-                let piece = self.decoders[0].push(&end).map_err(SessionError::Decode)?;
-                out.push((0, piece));
-            }
+        let step = guided.continuation(&self.session.keys)?;
+        if !step.forced.is_empty() || step.end.is_some() {
+            let delta = ServerDelta {
+                index: 0,
+                token_ids: step.forced,
+                logprobs: Vec::new(),
+                finish_reason: step.end,
+            };
+            let piece = self.decoders[0]
+                .push(&delta)
+                .map_err(SessionError::Decode)?;
+            out.push((0, piece));
+        }
+        if let Some(next) = step.next {
+            self.stream = Some(self.session.open_stream(&next).await?);
         }
         Ok(())
     }

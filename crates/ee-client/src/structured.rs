@@ -135,6 +135,37 @@ impl Constraint {
             .map_err(|e| e.to_string())
     }
 
+    /// The tokens the grammar forces from here (a key's name and `": "`
+    /// after its opening quote, say), taken into the state: the answer goes
+    /// on with them without asking the model. The forced text is tokenized
+    /// by `codec` and its last token left to the model, since it might
+    /// merge with what follows; unless it completes the grammar.
+    ///
+    /// # Errors
+    /// llguidance failed inside (its message).
+    pub fn forced(&mut self, codec: &TextCodec) -> Result<Vec<u32>, String> {
+        if self.is_complete() {
+            return Ok(Vec::new());
+        }
+        let bytes = self.matcher.compute_ff_bytes();
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Ok(Vec::new());
+        };
+        let Ok(mut ids) = codec.encode_text(text) else {
+            return Ok(Vec::new());
+        };
+        let n = self
+            .matcher
+            .try_consume_tokens(&ids)
+            .map_err(|e| e.to_string())?;
+        ids.truncate(n);
+        if !ids.is_empty() && !self.matcher.is_stopped() {
+            self.matcher.rollback(1).map_err(|e| e.to_string())?;
+            ids.pop();
+        }
+        Ok(ids)
+    }
+
     /// The grammar is complete and nothing more may follow: the answer ends
     /// here, whatever the model would add.
     pub fn is_complete(&self) -> bool {

@@ -285,3 +285,24 @@ fn bad_requests_name_their_parameter() {
         assert_eq!(e.param.as_deref(), Some(param), "{request}: {}", e.message);
     }
 }
+
+#[test]
+fn a_grammar_forces_its_fixed_text_and_leaves_the_last_token_to_the_model() {
+    let (_dir, keys) = tiny_keys();
+    let t = translate(
+        &keys,
+        Endpoint::Chat,
+        &body(json!({"messages": [{"role": "user", "content": "x"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "p", "schema":
+                {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}})),
+    )
+    .unwrap();
+    let mut c = t.constraint.unwrap();
+    let forced = c.forced(keys.codec()).unwrap();
+    let text = keys.codec().decode(&forced).unwrap();
+    assert!(!forced.is_empty(), "an object with one required key forces its start");
+    assert!("{\"name\": \"".starts_with(&text) && text.len() < 10, "{text:?}");
+    // The mask now allows what completes it, and nothing forced again.
+    assert!(c.mask().unwrap().count() >= 1);
+    assert_eq!(c.forced(keys.codec()).unwrap(), Vec::<u32>::new());
+}
