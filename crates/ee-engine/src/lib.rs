@@ -13,7 +13,8 @@
 //!
 //! [`loader`] puts them together. On top of any model:
 //! - [`Sampler`]: permutation-equivariant sampling;
-//! - [`Scheduler`]: continuous batching on an engine thread;
+//! - [`Scheduler`]: continuous batching on an engine thread, with prompt
+//!   caching across requests ([`prefix_cache`]);
 //! - [`EncodeQueue`]: packed batches of encoder requests on an engine thread;
 //! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests.
 //!
