@@ -201,13 +201,19 @@ impl<'a> ChoiceDecoder<'a> {
         for (i, &id) in plain.iter().enumerate() {
             self.completion_tokens += 1;
             out.encrypted_ids.push(delta.token_ids[i]);
-            if let Some(lp) = delta.logprobs.get(i) {
-                let lp = self.plain_logprob(lp)?;
-                // Decoding drops special tokens, so offsets skip them too.
-                if !self.keys.codec().is_special(id) {
-                    self.chars.push(&lp.chosen.bytes);
+            // Decoding drops special tokens, so offsets skip them too. A
+            // token with no logprob (one a grammar forced) still counts.
+            let special = self.keys.codec().is_special(id);
+            match delta.logprobs.get(i) {
+                Some(lp) => {
+                    let lp = self.plain_logprob(lp)?;
+                    if !special {
+                        self.chars.push(&lp.chosen.bytes);
+                    }
+                    out.logprobs.push(lp);
                 }
-                out.logprobs.push(lp);
+                None if !special => self.chars.push(&self.keys.codec().token_bytes(id)),
+                None => {}
             }
             if let Some(piece) = self.text.push(id)? {
                 let (shown, stopped) = self.stops.push(&piece);

@@ -161,6 +161,10 @@ impl Session {
                 .first()
                 .cloned()
                 .unwrap_or_default(),
+            context_room: card
+                .context_length
+                .saturating_sub(request.encrypted_prompts.first().map_or(0, Vec::len))
+                as i64,
             upstream: upstream.clone(),
             accepted: Vec::new(),
             restarted: false,
@@ -239,6 +243,8 @@ struct Guided {
     upstream: UpstreamRequest,
     /// Its prompt (encrypted): constrained requests have one.
     prompt: Vec<u32>,
+    /// Answer tokens the context leaves room for after the prompt.
+    context_room: i64,
     /// Accepted answer tokens, encrypted.
     accepted: Vec<u32>,
     /// The current stream's next token is its first, drawn from the mask.
@@ -306,14 +312,19 @@ impl Guided {
             .constraint
             .forced(keys.codec())
             .map_err(grammar_failed)?;
+        // Never past the context: the server would refuse the restart.
+        let cap = Some(cap.map_or(self.context_room, |c| c.min(self.context_room)));
+        let mut cut = false;
         if let Some(cap) = cap {
             let room = (cap - self.accepted.len() as i64).max(0) as usize;
+            cut = forced.len() > room;
             forced.truncate(room);
         }
         let forced = keys.encrypt(&forced).map_err(SessionError::Decode)?;
         self.accepted.extend_from_slice(&forced);
         let left = cap.map(|c| c - self.accepted.len() as i64);
         let end = match () {
+            _ if cut => Some(wire::FinishReason::Length),
             _ if self.constraint.is_complete() => Some(wire::FinishReason::Stop),
             _ if left.is_some_and(|l| l <= 0) => Some(wire::FinishReason::Length),
             _ => None,
@@ -442,7 +453,8 @@ impl Generation<'_> {
                 .map_err(SessionError::Decode)?;
             out.push((0, piece));
         }
-        if let Some(next) = step.next {
+        // (A stop string in the forced text may have ended the answer.)
+        if let (Some(next), false) = (step.next, self.decoders[0].is_finished()) {
             self.stream = Some(self.session.open_stream(&next).await?);
         }
         Ok(())

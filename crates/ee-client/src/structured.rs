@@ -148,8 +148,10 @@ impl Constraint {
             return Ok(Vec::new());
         }
         let bytes = self.matcher.compute_ff_bytes();
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            return Ok(Vec::new());
+        // Up to a character cut short, or a special token's marker byte.
+        let text = match std::str::from_utf8(&bytes) {
+            Ok(t) => t,
+            Err(e) => std::str::from_utf8(&bytes[..e.valid_up_to()]).unwrap_or_default(),
         };
         let Ok(mut ids) = codec.encode_text(text) else {
             return Ok(Vec::new());

@@ -172,6 +172,12 @@ impl KvCache {
         })
     }
 
+    /// Forgets every position from `len` on (the next token goes there);
+    /// their buffers are overwritten as new tokens arrive.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Marks `n_new` tokens as committed once every layer has appended them.
     pub fn advance(&mut self, n_new: usize) {
         self.len += n_new;

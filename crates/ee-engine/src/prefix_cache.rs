@@ -28,7 +28,7 @@ pub struct PrefixCache {
     stored: usize,
 }
 
-/// Fewest new tokens a continued prompt feeds: a prefill chunk of one row
+/// Fewest tokens a continued prompt feeds: a prefill chunk of one row
 /// would round as a decode step does.
 const MIN_FED: usize = 2;
 
@@ -41,21 +41,26 @@ impl PrefixCache {
         }
     }
 
-    /// Takes the longest kept prompt that `prompt` extends by at least two
-    /// tokens: its length and cache.
+    /// Takes the longest kept prompt that `prompt` extends: how many of
+    /// its positions to reuse, and its cache cut to them. At least two
+    /// tokens are left to feed, so a prompt one token longer than a kept
+    /// one reuses all but its last position.
     pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let reuse = |tokens: &[u32]| tokens.len().min(prompt.len().saturating_sub(MIN_FED));
         let best = self
             .entries
             .iter()
             .enumerate()
             .filter(|(_, (tokens, _, _))| {
-                tokens.len() + MIN_FED <= prompt.len() && prompt.starts_with(tokens)
+                tokens.len() < prompt.len() && prompt.starts_with(tokens) && reuse(tokens) > 0
             })
             .max_by_key(|(_, (tokens, _, _))| tokens.len())
             .map(|(i, _)| i)?;
-        let (tokens, cache, bytes) = self.entries.remove(best)?;
+        let (tokens, mut cache, bytes) = self.entries.remove(best)?;
         self.stored -= bytes;
-        Some((tokens.len(), cache))
+        let n = reuse(&tokens);
+        cache.truncate(n);
+        Some((n, cache))
     }
 
     /// Keeps `cache`, which holds exactly `tokens` in `bytes`, evicting the
@@ -104,9 +109,11 @@ mod tests {
         let taken = c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n);
         assert_eq!(taken, Some(5));
         assert_eq!(c.stored_bytes(), 30);
-        // One new token is too few; a prompt that diverges matches nothing.
-        assert!(c.take_longest(&[1, 2, 3, 4]).is_none());
+        // One new token: all but the kept prompt's last position, so two
+        // rows are fed. A prompt that diverges matches nothing.
         assert!(c.take_longest(&[1, 9, 3, 4, 5]).is_none());
+        assert_eq!(c.take_longest(&[1, 2, 3, 4]).map(|(n, _)| n), Some(2));
+        c.insert(vec![1, 2, 3], cache(), 30);
         // Past the capacity, the oldest goes.
         c.insert(vec![7; 8], cache(), 80);
         assert_eq!(c.stored_bytes(), 80);

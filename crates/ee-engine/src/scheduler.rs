@@ -283,7 +283,7 @@ impl EngineLoop {
                 let left = seq.request.prompt.len() - seq.fed;
                 let take = prefill_take(left, budget, self.config.step_token_budget);
                 if take == 0 {
-                    continue;
+                    break; // oldest first: none jumps the queue
                 }
                 let chunk = seq.request.prompt[seq.fed..seq.fed + take].to_vec();
                 budget -= take;
@@ -318,7 +318,11 @@ impl EngineLoop {
             if seq.last.is_none() {
                 seq.fed += tokens.len();
                 // Kept as the prefill left it, before any decode step.
-                if seq.fed == seq.request.prompt.len() && seq.request.cache_prompt {
+                // (A budget under three may cut one-row chunks: not kept.)
+                if seq.fed == seq.request.prompt.len()
+                    && seq.request.cache_prompt
+                    && self.config.step_token_budget >= 3
+                {
                     let bytes = seq.cache.bytes();
                     self.prompts
                         .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);

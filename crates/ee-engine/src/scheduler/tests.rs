@@ -81,10 +81,14 @@ fn a_prompt_continued_from_a_kept_prompt_equals_it_prefilled_whole() {
     run(&first, true);
     assert_eq!(sched.stats().cached_prompt_tokens.load(Ordering::SeqCst), 0);
     let continued = run(&longer, true);
-    assert_eq!(
-        sched.stats().cached_prompt_tokens.load(Ordering::SeqCst),
-        30
-    );
+    let cached = || sched.stats().cached_prompt_tokens.load(Ordering::SeqCst);
+    assert_eq!(cached(), 30);
+    assert_eq!(whole, continued);
+    // One token longer than a kept prompt: its last position is fed again.
+    let one_more: Vec<u32> = longer.iter().copied().chain([5]).collect();
+    let whole = run(&one_more, false);
+    let continued = run(&one_more, true);
+    assert_eq!(cached(), 30 + 32);
     assert_eq!(whole, continued);
 }
 

@@ -300,8 +300,14 @@ fn a_grammar_forces_its_fixed_text_and_leaves_the_last_token_to_the_model() {
     let mut c = t.constraint.unwrap();
     let forced = c.forced(keys.codec()).unwrap();
     let text = keys.codec().decode(&forced).unwrap();
-    assert!(!forced.is_empty(), "an object with one required key forces its start");
-    assert!("{\"name\": \"".starts_with(&text) && text.len() < 10, "{text:?}");
+    assert!(
+        !forced.is_empty(),
+        "an object with one required key forces its start"
+    );
+    assert!(
+        "{\"name\": \"".starts_with(&text) && text.len() < 10,
+        "{text:?}"
+    );
     // The mask now allows what completes it, and nothing forced again.
     assert!(c.mask().unwrap().count() >= 1);
     assert_eq!(c.forced(keys.codec()).unwrap(), Vec::<u32>::new());
