@@ -319,10 +319,10 @@ async fn answer(
         };
     // Tokenizing and compiling a grammar take CPU time (a vocabulary's
     // grammar tables, once, about a second): off the async workers.
-    let keys = session.clone();
+    let shared = session.clone();
     let translated = tokio::task::spawn_blocking(move || {
-        let mut r = translate(&keys.keys, endpoint, &body)?;
-        served::apply_served_names(&mut r, &keys.served_model_names)?;
+        let mut r = translate(&shared.keys, endpoint, &body)?;
+        served::apply_served_names(&mut r, &shared.served_model_names)?;
         Ok(r)
     })
     .await;
