@@ -337,17 +337,18 @@ impl ToolStream {
         if self.started {
             return String::new();
         }
-        let whole = format!("{}{}", self.released, self.held);
-        if let Some(at) = parse::call_start(self.format, &whole) {
+        // A trigger never straddles released text: a tail that might begin
+        // one is always held. So only the held text is searched.
+        let at_start = self.released.is_empty();
+        if let Some(at) = parse::call_start(self.format, &self.held, at_start) {
             self.started = true;
-            let shown = at.saturating_sub(self.released.len());
-            let out: String = self.held[..shown.min(self.held.len())].to_owned();
-            self.held.drain(..out.len());
+            let out: String = self.held[..at].to_owned();
+            self.held.drain(..at);
             self.released.push_str(&out);
             return out;
         }
         // Llama 3's bare JSON may start after leading whitespace: hold it.
-        if self.format == ToolFormat::Llama3 && whole.trim().is_empty() {
+        if self.format == ToolFormat::Llama3 && at_start && self.held.trim().is_empty() {
             return String::new();
         }
         let triggers = parse::triggers(self.format);

@@ -67,14 +67,15 @@ pub fn parse(format: ToolFormat, text: &str) -> ParsedAnswer {
 
 /// Where in `text` a call may begin: the earliest trigger of the format
 /// (streaming holds text back from there). Llama 3's bare JSON call can
-/// only begin the answer.
-pub fn call_start(format: ToolFormat, text: &str) -> Option<usize> {
+/// only begin the answer, so it counts only when `text` is the answer's
+/// start (`at_start`).
+pub fn call_start(format: ToolFormat, text: &str, at_start: bool) -> Option<usize> {
     match format {
         ToolFormat::Hermes => text.find(HERMES_OPEN),
         ToolFormat::Mistral => text.find(MISTRAL_CALLS),
         ToolFormat::Llama3 => match text.find(PYTHON_TAG) {
             Some(i) => Some(i),
-            None => text.trim_start().starts_with('{').then_some(0),
+            None => (at_start && text.trim_start().starts_with('{')).then_some(0),
         },
     }
 }
@@ -283,10 +284,17 @@ mod tests {
 
     #[test]
     fn a_call_start_is_found_where_streaming_must_hold_text() {
-        assert_eq!(call_start(ToolFormat::Hermes, "Sure. <tool_call>"), Some(6));
-        assert_eq!(call_start(ToolFormat::Hermes, "Sure."), None);
-        assert_eq!(call_start(ToolFormat::Llama3, "  {\"name\""), Some(0));
-        assert_eq!(call_start(ToolFormat::Llama3, "x {"), None);
-        assert_eq!(call_start(ToolFormat::Mistral, "a[TOOL_CALLS]"), Some(1));
+        assert_eq!(
+            call_start(ToolFormat::Hermes, "Sure. <tool_call>", true),
+            Some(6)
+        );
+        assert_eq!(call_start(ToolFormat::Hermes, "Sure.", true), None);
+        assert_eq!(call_start(ToolFormat::Llama3, "  {\"name\"", true), Some(0));
+        assert_eq!(call_start(ToolFormat::Llama3, "{\"name\"", false), None);
+        assert_eq!(call_start(ToolFormat::Llama3, "x {", true), None);
+        assert_eq!(
+            call_start(ToolFormat::Mistral, "a[TOOL_CALLS]", true),
+            Some(1)
+        );
     }
 }
