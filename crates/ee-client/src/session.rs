@@ -170,7 +170,10 @@ impl Session {
             restarted: false,
         });
         let decoders = (0..request.choices)
-            .map(|_| ChoiceDecoder::new(&self.keys, request.stops.clone()))
+            .map(|_| {
+                let logprobs = request.logprobs != crate::proxy::request::LogprobsShape::None;
+                ChoiceDecoder::new(&self.keys, request.stops.clone(), logprobs)
+            })
             .collect();
         let mut generation = Generation {
             session: self,
