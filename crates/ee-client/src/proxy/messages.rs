@@ -4,7 +4,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::proxy::request::{invalid, RequestError};
+use crate::proxy::request::{invalid, typed_at, RequestError};
 use crate::template::ChatMessage;
 
 pub(crate) fn parse_messages(v: Option<&Value>) -> Result<Vec<ChatMessage>, RequestError> {
@@ -99,14 +99,7 @@ fn optional_string(
     param: &str,
     key: &str,
 ) -> Result<Option<String>, RequestError> {
-    match m.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(invalid(
-            &format!("{param}.{key}"),
-            format!("{key} must be a string"),
-        )),
-    }
+    typed_at(m, key, &format!("{param}.{key}"), "a string")
 }
 
 /// An assistant message's `tool_calls`, with each call's `arguments` (JSON

@@ -372,11 +372,22 @@ fn typed<T: DeserializeOwned>(
     param: &str,
     what: &str,
 ) -> Result<Option<T>, RequestError> {
-    match body.get(param) {
+    typed_at(body, param, param, what)
+}
+
+/// The field `key` of `object`, typed; a wrong type is a 400 naming
+/// `param` (the field's full name, `messages[0].name`); `null` is absent.
+pub(crate) fn typed_at<T: DeserializeOwned>(
+    object: &Map<String, Value>,
+    key: &str,
+    param: &str,
+    what: &str,
+) -> Result<Option<T>, RequestError> {
+    match object.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(v) => serde_json::from_value(v.clone())
             .map(Some)
-            .map_err(|_| invalid(param, format!("{param} must be {what}"))),
+            .map_err(|_| invalid(param, format!("{key} must be {what}"))),
     }
 }
 

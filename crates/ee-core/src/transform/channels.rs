@@ -203,13 +203,17 @@ mod tests {
         Axis::Heads { layer: 0, group }
     }
 
-    #[test]
-    fn values_move_whole_and_heads_move_in_blocks() {
-        // A key that swaps layer 0's two heads (half of keys do).
-        let key = (0u8..)
+    /// A key that swaps layer 0's two heads (half of keys do).
+    fn key_swapping_heads() -> Key {
+        (0u8..)
             .map(|b| Key::from_bytes([b; 32]))
             .find(|k| !k.permutation_for("ee/v1/hidden/heads/0", 2).is_identity())
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn values_move_whole_and_heads_move_in_blocks() {
+        let key = key_swapping_heads();
         let mut perms = ChannelPermutations::new(&key, Permutation::identity(1), 2);
         // A [4, 3] projection of 2 heads × 2 channels over 3 residual
         // channels: value (i, j) lands at (η-block(i), σ(j)).
@@ -249,10 +253,7 @@ mod tests {
 
     #[test]
     fn query_heads_follow_their_key_value_head() {
-        let key = (0u8..)
-            .map(|b| Key::from_bytes([b; 32]))
-            .find(|k| !k.permutation_for("ee/v1/hidden/heads/0", 2).is_identity())
-            .unwrap();
+        let key = key_swapping_heads();
         // 2 kv heads, 3 query heads each, head_dim 2: q has 12 channels.
         let mut perms = ChannelPermutations::new(&key, Permutation::identity(1), 2);
         let kv = perms.of(heads(1), 4).unwrap().unwrap().clone();
