@@ -1,5 +1,6 @@
 //! Weight matrices: our runtime-dispatched kernels where we have them
-//! (Q4_1, Q8_0, and float weights as stored), candle's `QMatMul` otherwise.
+//! (the GGUF block formats of `crate::quant`, and float weights as stored),
+//! candle's `QMatMul` otherwise.
 
 use std::ops::Range;
 

@@ -1,0 +1,175 @@
+use super::legacy::{quantize_activations, quantize_block, BLOCK};
+use super::*;
+use candle_core::quantized::QMatMul;
+use candle_core::{Device, Module};
+
+const FORMATS: [GgmlDType; 8] = [
+    GgmlDType::Q4_0,
+    GgmlDType::Q4_1,
+    GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
+    GgmlDType::Q8_0,
+    GgmlDType::Q4K,
+    GgmlDType::Q5K,
+    GgmlDType::Q6K,
+];
+
+/// A random quantized matrix (ours and candle's) and activations.
+fn setup(dtype: GgmlDType, rows: usize, cols: usize, m: usize) -> (QuantMatrix, QMatMul, Tensor) {
+    let w = Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (m, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    (
+        QuantMatrix::from_qtensor(&q).unwrap(),
+        QMatMul::from_qtensor(q).unwrap(),
+        x,
+    )
+}
+
+fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Every ISA's outputs for weight row `r` against all of `x`'s rows (1, 4
+/// or 8) in one call, best ISA first.
+fn dots_by_isa(mat: &QuantMatrix, x: &Tensor, r: usize) -> Vec<(Isa, Vec<f32>)> {
+    let flat = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    Isa::available()
+        .into_iter()
+        .map(|isa| (isa, mat.kernel.dots_for_test(&flat, r, isa)))
+        .collect()
+}
+
+#[test]
+fn matches_candles_kernels_to_rounding() {
+    for dtype in FORMATS {
+        let (ours, theirs, x) = setup(dtype, 64, 512, 5);
+        assert!(ours.format().replace('_', "") == format!("{dtype:?}").replace('_', ""));
+        let (a, b) = (ours.forward(&x).unwrap(), theirs.forward(&x).unwrap());
+        let diff = max_abs(&(a - &b).unwrap());
+        assert!(diff <= 1e-5 * max_abs(&b), "{dtype:?}: diff {diff}");
+    }
+}
+
+#[test]
+fn simd_kernels_agree_with_the_portable_one_and_each_other() {
+    for dtype in FORMATS {
+        let (mat, _, x) = setup(dtype, 5, 512, 1);
+        for r in 0..5 {
+            let results = dots_by_isa(&mat, &x, r);
+            let (portable, simd) = results.split_last().unwrap();
+            assert_eq!(portable.0, Isa::Portable);
+            let p = portable.1[0];
+            for (isa, v) in simd {
+                assert!(
+                    (v[0] - p).abs() <= 1e-4 * p.abs().max(1.0),
+                    "{dtype:?} {isa:?}: {} vs {p}",
+                    v[0]
+                );
+                assert_eq!(
+                    v[0].to_bits(),
+                    simd[0].1[0].to_bits(),
+                    "{dtype:?}: SIMD kernels differ"
+                );
+                // K-quants apply their float scales in one shared scalar step.
+                if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
+                    assert_eq!(v[0].to_bits(), p.to_bits(), "{dtype:?} {isa:?} vs portable");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn vectorized_quantization_is_bit_identical() {
+    // Random values, plus blocks scaled by exactly 1 holding halves,
+    // where rounding modes differ.
+    let mut x = Tensor::randn(0f32, 3.0, (1, 32 * 64), &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (i, v) in x[..32 * 8].iter_mut().enumerate() {
+        *v = match i % 32 {
+            31 => 127.0,
+            j => j as f32 - 15.5,
+        };
+    }
+    let key = |b: &ActBlock| (b.d.to_bits(), b.s.to_bits(), b.q);
+    let fast: Vec<_> = quantize_activations(&x).iter().map(key).collect();
+    let plain: Vec<_> = x
+        .chunks_exact(BLOCK)
+        .map(|b| key(&quantize_block(b)))
+        .collect();
+    assert_eq!(fast, plain);
+    // Q8_K: a negative extreme maps to -128; halves round away from zero.
+    x[300] = -400.0;
+    let key = |b: &ActBlockK| (b.d.to_bits(), b.q, b.bsums);
+    let fast: Vec<_> = k_quants::quantize_activations_k(&x)
+        .iter()
+        .map(key)
+        .collect();
+    let plain: Vec<_> = x
+        .chunks_exact(k_quants::QK_K)
+        .map(|b| key(&k_quants::quantize_block_k(b)))
+        .collect();
+    assert_eq!(fast, plain);
+    assert_eq!(fast[1].1[300 - 256], -128);
+}
+
+#[test]
+fn four_or_eight_activation_rows_at_once_are_bit_identical_to_one() {
+    for dtype in FORMATS {
+        let (mat, _, x) = setup(dtype, 3, 512, 8);
+        for r in 0..3 {
+            let by_isa = |rows: Tensor| dots_by_isa(&mat, &rows, r);
+            let ones: Vec<_> = (0..8).map(|i| by_isa(x.narrow(0, i, 1).unwrap())).collect();
+            let fours = [
+                by_isa(x.narrow(0, 0, 4).unwrap()),
+                by_isa(x.narrow(0, 4, 4).unwrap()),
+            ];
+            for (k, (isa, eight)) in by_isa(x.clone()).into_iter().enumerate() {
+                let one: Vec<u32> = ones.iter().map(|o| o[k].1[0].to_bits()).collect();
+                assert_eq!(bits(&eight), one, "{dtype:?} {isa:?}");
+                let four: Vec<u32> = fours.iter().flat_map(|f| bits(&f[k].1)).collect();
+                assert_eq!(four, one, "{dtype:?} {isa:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_are_independent_of_the_batch() {
+    for dtype in FORMATS {
+        let (mat, _, x) = setup(dtype, 40, 256, 13);
+        let all = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in all.iter().enumerate() {
+            let one = mat
+                .forward(&x.narrow(0, i, 1).unwrap())
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_eq!(bits(&one[0]), bits(row), "{dtype:?} row {i}");
+        }
+    }
+}
+
+#[test]
+fn other_formats_and_bad_shapes_are_refused() {
+    let w = Tensor::randn(0f32, 1.0, (4, 256), &Device::Cpu).unwrap();
+    let q2k = QTensor::quantize(&w, GgmlDType::Q2K).unwrap();
+    assert!(QuantMatrix::from_qtensor(&q2k).is_err());
+    let (mat, _, _) = setup(GgmlDType::Q8_0, 4, 64, 1);
+    let wrong = Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(mat.forward(&wrong).is_err());
+}

@@ -1,0 +1,179 @@
+//! AVX2 kernels of the K-quant formats (`super::k_quants`). A super-block's
+//! integer sum is accumulated in eight i32 lanes and reduced once; the float
+//! step is the portable one, so every build gives the same bits.
+
+use std::arch::x86_64::*;
+
+use super::k_quants::{add_block, quantize_block_k, ActBlockK, Q4K, Q5K, Q6K, QK_K};
+
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_activations_k_avx2(x: &[f32]) -> Vec<ActBlockK> {
+    let mut blocks = Vec::with_capacity(x.len() / QK_K);
+    for block in x.chunks_exact(QK_K) {
+        blocks.push(quantize_block_k(block));
+    }
+    blocks
+}
+
+#[inline(always)]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let half = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let quad = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0b01_00_11_10));
+    _mm_cvtsi128_si32(_mm_add_epi32(quad, _mm_shuffle_epi32(quad, 0b10_11_00_01)))
+}
+
+/// `Σ a·b` over sixteen i16 pairs (`bsums` against per-16 weights).
+#[inline(always)]
+unsafe fn dot_i16x16(a: &[i16; 16], b: &[i16; 16]) -> i32 {
+    let a = _mm256_loadu_si256(a.as_ptr().cast());
+    let b = _mm256_loadu_si256(b.as_ptr().cast());
+    hsum_i32(_mm256_madd_epi16(a, b))
+}
+
+#[inline(always)]
+unsafe fn load(bytes: &[u8]) -> __m256i {
+    debug_assert!(bytes.len() >= 32);
+    _mm256_loadu_si256(bytes.as_ptr().cast())
+}
+
+/// Adds `scale · Σ(w·x)` pairwise into i32 lanes: unsigned codes `w` times
+/// signed activations, pairs to i16 (at most 2·63·128, no saturation), then
+/// pairs times the i16 scales to i32.
+#[inline(always)]
+unsafe fn scaled_dot(acc: __m256i, w: __m256i, x: &[i8], scale: __m256i) -> __m256i {
+    let x = _mm256_loadu_si256(x.as_ptr().cast());
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), scale))
+}
+
+/// Dot products of one Q4_K/Q5_K weight row with `N` activation rows.
+/// `codes(w, c)` gives chunk `c`'s two sub-blocks of unsigned codes (values
+/// `64c..64c+32` and `64c+32..64c+64`), unpacked once for all rows.
+#[inline(always)]
+unsafe fn four_five_rows<W, const N: usize>(
+    w: &[W],
+    a: [&[ActBlockK]; N],
+    parts: impl Fn(&W) -> (f32, f32, &[i16; 8], &[i16; 16]),
+    codes: impl Fn(&W, usize) -> (__m256i, __m256i),
+) -> [f32; N] {
+    assert!(a.iter().all(|a| a.len() >= w.len()));
+    let mut out = [0f32; N];
+    for (b, w) in w.iter().enumerate() {
+        let (d, dmin, sc, m) = parts(w);
+        let mut acc = [_mm256_setzero_si256(); N];
+        for c in 0..4 {
+            let (low, high) = codes(w, c);
+            let (s_low, s_high) = (
+                _mm256_set1_epi16(sc[2 * c]),
+                _mm256_set1_epi16(sc[2 * c + 1]),
+            );
+            for (acc, a) in acc.iter_mut().zip(&a) {
+                // SAFETY: b < w.len() <= a.len(), checked above.
+                let x = &a.get_unchecked(b).q;
+                *acc = scaled_dot(*acc, low, &x[64 * c..], s_low);
+                *acc = scaled_dot(*acc, high, &x[64 * c + 32..], s_high);
+            }
+        }
+        for ((out, acc), a) in out.iter_mut().zip(acc).zip(&a) {
+            let x = a.get_unchecked(b);
+            let im = dot_i16x16(m, &x.bsums);
+            *out = add_block(*out, (d, dmin), x.d, hsum_i32(acc), im);
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dot_q4_k_avx2<const N: usize>(w: &[Q4K], a: [&[ActBlockK]; N]) -> [f32; N] {
+    let mask = _mm256_set1_epi8(0x0F);
+    four_five_rows(
+        w,
+        a,
+        |w| (w.d, w.dmin, &w.sc, &w.m),
+        |w, c| {
+            let q = load(&w.qs[32 * c..]);
+            (
+                _mm256_and_si256(q, mask),
+                _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+            )
+        },
+    )
+}
+
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dot_q5_k_avx2<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; N]) -> [f32; N] {
+    let mask = _mm256_set1_epi8(0x0F);
+    let sixteen = _mm256_set1_epi8(16);
+    // 16 where `qh`'s bit `j` is set, else 0.
+    let fifth = |qh: __m256i, j: usize| {
+        let bit = _mm256_set1_epi8(1 << j);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+        _mm256_and_si256(set, sixteen)
+    };
+    four_five_rows(
+        w,
+        a,
+        |w| (w.d, w.dmin, &w.sc, &w.m),
+        |w, c| {
+            let (q, qh) = (load(&w.qs[32 * c..]), load(&w.qh));
+            (
+                _mm256_or_si256(_mm256_and_si256(q, mask), fifth(qh, 2 * c)),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16(q, 4), mask),
+                    fifth(qh, 2 * c + 1),
+                ),
+            )
+        },
+    )
+}
+
+/// Dot products of one Q6_K weight row with `N` activation rows. Each
+/// 32-value vector spans two sub-blocks of 16, so its scale vector holds
+/// one scale per i16 half.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn dot_q6_k_avx2<const N: usize>(w: &[Q6K], a: [&[ActBlockK]; N]) -> [f32; N] {
+    assert!(a.iter().all(|a| a.len() >= w.len()));
+    let (low4, low2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+    let mut out = [0f32; N];
+    for (b, w) in w.iter().enumerate() {
+        let mut acc = [_mm256_setzero_si256(); N];
+        for n in 0..2 {
+            let (ql0, ql1, qh) = (
+                load(&w.ql[64 * n..]),
+                load(&w.ql[64 * n + 32..]),
+                load(&w.qh[32 * n..]),
+            );
+            for quarter in 0..4 {
+                let ql = if quarter % 2 == 0 { ql0 } else { ql1 };
+                let ql = if quarter < 2 {
+                    ql
+                } else {
+                    _mm256_srli_epi16(ql, 4)
+                };
+                let high = match quarter {
+                    0 => qh,
+                    1 => _mm256_srli_epi16(qh, 2),
+                    2 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                let code = _mm256_or_si256(
+                    _mm256_and_si256(ql, low4),
+                    _mm256_slli_epi16(_mm256_and_si256(high, low2), 4),
+                );
+                let k = 8 * n + 2 * quarter;
+                let scale = _mm256_set_m128i(_mm_set1_epi16(w.sc[k + 1]), _mm_set1_epi16(w.sc[k]));
+                for (acc, a) in acc.iter_mut().zip(&a) {
+                    // SAFETY: b < w.len() <= a.len(), checked above.
+                    let x = &a.get_unchecked(b).q;
+                    *acc = scaled_dot(*acc, code, &x[128 * n + 32 * quarter..], scale);
+                }
+            }
+        }
+        for ((out, acc), a) in out.iter_mut().zip(acc).zip(&a) {
+            let x = a.get_unchecked(b);
+            // Q6_K's offset of 32, as `q6_k_offset` computes it.
+            let iq = hsum_i32(acc) - 32 * dot_i16x16(&w.sc, &x.bsums);
+            *out = add_block(*out, (w.d, 0.0), x.d, iq, 0);
+        }
+    }
+    out
+}
