@@ -43,6 +43,9 @@ enum Command {
     /// Transform a model (GGUF or Hugging Face checkpoint) into a server
     /// artifact and a client bundle.
     EncryptModel(EncryptArgs),
+    /// Requantize a GGUF (llama-quantize's role): Q4_K_M, Q5_K_M, Q6_K,
+    /// Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 or F16.
+    Quantize(cmd::quantize::QuantizeArgs),
     /// Run the plaintext model locally on a chat prompt.
     Generate(GenerateArgs),
     /// Run the whole system locally: model, key, transform, blind server
@@ -338,6 +341,7 @@ fn main() -> Result<()> {
             println!("vocabulary: {} tokens; permuted: {permuted}", r.vocab_size);
             eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
         }
+        Command::Quantize(args) => cmd::quantize::run(args)?,
         Command::Generate(args) => run_generate(args)?,
         Command::Demo(args) => cmd::demo::run(args)?,
         Command::Proxy(args) => cmd::proxy::run(args)?,

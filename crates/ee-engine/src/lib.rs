@@ -16,7 +16,8 @@
 //! - [`Scheduler`]: continuous batching on an engine thread, with prompt
 //!   caching across requests ([`prefix_cache`]);
 //! - [`EncodeQueue`]: packed batches of encoder requests on an engine thread;
-//! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests.
+//! - [`generate()`]: a single-sequence loop for the CLI, benchmarks and tests;
+//! - [`quantize`]: GGUF requantization, `llama-quantize`'s role.
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
 
@@ -33,6 +34,7 @@ pub mod model;
 pub mod models;
 pub mod prefix_cache;
 pub mod quant;
+pub mod quantize;
 pub mod sampler;
 pub mod scheduler;
 #[doc(hidden)]

@@ -46,7 +46,9 @@ impl Linear {
         match self {
             Linear::Ours(m) => m.format().to_owned(),
             Linear::Float(m) => m.format().to_owned(),
-            Linear::Candle(QMatMul::QTensor(t)) => format!("{:?} (candle)", t.dtype()),
+            Linear::Candle(QMatMul::QTensor(t)) => {
+                format!("{} (candle)", crate::quantize::ggml_name(t.dtype()))
+            }
             Linear::Candle(QMatMul::Tensor(_)) => "F32 (candle)".to_owned(),
             Linear::Candle(QMatMul::TensorF16(_)) => "F16 (candle)".to_owned(),
         }

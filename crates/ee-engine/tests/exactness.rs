@@ -2,10 +2,12 @@
 //! architecture and weight format: encrypted vs plaintext, batched vs alone,
 //! and our forward pass vs candle-transformers' independent `quantized_llama`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+
+mod common;
+use common::reference_logits;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
 use ee_core::transform::write_server_artifact;
 use ee_core::{Key, Permutation};
 use ee_engine::testing::{write_tiny_model, TinySpec};
@@ -228,24 +230,6 @@ fn chunked_prefill_and_decode_steps_match_whole_prefill_bit_for_bit() {
 }
 
 /// Logits from candle-transformers' stock model for the same GGUF.
-fn reference_logits(path: &Path, tokens: &[u32]) -> Vec<f32> {
-    use candle_transformers::models::quantized_llama::ModelWeights;
-    let mut file = std::fs::File::open(path).unwrap();
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
-    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
-    let input = Tensor::new(tokens, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    model
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn forward_pass_agrees_with_candle_quantized_llama() {
     // On candle's own kernels, so this checks the forward pass itself; the

@@ -8,4 +8,5 @@ pub(crate) mod bench_server;
 pub(crate) mod chat;
 pub(crate) mod demo;
 pub(crate) mod proxy;
+pub(crate) mod quantize;
 pub(crate) mod text;

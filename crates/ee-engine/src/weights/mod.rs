@@ -83,6 +83,12 @@ impl StoredTensor<'_> {
             StoredDType::F32 => FloatWeights::F32(words(self.bytes, f32::from_le_bytes)),
             StoredDType::F16 => FloatWeights::F16(words(self.bytes, f16::from_le_bytes)),
             StoredDType::BF16 => FloatWeights::BF16(words(self.bytes, bf16::from_le_bytes)),
+            StoredDType::Ggml(GgmlDType::F32) => {
+                FloatWeights::F32(words(self.bytes, f32::from_le_bytes))
+            }
+            StoredDType::Ggml(GgmlDType::F16) => {
+                FloatWeights::F16(words(self.bytes, f16::from_le_bytes))
+            }
             StoredDType::Ggml(t) => {
                 return Err(Error::Model(format!(
                     "tensor {}: {t:?} is not a plain float type",
@@ -120,12 +126,17 @@ impl StoredTensor<'_> {
     }
 
     /// A weight matrix `[out, in]` ready for matmuls: block-quantized ones
-    /// through our or candle's kernels, float ones through ours, kept in
-    /// their stored type.
+    /// through our or candle's kernels, float ones (GGUF F32/F16 too, unless
+    /// candle's kernels are asked for) through ours, kept in their stored
+    /// type.
     pub fn to_linear(&self, opts: &LoadOptions) -> Result<Linear, Error> {
         match self.dtype {
-            StoredDType::Ggml(t) => Linear::from_qtensor(&self.name, self.qtensor(t)?, opts),
-            StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 => {
+            StoredDType::Ggml(t)
+                if opts.candle_kernels || !matches!(t, GgmlDType::F32 | GgmlDType::F16) =>
+            {
+                Linear::from_qtensor(&self.name, self.qtensor(t)?, opts)
+            }
+            StoredDType::Ggml(_) | StoredDType::F32 | StoredDType::F16 | StoredDType::BF16 => {
                 let [rows, cols] = self.shape[..] else {
                     return Err(Error::Model(format!(
                         "tensor {} has shape {:?}, not a matrix",
