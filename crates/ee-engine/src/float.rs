@@ -87,7 +87,7 @@ impl FloatMatrix {
 
     /// `y = x · Wᵀ` for `m` activation rows `x` (`[m, cols]`): `[m, rows]`.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        by_weight_rows(self.rows, m, |rows, outputs| {
+        by_weight_rows(self.rows, m, 1, |rows, outputs| {
             let mut buf = vec![0f32; self.cols];
             for (r, out) in rows.zip(outputs.chunks_exact_mut(m)) {
                 dot_rows(self.row(r, &mut buf), x, out);

@@ -85,14 +85,17 @@ fn check_candle_kernel_layout(name: &str, t: QTensor) -> Result<QTensor, Error> 
 /// `y = x · Wᵀ` for our kernels, `[m, n]`, computed weight row by weight
 /// row in parallel: `rows(range, out)` fills `out`, `[range.len()][m]`, with
 /// the outputs of weight rows `range` for each of the `m` activation rows.
-/// Each output depends only on its weight row and its activation row.
+/// Each range starts at a multiple of `granule` (a kernel's group of
+/// rows). Each output depends only on its weight row and its activation
+/// row.
 pub(crate) fn by_weight_rows(
     n: usize,
     m: usize,
+    granule: usize,
     rows: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let threads = rayon::current_num_threads().max(1);
-    let chunk = (n / (threads * 4)).clamp(8, 256);
+    let chunk = (n / (threads * 4)).clamp(8, 256).next_multiple_of(granule);
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(chunk * m)
         .enumerate()

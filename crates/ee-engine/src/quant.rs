@@ -2,17 +2,20 @@
 //!
 //! In a portable build candle's CPU dot products are scalar. These kernels
 //! cover the formats GGUF releases ship: ggml's 32-value blocks (Q4_0, Q4_1,
-//! Q5_0, Q5_1, Q8_0; `legacy`) and the K-quants (Q4_K, Q5_K, Q6_K;
-//! `k_quants`), which Q4_K_M and Q5_K_M files mix with Q5_0/Q5_1/Q8_0 where a
-//! row is not a whole number of 256-value super-blocks. Each activation row
-//! is quantized to 8 bits once per matmul, exactly as candle and llama.cpp
-//! do (Q8_0/Q8_1 blocks, or Q8_K for the K-quants), and each output is
-//! computed with AVX-512 VNNI or AVX2 integer dot products when the CPU has
-//! them, chosen at run time so builds stay portable. Up to eight activation
-//! rows (a decode batch) share each weight block as it is unpacked.
+//! Q5_0, Q5_1, Q8_0; `legacy`), repacked in groups of eight weight rows
+//! (`interleaved`), and the K-quants (Q4_K, Q5_K, Q6_K; `k_quants`), which
+//! Q4_K_M and Q5_K_M files mix with Q5_0/Q5_1/Q8_0 where a row is not a
+//! whole number of 256-value super-blocks. Each activation row is quantized
+//! to 8 bits once per matmul, exactly as candle and llama.cpp do (Q8_0/Q8_1
+//! blocks, or Q8_K for the K-quants), and each output is computed with
+//! AVX-512 VNNI or AVX2 integer dot products when the CPU has them, chosen
+//! at run time so builds stay portable. Up to eight activation rows (a
+//! decode batch, a prompt's tile) share each weight block as it is unpacked.
 //!
-//! Every activation row is computed on its own, in a fixed order, so a
-//! sequence's outputs do not depend on what else is in the batch.
+//! Every output is one chain of operations over its weight row and its
+//! activation row, the same whatever the batch and the build, so a
+//! sequence's outputs do not depend on what else is in the batch, and every
+//! build (VNNI, AVX2, portable) gives the same bits.
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
@@ -20,6 +23,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use crate::linear::{by_weight_rows, cpu_matmul};
 use crate::Error;
 
+mod interleaved;
 mod k_quants;
 mod legacy;
 #[cfg(target_arch = "x86_64")]
@@ -27,8 +31,9 @@ mod x86;
 #[cfg(target_arch = "x86_64")]
 mod x86_k;
 
+use interleaved::Interleaved;
 use k_quants::{ActBlockK, Q4K, Q5K, Q6K};
-use legacy::{ActBlock, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
+use legacy::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
 /// Activations quantized for one family of weight blocks.
 pub(crate) trait Activation: Sized + Send + Sync {
@@ -38,13 +43,6 @@ pub(crate) trait Activation: Sized + Send + Sync {
     fn quantize(x: &[f32]) -> Vec<Self>;
 }
 
-impl Activation for ActBlock {
-    const ELEMS: usize = legacy::BLOCK;
-    fn quantize(x: &[f32]) -> Vec<Self> {
-        legacy::quantize_activations(x)
-    }
-}
-
 impl Activation for ActBlockK {
     const ELEMS: usize = k_quants::QK_K;
     fn quantize(x: &[f32]) -> Vec<Self> {
@@ -52,7 +50,7 @@ impl Activation for ActBlockK {
     }
 }
 
-/// One weight block of a GGUF format, unpacked for our kernels.
+/// One K-quant super-block, unpacked for our kernels.
 pub(crate) trait WeightBlock: Sized + Send + Sync + 'static {
     /// The format's name, as ggml spells it.
     const NAME: &'static str;
@@ -66,7 +64,7 @@ pub(crate) trait WeightBlock: Sized + Send + Sync + 'static {
     fn dot<const N: usize>(w: &[Self], a: [&[Self::Act]; N], isa: Isa) -> [f32; N];
 }
 
-/// A weight matrix of one format's blocks, row-major.
+/// A weight matrix of one K-quant format's blocks, row-major.
 struct Blocks<W> {
     rows: usize,
     cols: usize,
@@ -74,7 +72,7 @@ struct Blocks<W> {
 }
 
 /// What [`QuantMatrix`] asks of a format's matrix.
-trait Kernel: Send + Sync {
+pub(crate) trait Kernel: Send + Sync {
     fn format(&self) -> &'static str;
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32>;
     /// Weight row `r` against all of `x`'s 1, 4 or 8 rows in one call.
@@ -106,12 +104,13 @@ impl QuantMatrix {
     /// blocks and on data of the wrong size.
     pub fn from_qtensor(t: &QTensor) -> Result<Self, Error> {
         let (rows, cols) = t.shape().dims2()?;
+        let data = || t.data().map_err(Error::from);
         let kernel: Box<dyn Kernel> = match t.dtype() {
-            GgmlDType::Q4_0 => Box::new(Blocks::<Q4_0>::new(t, rows, cols)?),
-            GgmlDType::Q4_1 => Box::new(Blocks::<Q4_1>::new(t, rows, cols)?),
-            GgmlDType::Q5_0 => Box::new(Blocks::<Q5_0>::new(t, rows, cols)?),
-            GgmlDType::Q5_1 => Box::new(Blocks::<Q5_1>::new(t, rows, cols)?),
-            GgmlDType::Q8_0 => Box::new(Blocks::<Q8_0>::new(t, rows, cols)?),
+            GgmlDType::Q4_0 => Box::new(Interleaved::<Q4_0>::new(&data()?, rows, cols)?),
+            GgmlDType::Q4_1 => Box::new(Interleaved::<Q4_1>::new(&data()?, rows, cols)?),
+            GgmlDType::Q5_0 => Box::new(Interleaved::<Q5_0>::new(&data()?, rows, cols)?),
+            GgmlDType::Q5_1 => Box::new(Interleaved::<Q5_1>::new(&data()?, rows, cols)?),
+            GgmlDType::Q8_0 => Box::new(Interleaved::<Q8_0>::new(&data()?, rows, cols)?),
             GgmlDType::Q4K => Box::new(Blocks::<Q4K>::new(t, rows, cols)?),
             GgmlDType::Q5K => Box::new(Blocks::<Q5K>::new(t, rows, cols)?),
             GgmlDType::Q6K => Box::new(Blocks::<Q6K>::new(t, rows, cols)?),
@@ -183,7 +182,7 @@ impl<W: WeightBlock> Kernel for Blocks<W> {
         let acts = W::Act::quantize(x);
         let isa = Isa::detect();
         let act_row = |i: usize| &acts[i * nb..][..nb];
-        by_weight_rows(self.rows, m, |rows, outputs| {
+        by_weight_rows(self.rows, m, 1, |rows, outputs| {
             // A tile of activation rows stays in cache while this task's
             // weight rows pass over it, rather than every weight row
             // streaming all of a long prompt's activations from memory.
@@ -214,7 +213,7 @@ impl<W: WeightBlock> Kernel for Blocks<W> {
 /// Activation rows per cache tile of a matmul (a multiple of 8, so the
 /// eight-row groups are the same as without tiling): 256 rows of 1536
 /// columns are about 480 KB of quantized blocks, within a core's L2.
-const ACTIVATION_TILE: usize = 256;
+pub(crate) const ACTIVATION_TILE: usize = 256;
 
 impl CustomOp1 for QuantMatrix {
     fn name(&self) -> &'static str {
@@ -262,10 +261,12 @@ impl Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has_avx2() && has!("avx512vnni") && has!("avx512vl") {
+            // F16C widens the 32-value formats' f16 scales.
+            let avx2 = has_avx2() && has!("f16c");
+            if avx2 && has!("avx512vnni") && has!("avx512vl") {
                 return Isa::Avx512Vnni;
             }
-            if has_avx2() {
+            if avx2 {
                 return Isa::Avx2;
             }
         }

@@ -1,20 +1,20 @@
-//! ggml's 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and their
-//! 8-bit activation blocks, with the portable dot products that the SIMD
-//! kernels in `x86` reproduce.
+//! ggml's 32-value block formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) as one
+//! family: every block is `w = d·(q − k) + m` with unsigned codes `q` (see
+//! [`LegacyFormat`]), dotted with 8-bit activation blocks ([`ActBlock`]).
 //!
 //! Layouts follow ggml (`ggml-common.h`): in a 4- or 5-bit block value `j`
 //! is the low nibble of byte `j` and value `j + 16` its high nibble; a 5-bit
 //! block's fifth bits are one little-endian `u32`, bit `j` for value `j`.
 
-use super::{Isa, WeightBlock};
-
 pub(crate) const BLOCK: usize = 32;
 
-/// One activation block quantized to 8 bits: `x ≈ d * q`, with `s = d * Σq`.
+/// One activation block quantized to 8 bits: `x ≈ d * q`, with `s = d * Σq`
+/// rounded as candle's Q8_1 rounds it, and `sum = Σq` exactly.
 #[derive(Clone, Copy)]
 pub(crate) struct ActBlock {
     pub d: f32,
     pub s: f32,
+    pub sum: i32,
     pub q: [i8; BLOCK],
 }
 
@@ -55,6 +55,7 @@ pub(crate) fn quantize_block(x: &[f32]) -> ActBlock {
     ActBlock {
         d,
         s: f16(f16(sum as f32) * d),
+        sum,
         q,
     }
 }
@@ -63,178 +64,134 @@ fn f16(v: f32) -> f32 {
     half::f16::from_f32(v).to_f32()
 }
 
-fn read_f16(b: &[u8]) -> f32 {
-    half::f16::from_le_bytes([b[0], b[1]]).to_f32()
+fn read_u16(b: &[u8]) -> u16 {
+    u16::from_le_bytes([b[0], b[1]])
 }
 
-/// Q4_0: `w = d * (q - 8)`, `q` 4-bit.
-pub(crate) struct Q4_0 {
-    pub d: f32,
-    pub qs: [u8; 16],
+/// One row's block, unpacked: `w = d·(q − OFFSET) + m`, `d` and `m` as
+/// the file's f16 bits.
+#[derive(Clone, Copy)]
+pub(crate) struct RowBlock {
+    pub d: u16,
+    pub m: u16,
+    pub q: [u8; BLOCK],
 }
 
-/// Q4_1: `w = d * q + m`, `q` 4-bit.
-pub(crate) struct Q4_1 {
-    pub dm: [f32; 2],
-    pub qs: [u8; 16],
+/// A 32-value ggml block format.
+pub(crate) trait LegacyFormat: Send + Sync + 'static {
+    /// The format's name, as ggml spells it.
+    const NAME: &'static str;
+    /// Size of a block on disk.
+    const BYTES: usize;
+    /// `k` in `w = d·(q − k) + m`.
+    const OFFSET: i32;
+    /// Whether blocks carry a min `m` (else it is 0).
+    const AFFINE: bool;
+    /// Whether codes fit in 4 bits (kept packed two to a byte).
+    const NIBBLES: bool;
+    /// Reads one on-disk block (`BYTES` long).
+    fn unpack(bytes: &[u8]) -> RowBlock;
 }
 
-/// Q5_0: `w = d * (q - 16)`, `q` 5-bit (fifth bits in `qh`).
-pub(crate) struct Q5_0 {
-    pub d: f32,
-    pub qh: u32,
-    pub qs: [u8; 16],
-}
-
-/// Q5_1: `w = d * q + m`, `q` 5-bit.
-pub(crate) struct Q5_1 {
-    pub dm: [f32; 2],
-    pub qh: u32,
-    pub qs: [u8; 16],
-}
-
-/// Q8_0: `w = d * q`, `q` signed 8-bit.
-pub(crate) struct Q8_0 {
-    pub d: f32,
-    pub qs: [i8; BLOCK],
-}
-
-/// Block `b`'s value `j` as an unsigned code (before any offset).
-fn nibble(qs: &[u8; 16], j: usize) -> i32 {
-    i32::from(if j < 16 {
-        qs[j] & 0x0F
-    } else {
-        qs[j - 16] >> 4
+/// Block `bytes[at..at + 16]`'s 4-bit codes: value `j` is byte `j`'s low
+/// nibble, value `j + 16` its high nibble.
+fn nibbles(b: &[u8], at: usize) -> [u8; BLOCK] {
+    std::array::from_fn(|j| {
+        if j < 16 {
+            b[at + j] & 0x0F
+        } else {
+            b[at + j - 16] >> 4
+        }
     })
 }
 
-fn fifth_bit(qh: u32, j: usize) -> i32 {
-    (((qh >> j) & 1) << 4) as i32
+/// Adds the fifth bits (a little-endian `u32` at `at`) to 4-bit codes.
+fn with_fifth_bits(mut q: [u8; BLOCK], b: &[u8], at: usize) -> [u8; BLOCK] {
+    let qh = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    for (j, q) in q.iter_mut().enumerate() {
+        *q |= (((qh >> j) & 1) << 4) as u8;
+    }
+    q
 }
 
-/// `Σ code(j) * a.q[j]` over a block.
-fn isum(a: &ActBlock, code: impl Fn(usize) -> i32) -> i32 {
-    (0..BLOCK).map(|j| code(j) * i32::from(a.q[j])).sum()
-}
+pub(crate) struct Q4_0;
+pub(crate) struct Q4_1;
+pub(crate) struct Q5_0;
+pub(crate) struct Q5_1;
+pub(crate) struct Q8_0;
 
-/// Σ over blocks of `term(w, a)`, in block order.
-fn scalar_dot<W, const N: usize>(
-    w: &[W],
-    a: [&[ActBlock]; N],
-    term: impl Fn(&W, &ActBlock) -> f32,
-) -> [f32; N] {
-    a.map(|a| w.iter().zip(a).fold(0f32, |acc, (w, a)| acc + term(w, a)))
-}
-
-/// Each format's SIMD builds, chosen by `isa`; the portable sum otherwise.
-macro_rules! dispatch {
-    ($isa:expr, $w:expr, $a:expr, $vnni:ident, $avx2:ident, $portable:expr) => {
-        // SAFETY: `isa` names instructions the CPU reports (see `Isa::detect`).
-        match $isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { super::x86::$vnni($w, $a) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { super::x86::$avx2($w, $a) },
-            Isa::Portable => $portable,
-        }
-    };
-}
-
-impl WeightBlock for Q4_0 {
+impl LegacyFormat for Q4_0 {
     const NAME: &'static str = "Q4_0";
     const BYTES: usize = 18;
-    type Act = ActBlock;
-    fn unpack(b: &[u8]) -> Self {
-        Self {
-            d: read_f16(b),
-            qs: std::array::from_fn(|i| b[2 + i]),
+    const OFFSET: i32 = 8;
+    const AFFINE: bool = false;
+    const NIBBLES: bool = true;
+    fn unpack(b: &[u8]) -> RowBlock {
+        RowBlock {
+            d: read_u16(b),
+            m: 0,
+            q: nibbles(b, 2),
         }
-    }
-    fn dot<const N: usize>(w: &[Self], a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q4_0_vnni, dot_q4_0_avx2, {
-            scalar_dot(w, a, |w, a| {
-                w.d * a.d * isum(a, |j| nibble(&w.qs, j) - 8) as f32
-            })
-        })
     }
 }
 
-impl WeightBlock for Q4_1 {
+impl LegacyFormat for Q4_1 {
     const NAME: &'static str = "Q4_1";
     const BYTES: usize = 20;
-    type Act = ActBlock;
-    fn unpack(b: &[u8]) -> Self {
-        Self {
-            dm: [read_f16(b), read_f16(&b[2..])],
-            qs: std::array::from_fn(|i| b[4 + i]),
+    const OFFSET: i32 = 0;
+    const AFFINE: bool = true;
+    const NIBBLES: bool = true;
+    fn unpack(b: &[u8]) -> RowBlock {
+        RowBlock {
+            d: read_u16(b),
+            m: read_u16(&b[2..]),
+            q: nibbles(b, 4),
         }
-    }
-    fn dot<const N: usize>(w: &[Self], a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q4_1_vnni, dot_q4_1_avx2, {
-            scalar_dot(w, a, |w, a| {
-                w.dm[0] * a.d * isum(a, |j| nibble(&w.qs, j)) as f32 + w.dm[1] * a.s
-            })
-        })
     }
 }
 
-impl WeightBlock for Q5_0 {
+impl LegacyFormat for Q5_0 {
     const NAME: &'static str = "Q5_0";
     const BYTES: usize = 22;
-    type Act = ActBlock;
-    fn unpack(b: &[u8]) -> Self {
-        Self {
-            d: read_f16(b),
-            qh: u32::from_le_bytes([b[2], b[3], b[4], b[5]]),
-            qs: std::array::from_fn(|i| b[6 + i]),
+    const OFFSET: i32 = 16;
+    const AFFINE: bool = false;
+    const NIBBLES: bool = false;
+    fn unpack(b: &[u8]) -> RowBlock {
+        RowBlock {
+            d: read_u16(b),
+            m: 0,
+            q: with_fifth_bits(nibbles(b, 6), b, 2),
         }
-    }
-    fn dot<const N: usize>(w: &[Self], a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q5_0_vnni, dot_q5_0_avx2, {
-            scalar_dot(w, a, |w, a| {
-                let code = |j| (nibble(&w.qs, j) | fifth_bit(w.qh, j)) - 16;
-                w.d * a.d * isum(a, code) as f32
-            })
-        })
     }
 }
 
-impl WeightBlock for Q5_1 {
+impl LegacyFormat for Q5_1 {
     const NAME: &'static str = "Q5_1";
     const BYTES: usize = 24;
-    type Act = ActBlock;
-    fn unpack(b: &[u8]) -> Self {
-        Self {
-            dm: [read_f16(b), read_f16(&b[2..])],
-            qh: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
-            qs: std::array::from_fn(|i| b[8 + i]),
+    const OFFSET: i32 = 0;
+    const AFFINE: bool = true;
+    const NIBBLES: bool = false;
+    fn unpack(b: &[u8]) -> RowBlock {
+        RowBlock {
+            d: read_u16(b),
+            m: read_u16(&b[2..]),
+            q: with_fifth_bits(nibbles(b, 8), b, 4),
         }
-    }
-    fn dot<const N: usize>(w: &[Self], a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q5_1_vnni, dot_q5_1_avx2, {
-            scalar_dot(w, a, |w, a| {
-                let code = |j| nibble(&w.qs, j) | fifth_bit(w.qh, j);
-                w.dm[0] * a.d * isum(a, code) as f32 + w.dm[1] * a.s
-            })
-        })
     }
 }
 
-impl WeightBlock for Q8_0 {
+impl LegacyFormat for Q8_0 {
     const NAME: &'static str = "Q8_0";
     const BYTES: usize = 34;
-    type Act = ActBlock;
-    fn unpack(b: &[u8]) -> Self {
-        Self {
-            d: read_f16(b),
-            qs: std::array::from_fn(|i| b[2 + i] as i8),
+    /// Signed codes, stored as `q + 128`.
+    const OFFSET: i32 = 128;
+    const AFFINE: bool = false;
+    const NIBBLES: bool = false;
+    fn unpack(b: &[u8]) -> RowBlock {
+        RowBlock {
+            d: read_u16(b),
+            m: 0,
+            q: std::array::from_fn(|j| b[2 + j] ^ 0x80),
         }
-    }
-    fn dot<const N: usize>(w: &[Self], a: [&[ActBlock]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q8_0_vnni, dot_q8_0_avx2, {
-            scalar_dot(w, a, |w, a| {
-                w.d * a.d * isum(a, |j| i32::from(w.qs[j])) as f32
-            })
-        })
     }
 }

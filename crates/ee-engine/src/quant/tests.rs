@@ -1,4 +1,4 @@
-use super::legacy::{quantize_activations, quantize_block, BLOCK};
+use super::legacy::{quantize_activations, quantize_block, ActBlock, BLOCK};
 use super::*;
 use candle_core::quantized::QMatMul;
 use candle_core::{Device, Module};
@@ -52,9 +52,10 @@ fn dots_by_isa(mat: &QuantMatrix, x: &Tensor, r: usize) -> Vec<(Isa, Vec<f32>)> 
 #[test]
 fn matches_candles_kernels_to_rounding() {
     for dtype in FORMATS {
+        // 61 rows: the last group of eight is padded.
         let (ours, theirs, x) = setup(
             dtype,
-            64,
+            61,
             if dtype.block_size() == 32 { 320 } else { 512 },
             5,
         );
@@ -85,10 +86,8 @@ fn simd_kernels_agree_with_the_portable_one_and_each_other() {
                     simd[0].1[0].to_bits(),
                     "{dtype:?}: SIMD kernels differ"
                 );
-                // K-quants apply their float scales in one shared scalar step.
-                if matches!(dtype, GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K) {
-                    assert_eq!(v[0].to_bits(), p.to_bits(), "{dtype:?} {isa:?} vs portable");
-                }
+                // Every build computes the portable definition exactly.
+                assert_eq!(v[0].to_bits(), p.to_bits(), "{dtype:?} {isa:?} vs portable");
             }
         }
     }
