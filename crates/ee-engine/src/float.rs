@@ -2,16 +2,16 @@
 //! Hugging Face checkpoint's dtype, or a GGUF's F16/F32 matrices), f32
 //! activations and accumulation.
 //!
-//! Weights are repacked in groups of eight rows, column by column, so that
-//! one vector holds one column of eight rows: a GEMM micro-kernel then
-//! multiplies it by one activation broadcast, with no horizontal sums, and
-//! widens f16 (F16C) or bf16 (a shift) in registers, as llama.cpp widens
-//! and accumulates in f32.
+//! Weights are repacked in groups of eight rows by pairs of columns, so
+//! that one 512-bit vector holds two columns of eight rows: a GEMM
+//! micro-kernel multiplies it by a broadcast pair of activations, with no
+//! horizontal sums until the end, and widens f16 (F16C) or bf16 (a shift)
+//! in registers, as llama.cpp widens and accumulates in f32.
 //!
 //! Every output is defined as two fused multiply-add chains over the
-//! columns, even and odd, added at the end: the portable and AVX2 builds
-//! compute exactly that, whatever the batch, so a sequence's outputs do not
-//! depend on what else is in it or on the CPU.
+//! columns, even and odd, added at the end: the portable, AVX2 and AVX-512
+//! builds compute exactly that, whatever the batch, so a sequence's outputs
+//! do not depend on what else is in it or on the CPU.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
@@ -39,23 +39,25 @@ impl FloatWeights {
 /// Weight rows per group.
 const GROUP: usize = 8;
 
-/// A float weight matrix `[rows, cols]`, in groups of [`GROUP`] rows: value
-/// `(g·8 + r, k)` at `(g·cols + k)·8 + r`, the last group padded with zeros.
+/// A float weight matrix `[rows, cols]`, in groups of [`GROUP`] rows and
+/// pairs of columns: value `(g·8 + r, k)` at
+/// `((g·⌈cols/2⌉ + k/2)·8 + r)·2 + k%2`, so that 16 values hold two
+/// columns of eight rows; the last group's missing rows and an odd last
+/// column's partner are zeros.
 pub struct FloatMatrix {
     rows: usize,
     cols: usize,
     weights: FloatWeights,
 }
 
-/// Row-major `[rows, cols]` values in groups of eight rows, column-major
-/// within a group.
+/// Row-major `[rows, cols]` values in [`FloatMatrix`]'s order.
 fn interleave<T: Copy + Default>(w: &[T], rows: usize, cols: usize) -> Vec<T> {
-    let groups = rows.div_ceil(GROUP);
-    let mut out = vec![T::default(); groups * cols * GROUP];
+    let (groups, pairs) = (rows.div_ceil(GROUP), cols.div_ceil(2));
+    let mut out = vec![T::default(); groups * pairs * 2 * GROUP];
     for (r, row) in w.chunks_exact(cols).enumerate() {
         let (g, lane) = (r / GROUP, r % GROUP);
         for (k, &v) in row.iter().enumerate() {
-            out[(g * cols + k) * GROUP + lane] = v;
+            out[((g * pairs + k / 2) * GROUP + lane) * 2 + k % 2] = v;
         }
     }
     out
@@ -106,8 +108,9 @@ impl FloatMatrix {
 
     fn matmul_in<T: Widen>(&self, w: &[T], x: &[f32], m: usize) -> Vec<f32> {
         let k = self.cols;
-        let simd = simd_available();
-        let group = |g: usize| &w[g * k * GROUP..][..k * GROUP];
+        let simd = Simd::detect();
+        let group_len = k.div_ceil(2) * 2 * GROUP;
+        let group = |g: usize| &w[g * group_len..][..group_len];
         let act = |i: usize| &x[i * k..][..k];
         by_weight_rows(self.rows, m, GROUP, |rows, outputs| {
             let (start, end) = (rows.start, rows.end);
@@ -153,18 +156,36 @@ impl FloatMatrix {
     }
 }
 
-fn simd_available() -> bool {
+/// The builds of the micro-kernel, best first.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Simd {
+    /// 512-bit: sixteen lanes, one group of rows by a pair of columns.
     #[cfg(target_arch = "x86_64")]
-    {
-        crate::quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
+    Avx512,
+    /// 256-bit: two registers per group and column pair.
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Portable,
+}
+
+impl Simd {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            if crate::quant::has_avx2() && has!("f16c") {
+                return if has!("avx512f") {
+                    Simd::Avx512
+                } else {
+                    Simd::Avx2
+                };
+            }
+        }
+        Simd::Portable
     }
 }
 
-/// A stored float type widened to f32, one value or (x86) eight at once.
+/// A stored float type widened to f32, one value or (x86) 8 or 16 at once.
 trait Widen: Copy + Default + Send + Sync {
     fn to_f32(self) -> f32;
     /// Eight values from `p`.
@@ -174,6 +195,13 @@ trait Widen: Copy + Default + Send + Sync {
     /// F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Sixteen values from `p`.
+    ///
+    /// # Safety
+    /// `p` must point at sixteen readable values; the CPU must have
+    /// AVX-512F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
 impl Widen for f32 {
@@ -184,6 +212,11 @@ impl Widen for f32 {
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
         std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
     }
 }
 
@@ -197,49 +230,72 @@ impl Widen for f16 {
         use std::arch::x86_64::*;
         _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
+    }
 }
 
 impl Widen for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
+    // bf16 is the top half of an f32.
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        // bf16 is the top half of an f32.
         use std::arch::x86_64::*;
         let wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast()));
         _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
     }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        let wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()));
+        _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))
+    }
 }
+
+/// Group outputs: `[R groups][N activation rows][8 rows]`.
+type Tile<const R: usize, const N: usize> = [[[f32; GROUP]; N]; R];
 
 /// The outputs of `R` groups (eight rows each) for `N` activation rows.
 fn tile<T: Widen, const R: usize, const N: usize>(
     w: [&[T]; R],
     x: [&[f32]; N],
-    simd: bool,
-) -> [[[f32; GROUP]; N]; R] {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` says the CPU has AVX2, FMA and F16C.
-        return unsafe { tile_avx2(w, x) };
+    simd: Simd,
+) -> Tile<R, N> {
+    // SAFETY: `simd` names instructions the CPU reports (`Simd::detect`).
+    match simd {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { tile_avx512(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { tile_avx2(w, x) },
+        Simd::Portable => tile_portable(w, x),
     }
-    let _ = simd;
-    tile_portable(w, x)
 }
 
-/// The definition: per output, fused chains over even and odd columns.
+/// The definition: per output, fused chains over even and odd columns
+/// (an odd last column pairs with a zero weight and a zero activation),
+/// added at the end.
 fn tile_portable<T: Widen, const R: usize, const N: usize>(
     w: [&[T]; R],
     x: [&[f32]; N],
-) -> [[[f32; GROUP]; N]; R] {
+) -> Tile<R, N> {
+    let pairs = x[0].len().div_ceil(2);
     w.map(|w| {
         x.map(|x| {
             std::array::from_fn(|lane| {
                 let mut chains = [0f32; 2];
-                for (k, &xk) in x.iter().enumerate() {
-                    let c = &mut chains[k % 2];
-                    *c = w[k * GROUP + lane].to_f32().mul_add(xk, *c);
+                for p in 0..pairs {
+                    for (c, chain) in chains.iter_mut().enumerate() {
+                        let wk = w[(p * GROUP + lane) * 2 + c].to_f32();
+                        let xk = x.get(2 * p + c).copied().unwrap_or(0.0);
+                        *chain = wk.mul_add(xk, *chain);
+                    }
                 }
                 chains[0] + chains[1]
             })
@@ -247,40 +303,83 @@ fn tile_portable<T: Widen, const R: usize, const N: usize>(
     })
 }
 
+/// Activations `x[2p]` and `x[2p + 1]` (or 0 past the end) as one `f64`'s
+/// bits, to broadcast to every (even, odd) lane pair.
+#[inline(always)]
+fn pair_bits(x: &[f32], p: usize) -> f64 {
+    let at = |k: usize| x.get(k).map_or(0, |v| v.to_bits());
+    f64::from_bits(u64::from(at(2 * p)) | u64::from(at(2 * p + 1)) << 32)
+}
+
+/// Each row's even and odd chains, from `lanes` (`2r`, `2r + 1`), added.
+#[inline(always)]
+fn fold(lanes: &[f32; 2 * GROUP]) -> [f32; GROUP] {
+    std::array::from_fn(|r| lanes[2 * r] + lanes[2 * r + 1])
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn tile_avx2<T: Widen, const R: usize, const N: usize>(
     w: [&[T]; R],
     x: [&[f32]; N],
-) -> [[[f32; GROUP]; N]; R] {
+) -> Tile<R, N> {
     use std::arch::x86_64::*;
-    let k = x[0].len();
-    assert!(w.iter().all(|w| w.len() >= k * GROUP) && x.iter().all(|x| x.len() == k));
+    let pairs = x[0].len().div_ceil(2);
+    assert!(w.iter().all(|w| w.len() >= pairs * 2 * GROUP));
+    assert!(x.iter().all(|v| v.len() == x[0].len()));
+    // acc[j][n]: rows 0..4 and 4..8 of group j, lanes (even, odd) per row.
     let mut acc = [[[_mm256_setzero_ps(); 2]; N]; R];
-    // One column into its chain (`col % 2`) for every group and row.
-    let mut step = |col: usize| {
-        // SAFETY: col < k, and each group holds k columns of eight (above).
-        let ws: [__m256; R] = std::array::from_fn(|j| T::load8(w[j].as_ptr().add(col * GROUP)));
+    for p in 0..pairs {
+        // SAFETY: p < pairs, and each group holds `pairs` pairs (above).
+        let ws: [[__m256; 2]; R] = std::array::from_fn(|j| {
+            let at = w[j].as_ptr().add(p * 2 * GROUP);
+            [T::load8(at), T::load8(at.add(GROUP))]
+        });
         for (n, x) in x.iter().enumerate() {
-            let xb = _mm256_set1_ps(*x.get_unchecked(col));
-            for (j, &wv) in ws.iter().enumerate() {
-                let c = &mut acc[j][n][col % 2];
-                *c = _mm256_fmadd_ps(wv, xb, *c);
+            let xb = _mm256_castpd_ps(_mm256_set1_pd(pair_bits(x, p)));
+            for (j, [lo, hi]) in ws.iter().enumerate() {
+                let [a_lo, a_hi] = &mut acc[j][n];
+                *a_lo = _mm256_fmadd_ps(*lo, xb, *a_lo);
+                *a_hi = _mm256_fmadd_ps(*hi, xb, *a_hi);
             }
         }
-    };
-    for col in (0..k / 2 * 2).step_by(2) {
-        step(col);
-        step(col + 1);
-    }
-    if k % 2 == 1 {
-        step(k - 1);
     }
     acc.map(|a| {
-        a.map(|[even, odd]| {
-            let mut out = [0f32; GROUP];
-            _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(even, odd));
-            out
+        a.map(|[lo, hi]| {
+            let mut lanes = [0f32; 2 * GROUP];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+            _mm256_storeu_ps(lanes.as_mut_ptr().add(GROUP), hi);
+            fold(&lanes)
+        })
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f")]
+unsafe fn tile_avx512<T: Widen, const R: usize, const N: usize>(
+    w: [&[T]; R],
+    x: [&[f32]; N],
+) -> Tile<R, N> {
+    use std::arch::x86_64::*;
+    let pairs = x[0].len().div_ceil(2);
+    assert!(w.iter().all(|w| w.len() >= pairs * 2 * GROUP));
+    assert!(x.iter().all(|v| v.len() == x[0].len()));
+    let mut acc = [[_mm512_setzero_ps(); N]; R];
+    for p in 0..pairs {
+        // SAFETY: as in `tile_avx2`.
+        let ws: [__m512; R] = std::array::from_fn(|j| T::load16(w[j].as_ptr().add(p * 2 * GROUP)));
+        for (n, x) in x.iter().enumerate() {
+            let xb = _mm512_castpd_ps(_mm512_set1_pd(pair_bits(x, p)));
+            for (j, &wv) in ws.iter().enumerate() {
+                acc[j][n] = _mm512_fmadd_ps(wv, xb, acc[j][n]);
+            }
+        }
+    }
+    acc.map(|a| {
+        a.map(|v| {
+            let mut lanes = [0f32; 2 * GROUP];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), v);
+            fold(&lanes)
         })
     })
 }
@@ -356,35 +455,53 @@ mod tests {
     }
 
     #[test]
-    fn the_simd_build_computes_the_portable_definition_bit_for_bit() {
-        if !simd_available() {
-            return;
-        }
-        let cols = 37;
-        let w: Vec<f32> = (0..4 * GROUP * cols)
+    fn every_simd_build_computes_the_portable_definition_bit_for_bit() {
+        let builds: Vec<Simd> = match Simd::detect() {
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => vec![Simd::Avx512, Simd::Avx2],
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => vec![Simd::Avx2],
+            Simd::Portable => return,
+        };
+        let (rows, cols) = (4 * GROUP, 37);
+        let w: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 317.0)
             .collect();
         let x: Vec<f32> = (0..4 * cols)
             .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 211.0)
             .collect();
         let xs: [&[f32]; 4] = std::array::from_fn(|n| &x[n * cols..][..cols]);
-        let f16s: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
-        let bf16s: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
-        fn check<T: Widen>(w: &[T], cols: usize, xs: [&[f32]; 4]) {
-            let gs: [&[T]; 4] = std::array::from_fn(|j| &w[j * cols * GROUP..][..cols * GROUP]);
-            let bits = |t: &[[[f32; GROUP]; 1]; 4]| t.map(|[o]| o.map(f32::to_bits));
-            // SAFETY: the test returned early without AVX2, FMA and F16C.
-            let fast = unsafe { tile_avx2(gs, [xs[0]]) };
-            assert_eq!(bits(&fast), bits(&tile_portable(gs, [xs[0]])));
-            let [fast] = unsafe { tile_avx2([gs[1]], xs) };
-            let [slow] = tile_portable([gs[1]], xs);
-            assert_eq!(
-                fast.map(|o| o.map(f32::to_bits)),
-                slow.map(|o| o.map(f32::to_bits))
-            );
+        fn check<T: Widen>(w: Vec<T>, cols: usize, xs: [&[f32]; 4], builds: &[Simd]) {
+            let w = interleave(&w, 4 * GROUP, cols);
+            let len = cols.div_ceil(2) * 2 * GROUP;
+            let gs: [&[T]; 4] = std::array::from_fn(|j| &w[j * len..][..len]);
+            let bits = |t: &[[[f32; GROUP]; 4]; 1]| t[0].map(|o| o.map(f32::to_bits));
+            let bits_r = |t: &[[[f32; GROUP]; 1]; 4]| t.map(|[o]| o.map(f32::to_bits));
+            for &simd in builds {
+                assert_eq!(
+                    bits_r(&tile(gs, [xs[0]], simd)),
+                    bits_r(&tile_portable(gs, [xs[0]])),
+                    "{simd:?}, four groups"
+                );
+                assert_eq!(
+                    bits(&tile([gs[1]], xs, simd)),
+                    bits(&tile_portable([gs[1]], xs)),
+                    "{simd:?}, four activation rows"
+                );
+            }
         }
-        check(&w, cols, xs);
-        check(&f16s, cols, xs);
-        check(&bf16s, cols, xs);
+        check(w.clone(), cols, xs, &builds);
+        check(
+            w.iter().map(|&v| f16::from_f32(v)).collect(),
+            cols,
+            xs,
+            &builds,
+        );
+        check(
+            w.iter().map(|&v| bf16::from_f32(v)).collect(),
+            cols,
+            xs,
+            &builds,
+        );
     }
 }

@@ -248,7 +248,8 @@ pub(crate) fn has_avx2() -> bool {
 /// The SIMD kernels a CPU can run, best first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Isa {
-    /// AVX-512 VNNI (256-bit forms): one instruction per byte dot product.
+    /// AVX-512 VNNI: one instruction per byte dot product (512-bit for the
+    /// 32-value formats, 256-bit for the K-quants).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     #[cfg(target_arch = "x86_64")]
@@ -263,7 +264,8 @@ impl Isa {
             use std::arch::is_x86_feature_detected as has;
             // F16C widens the 32-value formats' f16 scales.
             let avx2 = has_avx2() && has!("f16c");
-            if avx2 && has!("avx512vnni") && has!("avx512vl") {
+            let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl");
+            if avx2 && avx512 && has!("avx512vnni") {
                 return Isa::Avx512Vnni;
             }
             if avx2 {

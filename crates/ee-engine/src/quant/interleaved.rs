@@ -1,9 +1,9 @@
 //! Matrices of the 32-value formats, repacked in groups of eight weight
-//! rows so that one 256-bit register holds four adjacent codes of each of
+//! rows so that one 512-bit register holds eight adjacent codes of each of
 //! the eight rows (llama.cpp repacks Q4_0 this way for its x86 GEMM).
 //!
-//! A byte dot product of such a register with four activation codes
-//! broadcast to every lane gives all eight rows' partial sums at once, and
+//! A byte dot product of such a register with eight activation codes
+//! broadcast to every row gives all eight rows' partial sums at once, and
 //! the block's float scales apply to the eight rows in one vector
 //! operation: a few instructions per row and block, where a row at a time
 //! spends one horizontal sum and a scalar scale on each.
@@ -36,10 +36,10 @@ pub(crate) struct Interleaved<F> {
     d: Vec<[u16; GROUP]>,
     /// The same for `m`, for formats with a min; empty otherwise.
     m: Vec<[u16; GROUP]>,
-    /// Per group and block, `code_bytes()` of codes: register `j` (32
-    /// bytes) holds values `4j..4j + 4` of rows 0..8, four bytes per row.
-    /// 4-bit formats pack registers `j` and `j + 4` into one, as low and
-    /// high nibbles.
+    /// Per group and block, `CODE_BYTES` of codes in 64-byte chunks: chunk
+    /// `t` holds values `8t..8t + 8` of rows 0..8, eight bytes per row (one
+    /// 512-bit register, or two 256-bit ones of four rows). 4-bit formats
+    /// pack chunks `t` and `t + 2` into one, as low and high nibbles.
     codes: Vec<u8>,
     format: PhantomData<F>,
 }
@@ -148,11 +148,11 @@ impl<F: LegacyFormat> Interleaved<F> {
 
 /// Where row `r`'s value `j` lives in a block's codes: byte and bit shift.
 fn code_position<F: LegacyFormat>(r: usize, j: usize) -> (usize, u32) {
-    let (register, lane) = (j / 4, r * 4 + j % 4);
+    let (chunk, at) = (j / 8, r * 8 + j % 8);
     if F::NIBBLES {
-        (register % 4 * 32 + lane, if register < 4 { 0 } else { 4 })
+        (chunk % 2 * 64 + at, if chunk < 2 { 0 } else { 4 })
     } else {
-        (register * 32 + lane, 0)
+        (chunk * 64 + at, 0)
     }
 }
 
