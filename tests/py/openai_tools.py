@@ -74,7 +74,7 @@ parsed = client.chat.completions.parse(
 out["parsed"] = parsed.choices[0].message.parsed.model_dump()
 mode = client.chat.completions.create(
     model="ee-model", temperature=0, max_tokens=80, response_format={"type": "json_object"},
-    messages=[{"role": "user", "content": "Give a dog's name and age as a JSON object."}])
+    messages=[{"role": "user", "content": "Give a dog's name and age as a JSON object with the keys name and age."}])
 out["json_object"] = json.loads(mode.choices[0].message.content)
 text = ""
 for chunk in client.chat.completions.create(

@@ -186,7 +186,7 @@ fn every_answer_parses_and_validates_against_its_schema() {
         "{lp}"
     );
     // JSON mode: any object.
-    let body = json!({"messages": [{"role": "user", "content": "Give a dog's name and age as a JSON object."}],
+    let body = json!({"messages": [{"role": "user", "content": "Give a dog's name and age as a JSON object with the keys name and age."}],
                       "max_tokens": 160, "temperature": 0,
                       "response_format": {"type": "json_object"}});
     let r = s.proxy.post_json("/v1/chat/completions", &body);
