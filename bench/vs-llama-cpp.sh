@@ -9,7 +9,10 @@
 # Without arguments it benches every format of the issue's table, each made
 # from the default SmolLM2 Q4_1 model with `ee quantize` (Q4_1 is the
 # model itself) into bench/.cache/models/; EE_BENCH_FORMATS picks others
-# (default "Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16"). One table per model.
+# (default "Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16"). One table per model. SmolLM2's
+# rows of 576 are not whole K-quant super-blocks, so its Q4_K_M and Q5_K_M
+# are mostly Q5_0 and Q5_1 (only ffn_down is Q4_K/Q5_K/Q6_K), as llama.cpp
+# makes them.
 #
 # llama.cpp is built from the llama-cpp-python==0.3.36 sdist on PyPI (the
 # same pin and sha256 as scripts/fetch-test-data.sh), with CMake from pip,
@@ -30,7 +33,8 @@ LLAMA_BENCH="$CACHE/llama.cpp/build/bin/llama-bench"
 # The venv with CMake (and the model, when it is the default one).
 scripts/fetch-test-data.sh
 VENV="models/.venv"
-[ -f "$DEFAULT_MODEL" ] || cargo run --release --quiet -p ee-cli --bin ee -- fetch-model
+[ "$#" -gt 0 ] || [ -f "$DEFAULT_MODEL" ] ||
+  cargo run --release --quiet -p ee-cli --bin ee -- fetch-model
 
 if [ ! -x "$LLAMA_BENCH" ]; then
   mkdir -p "$CACHE"
@@ -93,7 +97,8 @@ for format in $FORMATS; do
   MODEL="$CACHE/models/SmolLM2-135M-Instruct.$format.gguf"
   if [ "$format" = Q4_1 ]; then
     MODEL="$DEFAULT_MODEL"
-  elif [ ! -f "$MODEL" ]; then
+  elif [ ! -f "$MODEL" ] || [ "$EE" -nt "$MODEL" ]; then
+    # Remade whenever `ee` was rebuilt, so its quantizer is the one benched.
     "$EE" quantize --model "$DEFAULT_MODEL" --out "$MODEL" --type "$format" >/dev/null
   fi
   table

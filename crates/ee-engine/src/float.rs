@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::linear::{by_weight_rows, cpu_matmul};
+use crate::linear::{by_weight_rows, cpu_matmul, put_group};
 use crate::Error;
 
 /// Weights in their stored element type, row-major `[rows, cols]`.
@@ -114,16 +114,7 @@ impl FloatMatrix {
         let act = |i: usize| &x[i * k..][..k];
         by_weight_rows(self.rows, m, GROUP, |rows, outputs| {
             let (start, end) = (rows.start, rows.end);
-            let mut put = |g: usize, i: usize, outs: &[[f32; GROUP]]| {
-                for (n, out) in outs.iter().enumerate() {
-                    for (lane, &v) in out.iter().enumerate() {
-                        let r = g * GROUP + lane;
-                        if r < end {
-                            outputs[(r - start) * m + i + n] = v;
-                        }
-                    }
-                }
-            };
+            let mut put = |g, i, outs: &[_]| put_group::<GROUP>(outputs, &rows, m, (g, i), outs);
             let groups = start / GROUP..end.div_ceil(GROUP);
             let mut g = groups.start;
             // Decoding: four groups share each activation broadcast.
@@ -303,12 +294,12 @@ fn tile_portable<T: Widen, const R: usize, const N: usize>(
     })
 }
 
-/// Activations `x[2p]` and `x[2p + 1]` (or 0 past the end) as one `f64`'s
-/// bits, to broadcast to every (even, odd) lane pair.
+/// Activations `x[2p]` and `x[2p + 1]` (or 0 past the end) as one 64-bit
+/// word, to broadcast to every (even, odd) lane pair.
 #[inline(always)]
-fn pair_bits(x: &[f32], p: usize) -> f64 {
+fn pair_bits(x: &[f32], p: usize) -> i64 {
     let at = |k: usize| x.get(k).map_or(0, |v| v.to_bits());
-    f64::from_bits(u64::from(at(2 * p)) | u64::from(at(2 * p + 1)) << 32)
+    (u64::from(at(2 * p)) | u64::from(at(2 * p + 1)) << 32) as i64
 }
 
 /// Each row's even and odd chains, from `lanes` (`2r`, `2r + 1`), added.
@@ -336,7 +327,7 @@ unsafe fn tile_avx2<T: Widen, const R: usize, const N: usize>(
             [T::load8(at), T::load8(at.add(GROUP))]
         });
         for (n, x) in x.iter().enumerate() {
-            let xb = _mm256_castpd_ps(_mm256_set1_pd(pair_bits(x, p)));
+            let xb = _mm256_castsi256_ps(_mm256_set1_epi64x(pair_bits(x, p)));
             for (j, [lo, hi]) in ws.iter().enumerate() {
                 let [a_lo, a_hi] = &mut acc[j][n];
                 *a_lo = _mm256_fmadd_ps(*lo, xb, *a_lo);
@@ -369,7 +360,7 @@ unsafe fn tile_avx512<T: Widen, const R: usize, const N: usize>(
         // SAFETY: as in `tile_avx2`.
         let ws: [__m512; R] = std::array::from_fn(|j| T::load16(w[j].as_ptr().add(p * 2 * GROUP)));
         for (n, x) in x.iter().enumerate() {
-            let xb = _mm512_castpd_ps(_mm512_set1_pd(pair_bits(x, p)));
+            let xb = _mm512_castsi512_ps(_mm512_set1_epi64(pair_bits(x, p)));
             for (j, &wv) in ws.iter().enumerate() {
                 acc[j][n] = _mm512_fmadd_ps(wv, xb, acc[j][n]);
             }
@@ -452,6 +443,32 @@ mod tests {
             }
         }
         assert!(FloatMatrix::new(2, 3, FloatWeights::F32(vec![0.0; 5])).is_err());
+    }
+
+    #[test]
+    fn decoding_and_prompt_paths_give_the_same_bits() {
+        // 200 rows: tasks of several groups, so one activation row takes
+        // the four-groups-at-once path; nine rows take the prompt path.
+        let (rows, cols, m) = (200, 37, 9);
+        let w: Vec<f16> = (0..rows * cols)
+            .map(|i| f16::from_f32(((i * 7919 % 1013) as f32 - 506.0) / 317.0))
+            .collect();
+        let x: Vec<f32> = (0..m * cols)
+            .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 211.0)
+            .collect();
+        let mat = FloatMatrix::new(rows, cols, FloatWeights::F16(w.clone())).unwrap();
+        let all = mat.matmul(&x, m);
+        for i in 0..m {
+            let one = mat.matmul(&x[i * cols..][..cols], 1);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&one), bits(&all[i * rows..][..rows]), "row {i}");
+            for (r, &y) in one.iter().enumerate() {
+                let want: f32 = (0..cols)
+                    .map(|k| w[r * cols + k].to_f32() * x[i * cols + k])
+                    .sum();
+                assert!((y - want).abs() < 1e-3, "{i},{r}: {y} vs {want}");
+            }
+        }
     }
 
     #[test]

@@ -15,8 +15,8 @@ use crate::Error;
 /// How to load a model.
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
-    /// Use candle's kernels instead of ours: its matmuls for block-quantized
-    /// (GGUF) weights, and attention as candle-transformers computes it (a
+    /// Use candle's kernels instead of ours: its matmuls for GGUF weights
+    /// (block-quantized, F16 and F32), and attention as candle-transformers computes it (a
     /// masked score matrix and a softmax) instead of our tiled kernel.
     /// Slower; it isolates the forward pass from kernel rounding when
     /// comparing with candle's reference model.
@@ -34,7 +34,9 @@ pub enum Linear {
 impl Linear {
     pub fn from_qtensor(name: &str, t: QTensor, opts: &LoadOptions) -> Result<Self, Error> {
         if QuantMatrix::supports(t.dtype()) && !opts.candle_kernels {
-            return Ok(Linear::Ours(QuantMatrix::from_qtensor(&t)?));
+            let matrix = QuantMatrix::from_qtensor(&t)
+                .map_err(|e| Error::Model(format!("tensor {name}: {e}")))?;
+            return Ok(Linear::Ours(matrix));
         }
         let t = check_candle_kernel_layout(name, t)?;
         Ok(Linear::Candle(QMatMul::from_qtensor(t)?))
@@ -94,6 +96,9 @@ pub(crate) fn by_weight_rows(
     granule: usize,
     rows: impl Fn(Range<usize>, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    if m == 0 || n == 0 {
+        return Vec::new();
+    }
     let threads = rayon::current_num_threads().max(1);
     let chunk = (n / (threads * 4)).clamp(8, 256).next_multiple_of(granule);
     let mut yt = vec![0f32; n * m];
@@ -126,6 +131,27 @@ pub(crate) fn by_weight_rows(
             }
         });
     y
+}
+
+/// Stores a group of weight rows' outputs into `out`, a [`by_weight_rows`]
+/// task's `[rows.len()][m]` slice: `outs[n][k]` is weight row `g·G + k`
+/// against activation row `i + n`. Rows past `rows.end` (padding in a
+/// matrix whose rows are not whole groups) are dropped.
+pub(crate) fn put_group<const G: usize>(
+    out: &mut [f32],
+    rows: &Range<usize>,
+    m: usize,
+    (g, i): (usize, usize),
+    outs: &[[f32; G]],
+) {
+    for (n, outs) in outs.iter().enumerate() {
+        for (k, &v) in outs.iter().enumerate() {
+            let r = g * G + k;
+            if r < rows.end {
+                out[(r - rows.start) * m + i + n] = v;
+            }
+        }
+    }
 }
 
 /// candle's side of our matmuls (`CustomOp1::cpu_fwd`): takes contiguous

@@ -6,10 +6,10 @@
 //! (`interleaved`), and the K-quants (Q4_K, Q5_K, Q6_K; `k_quants`), which
 //! Q4_K_M and Q5_K_M files mix with Q5_0/Q5_1/Q8_0 where a row is not a
 //! whole number of 256-value super-blocks. Each activation row is quantized
-//! to 8 bits once per matmul, exactly as candle and llama.cpp do (Q8_0/Q8_1
-//! blocks, or Q8_K for the K-quants), and each output is computed with
-//! AVX-512 VNNI or AVX2 integer dot products when the CPU has them, chosen
-//! at run time so builds stay portable. Up to eight activation rows (a
+//! to 8 bits once per matmul, exactly as candle does (Q8_0/Q8_1 blocks, or
+//! Q8_K for the K-quants), and each output is computed with integer dot
+//! products: AVX-512 VNNI (the 32-value formats) or AVX2 when the CPU has
+//! them, chosen at run time so builds stay portable. Up to eight activation rows (a
 //! decode batch, a prompt's tile) share each weight block as it is unpacked.
 //!
 //! Every output is one chain of operations over its weight row and its
@@ -32,22 +32,25 @@ mod x86;
 mod x86_k;
 
 use interleaved::Interleaved;
-use k_quants::{ActBlockK, Q4K, Q5K, Q6K};
+use k_quants::{ActBlockK, Q4K, Q5K, Q6K, QK_K};
 use legacy::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0};
 
-/// Activations quantized for one family of weight blocks.
-pub(crate) trait Activation: Sized + Send + Sync {
-    /// Values per block.
-    const ELEMS: usize;
-    /// Quantizes rows of `ELEMS`-multiple length, block by block.
-    fn quantize(x: &[f32]) -> Vec<Self>;
+/// `f` over each `elems`-value block of `x`, as an AVX2 build when the CPU
+/// has it (the same results: `round` compiles to an exact instruction
+/// sequence instead of a libm call).
+pub(crate) fn map_blocks<B>(x: &[f32], elems: usize, f: impl Fn(&[f32]) -> B) -> Vec<B> {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU reports AVX2 and FMA.
+        return unsafe { map_blocks_avx2(x, elems, f) };
+    }
+    x.chunks_exact(elems).map(f).collect()
 }
 
-impl Activation for ActBlockK {
-    const ELEMS: usize = k_quants::QK_K;
-    fn quantize(x: &[f32]) -> Vec<Self> {
-        k_quants::quantize_activations_k(x)
-    }
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn map_blocks_avx2<B>(x: &[f32], elems: usize, f: impl Fn(&[f32]) -> B) -> Vec<B> {
+    x.chunks_exact(elems).map(f).collect()
 }
 
 /// One K-quant super-block, unpacked for our kernels.
@@ -56,12 +59,11 @@ pub(crate) trait WeightBlock: Sized + Send + Sync + 'static {
     const NAME: &'static str;
     /// Size of the block on disk.
     const BYTES: usize;
-    type Act: Activation;
     /// Reads one on-disk block (`BYTES` long).
     fn unpack(bytes: &[u8]) -> Self;
     /// One weight row's dot products with `N` activation rows, each
     /// bit-identical whatever `N` and whichever SIMD build runs it.
-    fn dot<const N: usize>(w: &[Self], a: [&[Self::Act]; N], isa: Isa) -> [f32; N];
+    fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N];
 }
 
 /// A weight matrix of one K-quant format's blocks, row-major.
@@ -126,8 +128,8 @@ impl QuantMatrix {
 
 impl<W: WeightBlock> Blocks<W> {
     fn new(t: &QTensor, rows: usize, cols: usize) -> Result<Self, Error> {
-        let elems = W::Act::ELEMS;
-        if !cols.is_multiple_of(elems) {
+        let elems = QK_K;
+        if cols == 0 || !cols.is_multiple_of(elems) {
             return Err(Error::Unsupported(format!(
                 "{} rows of {cols} values",
                 W::NAME
@@ -147,8 +149,8 @@ impl<W: WeightBlock> Blocks<W> {
     }
 
     /// Output row `r` for `N` activation rows at once.
-    fn dot_rows<const N: usize>(&self, r: usize, a: [&[W::Act]; N], isa: Isa) -> [f32; N] {
-        let nb = self.cols / W::Act::ELEMS;
+    fn dot_rows<const N: usize>(&self, r: usize, a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
+        let nb = self.cols / QK_K;
         W::dot(&self.blocks[r * nb..][..nb], a.map(|a| &a[..nb]), isa)
     }
 }
@@ -160,8 +162,8 @@ impl<W: WeightBlock> Kernel for Blocks<W> {
 
     #[cfg(test)]
     fn dots_for_test(&self, x: &[f32], r: usize, isa: Isa) -> Vec<f32> {
-        let nb = self.cols / W::Act::ELEMS;
-        let acts = W::Act::quantize(x);
+        let nb = self.cols / QK_K;
+        let acts = k_quants::quantize_activations_k(x);
         let row = |i: usize| &acts[i * nb..][..nb];
         match acts.len() / nb {
             1 => self.dot_rows(r, [row(0)], isa).to_vec(),
@@ -178,8 +180,8 @@ impl<W: WeightBlock> Kernel for Blocks<W> {
     /// `x` `[m, cols]` times this matrix's transpose: `[m, rows]`. Each
     /// output is one row's dot product, computed the same way whatever `m`.
     fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let nb = self.cols / W::Act::ELEMS;
-        let acts = W::Act::quantize(x);
+        let nb = self.cols / QK_K;
+        let acts = k_quants::quantize_activations_k(x);
         let isa = Isa::detect();
         let act_row = |i: usize| &acts[i * nb..][..nb];
         by_weight_rows(self.rows, m, 1, |rows, outputs| {
@@ -192,12 +194,12 @@ impl<W: WeightBlock> Kernel for Blocks<W> {
                     // Up to eight activation rows share each unpacked weight block.
                     let mut i = tile;
                     while i + 8 <= end {
-                        let a: [&[W::Act]; 8] = std::array::from_fn(|k| act_row(i + k));
+                        let a: [&[ActBlockK]; 8] = std::array::from_fn(|k| act_row(i + k));
                         out[i..i + 8].copy_from_slice(&self.dot_rows(r, a, isa));
                         i += 8;
                     }
                     if i + 4 <= end {
-                        let a: [&[W::Act]; 4] = std::array::from_fn(|k| act_row(i + k));
+                        let a: [&[ActBlockK]; 4] = std::array::from_fn(|k| act_row(i + k));
                         out[i..i + 4].copy_from_slice(&self.dot_rows(r, a, isa));
                         i += 4;
                     }
@@ -248,8 +250,8 @@ pub(crate) fn has_avx2() -> bool {
 /// The SIMD kernels a CPU can run, best first.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Isa {
-    /// AVX-512 VNNI: one instruction per byte dot product (512-bit for the
-    /// 32-value formats, 256-bit for the K-quants).
+    /// AVX-512 with VNNI: one 512-bit instruction per byte dot product for
+    /// the 32-value formats (the K-quants run their AVX2 build).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     #[cfg(target_arch = "x86_64")]

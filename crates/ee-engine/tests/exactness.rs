@@ -3,15 +3,15 @@
 //! and our forward pass vs candle-transformers' independent `quantized_llama`.
 
 use std::path::PathBuf;
-
-mod common;
-use common::reference_logits;
 use std::sync::Arc;
 
 use ee_core::transform::write_server_artifact;
 use ee_core::{Key, Permutation};
 use ee_engine::testing::{write_tiny_model, TinySpec};
 use ee_engine::{generate, CausalLm, GenerateOptions, LoadOptions, SamplingParams, SeqStep};
+
+mod common;
+use common::reference_logits;
 
 struct Pair {
     _dir: tempfile::TempDir,
@@ -229,7 +229,6 @@ fn chunked_prefill_and_decode_steps_match_whole_prefill_bit_for_bit() {
     }
 }
 
-/// Logits from candle-transformers' stock model for the same GGUF.
 #[test]
 fn forward_pass_agrees_with_candle_quantized_llama() {
     // On candle's own kernels, so this checks the forward pass itself; the

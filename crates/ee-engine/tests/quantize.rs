@@ -94,7 +94,19 @@ fn every_file_type_runs_on_our_kernels_and_agrees_with_candle() {
             header.get("tokenizer.ggml.tokens").is_some(),
             "{name}: tokenizer kept"
         );
-        assert!(header.get("general.file_type").is_some());
+        let ftype = header.get("general.file_type").and_then(|v| v.as_u64());
+        let want = match file_type {
+            FileType::F16 => 1,
+            FileType::Q4_0 => 2,
+            FileType::Q4_1 => 3,
+            FileType::Q8_0 => 7,
+            FileType::Q5_0 => 8,
+            FileType::Q5_1 => 9,
+            FileType::Q4KM => 15,
+            FileType::Q5KM => 17,
+            FileType::Q6K => 18,
+        };
+        assert_eq!(ftype, Some(want), "{name}");
         assert_eq!(changes.len(), header.tensors.len());
         assert!(
             changes
@@ -125,6 +137,13 @@ fn q4_k_m_mixes_types_as_llama_cpp_does_and_encrypts_bit_exactly() {
     assert_eq!(to("blk.7.ffn_down.weight"), "Q8_0");
     assert_eq!(to("blk.2.ffn_down.weight"), "Q5_0");
 
+    // The output is readable by whoever could read the input.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&quant) & 0o777, mode(&float) & 0o777);
+    }
     // Requantizing a quantized file copies what is already in its type.
     let again = dir.path().join("again.gguf");
     quantize_gguf(&quant, &again, FileType::Q4KM).unwrap();

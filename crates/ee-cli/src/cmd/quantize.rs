@@ -6,13 +6,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::Args;
 use ee_engine::quantize::{quantize_gguf, FileType};
 
 #[derive(Args)]
 pub(crate) struct QuantizeArgs {
-    /// The GGUF to read (F32, F16 or any quantization our engine loads).
+    /// The GGUF to read: F32, F16 or any quantization our engine loads (not
+    /// BF16 GGUFs, which candle cannot read). It may also be `--out`.
     #[arg(long)]
     model: PathBuf,
     /// Where to write the quantized GGUF.
@@ -24,12 +25,29 @@ pub(crate) struct QuantizeArgs {
 }
 
 pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
-    if args.out == args.model {
-        bail!("--out must differ from --model: the input is read while the output is written");
-    }
     let start = Instant::now();
     let changes = quantize_gguf(&args.model, &args.out, args.file_type)
         .with_context(|| format!("quantizing {}", args.model.display()))?;
+    let float = ["F32", "F16"];
+    let requantized: BTreeMap<&str, usize> = changes
+        .iter()
+        .filter(|c| c.from != c.to && !float.contains(&c.from.as_str()))
+        .fold(BTreeMap::new(), |mut n, c| {
+            *n.entry(c.from.as_str()).or_default() += 1;
+            n
+        });
+    if !requantized.is_empty() {
+        let list: Vec<String> = requantized
+            .iter()
+            .map(|(t, n)| format!("{n} {t}"))
+            .collect();
+        eprintln!(
+            "note: {} tensors were already quantized ({}) and were requantized: \
+             they keep their first quantization's error; quantize from F16 where you can",
+            requantized.values().sum::<usize>(),
+            list.join(", ")
+        );
+    }
     let mut by_type: BTreeMap<&str, usize> = BTreeMap::new();
     for c in &changes {
         *by_type.entry(&c.to).or_default() += 1;

@@ -20,7 +20,7 @@ use half::f16;
 
 use super::legacy::{quantize_activations, ActBlock, LegacyFormat, RowBlock, BLOCK};
 use super::{Isa, Kernel, ACTIVATION_TILE};
-use crate::linear::by_weight_rows;
+use crate::linear::{by_weight_rows, put_group};
 use crate::Error;
 
 /// Weight rows per group.
@@ -49,7 +49,7 @@ impl<F: LegacyFormat> Interleaved<F> {
 
     /// Repacks `data`, the file's `[rows, cols]` blocks.
     pub(crate) fn new(data: &[u8], rows: usize, cols: usize) -> Result<Self, Error> {
-        if !cols.is_multiple_of(BLOCK) {
+        if cols == 0 || !cols.is_multiple_of(BLOCK) {
             return Err(Error::Unsupported(format!(
                 "{} rows of {cols} values",
                 F::NAME
@@ -201,16 +201,7 @@ impl<F: LegacyFormat> Kernel for Interleaved<F> {
         by_weight_rows(self.rows, m, GROUP, |rows, outputs| {
             // `outputs` is `[rows.len()][m]`; `rows.start` is a group's first.
             let (start, end_row) = (rows.start, rows.end);
-            let mut put = |g: usize, i: usize, outs: &[[f32; GROUP]]| {
-                for (n, out) in outs.iter().enumerate() {
-                    for (r, &v) in out.iter().enumerate() {
-                        let row = g * GROUP + r;
-                        if row < end_row {
-                            outputs[(row - start) * m + i + n] = v;
-                        }
-                    }
-                }
-            };
+            let mut put = |g, i, outs: &[_]| put_group::<GROUP>(outputs, &rows, m, (g, i), outs);
             // A tile of activation rows stays in cache while this task's
             // groups pass over it.
             for tile in (0..m).step_by(ACTIVATION_TILE) {

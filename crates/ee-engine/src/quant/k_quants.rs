@@ -19,15 +19,9 @@ pub(crate) struct ActBlockK {
     pub bsums: [i16; QK_K / 16],
 }
 
-/// Quantizes activation rows to Q8_K blocks, with an AVX2 build of the same
-/// code where the CPU has it (identical results).
+/// Quantizes activation rows to Q8_K blocks.
 pub(crate) fn quantize_activations_k(x: &[f32]) -> Vec<ActBlockK> {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
-        // SAFETY: the CPU reports AVX2 and FMA.
-        return unsafe { super::x86_k::quantize_activations_k_avx2(x) };
-    }
-    x.chunks_exact(QK_K).map(quantize_block_k).collect()
+    super::map_blocks(x, QK_K, quantize_block_k)
 }
 
 /// As candle's `BlockQ8K::from_float`: the scale maps the value of largest
@@ -163,8 +157,8 @@ fn scalar_dot<W, const N: usize>(
     a.map(|a| w.iter().zip(a).fold(0f32, |acc, (w, a)| block(acc, w, a)))
 }
 
-/// The AVX2 build on x86 CPUs that have it (VNNI ones included); the
-/// portable sum otherwise.
+/// The AVX2 build on x86 CPUs that have it (VNNI ones too: these kernels
+/// have no VNNI build); the portable sum otherwise.
 macro_rules! dispatch {
     ($isa:expr, $w:expr, $a:expr, $avx2:ident, $portable:expr) => {
         match $isa {
@@ -179,7 +173,6 @@ macro_rules! dispatch {
 impl WeightBlock for Q4K {
     const NAME: &'static str = "Q4_K";
     const BYTES: usize = 144;
-    type Act = ActBlockK;
     fn unpack(b: &[u8]) -> Self {
         let (sc, m) = scales_and_mins(&b[4..16]);
         Self {
@@ -203,7 +196,6 @@ impl WeightBlock for Q4K {
 impl WeightBlock for Q5K {
     const NAME: &'static str = "Q5_K";
     const BYTES: usize = 176;
-    type Act = ActBlockK;
     fn unpack(b: &[u8]) -> Self {
         let (sc, m) = scales_and_mins(&b[4..16]);
         Self {
@@ -241,7 +233,6 @@ pub(crate) fn q6_k_offset(sc: &[i16; 16], a: &ActBlockK) -> i32 {
 impl WeightBlock for Q6K {
     const NAME: &'static str = "Q6_K";
     const BYTES: usize = 210;
-    type Act = ActBlockK;
     fn unpack(b: &[u8]) -> Self {
         Self {
             ql: std::array::from_fn(|i| b[i]),

@@ -18,16 +18,9 @@ pub(crate) struct ActBlock {
     pub q: [i8; BLOCK],
 }
 
-/// Quantizes activation rows block by block, with the AVX2 build of the
-/// same code when the CPU has it (results are identical: `round` compiles to
-/// an exact instruction sequence instead of a libm call).
+/// Quantizes activation rows block by block.
 pub(crate) fn quantize_activations(x: &[f32]) -> Vec<ActBlock> {
-    #[cfg(target_arch = "x86_64")]
-    if super::has_avx2() {
-        // SAFETY: the CPU reports AVX2 and FMA.
-        return unsafe { super::x86::quantize_activations_avx2(x) };
-    }
-    x.chunks_exact(BLOCK).map(quantize_block).collect()
+    super::map_blocks(x, BLOCK, quantize_block)
 }
 
 /// 8-bit activation quantization exactly as candle does it (ggml's Q8_1;

@@ -177,3 +177,62 @@ fn other_formats_and_bad_shapes_are_refused() {
     let wrong = Tensor::zeros((1, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(mat.forward(&wrong).is_err());
 }
+
+/// `x · dequant(w)ᵀ` in f64: the exact product of the stored weights.
+fn dequantized_matmul(q: &QTensor, x: &Tensor) -> Vec<Vec<f64>> {
+    let w = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let x = x.to_vec2::<f32>().unwrap();
+    x.iter()
+        .map(|x| {
+            w.iter()
+                .map(|w| {
+                    w.iter()
+                        .zip(x)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum()
+                })
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn odd_block_counts_and_long_prompts_match_the_dequantized_product() {
+    // Nine blocks a row (candle's kernels refuse odd counts for some of
+    // these), 300 activation rows (past one 256-row cache tile), 19 weight
+    // rows (a padded group).
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ] {
+        let w = Tensor::randn(0f32, 1.0, (19, 288), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (300, 288), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let mat = QuantMatrix::from_qtensor(&q).unwrap();
+        let ours = mat.forward(&x).unwrap().to_vec2::<f32>().unwrap();
+        let exact = dequantized_matmul(&q, &x);
+        for (i, (ours, exact)) in ours.iter().zip(&exact).enumerate() {
+            for (&a, &b) in ours.iter().zip(exact) {
+                // Activations are rounded to 8 bits: about 1% of a dot
+                // product of 288 unit normals (~17).
+                assert!(
+                    (f64::from(a) - b).abs() < 0.5,
+                    "{dtype:?} row {i}: {a} vs {b}"
+                );
+            }
+        }
+        let last = mat
+            .forward(&x.narrow(0, 299, 1).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        assert_eq!(bits(&last[0]), bits(&ours[299]), "{dtype:?}");
+    }
+}

@@ -6,22 +6,13 @@
 use std::arch::x86_64::*;
 
 use super::interleaved::{Interleaved, GROUP};
-use super::legacy::{quantize_block, ActBlock, LegacyFormat, BLOCK};
-
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_activations_avx2(x: &[f32]) -> Vec<ActBlock> {
-    let mut blocks = Vec::with_capacity(x.len() / BLOCK);
-    for block in x.chunks_exact(BLOCK) {
-        blocks.push(quantize_block(block));
-    }
-    blocks
-}
+use super::legacy::{ActBlock, LegacyFormat};
 
 /// Eight activation codes from `q[8t..]`, as one little-endian `i64`.
 #[inline(always)]
-unsafe fn eight_codes(x: &ActBlock, t: usize) -> i64 {
-    debug_assert!(t < 4);
-    x.q.as_ptr().cast::<i64>().add(t).read_unaligned()
+fn eight_codes(x: &ActBlock, t: usize) -> i64 {
+    let bytes: [i8; 8] = std::array::from_fn(|i| x.q[8 * t + i]);
+    i64::from_le_bytes(bytes.map(|b| b as u8))
 }
 
 /// The f16 `d` (or `m`) of eight rows, widened.
@@ -69,6 +60,9 @@ fn check<F: LegacyFormat, const N: usize>(
 /// to every row, summing in i32 without saturating (Q8_0's codes are stored
 /// as `q + 128`; the offset term takes that back out). Each row's two i32
 /// lanes are added when the block is done.
+///
+/// # Safety
+/// The CPU must have every feature enabled here.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn group_dots_vnni<F: LegacyFormat, const N: usize>(
     group: (&[[u16; GROUP]], &[[u16; GROUP]], &[u8]),
@@ -80,6 +74,8 @@ pub(super) unsafe fn group_dots_vnni<F: LegacyFormat, const N: usize>(
     let low = _mm512_set1_epi8(0x0F);
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..d.len() {
+        // SAFETY: b < nb, and `check` makes codes hold nb blocks of
+        // `code_bytes` (= 64 × the chunks read).
         let block = codes.as_ptr().add(b * code_bytes);
         let load = |t: usize| _mm512_loadu_si512(block.add(64 * t).cast());
         // w[t]: values 8t..8t + 8 of every row.
@@ -127,6 +123,9 @@ pub(super) unsafe fn group_dots_vnni<F: LegacyFormat, const N: usize>(
 /// i16 pairs (2·31·128); Q8_0's `q + 128` could, so its codes are made
 /// signed again and their signs moved onto the activations (ggml's trick),
 /// which needs no offset.
+///
+/// # Safety
+/// The CPU must have AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn group_dots_avx2<F: LegacyFormat, const N: usize>(
     group: (&[[u16; GROUP]], &[[u16; GROUP]], &[u8]),
@@ -143,6 +142,7 @@ pub(super) unsafe fn group_dots_avx2<F: LegacyFormat, const N: usize>(
     );
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..d.len() {
+        // SAFETY: as in `group_dots_vnni` (32 × the halves read).
         let block = codes.as_ptr().add(b * code_bytes);
         let load = |half: usize| _mm256_loadu_si256(block.add(32 * half).cast());
         // w[t][h]: values 8t..8t + 8 of rows 4h..4h + 4.

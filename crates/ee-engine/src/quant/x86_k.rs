@@ -4,16 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use super::k_quants::{add_block, quantize_block_k, ActBlockK, Q4K, Q5K, Q6K, QK_K};
-
-#[target_feature(enable = "avx2,fma")]
-pub(super) unsafe fn quantize_activations_k_avx2(x: &[f32]) -> Vec<ActBlockK> {
-    let mut blocks = Vec::with_capacity(x.len() / QK_K);
-    for block in x.chunks_exact(QK_K) {
-        blocks.push(quantize_block_k(block));
-    }
-    blocks
-}
+use super::k_quants::{add_block, ActBlockK, Q4K, Q5K, Q6K};
 
 #[inline(always)]
 unsafe fn hsum_i32(v: __m256i) -> i32 {
@@ -30,9 +21,10 @@ unsafe fn dot_i16x16(a: &[i16; 16], b: &[i16; 16]) -> i32 {
     hsum_i32(_mm256_madd_epi16(a, b))
 }
 
+/// The first 32 bytes of `bytes` (panics if there are fewer).
 #[inline(always)]
 unsafe fn load(bytes: &[u8]) -> __m256i {
-    debug_assert!(bytes.len() >= 32);
+    let bytes: &[u8; 32] = bytes[..32].try_into().expect("32 bytes");
     _mm256_loadu_si256(bytes.as_ptr().cast())
 }
 
@@ -41,6 +33,7 @@ unsafe fn load(bytes: &[u8]) -> __m256i {
 /// pairs times the i16 scales to i32.
 #[inline(always)]
 unsafe fn scaled_dot(acc: __m256i, w: __m256i, x: &[i8], scale: __m256i) -> __m256i {
+    let x: &[i8; 32] = x[..32].try_into().expect("32 activations");
     let x = _mm256_loadu_si256(x.as_ptr().cast());
     _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), scale))
 }
@@ -82,6 +75,8 @@ unsafe fn four_five_rows<W, const N: usize>(
     out
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_q4_k_avx2<const N: usize>(w: &[Q4K], a: [&[ActBlockK]; N]) -> [f32; N] {
     let mask = _mm256_set1_epi8(0x0F);
@@ -99,6 +94,8 @@ pub(super) unsafe fn dot_q4_k_avx2<const N: usize>(w: &[Q4K], a: [&[ActBlockK]; 
     )
 }
 
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_q5_k_avx2<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; N]) -> [f32; N] {
     let mask = _mm256_set1_epi8(0x0F);
@@ -129,6 +126,9 @@ pub(super) unsafe fn dot_q5_k_avx2<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; 
 /// Dot products of one Q6_K weight row with `N` activation rows. Each
 /// 32-value vector spans two sub-blocks of 16, so its scale vector holds
 /// one scale per i16 half.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_q6_k_avx2<const N: usize>(w: &[Q6K], a: [&[ActBlockK]; N]) -> [f32; N] {
     assert!(a.iter().all(|a| a.len() >= w.len()));

@@ -31,6 +31,11 @@ const GGML_TYPES: [(u32, GgmlDType); 14] = [
     (15, GgmlDType::Q8K),
 ];
 
+/// The candle ggml type of a ggml type ID, if candle reads it.
+pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
+    GGML_TYPES.iter().find(|(i, _)| *i == id).map(|(_, d)| *d)
+}
+
 /// The ggml type ID of a candle ggml type.
 pub fn ggml_type_id(dtype: GgmlDType) -> u32 {
     GGML_TYPES
@@ -88,10 +93,7 @@ impl GgufWeights {
             .header
             .tensor(name)
             .ok_or_else(|| err("not in the file".into()))?;
-        let dtype = GGML_TYPES
-            .iter()
-            .find(|(id, _)| *id == info.ggml_type)
-            .map(|(_, d)| *d)
+        let dtype = ggml_dtype(info.ggml_type)
             .ok_or_else(|| err(format!("unsupported ggml type {}", info.ggml_type)))?;
         let n_bytes = info.n_bytes().map_err(|e| err(e.to_string()))?;
         let start = self

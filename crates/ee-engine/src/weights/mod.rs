@@ -80,15 +80,13 @@ impl StoredTensor<'_> {
     /// The values of a float tensor, in their stored type.
     fn float_weights(&self) -> Result<FloatWeights, Error> {
         Ok(match self.dtype {
-            StoredDType::F32 => FloatWeights::F32(words(self.bytes, f32::from_le_bytes)),
-            StoredDType::F16 => FloatWeights::F16(words(self.bytes, f16::from_le_bytes)),
-            StoredDType::BF16 => FloatWeights::BF16(words(self.bytes, bf16::from_le_bytes)),
-            StoredDType::Ggml(GgmlDType::F32) => {
+            StoredDType::F32 | StoredDType::Ggml(GgmlDType::F32) => {
                 FloatWeights::F32(words(self.bytes, f32::from_le_bytes))
             }
-            StoredDType::Ggml(GgmlDType::F16) => {
+            StoredDType::F16 | StoredDType::Ggml(GgmlDType::F16) => {
                 FloatWeights::F16(words(self.bytes, f16::from_le_bytes))
             }
+            StoredDType::BF16 => FloatWeights::BF16(words(self.bytes, bf16::from_le_bytes)),
             StoredDType::Ggml(t) => {
                 return Err(Error::Model(format!(
                     "tensor {}: {t:?} is not a plain float type",
@@ -143,11 +141,9 @@ impl StoredTensor<'_> {
                         self.name, self.shape
                     )));
                 };
-                Ok(Linear::Float(FloatMatrix::new(
-                    rows,
-                    cols,
-                    self.float_weights()?,
-                )?))
+                let matrix = FloatMatrix::new(rows, cols, self.float_weights()?)
+                    .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))?;
+                Ok(Linear::Float(matrix))
             }
         }
     }
