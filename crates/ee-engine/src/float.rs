@@ -129,9 +129,17 @@ impl FloatMatrix {
                     g += 4;
                 }
             }
-            // Prompts: four activation rows share each weight load.
+            // Prompts: eight (AVX-512: one register each) or four
+            // activation rows share each weight load.
             for g in g..groups.end {
                 let mut i = 0;
+                #[cfg(target_arch = "x86_64")]
+                while simd == Simd::Avx512 && i + 8 <= m {
+                    let [out] =
+                        tile::<T, 1, 8>([group(g)], std::array::from_fn(|n| act(i + n)), simd);
+                    put(g, i, &out);
+                    i += 8;
+                }
                 while i + 4 <= m {
                     let [out] =
                         tile::<T, 1, 4>([group(g)], std::array::from_fn(|n| act(i + n)), simd);
@@ -295,11 +303,14 @@ fn tile_portable<T: Widen, const R: usize, const N: usize>(
 }
 
 /// Activations `x[2p]` and `x[2p + 1]` (or 0 past the end) as one 64-bit
-/// word, to broadcast to every (even, odd) lane pair.
+/// word, to broadcast to every (even, odd) lane pair: one 8-byte load for
+/// a whole pair.
 #[inline(always)]
 fn pair_bits(x: &[f32], p: usize) -> i64 {
-    let at = |k: usize| x.get(k).map_or(0, |v| v.to_bits());
-    (u64::from(at(2 * p)) | u64::from(at(2 * p + 1)) << 32) as i64
+    match x.get(2 * p..2 * p + 2) {
+        Some(&[even, odd]) => (u64::from(even.to_bits()) | u64::from(odd.to_bits()) << 32) as i64,
+        _ => x.get(2 * p).map_or(0, |even| i64::from(even.to_bits())),
+    }
 }
 
 /// Each row's even and odd chains, from `lanes` (`2r`, `2r + 1`), added.
