@@ -47,10 +47,16 @@ pub(crate) fn map_blocks<B>(x: &[f32], elems: usize, f: impl Fn(&[f32]) -> B) ->
     x.chunks_exact(elems).map(f).collect()
 }
 
+/// A plain loop, so that `f` (inline) is compiled with these features; an
+/// iterator's `collect` would call it from code compiled without them.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn map_blocks_avx2<B>(x: &[f32], elems: usize, f: impl Fn(&[f32]) -> B) -> Vec<B> {
-    x.chunks_exact(elems).map(f).collect()
+    let mut blocks = Vec::with_capacity(x.len() / elems);
+    for block in x.chunks_exact(elems) {
+        blocks.push(f(block));
+    }
+    blocks
 }
 
 /// One K-quant super-block, unpacked for our kernels.
