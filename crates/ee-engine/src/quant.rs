@@ -9,8 +9,9 @@
 //! to 8 bits once per matmul, exactly as candle does (Q8_0/Q8_1 blocks, or
 //! Q8_K for the K-quants), and each output is computed with integer dot
 //! products: AVX-512 VNNI (the 32-value formats) or AVX2 when the CPU has
-//! them, chosen at run time so builds stay portable. Up to eight activation rows (a
-//! decode batch, a prompt's tile) share each weight block as it is unpacked.
+//! them, chosen at run time so builds stay portable. Up to eight activation
+//! rows (a decode batch, a prompt's tile) share each weight block as it is
+//! unpacked.
 //!
 //! Every output is one chain of operations over its weight row and its
 //! activation row, the same whatever the batch and the build, so a

@@ -46,6 +46,8 @@ unsafe fn offset<F: LegacyFormat>(x: &ActBlock) -> __m256i {
     _mm256_set1_epi32(-F::OFFSET * x.sum)
 }
 
+/// The bounds that every unchecked read in the kernels below relies on:
+/// `nb` blocks of codes, scales and activations.
 fn check<F: LegacyFormat, const N: usize>(
     (d, m, codes): (&[[u16; GROUP]], &[[u16; GROUP]], &[u8]),
     a: &[&[ActBlock]; N],
