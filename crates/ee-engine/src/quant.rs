@@ -135,15 +135,14 @@ impl QuantMatrix {
 
 impl<W: WeightBlock> Blocks<W> {
     fn new(t: &QTensor, rows: usize, cols: usize) -> Result<Self, Error> {
-        let elems = QK_K;
-        if cols == 0 || !cols.is_multiple_of(elems) {
+        if cols == 0 || !cols.is_multiple_of(QK_K) {
             return Err(Error::Unsupported(format!(
                 "{} rows of {cols} values",
                 W::NAME
             )));
         }
         let data = t.data()?;
-        let expected = rows * cols / elems * W::BYTES;
+        let expected = rows * cols / QK_K * W::BYTES;
         if data.len() != expected {
             return Err(Error::Model(format!(
                 "{} tensor has {} bytes, expected {expected}",

@@ -39,7 +39,7 @@ use rayon::prelude::*;
 
 use crate::weights::gguf::{ggml_dtype, ggml_type_id, GgufWeights};
 use crate::weights::StoredDType;
-use crate::Error;
+use crate::{Error, LlamaConfig};
 
 /// A target file type, as `llama-quantize` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,18 +205,11 @@ pub fn quantize_gguf(
 ) -> Result<Vec<TensorChange>, Error> {
     let weights = GgufWeights::open(input)?;
     let header = weights.header();
-    let arch = header.architecture()?;
-    if !matches!(arch, "llama" | "mistral") {
-        return Err(Error::Unsupported(format!(
-            "{}: quantizing architecture {arch:?} (supported: llama, mistral)",
-            input.display()
-        )));
-    }
-    let n_layers = header
-        .get(&format!("{arch}.block_count"))
-        .and_then(Value::as_u64)
-        .ok_or_else(|| Error::Model(format!("{}: no {arch}.block_count", input.display())))?
-        as usize;
+    // The engine's own reading of the config: it refuses architectures the
+    // engine does not run, and gives the layer count.
+    let n_layers = LlamaConfig::from_gguf(&weights)
+        .map_err(|e| Error::Model(format!("{}: {e}", input.display())))?
+        .n_layers;
     let head = if header.tensor("output.weight").is_some() {
         "output.weight"
     } else {
