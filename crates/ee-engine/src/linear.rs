@@ -16,8 +16,9 @@ use crate::Error;
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Use candle's kernels instead of ours: its matmuls for GGUF weights
-    /// (block-quantized, F16 and F32), and attention as candle-transformers computes it (a
-    /// masked score matrix and a softmax) instead of our tiled kernel.
+    /// (block-quantized, F16 and F32), and attention as candle-transformers
+    /// computes it (a masked score matrix and a softmax) instead of our
+    /// tiled kernel.
     /// Slower; it isolates the forward pass from kernel rounding when
     /// comparing with candle's reference model.
     pub candle_kernels: bool,
@@ -49,7 +50,7 @@ impl Linear {
             Linear::Ours(m) => m.format().to_owned(),
             Linear::Float(m) => m.format().to_owned(),
             Linear::Candle(QMatMul::QTensor(t)) => {
-                format!("{} (candle)", crate::quantize::ggml_name(t.dtype()))
+                format!("{} (candle)", crate::weights::gguf::ggml_name(t.dtype()))
             }
             Linear::Candle(QMatMul::Tensor(_)) => "F32 (candle)".to_owned(),
             Linear::Candle(QMatMul::TensorF16(_)) => "F16 (candle)".to_owned(),

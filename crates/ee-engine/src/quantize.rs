@@ -37,7 +37,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use ee_core::gguf::{TensorInfo, Value};
 use rayon::prelude::*;
 
-use crate::weights::gguf::{ggml_dtype, ggml_type_id, GgufWeights};
+use crate::weights::gguf::{ggml_dtype, ggml_name, ggml_type_id, GgufWeights};
 use crate::weights::StoredDType;
 use crate::{Error, LlamaConfig};
 
@@ -172,15 +172,6 @@ fn more_bits(layer: usize, n_layers: usize) -> bool {
     match layer.checked_sub(eighth) {
         None => true,
         Some(past) => layer >= 7 * n_layers / 8 || past % 3 == 2,
-    }
-}
-
-/// A ggml type's name as ggml spells it (`Q4_K`, where candle says `Q4K`).
-pub fn ggml_name(dtype: GgmlDType) -> String {
-    let name = format!("{dtype:?}");
-    match name.strip_suffix('K') {
-        Some(bits) if !bits.contains('_') => format!("{bits}_K"),
-        _ => name,
     }
 }
 

@@ -36,6 +36,15 @@ pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     GGML_TYPES.iter().find(|(i, _)| *i == id).map(|(_, d)| *d)
 }
 
+/// A ggml type's name as ggml spells it (`Q4_K`, where candle says `Q4K`).
+pub fn ggml_name(dtype: GgmlDType) -> String {
+    let name = format!("{dtype:?}");
+    match name.strip_suffix('K') {
+        Some(bits) if !bits.contains('_') => format!("{bits}_K"),
+        _ => name,
+    }
+}
+
 /// The ggml type ID of a candle ggml type.
 pub fn ggml_type_id(dtype: GgmlDType) -> u32 {
     GGML_TYPES
