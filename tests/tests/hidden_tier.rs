@@ -4,31 +4,33 @@
 //! with its float sums in another order, so logits agree to rounding (the
 //! stated tolerance: within 1e-5 of the logit scale; measured under 3e-6 on
 //! the real model) and greedy and seeded answers are the same, on tiny
-//! models of each kind and on the real model converted to a checkpoint.
+//! models of each kind and format, on the real model converted to a
+//! checkpoint, and on the real GGUF.
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::GgmlDType;
 use ee_client::model_tool::{encrypt_model_at, KeySource};
 use ee_core::bundle::Tier;
 use ee_core::{ClientBundle, Key, Permutation};
 use ee_e2e::hf_fixture::real_hf_checkpoint;
 use ee_engine::testing::hf::{write_tiny_hf_model, TinyHfSpec};
-use ee_engine::testing::TinySpec;
+use ee_engine::testing::{write_tiny_model, TinySpec};
 use ee_engine::{generate, GenerateOptions, ModelFiles, SamplingParams};
 use safetensors::tensor::Dtype;
 
 /// A key whose head permutation moves something in each of `layers`
-/// layers of `kv_heads` key/value heads, saved in `dir`: with a random key,
-/// a tiny model's 2 heads stay in place half the time, and a wrong head
-/// mapping could go unseen.
-fn moving_key(dir: &Path, layers: usize, kv_heads: u32) -> PathBuf {
+/// layers of `kv_heads` key/value heads, and whose permutations of the
+/// `(domain, n)` in `also` move something, saved in `dir`: with a random
+/// key, a tiny model's 2 heads (or 2 super-blocks) stay in place half the
+/// time, and a wrong mapping could go unseen.
+fn moving_key(dir: &Path, layers: usize, kv_heads: u32, also: &[(String, u32)]) -> PathBuf {
     let key = (0u8..)
         .map(|b| Key::from_bytes([b; 32]))
         .find(|k| {
-            (0..layers).all(|l| {
-                !k.permutation_for(&format!("ee/v1/hidden/heads/{l}"), kv_heads)
-                    .is_identity()
-            })
+            let moves = |domain: &str, n: u32| !k.permutation_for(domain, n).is_identity();
+            (0..layers).all(|l| moves(&format!("ee/v1/hidden/heads/{l}"), kv_heads))
+                && also.iter().all(|(domain, n)| moves(domain, *n))
         })
         .unwrap();
     let path = dir.join("key.json");
@@ -36,8 +38,7 @@ fn moving_key(dir: &Path, layers: usize, kv_heads: u32) -> PathBuf {
     path
 }
 
-/// Every layer's projections: each must differ from the plaintext model's
-/// once its channels have moved.
+/// Every layer's projections.
 const PROJECTIONS: [&str; 7] = [
     "self_attn.q_proj",
     "self_attn.k_proj",
@@ -48,7 +49,9 @@ const PROJECTIONS: [&str; 7] = [
     "mlp.down_proj",
 ];
 
-fn assert_every_projection_moved(plain: &Path, server: &Path) {
+/// Each layer's projections in `moved` must differ from the plaintext
+/// model's once its channels have moved; the others must not.
+fn assert_projections_moved(plain: &Path, server: &Path, moved: &[&str]) {
     let (p, e) = (
         ModelFiles::open(plain).unwrap(),
         ModelFiles::open(server).unwrap(),
@@ -61,7 +64,7 @@ fn assert_every_projection_moved(plain: &Path, server: &Path) {
         for proj in PROJECTIONS {
             let name = format!("model.layers.{layers}.{proj}.weight");
             let bytes = |f: &ModelFiles| f.weights().tensor(&name).unwrap().bytes.to_vec();
-            assert_ne!(bytes(&p), bytes(&e), "{name} did not move");
+            assert_eq!(bytes(&p) != bytes(&e), moved.contains(&proj), "{name}");
         }
         layers += 1;
     }
@@ -69,13 +72,24 @@ fn assert_every_projection_moved(plain: &Path, server: &Path) {
 }
 
 /// Encrypts `model` at the hidden tier with `key`; returns the largest
-/// logit difference relative to the logit scale, and whether 24 greedy
-/// tokens and 24 seeded samples decrypt to the plaintext model's.
-fn compare(model: &Path, key: &KeySource, prompt: &[u32]) -> (f32, bool) {
+/// logit difference relative to the logit scale, whether 24 greedy tokens
+/// and 24 seeded samples decrypt to the plaintext model's, and the
+/// transform's notes.
+fn compare(
+    model: &Path,
+    key: &KeySource,
+    prompt: &[u32],
+    moved: &[&str],
+) -> (f32, bool, Vec<String>) {
     let out = tempfile::tempdir().unwrap();
-    let (server, bundle) = (out.path().join("server"), out.path().join("bundle"));
-    encrypt_model_at(model, &server, &bundle, key, Tier::Hidden, &mut |_, _| {}).unwrap();
-    assert_every_projection_moved(model, &server);
+    let server = out.path().join(match model.is_dir() {
+        true => "server",
+        false => "server.gguf",
+    });
+    let bundle = out.path().join("bundle");
+    let summary =
+        encrypt_model_at(model, &server, &bundle, key, Tier::Hidden, &mut |_, _| {}).unwrap();
+    assert_projections_moved(model, &server, moved);
     let b = ClientBundle::load(&bundle).unwrap();
     assert_eq!(b.manifest.tier, Tier::Hidden);
     let pi: Permutation = b.key.vocab_permutation(b.manifest.vocab_size);
@@ -119,7 +133,7 @@ fn compare(model: &Path, key: &KeySource, prompt: &[u32]) -> (f32, bool) {
             .token_ids();
         pi.decrypt_all(&ge).unwrap() == gp
     });
-    (worst / scale, same)
+    (worst / scale, same, summary.report.notes)
 }
 
 #[test]
@@ -158,9 +172,14 @@ fn tiny_checkpoints_keep_their_function_at_the_hidden_tier() {
     for (what, spec) in specs {
         let dir = tempfile::tempdir().unwrap();
         write_tiny_hf_model(dir.path(), &spec).unwrap();
-        let key = moving_key(dir.path(), spec.shape.n_layers, spec.shape.n_kv_head as u32);
+        let key = moving_key(
+            dir.path(),
+            spec.shape.n_layers,
+            spec.shape.n_kv_head as u32,
+            &[],
+        );
         let prompt: Vec<u32> = (0..17).map(|i| 3 + i * 5 % 60).collect();
-        let (relative, same) = compare(dir.path(), &KeySource::File(key), &prompt);
+        let (relative, same, _) = compare(dir.path(), &KeySource::File(key), &prompt, &PROJECTIONS);
         eprintln!("{what}: largest logit difference {relative:e} of the scale");
         assert!(relative <= 1e-5, "{what}: {relative}");
         assert!(same, "{what}: greedy or seeded answers differ");
@@ -173,28 +192,126 @@ fn the_real_model_keeps_its_function_at_the_hidden_tier() {
     let prompt = [
         1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
     ];
-    let (relative, same) = compare(&dir, &KeySource::Generate, &prompt);
+    let (relative, same, _) = compare(&dir, &KeySource::Generate, &prompt, &PROJECTIONS);
     eprintln!("SmolLM2 f32 checkpoint: largest logit difference {relative:e} of the scale");
     assert!(relative <= 1e-5, "{relative}");
     assert!(same, "greedy or seeded answers differ");
 }
 
+/// GGUF tiny models of every weight format. Channels move only inside the
+/// 32-value blocks of quantized tensors, where the integer dot products do
+/// not see the order, and RMSNorm's sum of squares is order-free: the
+/// logits are bit-exact. Axes that a float or K-quant matrix stores along
+/// its rows stay, and the notes say so.
 #[test]
-fn a_gguf_is_refused_at_the_hidden_tier_by_name() {
-    let out = tempfile::tempdir().unwrap();
-    let err = encrypt_model_at(
-        &ee_e2e::model_path(),
-        &out.path().join("s.gguf"),
-        &out.path().join("b"),
-        &KeySource::Generate,
-        Tier::Hidden,
-        &mut |_, _| {},
-    )
-    .err()
-    .expect("refused")
-    .to_string();
-    assert!(
-        err.contains("--tier hidden") && err.contains("GGUF"),
-        "{err}"
-    );
+fn tiny_ggufs_of_every_format_keep_their_logits_bit_for_bit_at_the_hidden_tier() {
+    let base = TinySpec::llama_q4_1();
+    let all: &[&str] = &PROJECTIONS;
+    let mut specs: Vec<(String, TinySpec, &[&str], usize)> = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, weights)| {
+        let spec = TinySpec {
+            weights,
+            seed: 30 + i as u64,
+            ..base.clone()
+        };
+        (format!("{weights:?}"), spec, all, 0)
+    })
+    .collect();
+    let stay = base.n_layers + 1; // the residual, and each layer's FFN
+    specs.extend([
+        (
+            "Q4_1, untied, gqa 3".to_owned(),
+            TinySpec {
+                n_embd: 192,
+                n_head: 6,
+                untied_output: true,
+                seed: 41,
+                ..base.clone()
+            },
+            all,
+            0,
+        ),
+        (
+            "Q8_0 mistral, sliding window".to_owned(),
+            TinySpec {
+                architecture: "mistral",
+                weights: GgmlDType::Q8_0,
+                sliding_window: Some(8),
+                seed: 42,
+                ..base.clone()
+            },
+            all,
+            0,
+        ),
+        (
+            "Q4_0 with an F16 embedding: the residual stays".to_owned(),
+            TinySpec {
+                weights: GgmlDType::Q4_0,
+                embedding: GgmlDType::F16,
+                seed: 43,
+                ..base.clone()
+            },
+            &["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
+            1,
+        ),
+        (
+            "F32: nothing but the vocabulary moves".to_owned(),
+            TinySpec {
+                weights: GgmlDType::F32,
+                embedding: GgmlDType::F32,
+                seed: 44,
+                ..base.clone()
+            },
+            &[],
+            stay,
+        ),
+        (
+            "Q4_K/Q6_K: nothing but the vocabulary moves".to_owned(),
+            TinySpec {
+                weights: GgmlDType::Q4K,
+                embedding: GgmlDType::Q6K,
+                n_embd: 256,
+                n_ff: 256,
+                n_head: 8,
+                seed: 45,
+                ..base.clone()
+            },
+            &[],
+            stay,
+        ),
+    ]);
+    for (what, spec, moved, stays) in specs {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("plain.gguf");
+        write_tiny_model(&model, &spec).unwrap();
+        let prompt: Vec<u32> = (0..17).map(|i| 3 + i * 5 % 60).collect();
+        let key = KeySource::File(moving_key(dir.path(), 0, 1, &[]));
+        let (relative, same, notes) = compare(&model, &key, &prompt, moved);
+        eprintln!("{what}: largest logit difference {relative:e} of the scale; {notes:?}");
+        assert_eq!(relative, 0.0, "{what}");
+        assert!(same, "{what}: greedy or seeded answers differ");
+        assert_eq!(notes.len(), stays, "{what}: {notes:?}");
+    }
+}
+
+/// The real default model, Q4_1 with a Q8_0 embedding: its 576 residual and
+/// 1,536 FFN channels move within 32-value blocks, bit-exactly.
+#[test]
+fn the_real_gguf_keeps_its_logits_bit_for_bit_at_the_hidden_tier() {
+    let prompt = [
+        1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198,
+    ];
+    let model = ee_e2e::model_path();
+    let (relative, same, notes) = compare(&model, &KeySource::Generate, &prompt, &PROJECTIONS);
+    assert_eq!(relative, 0.0);
+    assert!(same, "greedy or seeded answers differ");
+    assert!(notes.is_empty(), "{notes:?}");
 }

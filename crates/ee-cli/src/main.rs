@@ -120,8 +120,8 @@ struct EncryptArgs {
     identity_key: bool,
     /// What the key hides: `vocab` (token IDs; logits bit-exact) or
     /// `hidden` (also the residual, FFN and head channels; logits exact to
-    /// float rounding; Hugging Face checkpoints only). Encoders are always
-    /// encrypted at `hidden`.
+    /// float rounding; on GGUF in whole quantized blocks, and values within
+    /// 32-value blocks). Encoders are always encrypted at `hidden`.
     #[arg(long, value_enum, default_value_t = TierArg::Vocab)]
     tier: TierArg,
     /// Replace an existing bundle (and its key) and server artifact. Without
@@ -339,6 +339,9 @@ fn main() -> Result<()> {
                 _ => r.permuted_tensors.join(", "),
             };
             println!("vocabulary: {} tokens; permuted: {permuted}", r.vocab_size);
+            for note in &r.notes {
+                println!("note: {note}");
+            }
             eprintln!("done in {:.2}s", started.elapsed().as_secs_f64());
         }
         Command::Quantize(args) => cmd::quantize::run(args)?,

@@ -14,8 +14,8 @@ use ee_core::safetensors::{config_vocab_size, read_config, CONFIG_FILE, SERVER_C
 use ee_core::tokenizer::{GgufVocab, TOKENIZER_KEY_PREFIX};
 use ee_core::transform::encoder::{classifier_labels, is_encoder_config};
 use ee_core::transform::{
-    embedding_vocab_size, write_encoder_server_artifact, write_hf_hidden_artifact,
-    write_server_artifact, TransformReport,
+    embedding_vocab_size, write_encoder_server_artifact, write_gguf_hidden_artifact,
+    write_hf_hidden_artifact, write_server_artifact, TransformReport,
 };
 use ee_core::{BundleManifest, ClientBundle, Key, Permutation};
 
@@ -231,9 +231,9 @@ pub fn encrypt_model(
     )
 }
 
-/// [`encrypt_model`] at `tier`. [`Tier::Hidden`] needs a Hugging Face
-/// checkpoint: on GGUF, only block-structured column moves are exact, and
-/// they are not implemented yet.
+/// [`encrypt_model`] at `tier`. At [`Tier::Hidden`] a Hugging Face
+/// checkpoint's channels move value by value, a GGUF's in the block
+/// structure its quantized tensors allow (`write_gguf_hidden_artifact`).
 pub fn encrypt_model_at(
     model: &Path,
     server_out: &Path,
@@ -242,13 +242,6 @@ pub fn encrypt_model_at(
     tier: Tier,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<EncryptSummary, Error> {
-    if tier == Tier::Hidden && !model.is_dir() {
-        return Err(Error::Model(format!(
-            "{}: --tier hidden needs a Hugging Face checkpoint directory; GGUF's quantized \
-             blocks allow only block-structured channel moves, not implemented yet",
-            model.display()
-        )));
-    }
     let (text, facts) = ModelText::read_with_facts(model)?;
     // Refuse a model whose tokenizer we cannot rebuild before writing anything.
     let tokens = text.codec()?.vocab_size();
@@ -312,8 +305,11 @@ pub fn encrypt_model_at(
             text.chat_template = None;
             write_encoder_server_artifact(model, server_out, &key, progress)?
         }
-        None if tier == Tier::Hidden => {
+        None if tier == Tier::Hidden && model.is_dir() => {
             write_hf_hidden_artifact(model, server_out, &key, progress)?
+        }
+        None if tier == Tier::Hidden => {
+            write_gguf_hidden_artifact(model, server_out, &key, progress)?
         }
         None => {
             let perm: Permutation = key.vocab_permutation(facts.vocab_size);

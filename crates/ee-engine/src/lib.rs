@@ -32,6 +32,7 @@ pub mod linear;
 pub mod loader;
 pub mod model;
 pub mod models;
+pub mod norm;
 pub mod prefix_cache;
 pub mod quant;
 pub mod quantize;

@@ -10,6 +10,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 
 use crate::Error;
 
+pub mod blocks;
 pub mod names;
 
 pub use names::VOCAB_ROW_TENSORS;

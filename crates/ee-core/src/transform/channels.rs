@@ -53,12 +53,117 @@ pub enum Axis {
     Labels,
 }
 
+/// How an axis may move. A Hugging Face checkpoint's axes move value by
+/// value ([`Granule::Value`]): its float sums run in another order, within
+/// the tolerance the hidden tier states. A GGUF's move only where the
+/// arithmetic stays the same: inside the 32-value blocks of ggml's
+/// quantized formats, whose integer dot products do not depend on the
+/// order of their values, while the blocks keep their places and so the
+/// float sums over blocks keep their order ([`Granule::Within`]). An axis
+/// that a float matrix or a K-quant super-block stores along its rows
+/// stays ([`Granule::Fixed`]). See `../shared/docs/ee-design.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Granule {
+    /// Any permutation.
+    Value,
+    /// Values move only among the `n` of their run; runs stay in place.
+    Within(usize),
+    /// Nothing moves.
+    Fixed,
+}
+
+impl Granule {
+    /// The structure that suits both.
+    pub fn and(self, other: Granule) -> Granule {
+        use Granule::*;
+        match (self, other) {
+            (Fixed, _) | (_, Fixed) => Fixed,
+            (Value, g) | (g, Value) => g,
+            (Within(a), Within(b)) => Within(gcd(a, b)),
+        }
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    match b {
+        0 => a,
+        _ => gcd(b, a % b),
+    }
+}
+
+/// How one row of a tensor is stored: blocks of `values` values in
+/// `bytes` bytes each (one value per block for plain floats), and how
+/// values move inside a block, for formats where they can
+/// ([`crate::gguf::blocks::move_within`]).
+#[derive(Clone, Copy)]
+pub struct RowLayout<'a> {
+    pub values: usize,
+    pub bytes: usize,
+    /// `within(src, to, dst)` writes block `src` into `dst` with value `j`
+    /// at `to[j]`.
+    pub within: Option<&'a MoveWithin<'a>>,
+}
+
+/// Moves values inside one block: `(src, to, dst)`.
+pub type MoveWithin<'a> = dyn Fn(&[u8], &[u32], &mut [u8]) -> Result<(), Error> + 'a;
+
+impl RowLayout<'_> {
+    /// Plain values of `bytes` bytes each.
+    pub fn values(bytes: usize) -> Self {
+        Self {
+            values: 1,
+            bytes,
+            within: None,
+        }
+    }
+}
+
 /// The permutations of one key over one model, derived as tensors ask.
 pub struct ChannelPermutations<'k> {
     key: &'k Key,
     vocab: Permutation,
     kv_heads: usize,
+    granules: HashMap<Axis, Granule>,
     derived: HashMap<Axis, Permutation>,
+}
+
+/// The axis whose granule applies to `axis`: a layer's key/value heads and
+/// query heads move together, so they share one.
+pub fn granule_axis(axis: Axis) -> Axis {
+    match axis {
+        Axis::Heads { layer, .. } => Axis::Heads { layer, group: 0 },
+        other => other,
+    }
+}
+
+/// The permutation of `domain` on `n` channels in the structure `granule`
+/// asks. Value by value it is the plain permutation of `domain`, so Hugging
+/// Face keys are unchanged; within runs, each run has its own.
+fn structured_permutation(
+    key: &Key,
+    domain: &str,
+    n: usize,
+    granule: Granule,
+) -> Result<Permutation, Error> {
+    let size = match granule {
+        Granule::Value => return Ok(key.permutation_for(domain, n as u32)),
+        Granule::Fixed => return Ok(Permutation::identity(n as u32)),
+        Granule::Within(size) => size,
+    };
+    if size == 0 || !n.is_multiple_of(size) {
+        return Err(Error::Permutation(format!(
+            "{domain}: {n} channels do not split into runs of {size}"
+        )));
+    }
+    let mut forward = Vec::with_capacity(n);
+    for run in 0..n / size {
+        let inner = key.permutation_for(&format!("{domain}/run-{run}-of-{size}"), size as u32);
+        for j in 0..size as u32 {
+            let moved = inner.encrypt(j).expect("a value below size");
+            forward.push((run * size) as u32 + moved);
+        }
+    }
+    Permutation::from_forward(forward)
 }
 
 impl<'k> ChannelPermutations<'k> {
@@ -69,8 +174,18 @@ impl<'k> ChannelPermutations<'k> {
             key,
             vocab,
             kv_heads,
+            granules: HashMap::new(),
             derived: HashMap::new(),
         }
+    }
+
+    /// Restricts how axes move: `granules` is keyed by [`granule_axis`];
+    /// an axis not in it moves value by value. Attention heads move only
+    /// value by value, since moving whole heads reorders the blocks of the
+    /// output projection.
+    pub fn with_granules(mut self, granules: HashMap<Axis, Granule>) -> Self {
+        self.granules = granules;
+        self
     }
 
     /// The permutation of an axis `n` long. An axis is as long in every
@@ -95,12 +210,19 @@ impl<'k> ChannelPermutations<'k> {
                 known.len()
             )));
         }
+        let granule = self
+            .granules
+            .get(&granule_axis(axis))
+            .copied()
+            .unwrap_or(Granule::Value);
         if let std::collections::hash_map::Entry::Vacant(slot) = self.derived.entry(axis) {
             let perm = match axis {
-                Axis::Residual => residual_permutation(key, n as u32),
-                Axis::Labels => label_permutation(key, n as u32),
-                Axis::HeadDense => key.permutation_for(HEAD_DENSE_DOMAIN, n as u32),
-                Axis::Ffn(l) => key.permutation_for(&format!("ee/v1/hidden/ffn/{l}"), n as u32),
+                Axis::Residual => structured_permutation(key, RESIDUAL_DOMAIN, n, granule)?,
+                Axis::Labels => structured_permutation(key, LABELS_DOMAIN, n, granule)?,
+                Axis::HeadDense => structured_permutation(key, HEAD_DENSE_DOMAIN, n, granule)?,
+                Axis::Ffn(l) => {
+                    structured_permutation(key, &format!("ee/v1/hidden/ffn/{l}"), n, granule)?
+                }
                 Axis::Heads { layer, group } => {
                     let heads = kv_heads * group;
                     if heads == 0 || !n.is_multiple_of(heads) {
@@ -108,22 +230,30 @@ impl<'k> ChannelPermutations<'k> {
                             "{n} attention channels do not split into {heads} heads"
                         )));
                     }
-                    let by_kv_head = key
-                        .permutation_for(&format!("ee/v1/hidden/heads/{layer}"), kv_heads as u32);
                     let width = n / heads;
-                    // Channel j of head h (of kv group h / group) moves to
-                    // channel j of the same head of group η(h / group).
-                    let forward = (0..n)
-                        .map(|c| {
-                            let head = c / width;
-                            let g = by_kv_head
-                                .encrypt((head / group) as u32)
-                                .expect("a group below kv_heads")
-                                as usize;
-                            ((g * group + head % group) * width + c % width) as u32
-                        })
-                        .collect();
-                    Permutation::from_forward(forward)?
+                    // Heads move whole, which reorders a quantized
+                    // projection's blocks: on GGUF they stay.
+                    if granule == Granule::Value {
+                        let by_kv_head = key.permutation_for(
+                            &format!("ee/v1/hidden/heads/{layer}"),
+                            kv_heads as u32,
+                        );
+                        // Channel j of head h (of kv group h / group) moves
+                        // to channel j of the same head of group η(h / group).
+                        let forward = (0..n)
+                            .map(|c| {
+                                let head = c / width;
+                                let g = by_kv_head
+                                    .encrypt((head / group) as u32)
+                                    .expect("a group below kv_heads")
+                                    as usize;
+                                ((g * group + head % group) * width + c % width) as u32
+                            })
+                            .collect();
+                        Permutation::from_forward(forward)?
+                    } else {
+                        Permutation::identity(n as u32)
+                    }
                 }
                 Axis::Fixed | Axis::Vocab => unreachable!("returned above"),
             };
@@ -132,18 +262,21 @@ impl<'k> ChannelPermutations<'k> {
         Ok(self.derived.get(&axis))
     }
 
-    /// The bytes of tensor `name` (row-major `shape`, `element` bytes per
-    /// value) with each of its `axes` moved: `out[p₀(i)][p₁(j)] = in[i][j]`.
-    /// `axes` is `None` for a tensor the architecture does not have.
+    /// The bytes of tensor `name` (row-major `shape` in values, each row
+    /// stored as `layout` says) with each of its `axes` moved:
+    /// `out[p₀(i)][p₁(j)] = in[i][j]`. `axes` is `None` for a tensor the
+    /// architecture does not have.
     ///
     /// Errors: such a tensor (copying it unmoved would leave the model
-    /// broken, or leak it), or a shape its axes do not fit.
+    /// broken, or leak it), a shape its axes do not fit, or a column
+    /// permutation that would split a block (the axis's [`Granule`] was
+    /// not declared with [`Self::with_granules`]).
     pub fn permute(
         &mut self,
         name: &str,
         axes: Option<Vec<Axis>>,
         shape: &[usize],
-        element: usize,
+        layout: RowLayout<'_>,
         bytes: &[u8],
     ) -> Result<Vec<u8>, Error> {
         let axes = axes.ok_or_else(|| {
@@ -160,8 +293,10 @@ impl<'k> ChannelPermutations<'k> {
                 axes.len()
             ))
         };
-        let fits = shape.len() == axes.len() && axes.len() <= 2;
-        if !fits || bytes.len() != shape.iter().product::<usize>() * element {
+        let n_cols = shape.get(1).copied().unwrap_or(1);
+        let block = layout.values.max(1);
+        let fits = shape.len() == axes.len() && axes.len() <= 2 && n_cols.is_multiple_of(block);
+        if !fits || bytes.len() != shape[0] * (n_cols / block) * layout.bytes {
             return Err(misfit());
         }
         let rows = self.of(axes[0], shape[0])?.cloned();
@@ -169,11 +304,15 @@ impl<'k> ChannelPermutations<'k> {
             Some(&a) => self.of(a, shape[1])?.cloned(),
             None => None,
         };
-        let n_cols = shape.get(1).copied().unwrap_or(1);
-        let row_bytes = n_cols * element;
+        let row_bytes = n_cols / block * layout.bytes;
         if row_bytes == 0 {
             return Ok(Vec::new()); // no values: nothing to move
         }
+        // Where each block of a row goes, and where its values go inside it.
+        let moves = match &cols {
+            None => None,
+            Some(p) => Some(block_moves(name, p, block, layout.within.is_some())?),
+        };
         let mut out = vec![0u8; bytes.len()];
         for (r, src) in bytes.chunks_exact(row_bytes).enumerate() {
             let r2 = rows
@@ -181,18 +320,61 @@ impl<'k> ChannelPermutations<'k> {
                 .map_or(Some(r as u32), |p| p.encrypt(r as u32));
             let r2 = r2.ok_or_else(misfit)? as usize;
             let dst = &mut out[r2 * row_bytes..(r2 + 1) * row_bytes];
-            match &cols {
-                None => dst.copy_from_slice(src),
-                Some(p) => {
-                    for (c, value) in src.chunks_exact(element).enumerate() {
-                        let c2 = p.encrypt(c as u32).ok_or_else(misfit)? as usize;
-                        dst[c2 * element..(c2 + 1) * element].copy_from_slice(value);
-                    }
+            let Some(moves) = &moves else {
+                dst.copy_from_slice(src);
+                continue;
+            };
+            for (from, (to, inside)) in src.chunks_exact(layout.bytes).zip(moves) {
+                let at = &mut dst[to * layout.bytes..(to + 1) * layout.bytes];
+                match (inside, layout.within) {
+                    (Some(inside), Some(within)) => within(from, inside, at)?,
+                    _ => at.copy_from_slice(from),
                 }
             }
         }
         Ok(out)
     }
+}
+
+/// A source block's destination block, and where its values go inside it
+/// (`None`: in order).
+type BlockMove = (usize, Option<Vec<u32>>);
+
+/// Splits the column permutation `p` into blocks of `block` values: for
+/// each source block, its destination block and, when the values do not
+/// keep their order inside it, where each goes.
+///
+/// Errors: a block whose values land in more than one block, or move
+/// inside it where `within` says they cannot.
+fn block_moves(
+    name: &str,
+    p: &Permutation,
+    block: usize,
+    within: bool,
+) -> Result<Vec<BlockMove>, Error> {
+    let split = || {
+        Error::Permutation(format!(
+            "tensor {name}: its column permutation splits its blocks of {block} values"
+        ))
+    };
+    (0..p.len() / block)
+        .map(|b| {
+            let to: Vec<u32> = (b * block..(b + 1) * block)
+                .map(|c| p.encrypt(c as u32).ok_or_else(split))
+                .collect::<Result<_, _>>()?;
+            let dst = to[0] as usize / block;
+            if to.iter().any(|&c| c as usize / block != dst) {
+                return Err(split());
+            }
+            let inside: Vec<u32> = to.iter().map(|&c| c - (dst * block) as u32).collect();
+            let kept = inside.iter().enumerate().all(|(j, &c)| c as usize == j);
+            match (kept, within) {
+                (true, _) => Ok((dst, None)),
+                (false, true) => Ok((dst, Some(inside))),
+                (false, false) => Err(split()),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -220,7 +402,7 @@ mod tests {
         let values: Vec<u8> = (0..12u8).collect();
         let axes = Some(vec![heads(1), Axis::Residual]);
         let out = perms
-            .permute("q", axes.clone(), &[4, 3], 1, &values)
+            .permute("q", axes.clone(), &[4, 3], RowLayout::values(1), &values)
             .unwrap();
         let sigma = residual_permutation(&key, 3);
         let eta = perms.of(heads(1), 4).unwrap().unwrap().clone();
@@ -234,21 +416,113 @@ mod tests {
             }
         }
         let err = perms
-            .permute("q", axes.clone(), &[4, 2], 1, &values[..8])
+            .permute(
+                "q",
+                axes.clone(),
+                &[4, 2],
+                RowLayout::values(1),
+                &values[..8],
+            )
             .unwrap_err();
         assert!(err.to_string().contains("elsewhere"), "{err}");
         let err = perms
-            .permute("b", Some(vec![heads(1)]), &[5], 1, &values[..4])
+            .permute(
+                "b",
+                Some(vec![heads(1)]),
+                &[5],
+                RowLayout::values(1),
+                &values[..4],
+            )
             .unwrap_err();
         assert!(err.to_string().contains("shape"), "{err}");
-        let err = perms.permute("x", None, &[1], 1, &[0]).unwrap_err();
+        let err = perms
+            .permute("x", None, &[1], RowLayout::values(1), &[0])
+            .unwrap_err();
         assert!(err.to_string().contains("unencrypted"), "{err}");
         // A tensor with no values moves nothing, and does not panic.
         let mut fresh = ChannelPermutations::new(&key, Permutation::identity(1), 2);
         assert_eq!(
-            fresh.permute("empty", axes, &[4, 0], 1, &[]).unwrap(),
+            fresh
+                .permute("empty", axes, &[4, 0], RowLayout::values(1), &[])
+                .unwrap(),
             Vec::<u8>::new()
         );
+    }
+
+    #[test]
+    fn gguf_granules_move_values_only_inside_their_runs() {
+        let key = Key::from_bytes([3; 32]);
+        let d = "ee/v1/hidden/residual";
+        let plain = structured_permutation(&key, d, 64, Granule::Value).unwrap();
+        assert_eq!(plain, residual_permutation(&key, 64));
+        let within = structured_permutation(&key, d, 64, Granule::Within(32)).unwrap();
+        assert!(!within.is_identity());
+        for c in 0..64 {
+            assert_eq!(
+                within.encrypt(c).unwrap() / 32,
+                c / 32,
+                "channel {c} left its run"
+            );
+        }
+        assert!(structured_permutation(&key, d, 64, Granule::Fixed)
+            .unwrap()
+            .is_identity());
+        assert!(structured_permutation(&key, d, 48, Granule::Within(32)).is_err());
+        assert_eq!(
+            Granule::Within(32).and(Granule::Within(16)),
+            Granule::Within(16)
+        );
+        assert_eq!(Granule::Value.and(Granule::Within(32)), Granule::Within(32));
+        assert_eq!(Granule::Within(32).and(Granule::Fixed), Granule::Fixed);
+
+        // Rows of 2 blocks of 32 one-byte values: blocks stay, values move
+        // inside them through `within`; heads stay.
+        let granules = HashMap::from([
+            (Axis::Residual, Granule::Within(32)),
+            (granule_axis(heads(1)), Granule::Within(32)),
+        ]);
+        let mut perms =
+            ChannelPermutations::new(&key, Permutation::identity(1), 2).with_granules(granules);
+        assert!(perms.of(heads(1), 4).unwrap().unwrap().is_identity());
+        let reverse = |src: &[u8], to: &[u32], dst: &mut [u8]| {
+            for (j, &t) in to.iter().enumerate() {
+                dst[t as usize] = src[j];
+            }
+            Ok(())
+        };
+        let layout = RowLayout {
+            values: 32,
+            bytes: 32,
+            within: Some(&reverse),
+        };
+        let values: Vec<u8> = (0..128).collect();
+        let out = perms
+            .permute(
+                "w",
+                Some(vec![Axis::Fixed, Axis::Residual]),
+                &[2, 64],
+                layout,
+                &values,
+            )
+            .unwrap();
+        for c in 0..64u32 {
+            let c2 = within.encrypt(c).unwrap() as usize;
+            assert_eq!(out[64 + c2], values[64 + c as usize]);
+        }
+        // Without a way to move values inside a block, a split is an error.
+        let err = perms
+            .permute(
+                "w",
+                Some(vec![Axis::Fixed, Axis::Residual]),
+                &[2, 64],
+                RowLayout {
+                    within: None,
+                    ..layout
+                },
+                &values,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("splits its blocks"), "{err}");
     }
 
     #[test]
@@ -279,7 +553,9 @@ mod tests {
             vec![heads(1), Axis::Residual],
         ] {
             assert_eq!(
-                perms.permute("t", Some(axes), &[4, 4], 2, &values).unwrap(),
+                perms
+                    .permute("t", Some(axes), &[4, 4], RowLayout::values(2), &values)
+                    .unwrap(),
                 values
             );
         }

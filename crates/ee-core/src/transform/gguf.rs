@@ -1,17 +1,22 @@
 //! The server artifact of a GGUF model: rows of `token_embd.weight` (and
 //! `output.weight` when the model has its own output head) move as whole
-//! quantized rows; every `tokenizer.*` key is dropped.
+//! quantized rows, and at the hidden tier every tensor's channels move in
+//! whole quantized blocks; every `tokenizer.*` key is dropped.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use super::channels::{granule_axis, Axis, ChannelPermutations, Granule, MoveWithin, RowLayout};
+use super::llama::gguf_llama_axes;
 use super::{permute_rows, TransformReport};
-use crate::gguf::{GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
+use crate::gguf::blocks::{move_within, moves_within, BLOCK_VALUES};
+use crate::gguf::{ggml_block_layout, GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
 use crate::tokenizer::TOKENIZER_KEY_PREFIX;
-use crate::{Error, Permutation};
+use crate::{Error, Key, Permutation};
 
 /// The number of token rows in the embedding: the vocabulary the key covers.
 pub fn embedding_vocab_size(header: &GgufHeader) -> Result<u32, Error> {
@@ -75,14 +80,7 @@ pub fn write_gguf_server_artifact(
     perm: &Permutation,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<TransformReport, Error> {
-    let io = |what: &str, p: &Path| {
-        let what = what.to_owned();
-        let p = p.display().to_string();
-        move |e: std::io::Error| Error::Io(format!("{what} {p}: {e}"))
-    };
-    let mut reader =
-        BufReader::with_capacity(1 << 20, File::open(input).map_err(io("opening", input))?);
-    let header = GgufHeader::read(&mut reader)?;
+    let (header, reader) = open(input)?;
     let vocab_size = embedding_vocab_size(&header)?;
     if perm.len() != vocab_size as usize {
         return Err(Error::Permutation(format!(
@@ -90,7 +88,149 @@ pub fn write_gguf_server_artifact(
             perm.len()
         )));
     }
-    let mut out_header = server_header(&header, vocab_size)?;
+    let moves = |t: &TensorInfo| VOCAB_ROW_TENSORS.contains(&t.name.as_str());
+    let mut move_rows = |t: &TensorInfo, data: &[u8]| permute_rows(&t.name, data, t.n_rows(), perm);
+    write_artifact(
+        reader,
+        &header,
+        output,
+        vocab_size,
+        &moves,
+        &mut move_rows,
+        progress,
+    )
+}
+
+/// Writes the hidden-tier server artifact of the Llama/Mistral GGUF
+/// `input` under `key` to `output`, as [`write_gguf_server_artifact`]
+/// does: the vocabulary rows move, and the residual and FFN channels move
+/// inside the 32-value blocks of every quantized tensor that stores them
+/// along its rows ([`Granule::Within`]), so every block holds the same
+/// values and every sum runs in the same order: the logits stay bit-exact.
+/// An axis that a float matrix or a K-quant super-block stores along its
+/// rows stays, and the report's `notes` name it; attention heads always
+/// stay, since moving one reorders the blocks of `attn_output`.
+///
+/// Errors: those of [`write_gguf_server_artifact`], metadata without head
+/// counts, or a tensor that is not a Llama/Mistral one.
+pub fn write_gguf_hidden_artifact(
+    input: &Path,
+    output: &Path,
+    key: &Key,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    let (header, reader) = open(input)?;
+    let vocab_size = embedding_vocab_size(&header)?;
+    let arch = header.architecture()?.to_owned();
+    let count = |k: &str| header.get(&format!("{arch}.{k}")).and_then(Value::as_u64);
+    let heads = count("attention.head_count")
+        .filter(|&h| h > 0)
+        .ok_or_else(|| Error::Gguf(format!("no {arch}.attention.head_count")))?;
+    let kv_heads = count("attention.head_count_kv").unwrap_or(heads);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::Gguf(format!(
+            "{heads} attention heads do not group over {kv_heads} key/value heads"
+        )));
+    }
+    let q_group = (heads / kv_heads) as usize;
+    let axes = |name: &str| gguf_llama_axes(name, q_group);
+    // Every tensor that stores an axis along its rows limits how it moves;
+    // the first that stops it is named in the notes.
+    let mut granules: HashMap<Axis, Granule> = HashMap::new();
+    let mut stopped_by: HashMap<Axis, String> = HashMap::new();
+    for t in &header.tensors {
+        let Some(cols) = axes(&t.name).filter(|a| a.len() == 2).map(|a| a[1]) else {
+            continue;
+        };
+        let axis = granule_axis(cols);
+        let g = match moves_within(t.ggml_type) {
+            true => Granule::Within(BLOCK_VALUES),
+            false => Granule::Fixed,
+        };
+        if g == Granule::Fixed && !matches!(axis, Axis::Heads { .. }) {
+            stopped_by.entry(axis).or_insert_with(|| t.name.clone());
+        }
+        let known = granules.entry(axis).or_insert(Granule::Value);
+        *known = known.and(g);
+    }
+    let mut perms =
+        ChannelPermutations::new(key, key.vocab_permutation(vocab_size), kv_heads as usize)
+            .with_granules(granules);
+    let moves = |t: &TensorInfo| axes(&t.name).is_none_or(|a| !a.is_empty());
+    let mut move_all = |t: &TensorInfo, data: &[u8]| {
+        let (values, bytes) = layout(t)?;
+        let within =
+            |src: &[u8], to: &[u32], dst: &mut [u8]| move_within(t.ggml_type, src, to, dst);
+        let rows = RowLayout {
+            values: values as usize,
+            bytes: bytes as usize,
+            within: moves_within(t.ggml_type).then_some(&within as &MoveWithin<'_>),
+        };
+        // ggml's dims run from the contiguous one; rows first here.
+        let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        perms.permute(&t.name, axes(&t.name), &shape, rows, data)
+    };
+    let mut report = write_artifact(
+        reader,
+        &header,
+        output,
+        vocab_size,
+        &moves,
+        &mut move_all,
+        progress,
+    )?;
+    report.notes = stopped_by
+        .into_iter()
+        .map(|(axis, name)| {
+            format!(
+                "{axis:?} channels stay in place: {name} stores them in a float or K-quant \
+                 format, where moving them would change the arithmetic"
+            )
+        })
+        .collect();
+    report.notes.sort();
+    Ok(report)
+}
+
+/// (values, bytes) of one block of tensor `t`.
+fn layout(t: &TensorInfo) -> Result<(u64, u64), Error> {
+    ggml_block_layout(t.ggml_type).ok_or_else(|| {
+        Error::Gguf(format!(
+            "tensor {}: unsupported ggml type {}",
+            t.name, t.ggml_type
+        ))
+    })
+}
+
+type Reader = BufReader<File>;
+
+/// The header of the GGUF `input`, and a reader over it.
+fn open(input: &Path) -> Result<(GgufHeader, Reader), Error> {
+    let file =
+        File::open(input).map_err(|e| Error::Io(format!("opening {}: {e}", input.display())))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let header = GgufHeader::read(&mut reader)?;
+    Ok((header, reader))
+}
+
+/// Writes `header`'s model to `output` with every tensor for which
+/// `moves` holds replaced by what `move_tensor` makes of its bytes; other
+/// tensors stream through. Atomic: a temp file, then a rename.
+fn write_artifact(
+    mut reader: Reader,
+    header: &GgufHeader,
+    output: &Path,
+    vocab_size: u32,
+    moves: &dyn Fn(&TensorInfo) -> bool,
+    move_tensor: &mut dyn FnMut(&TensorInfo, &[u8]) -> Result<Vec<u8>, Error>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<TransformReport, Error> {
+    let io = |what: &str, p: &Path| {
+        let what = what.to_owned();
+        let p = p.display().to_string();
+        move |e: std::io::Error| Error::Io(format!("{what} {p}: {e}"))
+    };
+    let mut out_header = server_header(header, vocab_size)?;
     let total: u64 = header
         .tensors
         .iter()
@@ -113,10 +253,10 @@ pub fn write_gguf_server_artifact(
             w.write_all(&vec![0u8; pad as usize])?;
             reader.seek(SeekFrom::Start(header.tensor_data_offset(src)))?;
             let n = src.n_bytes()?;
-            if VOCAB_ROW_TENSORS.contains(&src.name.as_str()) {
+            if moves(src) {
                 let mut data = vec![0u8; n as usize];
                 reader.read_exact(&mut data)?;
-                w.write_all(&permute_rows(&src.name, &data, src.n_rows(), perm)?)?;
+                w.write_all(&move_tensor(src, &data)?)?;
                 permuted.push(src.name.clone());
             } else {
                 let copied = std::io::copy(&mut (&mut reader).take(n), &mut w)?;
@@ -147,6 +287,7 @@ pub fn write_gguf_server_artifact(
         bytes,
         vocab_size,
         permuted_tensors,
+        notes: Vec::new(),
     })
 }
 

@@ -8,6 +8,7 @@
 //! another order.
 
 use super::channels::Axis;
+use crate::gguf::names::hf_name;
 
 /// The axes of the Llama/Mistral tensor `name`, or `None` for a tensor
 /// that is not one (`q_group` is query heads per key/value head).
@@ -42,9 +43,35 @@ pub fn llama_axes(name: &str, q_group: usize) -> Option<Vec<Axis>> {
     })
 }
 
+/// The axes of the GGUF Llama/Mistral tensor `name` (llama.cpp's names),
+/// as [`llama_axes`] gives them for its Hugging Face name; `None` for a
+/// tensor that is not one. RoPE's frequency factors (`rope_freqs.weight`,
+/// one per pair within a head) stay where they are.
+pub fn gguf_llama_axes(name: &str, q_group: usize) -> Option<Vec<Axis>> {
+    match name {
+        "rope_freqs.weight" => Some(vec![]),
+        _ => llama_axes(&hf_name(name)?, q_group),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gguf_names_have_their_hugging_face_twins_axes() {
+        let q = Axis::Heads { layer: 3, group: 2 };
+        assert_eq!(
+            gguf_llama_axes("blk.3.attn_output.weight", 2),
+            Some(vec![Axis::Residual, q])
+        );
+        assert_eq!(
+            gguf_llama_axes("token_embd.weight", 2),
+            Some(vec![Axis::Vocab, Axis::Residual])
+        );
+        assert_eq!(gguf_llama_axes("rope_freqs.weight", 2), Some(vec![]));
+        assert_eq!(gguf_llama_axes("blk.3.attn_q.bias", 2), None);
+    }
 
     #[test]
     fn every_llama_tensor_has_its_axes_and_others_none() {

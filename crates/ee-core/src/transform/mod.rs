@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Permutation};
 
-pub use gguf::{embedding_vocab_size, write_gguf_server_artifact};
+pub use gguf::{embedding_vocab_size, write_gguf_hidden_artifact, write_gguf_server_artifact};
 pub use safetensors::{
     write_encoder_server_artifact, write_hf_hidden_artifact, write_hf_server_artifact,
 };
@@ -59,6 +59,8 @@ pub struct TransformReport {
     pub vocab_size: u32,
     /// Names of the tensors whose rows were permuted.
     pub permuted_tensors: Vec<String>,
+    /// What the tier could not move, for the user to read.
+    pub notes: Vec<String>,
 }
 
 /// Moves whole rows of the tensor `name` (`n_rows` rows in `data`): row

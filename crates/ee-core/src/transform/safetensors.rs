@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 
 use safetensors::tensor::TensorInfo;
 
-use super::channels::{Axis, ChannelPermutations};
+use super::channels::{Axis, ChannelPermutations, RowLayout};
 use super::encoder::encoder_axes;
 use super::llama::llama_axes;
 use super::{permute_rows, TransformReport};
@@ -170,7 +170,13 @@ fn write_with_channels(
         // A tensor no key touches (position IDs, RoPE buffers): as it is.
         Some(a) if a.is_empty() => Ok(None),
         a => perms
-            .permute(name, a, &info.shape, info.dtype.size(), bytes)
+            .permute(
+                name,
+                a,
+                &info.shape,
+                RowLayout::values(info.dtype.size()),
+                bytes,
+            )
             .map(Some),
     };
     write_artifact(files, config, output, vocab_size, &mut move_all, progress)
@@ -222,6 +228,7 @@ fn write_artifact(
         bytes: contents.iter().map(|(_, m)| m.len() as u64).sum(),
         vocab_size,
         permuted_tensors,
+        notes: Vec::new(),
     })
 }
 

@@ -170,8 +170,7 @@ impl LlamaModel {
     }
 
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
-        let normed =
-            candle_nn::ops::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
+        let normed = crate::norm::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
         self.output.forward(&normed)
     }
 
@@ -183,10 +182,10 @@ impl LlamaModel {
             .embedding
             .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = candle_nn::ops::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
+            let h = crate::norm::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
             let attn = self.attention(li, layer, &h, batch)?;
             x = (x + layer.wo.forward(&attn)?)?;
-            let h = candle_nn::ops::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+            let h = crate::norm::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
             let gated =
                 (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
             x = (x + layer.w_down.forward(&gated)?)?;
