@@ -16,9 +16,9 @@ use crate::Error;
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Use candle's kernels instead of ours: its matmuls for GGUF weights
-    /// (block-quantized, F16 and F32), and attention as candle-transformers
+    /// (block-quantized, F16 and F32), attention as candle-transformers
     /// computes it (a masked score matrix and a softmax) instead of our
-    /// tiled kernel.
+    /// tiled kernel, and candle's RMSNorm instead of our order-free one.
     /// Slower; it isolates the forward pass from kernel rounding when
     /// comparing with candle's reference model.
     pub candle_kernels: bool,

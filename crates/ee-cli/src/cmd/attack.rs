@@ -273,7 +273,7 @@ fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
     );
     if let Some(key) = &args.key {
         let key = Key::load(key).with_context(|| format!("loading {}", key.display()))?;
-        let truth = ee_core::transform::channels::residual_permutation(&key, sigma.len() as u32);
+        let truth = true_residual_permutation(&args.artifact, &key, sigma.len())?;
         let correct = (0..sigma.len() as u32)
             .filter(|&c| sigma[c as usize].is_some_and(|p| truth.decrypt(c) == Some(p)))
             .count();
@@ -285,6 +285,28 @@ fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The σ the hidden tier applied to `artifact` under `key`: value by value
+/// on a Hugging Face checkpoint, within quantized blocks on a GGUF.
+fn true_residual_permutation(
+    artifact: &std::path::Path,
+    key: &Key,
+    n: usize,
+) -> Result<ee_core::Permutation> {
+    use ee_core::transform::channels::{residual_permutation, Axis};
+    if artifact.is_dir() {
+        return Ok(residual_permutation(key, n as u32));
+    }
+    let mut file = std::fs::File::open(artifact)
+        .with_context(|| format!("opening {}", artifact.display()))?;
+    let header = ee_core::gguf::GgufHeader::read(&mut file)?;
+    let mut plan = ee_core::transform::gguf_hidden_plan(&header, key)?;
+    Ok(plan
+        .perms
+        .of(Axis::Residual, n)?
+        .cloned()
+        .context("the residual axis has no permutation")?)
 }
 
 fn print_score(map: &RecoveredMap, key: &std::path::Path) -> Result<()> {

@@ -121,41 +121,12 @@ pub fn write_gguf_hidden_artifact(
 ) -> Result<TransformReport, Error> {
     let (header, reader) = open(input)?;
     let vocab_size = embedding_vocab_size(&header)?;
-    let arch = header.architecture()?.to_owned();
-    let count = |k: &str| header.get(&format!("{arch}.{k}")).and_then(Value::as_u64);
-    let heads = count("attention.head_count")
-        .filter(|&h| h > 0)
-        .ok_or_else(|| Error::Gguf(format!("no {arch}.attention.head_count")))?;
-    let kv_heads = count("attention.head_count_kv").unwrap_or(heads);
-    if kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(Error::Gguf(format!(
-            "{heads} attention heads do not group over {kv_heads} key/value heads"
-        )));
-    }
-    let q_group = (heads / kv_heads) as usize;
+    let HiddenPlan {
+        mut perms,
+        q_group,
+        notes,
+    } = gguf_hidden_plan(&header, key)?;
     let axes = |name: &str| gguf_llama_axes(name, q_group);
-    // Every tensor that stores an axis along its rows limits how it moves;
-    // the first that stops it is named in the notes.
-    let mut granules: HashMap<Axis, Granule> = HashMap::new();
-    let mut stopped_by: HashMap<Axis, String> = HashMap::new();
-    for t in &header.tensors {
-        let Some(cols) = axes(&t.name).filter(|a| a.len() == 2).map(|a| a[1]) else {
-            continue;
-        };
-        let axis = granule_axis(cols);
-        let g = match moves_within(t.ggml_type) {
-            true => Granule::Within(BLOCK_VALUES),
-            false => Granule::Fixed,
-        };
-        if g == Granule::Fixed && !matches!(axis, Axis::Heads { .. }) {
-            stopped_by.entry(axis).or_insert_with(|| t.name.clone());
-        }
-        let known = granules.entry(axis).or_insert(Granule::Value);
-        *known = known.and(g);
-    }
-    let mut perms =
-        ChannelPermutations::new(key, key.vocab_permutation(vocab_size), kv_heads as usize)
-            .with_granules(granules);
     let moves = |t: &TensorInfo| axes(&t.name).is_none_or(|a| !a.is_empty());
     let mut move_all = |t: &TensorInfo, data: &[u8]| {
         let (values, bytes) = layout(t)?;
@@ -179,7 +150,61 @@ pub fn write_gguf_hidden_artifact(
         &mut move_all,
         progress,
     )?;
-    report.notes = stopped_by
+    report.notes = notes;
+    Ok(report)
+}
+
+/// What the hidden tier does to one GGUF.
+pub struct HiddenPlan<'k> {
+    /// The key's permutations, in the structure the file's formats allow.
+    pub perms: ChannelPermutations<'k>,
+    /// Query heads per key/value head.
+    pub q_group: usize,
+    /// The axes that stay in place, and the tensor that keeps each.
+    pub notes: Vec<String>,
+}
+
+/// The hidden tier's permutations for the GGUF whose header is `header`
+/// (the plaintext model's or its artifact's: they have the same tensors)
+/// under `key`: what [`write_gguf_hidden_artifact`] applies, and what the
+/// attack lab's scorer checks recovered channels against.
+///
+/// Errors: metadata without head counts.
+pub fn gguf_hidden_plan<'k>(header: &GgufHeader, key: &'k Key) -> Result<HiddenPlan<'k>, Error> {
+    let vocab_size = embedding_vocab_size(header)?;
+    let arch = header.architecture()?.to_owned();
+    let count = |k: &str| header.get(&format!("{arch}.{k}")).and_then(Value::as_u64);
+    let heads = count("attention.head_count")
+        .filter(|&h| h > 0)
+        .ok_or_else(|| Error::Gguf(format!("no {arch}.attention.head_count")))?;
+    let kv_heads = count("attention.head_count_kv").unwrap_or(heads);
+    if kv_heads == 0 || heads % kv_heads != 0 {
+        return Err(Error::Gguf(format!(
+            "{heads} attention heads do not group over {kv_heads} key/value heads"
+        )));
+    }
+    let q_group = (heads / kv_heads) as usize;
+    // Every tensor that stores an axis along its rows limits how it moves;
+    // the first that stops it is named in the notes.
+    let mut granules: HashMap<Axis, Granule> = HashMap::new();
+    let mut stopped_by: HashMap<Axis, String> = HashMap::new();
+    for t in &header.tensors {
+        let axes = gguf_llama_axes(&t.name, q_group);
+        let Some(cols) = axes.filter(|a| a.len() == 2).map(|a| a[1]) else {
+            continue;
+        };
+        let axis = granule_axis(cols);
+        let g = match moves_within(t.ggml_type) {
+            true => Granule::Within(BLOCK_VALUES),
+            false => Granule::Fixed,
+        };
+        if g == Granule::Fixed && !matches!(axis, Axis::Heads { .. }) {
+            stopped_by.entry(axis).or_insert_with(|| t.name.clone());
+        }
+        let known = granules.entry(axis).or_insert(Granule::Value);
+        *known = known.and(g);
+    }
+    let mut notes: Vec<String> = stopped_by
         .into_iter()
         .map(|(axis, name)| {
             format!(
@@ -188,8 +213,14 @@ pub fn write_gguf_hidden_artifact(
             )
         })
         .collect();
-    report.notes.sort();
-    Ok(report)
+    notes.sort();
+    let perms = ChannelPermutations::new(key, key.vocab_permutation(vocab_size), kv_heads as usize)
+        .with_granules(granules);
+    Ok(HiddenPlan {
+        perms,
+        q_group,
+        notes,
+    })
 }
 
 /// (values, bytes) of one block of tensor `t`.
@@ -203,6 +234,9 @@ fn layout(t: &TensorInfo) -> Result<(u64, u64), Error> {
 }
 
 type Reader = BufReader<File>;
+
+/// The new bytes of a tensor that moves.
+type MoveTensor<'a> = dyn FnMut(&TensorInfo, &[u8]) -> Result<Vec<u8>, Error> + 'a;
 
 /// The header of the GGUF `input`, and a reader over it.
 fn open(input: &Path) -> Result<(GgufHeader, Reader), Error> {
@@ -222,7 +256,7 @@ fn write_artifact(
     output: &Path,
     vocab_size: u32,
     moves: &dyn Fn(&TensorInfo) -> bool,
-    move_tensor: &mut dyn FnMut(&TensorInfo, &[u8]) -> Result<Vec<u8>, Error>,
+    move_tensor: &mut MoveTensor<'_>,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<TransformReport, Error> {
     let io = |what: &str, p: &Path| {

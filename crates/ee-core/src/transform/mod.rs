@@ -20,7 +20,9 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Permutation};
 
-pub use gguf::{embedding_vocab_size, write_gguf_hidden_artifact, write_gguf_server_artifact};
+pub use gguf::{
+    embedding_vocab_size, gguf_hidden_plan, write_gguf_hidden_artifact, write_gguf_server_artifact,
+};
 pub use safetensors::{
     write_encoder_server_artifact, write_hf_hidden_artifact, write_hf_server_artifact,
 };

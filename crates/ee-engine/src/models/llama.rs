@@ -49,9 +49,9 @@ pub struct LlamaModel {
     rope_layout: RopeLayout,
     /// Per-token tie-break keys; see [`CausalLm::tie_keys`].
     tie_keys: Vec<u64>,
-    /// Attention as candle's reference model computes it
+    /// Attention and RMSNorm as candle's reference model computes them
     /// ([`LoadOptions::candle_kernels`]).
-    reference_attention: bool,
+    reference_ops: bool,
     device: Device,
 }
 
@@ -163,14 +163,24 @@ impl LlamaModel {
             sin,
             rope_layout: weights.rope_layout(),
             tie_keys,
-            reference_attention: opts.candle_kernels,
+            reference_ops: opts.candle_kernels,
             device,
             config,
         })
     }
 
+    /// RMSNorm: ours, whose sum no channel order changes (the hidden
+    /// tier's exactness on GGUF), or candle's with its kernels.
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, Error> {
+        let eps = self.config.rms_eps as f32;
+        match self.reference_ops {
+            true => Ok(candle_nn::ops::rms_norm(x, weight, eps)?),
+            false => crate::norm::rms_norm(x, weight, eps),
+        }
+    }
+
     fn logits(&self, hidden: &Tensor) -> Result<Tensor, Error> {
-        let normed = crate::norm::rms_norm(hidden, &self.output_norm, self.config.rms_eps as f32)?;
+        let normed = self.rms_norm(hidden, &self.output_norm)?;
         self.output.forward(&normed)
     }
 
@@ -182,10 +192,10 @@ impl LlamaModel {
             .embedding
             .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
         for (li, layer) in self.layers.iter().enumerate() {
-            let h = crate::norm::rms_norm(&x, &layer.attn_norm, self.config.rms_eps as f32)?;
+            let h = self.rms_norm(&x, &layer.attn_norm)?;
             let attn = self.attention(li, layer, &h, batch)?;
             x = (x + layer.wo.forward(&attn)?)?;
-            let h = crate::norm::rms_norm(&x, &layer.ffn_norm, self.config.rms_eps as f32)?;
+            let h = self.rms_norm(&x, &layer.ffn_norm)?;
             let gated =
                 (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
             x = (x + layer.w_down.forward(&gated)?)?;
@@ -243,7 +253,7 @@ impl LlamaModel {
                 let k_s = rope(heads(&k, c.n_kv_head)?)?;
                 let v_s = heads(&v, c.n_kv_head)?;
                 let cached = step.cache.append(li, &k_s, &v_s)?;
-                match self.reference_attention {
+                match self.reference_ops {
                     false => attention(&q_s, &cached, c.sliding_window),
                     true => reference_attention(&q_s, &cached, c.sliding_window),
                 }
