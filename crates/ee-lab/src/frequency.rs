@@ -61,7 +61,7 @@ impl BigramModel {
     }
 
     /// log P(b | a), smoothed.
-    fn log_p(&self, a: u32, b: u32) -> f64 {
+    pub(crate) fn log_p(&self, a: u32, b: u32) -> f64 {
         let p_b = (self.count(b) as f64 + 0.1) / (self.total as f64 + 0.1 * self.vocab as f64);
         let ab = self.bigram.get(&(a, b)).copied().unwrap_or(0) as f64;
         ((ab + SMOOTHING * p_b) / (self.count(a) as f64 + SMOOTHING)).ln()
@@ -69,7 +69,7 @@ impl BigramModel {
 
     /// Every token of the vocabulary: those seen from most to least frequent
     /// (ties by ID), then the unseen ones by ID, so any ID can get a guess.
-    fn ranked(&self) -> Vec<u32> {
+    pub(crate) fn ranked(&self) -> Vec<u32> {
         let mut seen: Vec<(u32, u64)> = self.unigram.iter().map(|(&t, &c)| (t, c)).collect();
         seen.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut tokens: Vec<u32> = seen.into_iter().map(|(t, _)| t).collect();
@@ -79,7 +79,7 @@ impl BigramModel {
 }
 
 /// Encrypted IDs from most to least frequent in `traffic` (ties by ID).
-fn ranked_cipher(traffic: &[Vec<u32>]) -> Vec<u32> {
+pub(crate) fn ranked_cipher(traffic: &[Vec<u32>]) -> Vec<u32> {
     let mut counts: HashMap<u32, u64> = HashMap::new();
     for &c in traffic.iter().flatten() {
         *counts.entry(c).or_insert(0) += 1;
@@ -117,13 +117,13 @@ pub fn frequency_match(
 
 /// The traffic's bigrams, counted, and for each encrypted ID the bigrams
 /// that touch it.
-struct CipherBigrams {
+pub(crate) struct CipherBigrams {
     edges: Vec<(u32, u32, u64)>,
     touching: HashMap<u32, Vec<usize>>,
 }
 
 impl CipherBigrams {
-    fn of(traffic: &[Vec<u32>]) -> Self {
+    pub(crate) fn of(traffic: &[Vec<u32>]) -> Self {
         let mut counts: HashMap<(u32, u32), u64> = HashMap::new();
         for s in traffic {
             for w in s.windows(2) {
@@ -143,19 +143,29 @@ impl CipherBigrams {
         Self { edges, touching }
     }
 
-    /// Log-likelihood of the bigrams touching `a` or `b` under `guess`. An
-    /// ID without a guess scores as the least likely token, never as free.
+    /// Log-likelihood of the bigram `edges[i]` under `guess`. An ID without
+    /// a guess scores as the least likely token, never as free.
+    fn edge(&self, i: usize, guess: &[Option<u32>], prior: &BigramModel) -> f64 {
+        let (x, y, n) = self.edges[i];
+        let guess_of = |c: u32| guess.get(c as usize).copied().flatten();
+        n as f64
+            * match (guess_of(x), guess_of(y)) {
+                (Some(px), Some(py)) => prior.log_p(px, py),
+                _ => prior.log_p(u32::MAX, u32::MAX),
+            }
+    }
+
+    /// Log-likelihood of the whole traffic under `guess`: the linguistic
+    /// loss, negated.
+    pub(crate) fn total(&self, guess: &[Option<u32>], prior: &BigramModel) -> f64 {
+        (0..self.edges.len())
+            .map(|i| self.edge(i, guess, prior))
+            .sum()
+    }
+
+    /// Log-likelihood of the bigrams touching `a` or `b` under `guess`.
     fn local(&self, a: u32, b: u32, guess: &[Option<u32>], prior: &BigramModel) -> f64 {
-        let floor = prior.log_p(u32::MAX, u32::MAX);
-        let edge = |i: usize| {
-            let (x, y, n) = self.edges[i];
-            let guess_of = |c: u32| guess.get(c as usize).copied().flatten();
-            n as f64
-                * match (guess_of(x), guess_of(y)) {
-                    (Some(px), Some(py)) => prior.log_p(px, py),
-                    _ => floor,
-                }
-        };
+        let edge = |i: usize| self.edge(i, guess, prior);
         let none = Vec::new();
         let on_a = self.touching.get(&a).unwrap_or(&none);
         let on_b = self.touching.get(&b).unwrap_or(&none);

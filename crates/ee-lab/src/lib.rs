@@ -10,8 +10,9 @@
 //! - attacks: [`weight_match`] (the server operator with the public base
 //!   model), [`channel_match`] (the same operator against an encoder's
 //!   hidden channels), [`nearest`] (the same operator facing private, fine-tuned
-//!   weights), [`fingerprint`] (anyone who can query the server), [`frequency`] (a passive observer of the traffic, with the
-//!   public model as its prior), [`bound`] (brute force).
+//!   weights), [`fingerprint`] (anyone who can query the server),
+//!   [`frequency`] and [`search`] (a passive observer of the traffic, with
+//!   the public model as its prior), [`bound`] (brute force).
 //!
 //! Each attack takes only what its adversary has: weights it can read, and
 //! never the key.
@@ -25,6 +26,7 @@ pub mod nearest;
 pub mod prompts;
 pub mod rows;
 pub mod score;
+pub mod search;
 pub mod weight_match;
 
 pub use map::RecoveredMap;

@@ -5,6 +5,7 @@
 //! test.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -12,7 +13,7 @@ use clap::{Args, Subcommand};
 use ee_client::model_tool::ModelText;
 use ee_client::template::{ChatFormat, ChatMessage};
 use ee_core::Key;
-use ee_engine::{GenerateOptions, SamplingParams};
+use ee_engine::SamplingParams;
 use ee_lab::nearest::{nearest, private_artifact, Perturbation};
 use ee_lab::rows::VocabRows;
 use ee_lab::{bound, weight_match, RecoveredMap, Score};
@@ -40,7 +41,8 @@ pub(crate) enum AttackCommand {
     /// statistics as the prior, at several traffic volumes.
     Frequency(FrequencyArgs),
     /// Anyone who can query the server: one-token prompts of encrypted IDs,
-    /// their top log-probabilities matched against the public model's.
+    /// their top log-probabilities matched against the public model's, the
+    /// alternatives each answer lists, and two-token prompts of IDs named.
     Fingerprint(FingerprintArgs),
     /// Grade a recovered mapping against the true key.
     Score(ScoreArgs),
@@ -134,9 +136,17 @@ pub(crate) struct FrequencyArgs {
     /// Annealing start temperature (see `ee_lab::frequency::Climb`).
     #[arg(long, default_value_t = 2.0)]
     temperature: f64,
-    /// Seeds the chats' sampling and the climb.
+    /// Full evaluations of the traffic's likelihood for random sampling
+    /// and for the genetic search (see `ee_lab::search`).
+    #[arg(long, default_value_t = 300)]
+    evaluations: usize,
+    /// Seeds the chats' sampling and the searches.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keep the generated chats (plaintext IDs) in this file and reuse them
+    /// when it holds enough: generating 10^6 tokens takes a while.
+    #[arg(long)]
+    traffic: Option<PathBuf>,
     /// Also write the results as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -298,15 +308,14 @@ fn true_residual_permutation(
     if artifact.is_dir() {
         return Ok(residual_permutation(key, n as u32));
     }
-    let mut file = std::fs::File::open(artifact)
-        .with_context(|| format!("opening {}", artifact.display()))?;
+    let mut file =
+        std::fs::File::open(artifact).with_context(|| format!("opening {}", artifact.display()))?;
     let header = ee_core::gguf::GgufHeader::read(&mut file)?;
     let mut plan = ee_core::transform::gguf_hidden_plan(&header, key)?;
-    Ok(plan
-        .perms
+    plan.perms
         .of(Axis::Residual, n)?
         .cloned()
-        .context("the residual axis has no permutation")?)
+        .context("the residual axis has no permutation")
 }
 
 fn print_score(map: &RecoveredMap, key: &std::path::Path) -> Result<()> {
@@ -391,38 +400,107 @@ fn private_weights(args: PrivateWeightsArgs) -> Result<()> {
 
 /// Chats with the public model on `prompts` in turn (seeded sampling at
 /// 0.7, as a chat client would), until `tokens` tokens: each transcript is
-/// the rendered prompt and the answer, plaintext IDs.
+/// the rendered prompt and the answer, plaintext IDs. They run 32 at a time
+/// through the engine's scheduler; a chat's tokens depend only on its
+/// prompt and seed, not on the batch.
 fn chats(
     text: &ModelText,
-    model: &dyn ee_engine::CausalLm,
+    model: &Arc<dyn ee_engine::CausalLm>,
     prompts: &[&str],
     tokens: usize,
     seed: u64,
 ) -> Result<Vec<Vec<u32>>> {
+    use ee_engine::{Scheduler, SchedulerConfig, SequenceEvent, SequenceRequest};
+    const IN_FLIGHT: usize = 64;
     let (codec, template) = text.chat(ChatFormat::default())?;
-    let mut out = Vec::new();
-    let mut total = 0;
-    for (i, prompt) in prompts.iter().cycle().enumerate() {
-        if total >= tokens {
-            break;
+    let scheduler = Scheduler::start(
+        model.clone(),
+        SchedulerConfig {
+            max_batch: 32,
+            max_queue: IN_FLIGHT,
+            step_token_budget: 2048,
+            prompt_cache_bytes: 0,
+        },
+    );
+    let mut next = prompts.iter().cycle().enumerate();
+    let mut in_flight = std::collections::VecDeque::new();
+    let (mut out, mut total) = (Vec::new(), 0);
+    while total < tokens {
+        while in_flight.len() < IN_FLIGHT {
+            let (i, prompt) = next.next().context("no prompts")?;
+            let ids = template.prompt_ids(&codec, &[ChatMessage::new("user", prompt)], true)?;
+            let request = SequenceRequest {
+                prompt: ids.clone(),
+                sampling: SamplingParams {
+                    temperature: 0.7,
+                    seed: Some(seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
+                    ..SamplingParams::default()
+                },
+                max_tokens: 256,
+                stop_token_ids: text.special.stop_ids.clone(),
+                top_logprobs: None,
+                cache_prompt: false,
+            };
+            in_flight.push_back((ids, scheduler.submit(request)?));
         }
-        let mut ids = template.prompt_ids(&codec, &[ChatMessage::new("user", prompt)], true)?;
-        let opts = GenerateOptions {
-            max_tokens: 256,
-            stop_token_ids: text.special.stop_ids.clone(),
-            sampling: SamplingParams {
-                temperature: 0.7,
-                seed: Some(seed.wrapping_mul(1_000_003).wrapping_add(i as u64)),
-                ..SamplingParams::default()
-            },
-            ..GenerateOptions::default()
-        };
-        let answer = ee_engine::generate(model, &ids, &opts, |_| {})?;
-        ids.extend(answer.token_ids());
+        let (mut ids, mut events) = in_flight.pop_front().context("a chat in flight")?;
+        loop {
+            match events.blocking_recv() {
+                Some(SequenceEvent::Token(s)) => ids.push(s.token),
+                Some(SequenceEvent::Finished { .. }) => break,
+                Some(SequenceEvent::Failed(e)) => anyhow::bail!("a chat failed: {e}"),
+                None => anyhow::bail!("the engine stopped"),
+            }
+        }
         total += ids.len();
         out.push(ids);
     }
     Ok(out)
+}
+
+/// Chats as plaintext token IDs, one transcript each.
+type Transcripts = Vec<Vec<u32>>;
+
+/// The victim's and the attacker's chats: read from `cache` when it holds
+/// enough, else generated and written there (plaintext IDs; the lab's own
+/// file).
+fn traffic(
+    args: &FrequencyArgs,
+    text: &ModelText,
+    model: &Arc<dyn ee_engine::CausalLm>,
+) -> Result<(Transcripts, Transcripts)> {
+    let most = args.tokens.iter().copied().max().unwrap_or(0);
+    let enough = |v: &[Vec<u32>], n: usize| v.iter().map(Vec::len).sum::<usize>() >= n;
+    if let Some(path) = &args.traffic {
+        if let Ok(bytes) = std::fs::read(path) {
+            let (victim, prior): (Transcripts, Transcripts) = serde_json::from_slice(&bytes)
+                .with_context(|| format!("reading {}", path.display()))?;
+            if enough(&victim, most) && enough(&prior, args.prior_tokens) {
+                println!("traffic read from {}", path.display());
+                return Ok((victim, prior));
+            }
+        }
+    }
+    let started = Instant::now();
+    let victim = chats(text, model, &ee_lab::prompts::VICTIM, most, args.seed)?;
+    let prior = chats(
+        text,
+        model,
+        &ee_lab::prompts::ATTACKER,
+        args.prior_tokens,
+        args.seed ^ 0xa77a,
+    )?;
+    println!(
+        "generated {} victim and {} prior tokens in {:.0} s",
+        victim.iter().map(Vec::len).sum::<usize>(),
+        prior.iter().map(Vec::len).sum::<usize>(),
+        started.elapsed().as_secs_f64()
+    );
+    if let Some(path) = &args.traffic {
+        std::fs::write(path, serde_json::to_vec(&(&victim, &prior))?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok((victim, prior))
 }
 
 /// What the observer knows without the key, from the public template and
@@ -461,32 +539,12 @@ fn known_plaintext(text: &ModelText, traffic: &[Vec<u32>]) -> Result<Vec<(u32, u
 
 fn frequency(args: FrequencyArgs) -> Result<()> {
     use ee_lab::frequency::{frequency_match, hill_climb, BigramModel, Climb};
+    use ee_lab::search::{genetic, random_sampling, Budget};
     let text = ModelText::read(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let model = ee_engine::load(&args.model)?;
     let vocab = model.vocab_size();
-    let most = args.tokens.iter().copied().max().unwrap_or(0);
-    let started = Instant::now();
-    let victim = chats(
-        &text,
-        model.as_ref(),
-        &ee_lab::prompts::VICTIM,
-        most,
-        args.seed,
-    )?;
-    let prior_text = chats(
-        &text,
-        model.as_ref(),
-        &ee_lab::prompts::ATTACKER,
-        args.prior_tokens,
-        args.seed ^ 0xa77a,
-    )?;
-    println!(
-        "generated {} victim and {} prior tokens in {:.0} s",
-        victim.iter().map(Vec::len).sum::<usize>(),
-        prior_text.iter().map(Vec::len).sum::<usize>(),
-        started.elapsed().as_secs_f64()
-    );
+    let (victim, prior_text) = traffic(&args, &text, &model)?;
     let prior = BigramModel::train(&prior_text, vocab);
     // The lab's own key: only the scorer reads it.
     let key = Key::generate()?.vocab_permutation(vocab as u32);
@@ -527,10 +585,22 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
                 seed: args.seed,
             };
             let climbed = hill_climb(traffic, &prior, ranked.clone(), &known, climb);
-            let climbed_secs = t.elapsed().as_secs_f64();
+            let climbed_secs = t.elapsed().as_secs_f64() - ranked_secs;
+            let budget = Budget {
+                evaluations: args.evaluations,
+                seed: args.seed,
+            };
+            let t = Instant::now();
+            let sampled = random_sampling(traffic, &prior, ranked.clone(), &known, budget);
+            let sampled_secs = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let bred = genetic(traffic, &prior, ranked.clone(), &known, budget);
+            let bred_secs = t.elapsed().as_secs_f64();
             for (method, map, secs) in [
                 ("frequency", &ranked, ranked_secs),
                 ("+ hill climbing", &climbed, climbed_secs),
+                ("+ random sampling", &sampled, sampled_secs),
+                ("+ genetic search", &bred, bred_secs),
             ] {
                 let s = Score::of(map, &key, &flat);
                 let beyond = Score::of(map, &key, &unknown).traffic_token_accuracy;
@@ -557,7 +627,8 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
             serde_json::to_vec_pretty(&json!({
                 "attack": "frequency", "model": args.model, "vocab": vocab,
                 "prior_tokens": prior_text.iter().map(Vec::len).sum::<usize>(),
-                "moves": args.moves, "temperature": args.temperature, "results": results
+                "moves": args.moves, "temperature": args.temperature,
+                "evaluations": args.evaluations, "results": results
             }))?,
         )
         .with_context(|| format!("writing {}", path.display()))?;
@@ -566,18 +637,24 @@ fn frequency(args: FrequencyArgs) -> Result<()> {
 }
 
 fn fingerprint(args: FingerprintArgs) -> Result<()> {
-    use ee_lab::fingerprint::{fingerprints, match_fingerprints};
+    use ee_lab::fingerprint::{match_fingerprints, random_pairs, top_answers, Alternatives};
     let public = ee_engine::load(&args.base)?;
     let server = ee_engine::load(&args.artifact)?;
     let n = public.vocab_size();
+    let k = args.top_k;
     let key = Key::load(&args.key)
         .with_context(|| format!("loading {}", args.key.display()))?
         .vocab_permutation(n as u32);
     let started = Instant::now();
+    let single = |ids: &[u32]| ids.iter().map(|&t| vec![t]).collect::<Vec<_>>();
     let all: Vec<u32> = (0..n as u32).collect();
-    let public_fp = fingerprints(public.as_ref(), &all, args.top_k)?;
+    let public_answers = top_answers(public.as_ref(), &single(&all), k)?;
+    let values = |a: &[Vec<(u32, f32)>]| -> Vec<f32> {
+        a.iter().flat_map(|x| x.iter().map(|&(_, v)| v)).collect()
+    };
+    let public_fp = values(&public_answers);
     println!(
-        "public fingerprints of all {n} tokens: {:.0} s (the attacker's own machine)",
+        "public answers after all {n} tokens: {:.0} s (the attacker's own machine)",
         started.elapsed().as_secs_f64()
     );
     // The attacker queries encrypted IDs in a random order it picks.
@@ -585,24 +662,62 @@ fn fingerprint(args: FingerprintArgs) -> Result<()> {
     seed[..8].copy_from_slice(&args.seed.to_le_bytes());
     let order = Key::from_bytes(seed).vocab_permutation(n as u32);
     let order: Vec<u32> = (0..n as u32).filter_map(|i| order.encrypt(i)).collect();
-    println!("| queries | recovered among queried | of the vocabulary | seconds |");
-    println!("|---|---|---|---|");
+    println!(
+        "| queries | recovered among queried | vocabulary: shapes | + their alternatives | \
+         + as many two-token queries | wrong | seconds |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     let most = args.queries.iter().copied().max().unwrap_or(0);
     for &q in &args.queries {
         let queried = &order[..q.min(n)];
         let t = Instant::now();
-        let answers = fingerprints(server.as_ref(), queried, args.top_k)?;
-        let map = match_fingerprints(queried, &answers, &public_fp, args.top_k, n)?;
+        let answers = top_answers(server.as_ref(), &single(queried), k)?;
+        let shapes = match_fingerprints(queried, &values(&answers), &public_fp, k, n)?;
+        // Each answer lists k more IDs, at the ranks the public model lists
+        // its alternatives after the matched token.
+        let mut alternatives = Alternatives::default();
+        for (c, answer) in queried.iter().zip(&answers) {
+            if let Some(t) = shapes.0[*c as usize] {
+                alternatives.add(answer, &public_answers[t as usize]);
+            }
+        }
+        let mut listed = shapes.clone();
+        alternatives.fill(&mut listed);
+        // As many two-token prompts of IDs already named, in random pairs:
+        // their alternatives follow contexts no single token gives.
+        let named: Vec<u32> = (0..n as u32)
+            .filter(|&c| listed.0[c as usize].is_some())
+            .collect();
+        let pairs = random_pairs(&named, queried.len(), args.seed);
+        let cipher: Vec<Vec<u32>> = pairs.iter().map(|p| p.to_vec()).collect();
+        let plain: Vec<Vec<u32>> = pairs
+            .iter()
+            .map(|p| p.iter().filter_map(|&c| listed.0[c as usize]).collect())
+            .collect();
+        let pair_answers = top_answers(server.as_ref(), &cipher, k)?;
+        for (answer, public_answer) in
+            pair_answers
+                .iter()
+                .zip(top_answers(public.as_ref(), &plain, k)?)
+        {
+            alternatives.add(answer, &public_answer);
+        }
+        let mut paired = listed.clone();
+        alternatives.fill(&mut paired);
         let secs = t.elapsed().as_secs_f64();
-        let s = Score::of(&map, &key, &[]);
+        let of_vocab = |m: &RecoveredMap| 100.0 * Score::of(m, &key, &[]).vocab_recovered();
+        let s = Score::of(&shapes, &key, &[]);
         println!(
-            "| {} | {:.1}% | {:.2}% | {secs:.1} |",
+            "| {} | {:.1}% | {:.2}% | {:.2}% | {:.2}% | {} | {secs:.1} |",
             queried.len(),
             100.0 * s.vocab_correct as f64 / queried.len().max(1) as f64,
-            100.0 * s.vocab_recovered()
+            of_vocab(&shapes),
+            of_vocab(&listed),
+            of_vocab(&paired),
+            Score::of(&paired, &key, &[]).vocab_wrong,
         );
         if let (Some(out), true) = (&args.out, q == most) {
-            map.save(out)?;
+            paired.save(out)?;
         }
     }
     Ok(())
