@@ -198,11 +198,11 @@ fn the_real_model_keeps_its_function_at_the_hidden_tier() {
     assert!(same, "greedy or seeded answers differ");
 }
 
-/// GGUF tiny models of every weight format. Channels move only inside the
-/// 32-value blocks of quantized tensors, where the integer dot products do
-/// not see the order, and RMSNorm's sum of squares is order-free: the
-/// logits are bit-exact. Axes that a float or K-quant matrix stores along
-/// its rows stay, and the notes say so.
+/// GGUF tiny models of every weight format. Channels move only among the
+/// values of a quantized block that share a scale (32, or 16 in Q6_K),
+/// where the integer dot products do not see the order, and RMSNorm's sum
+/// of squares is order-free: the logits are bit-exact. Axes that a float
+/// matrix stores along its rows stay, and the notes say so.
 #[test]
 fn tiny_ggufs_of_every_format_keep_their_logits_bit_for_bit_at_the_hidden_tier() {
     let base = TinySpec::llama_q4_1();
@@ -273,21 +273,32 @@ fn tiny_ggufs_of_every_format_keep_their_logits_bit_for_bit_at_the_hidden_tier()
             &[],
             stay,
         ),
-        (
-            "Q4_K/Q6_K: nothing but the vocabulary moves".to_owned(),
-            TinySpec {
-                weights: GgmlDType::Q4K,
-                embedding: GgmlDType::Q6K,
-                n_embd: 256,
-                n_ff: 256,
-                n_head: 8,
-                seed: 45,
-                ..base.clone()
-            },
-            &[],
-            stay,
-        ),
     ]);
+    // K-quants: rows of 256 values are whole super-blocks.
+    for (i, (weights, embedding)) in [
+        (GgmlDType::Q4K, GgmlDType::Q6K),
+        (GgmlDType::Q5K, GgmlDType::Q8_0),
+        (GgmlDType::Q6K, GgmlDType::Q4K),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let spec = TinySpec {
+            weights,
+            embedding,
+            n_embd: 256,
+            n_ff: 256,
+            n_head: 8,
+            seed: 45 + i as u64,
+            ..base.clone()
+        };
+        specs.push((
+            format!("{weights:?}, {embedding:?} embedding"),
+            spec,
+            all,
+            0,
+        ));
+    }
     for (what, spec, moved, stays) in specs {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("plain.gguf");

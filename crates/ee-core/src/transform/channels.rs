@@ -56,12 +56,12 @@ pub enum Axis {
 /// How an axis may move. A Hugging Face checkpoint's axes move value by
 /// value ([`Granule::Value`]): its float sums run in another order, within
 /// the tolerance the hidden tier states. A GGUF's move only where the
-/// arithmetic stays the same: inside the 32-value blocks of ggml's
-/// quantized formats, whose integer dot products do not depend on the
-/// order of their values, while the blocks keep their places and so the
-/// float sums over blocks keep their order ([`Granule::Within`]). An axis
-/// that a float matrix or a K-quant super-block stores along its rows
-/// stays ([`Granule::Fixed`]). See `../shared/docs/ee-design.md`.
+/// arithmetic stays the same: among the values of a quantized block that
+/// share a scale (a run), whose integer dot product does not depend on
+/// their order, while the runs keep their places and so the float sums
+/// over them keep their order ([`Granule::Within`]). An axis that a float
+/// matrix stores along its rows stays ([`Granule::Fixed`]). See
+/// `../shared/docs/ee-design.md`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Granule {
     /// Any permutation.

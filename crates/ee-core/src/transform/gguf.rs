@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use super::channels::{granule_axis, Axis, ChannelPermutations, Granule, MoveWithin, RowLayout};
 use super::llama::gguf_llama_axes;
 use super::{permute_rows, TransformReport};
-use crate::gguf::blocks::{move_within, moves_within, BLOCK_VALUES};
+use crate::gguf::blocks::{move_within, run_values};
 use crate::gguf::{ggml_block_layout, GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
 use crate::tokenizer::TOKENIZER_KEY_PREFIX;
 use crate::{Error, Key, Permutation};
@@ -104,10 +104,11 @@ pub fn write_gguf_server_artifact(
 /// Writes the hidden-tier server artifact of the Llama/Mistral GGUF
 /// `input` under `key` to `output`, as [`write_gguf_server_artifact`]
 /// does: the vocabulary rows move, and the residual and FFN channels move
-/// inside the 32-value blocks of every quantized tensor that stores them
-/// along its rows ([`Granule::Within`]), so every block holds the same
-/// values and every sum runs in the same order: the logits stay bit-exact.
-/// An axis that a float matrix or a K-quant super-block stores along its
+/// among the values that share a scale in every quantized tensor that
+/// stores them along its rows (32 in ggml's 32-value formats and in a
+/// Q4_K/Q5_K sub-block, 16 in a Q6_K one: [`Granule::Within`]), so every
+/// block holds the same values and every sum runs in the same order: the
+/// logits stay bit-exact. An axis that a float matrix stores along its
 /// rows stays, and the report's `notes` name it; attention heads always
 /// stay, since moving one reorders the blocks of `attn_output`.
 ///
@@ -135,7 +136,7 @@ pub fn write_gguf_hidden_artifact(
         let rows = RowLayout {
             values: values as usize,
             bytes: bytes as usize,
-            within: moves_within(t.ggml_type).then_some(&within as &MoveWithin<'_>),
+            within: run_values(t.ggml_type).map(|_| &within as &MoveWithin<'_>),
         };
         // ggml's dims run from the contiguous one; rows first here.
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
@@ -194,10 +195,7 @@ pub fn gguf_hidden_plan<'k>(header: &GgufHeader, key: &'k Key) -> Result<HiddenP
             continue;
         };
         let axis = granule_axis(cols);
-        let g = match moves_within(t.ggml_type) {
-            true => Granule::Within(BLOCK_VALUES),
-            false => Granule::Fixed,
-        };
+        let g = run_values(t.ggml_type).map_or(Granule::Fixed, Granule::Within);
         if g == Granule::Fixed && !matches!(axis, Axis::Heads { .. }) {
             stopped_by.entry(axis).or_insert_with(|| t.name.clone());
         }
@@ -208,8 +206,8 @@ pub fn gguf_hidden_plan<'k>(header: &GgufHeader, key: &'k Key) -> Result<HiddenP
         .into_iter()
         .map(|(axis, name)| {
             format!(
-                "{axis:?} channels stay in place: {name} stores them in a float or K-quant \
-                 format, where moving them would change the arithmetic"
+                "{axis:?} channels stay in place: {name} stores them in a float format, \
+                 where moving them would change the order of its sums"
             )
         })
         .collect();

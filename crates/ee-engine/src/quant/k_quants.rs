@@ -25,12 +25,14 @@ pub(crate) fn quantize_activations_k(x: &[f32]) -> Vec<ActBlockK> {
 }
 
 /// As candle's `BlockQ8K::from_float`: the scale maps the value of largest
-/// magnitude to -128.
+/// magnitude to -128. Where a positive and a negative value tie for it,
+/// candle takes the first; this takes the negative one, so that the order
+/// of the block's values (which a hidden-tier key moves) never matters.
 #[inline(always)]
 pub(crate) fn quantize_block_k(x: &[f32]) -> ActBlockK {
     let (mut amax, mut max) = (0f32, 0f32);
     for &v in x {
-        if amax < v.abs() {
+        if amax < v.abs() || (amax == v.abs() && v < max) {
             amax = v.abs();
             max = v;
         }
