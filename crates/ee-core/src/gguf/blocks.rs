@@ -232,12 +232,8 @@ mod tests {
                 .collect();
             let mut dst = vec![0u8; src.len()];
             move_within(t, &src, &to, &mut dst).unwrap();
-            for j in 0..values {
-                assert_eq!(
-                    codes.get(&dst, to[j] as usize),
-                    codes.get(&src, j),
-                    "type {t}"
-                );
+            for (j, &t2) in to.iter().enumerate() {
+                assert_eq!(codes.get(&dst, t2 as usize), codes.get(&src, j), "type {t}");
             }
             // Bytes that hold no codes (scales, mins) are untouched: moving
             // back restores the block exactly.
