@@ -71,11 +71,14 @@ fn logits_agree_and_greedy_tokens_match_candle_but_at_near_ties() {
         if a != b {
             // Different summation orders may break a near-tie either way:
             // a split is accepted only where both models rank the two
-            // tokens within 0.5% of the logit scale, at most twice; both
-            // then go on with candle's token, so every step is compared.
+            // tokens within 1% of the logit scale (an eighth of the worst
+            // logit's tolerance above), at most twice; both then go on with
+            // candle's token, so every step is compared. (Measured: a split
+            // at margins of 0.85% and 0.16% once our RMSNorm summed its
+            // squares exactly and candle in f32.)
             let margin = |l: &[f32]| (l[a as usize] - l[b as usize]).abs();
             assert!(
-                margin(&ours_logits) <= 0.005 * scale && margin(&their_logits) <= 0.005 * scale,
+                margin(&ours_logits) <= 0.01 * scale && margin(&their_logits) <= 0.01 * scale,
                 "greedy token differs at step {step} ({a} vs {b}): margins {} and {} (scale {scale})",
                 margin(&ours_logits),
                 margin(&their_logits)

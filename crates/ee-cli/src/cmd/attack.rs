@@ -426,7 +426,10 @@ fn chats(
     let mut in_flight = std::collections::VecDeque::new();
     let (mut out, mut total) = (Vec::new(), 0);
     while total < tokens {
-        while in_flight.len() < IN_FLIGHT {
+        // Enough chats in flight to reach `tokens` at the mean length so
+        // far, and no more: any beyond would be generated for nothing.
+        let mean = total.checked_div(out.len()).unwrap_or(150).max(1);
+        while in_flight.len() < IN_FLIGHT && total + in_flight.len() * mean < tokens {
             let (i, prompt) = next.next().context("no prompts")?;
             let ids = template.prompt_ids(&codec, &[ChatMessage::new("user", prompt)], true)?;
             let request = SequenceRequest {
