@@ -295,13 +295,13 @@ pub fn hill_climb(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::Score;
 
     /// Sentences from a small grammar with a skewed word distribution, as
     /// token IDs.
-    fn corpus(seed: u64, sentences: usize) -> Vec<Vec<u32>> {
+    pub(crate) fn corpus(seed: u64, sentences: usize) -> Vec<Vec<u32>> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut pick = |n: u64| ee_core::rng::uniform_below(&mut rng, n) as u32;
         (0..sentences)

@@ -77,15 +77,19 @@ impl Space {
         }
     }
 
-    /// Up to this many transpositions per candidate.
-    fn max_swaps(&self) -> usize {
-        (self.cipher.len() / 50).clamp(1, 20)
+    /// A candidate: `start` with 1 to `max(1, IDs / 50)` (at most 20)
+    /// transpositions.
+    fn mutant(&mut self, start: &[Option<u32>]) -> Vec<Option<u32>> {
+        let mut candidate = start.to_vec();
+        let swaps = 1 + self.below((self.cipher.len() / 50).clamp(1, 20));
+        self.mutate(&mut candidate, swaps);
+        candidate
     }
 }
 
 /// Random sampling: `budget.evaluations` candidates, each the start with
-/// 1 to `max_swaps` random transpositions; the most likely one (the start
-/// included) is returned. `known` encrypted IDs never move.
+/// a few random transpositions; the most likely one (the start included)
+/// is returned. `known` encrypted IDs never move.
 pub fn random_sampling(
     traffic: &[Vec<u32>],
     prior: &BigramModel,
@@ -101,9 +105,7 @@ pub fn random_sampling(
     let mut best_score = bigrams.total(&start.0, prior);
     let mut best = start.0.clone();
     for _ in 1..budget.evaluations {
-        let mut candidate = start.0.clone();
-        let swaps = 1 + space.below(space.max_swaps());
-        space.mutate(&mut candidate, swaps);
+        let candidate = space.mutant(&start.0);
         let score = bigrams.total(&candidate, prior);
         if score > best_score {
             (best, best_score) = (candidate, score);
@@ -130,9 +132,7 @@ pub fn genetic(
     let score = |guess: &[Option<u32>]| bigrams.total(guess, prior);
     let mut population: Vec<Individual> = vec![(score(&start.0), start.0.clone())];
     while population.len() < POPULATION.min(budget.evaluations) {
-        let mut mutant = start.0.clone();
-        let swaps = 1 + space.below(space.max_swaps());
-        space.mutate(&mut mutant, swaps);
+        let mutant = space.mutant(&start.0);
         population.push((score(&mutant), mutant));
     }
     let by_fitness = |p: &mut Vec<Individual>| {
@@ -206,21 +206,8 @@ fn crossover(a: &[Option<u32>], b: &[Option<u32>], space: &mut Space) -> Vec<Opt
 mod tests {
     use super::*;
     use crate::frequency::frequency_match;
+    use crate::frequency::tests::corpus;
     use crate::Score;
-
-    /// Sentences of a small grammar, as in `frequency`'s tests.
-    fn corpus(seed: u64, sentences: usize) -> Vec<Vec<u32>> {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let mut pick = |n: u64| ee_core::rng::uniform_below(&mut rng, n) as u32;
-        (0..sentences)
-            .map(|_| {
-                let subject = 10 + pick(4).min(pick(4));
-                let verb = 20 + pick(6).min(pick(6));
-                let object = 30 + pick(8).min(pick(8));
-                vec![1, subject, verb, 2, object, 3]
-            })
-            .collect()
-    }
 
     #[test]
     fn both_searches_never_lose_likelihood_and_keep_guesses_distinct() {

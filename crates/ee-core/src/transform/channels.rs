@@ -181,8 +181,8 @@ impl<'k> ChannelPermutations<'k> {
 
     /// Restricts how axes move: `granules` is keyed by [`granule_axis`];
     /// an axis not in it moves value by value. Attention heads move only
-    /// value by value, since moving whole heads reorders the blocks of the
-    /// output projection.
+    /// where their granule is [`Granule::Value`]: moving a whole head
+    /// reorders the runs of the output projection.
     pub fn with_granules(mut self, granules: HashMap<Axis, Granule>) -> Self {
         self.granules = granules;
         self
