@@ -119,9 +119,10 @@ struct EncryptArgs {
     #[arg(long)]
     identity_key: bool,
     /// What the key hides: `vocab` (token IDs; logits bit-exact) or
-    /// `hidden` (also the residual, FFN and head channels; logits exact to
-    /// float rounding; on GGUF in whole quantized blocks, and values within
-    /// 32-value blocks). Encoders are always encrypted at `hidden`.
+    /// `hidden` (also the residual and FFN channels: on a checkpoint, and
+    /// its heads, to float rounding; on a GGUF among the quantized values
+    /// that share a scale, bit-exact). Encoders are always encrypted at
+    /// `hidden`.
     #[arg(long, value_enum, default_value_t = TierArg::Vocab)]
     tier: TierArg,
     /// Replace an existing bundle (and its key) and server artifact. Without

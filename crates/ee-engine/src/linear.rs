@@ -16,12 +16,15 @@ use crate::Error;
 #[derive(Debug, Clone, Default)]
 pub struct LoadOptions {
     /// Use candle's kernels instead of ours: its matmuls for GGUF weights
-    /// (block-quantized, F16 and F32), attention as candle-transformers
+    /// (block-quantized, F16 and F32), and attention as candle-transformers
     /// computes it (a masked score matrix and a softmax) instead of our
-    /// tiled kernel, and candle's RMSNorm instead of our order-free one.
-    /// Slower; it isolates the forward pass from kernel rounding when
-    /// comparing with candle's reference model.
+    /// tiled kernel. Slower; it isolates the forward pass from kernel
+    /// rounding when comparing with candle's reference model.
     pub candle_kernels: bool,
+    /// Use candle's RMSNorm (an f32 sum of squares) instead of ours, whose
+    /// sum no order of the channels changes ([`crate::norm`]): for
+    /// comparisons with candle's reference model to the last bits.
+    pub candle_norm: bool,
 }
 
 /// A weight matrix `[out, in]`; [`forward`](Linear::forward) maps

@@ -7,8 +7,9 @@
 //! differs: each square (exact in f64) is rounded to a multiple of one
 //! power of two `2^q` chosen from the row's largest square, and those
 //! multiples are added as integers in f64, which is exact in any order
-//! because the total stays below 2^53 · 2^q. The rounding is 2^-32 of the
-//! sum at most, far below f32's precision.
+//! because the total stays below 2^53 · 2^q. That rounding is at most
+//! n · 2^(bits(n) − 52) of the sum for n channels: about 2^-33 at 576 and
+//! 2^-27 at 4,096, below f32's own rounding and far below that of a sum in f32.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;

@@ -235,6 +235,7 @@ fn forward_pass_agrees_with_candle_quantized_llama() {
     // real-model test in tests/ checks our kernels end to end.
     let opts = ee_engine::LoadOptions {
         candle_kernels: true,
+        candle_norm: true,
     };
     for (name, spec) in TinySpec::all_variants()
         .into_iter()
@@ -361,6 +362,7 @@ fn odd_block_counts_run_on_our_kernels_and_are_refused_on_candles() {
     assert_eq!(out.token_ids().len(), 4);
     let candle = LoadOptions {
         candle_kernels: true,
+        ..Default::default()
     };
     let err = ee_engine::load_with(&path, &candle)
         .err()

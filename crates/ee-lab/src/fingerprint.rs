@@ -90,13 +90,15 @@ pub struct Alternatives {
 
 impl Alternatives {
     /// Counts the alternatives of one `answer` (encrypted) against the
-    /// `public` answer to its plaintext prompt.
+    /// `public` answer to its plaintext prompt. The last listed rank is
+    /// left out: it may tie with the first unlisted one.
     pub fn add(&mut self, answer: &[(u32, f32)], public: &[(u32, f32)]) {
         let tied = |a: &[(u32, f32)], j: usize| {
             let near = |i: usize| a.get(i).is_some_and(|x| (x.1 - a[j].1).abs() <= SAME);
             (j > 0 && near(j - 1)) || near(j + 1)
         };
-        for (j, (&(c, v), &(p, w))) in answer.iter().zip(public).enumerate() {
+        let listed = answer.len().min(public.len()).saturating_sub(1);
+        for (j, (&(c, v), &(p, w))) in answer.iter().zip(public).take(listed).enumerate() {
             if (v - w).abs() <= SAME && !tied(answer, j) && !tied(public, j) {
                 *self.votes.entry(c).or_default().entry(p).or_insert(0) += 1;
             }
@@ -104,15 +106,20 @@ impl Alternatives {
     }
 
     /// `map` with every ID it lacks filled by its most voted plaintext
-    /// (ties by the lower ID).
+    /// (ties by the lower ID), unless another ID already holds that one.
     pub fn fill(&self, map: &mut RecoveredMap) {
-        for (&c, votes) in &self.votes {
-            let best = votes
+        let mut held: std::collections::HashSet<u32> = map.0.iter().flatten().copied().collect();
+        let mut ids: Vec<&u32> = self.votes.keys().collect();
+        ids.sort_unstable();
+        for c in ids {
+            let best = self.votes[c]
                 .iter()
                 .max_by_key(|&(&p, &n)| (n, std::cmp::Reverse(p)))
                 .map(|(&p, _)| p);
-            if let Some(slot @ None) = map.0.get_mut(c as usize) {
-                *slot = best;
+            if let (Some(slot @ None), Some(p)) = (map.0.get_mut(*c as usize), best) {
+                if held.insert(p) {
+                    *slot = Some(p);
+                }
             }
         }
     }

@@ -282,8 +282,9 @@ fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
         args.out.display()
     );
     if let Some(key) = &args.key {
+        let key_path = key;
         let key = Key::load(key).with_context(|| format!("loading {}", key.display()))?;
-        let truth = true_residual_permutation(&args.artifact, &key, sigma.len())?;
+        let truth = true_residual_permutation(&args.artifact, key_path, &key, sigma.len())?;
         let correct = (0..sigma.len() as u32)
             .filter(|&c| sigma[c as usize].is_some_and(|p| truth.decrypt(c) == Some(p)))
             .count();
@@ -297,14 +298,23 @@ fn channel_match_cmd(args: ChannelMatchArgs) -> Result<()> {
     Ok(())
 }
 
-/// The σ the hidden tier applied to `artifact` under `key`: value by value
-/// on a Hugging Face checkpoint, within quantized blocks on a GGUF.
+/// The σ the key applied to `artifact`: none at the vocabulary tier (as
+/// the bundle beside `key_path` records it, when there is one), else value
+/// by value on a Hugging Face checkpoint, within quantized runs on a GGUF.
 fn true_residual_permutation(
     artifact: &std::path::Path,
+    key_path: &std::path::Path,
     key: &Key,
     n: usize,
 ) -> Result<ee_core::Permutation> {
+    use ee_core::bundle::Tier;
     use ee_core::transform::channels::{residual_permutation, Axis};
+    let bundle = key_path.parent().map(ee_core::ClientBundle::load);
+    if let Some(Ok(b)) = bundle {
+        if b.manifest.tier == Tier::Vocab {
+            return Ok(ee_core::Permutation::identity(n as u32));
+        }
+    }
     if artifact.is_dir() {
         return Ok(residual_permutation(key, n as u32));
     }
@@ -464,32 +474,63 @@ fn chats(
 /// Chats as plaintext token IDs, one transcript each.
 type Transcripts = Vec<Vec<u32>>;
 
-/// The victim's and the attacker's chats: read from `cache` when it holds
-/// enough, else generated and written there (plaintext IDs; the lab's own
-/// file).
+/// The victim's and the attacker's chats: read from `--traffic` when it
+/// holds enough chats made the same way (model, seed, prompts), else
+/// generated and written there (plaintext IDs; the lab's own file). Chats
+/// depend only on their index, so a longer run's first chats are a
+/// shorter run's.
 fn traffic(
     args: &FrequencyArgs,
     text: &ModelText,
     model: &Arc<dyn ee_engine::CausalLm>,
 ) -> Result<(Transcripts, Transcripts)> {
+    use ee_lab::prompts::{ATTACKER, VICTIM};
     let most = args.tokens.iter().copied().max().unwrap_or(0);
-    let enough = |v: &[Vec<u32>], n: usize| v.iter().map(Vec::len).sum::<usize>() >= n;
-    if let Some(path) = &args.traffic {
-        if let Ok(bytes) = std::fs::read(path) {
-            let (victim, prior): (Transcripts, Transcripts) = serde_json::from_slice(&bytes)
-                .with_context(|| format!("reading {}", path.display()))?;
-            if enough(&victim, most) && enough(&prior, args.prior_tokens) {
+    let made = json!({
+        "model": args.model, "seed": args.seed,
+        "victim_prompts": VICTIM, "attacker_prompts": ATTACKER,
+    });
+    // The first whole chats that reach `n` tokens, if there are enough.
+    let first = |v: &[Vec<u32>], n: usize| -> Option<Transcripts> {
+        let mut total = 0;
+        let count = v.iter().take_while(|t| {
+            let more = total < n;
+            total += t.len();
+            more
+        });
+        let taken: Transcripts = count.cloned().collect();
+        (taken.iter().map(Vec::len).sum::<usize>() >= n).then_some(taken)
+    };
+    if let Some(path) = args.traffic.as_ref().filter(|p| p.exists()) {
+        let read = || -> Result<(serde_json::Value, Transcripts, Transcripts)> {
+            let file: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+            let victim = serde_json::from_value(file["victim"].clone())?;
+            let prior = serde_json::from_value(file["prior"].clone())?;
+            Ok((file["made"].clone(), victim, prior))
+        };
+        let (how, victim, prior) = read().with_context(|| format!("reading {}", path.display()))?;
+        match (
+            how == made,
+            first(&victim, most),
+            first(&prior, args.prior_tokens),
+        ) {
+            (true, Some(victim), Some(prior)) => {
                 println!("traffic read from {}", path.display());
                 return Ok((victim, prior));
             }
+            (false, ..) => println!(
+                "{} holds chats made otherwise (model, seed or prompts); generating anew",
+                path.display()
+            ),
+            _ => println!("{} holds too few chats; generating anew", path.display()),
         }
     }
     let started = Instant::now();
-    let victim = chats(text, model, &ee_lab::prompts::VICTIM, most, args.seed)?;
+    let victim = chats(text, model, &VICTIM, most, args.seed)?;
     let prior = chats(
         text,
         model,
-        &ee_lab::prompts::ATTACKER,
+        &ATTACKER,
         args.prior_tokens,
         args.seed ^ 0xa77a,
     )?;
@@ -500,7 +541,8 @@ fn traffic(
         started.elapsed().as_secs_f64()
     );
     if let Some(path) = &args.traffic {
-        std::fs::write(path, serde_json::to_vec(&(&victim, &prior))?)
+        let file = json!({"made": made, "victim": victim, "prior": prior});
+        std::fs::write(path, serde_json::to_vec(&file)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok((victim, prior))

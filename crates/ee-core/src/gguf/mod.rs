@@ -172,6 +172,36 @@ pub fn ggml_block_layout(ggml_type: u32) -> Option<(u64, u64)> {
     })
 }
 
+/// ggml's name of a tensor element type (`F16`, `Q4_K`), or its number.
+pub fn ggml_type_name(ggml_type: u32) -> String {
+    const NAMES: [(u32, &str); 20] = [
+        (0, "F32"),
+        (1, "F16"),
+        (2, "Q4_0"),
+        (3, "Q4_1"),
+        (6, "Q5_0"),
+        (7, "Q5_1"),
+        (8, "Q8_0"),
+        (9, "Q8_1"),
+        (10, "Q2_K"),
+        (11, "Q3_K"),
+        (12, "Q4_K"),
+        (13, "Q5_K"),
+        (14, "Q6_K"),
+        (15, "Q8_K"),
+        (24, "I8"),
+        (25, "I16"),
+        (26, "I32"),
+        (27, "I64"),
+        (28, "F64"),
+        (30, "BF16"),
+    ];
+    NAMES
+        .iter()
+        .find(|(id, _)| *id == ggml_type)
+        .map_or_else(|| format!("#{ggml_type}"), |(_, name)| (*name).to_owned())
+}
+
 /// One entry of the tensor directory.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorInfo {

@@ -1,7 +1,8 @@
 //! The server artifact of a GGUF model: rows of `token_embd.weight` (and
 //! `output.weight` when the model has its own output head) move as whole
-//! quantized rows, and at the hidden tier every tensor's channels move in
-//! whole quantized blocks; every `tokenizer.*` key is dropped.
+//! quantized rows, and at the hidden tier the residual and FFN channels
+//! also move, among the quantized values that share a scale; every
+//! `tokenizer.*` key is dropped.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -14,7 +15,9 @@ use super::channels::{granule_axis, Axis, ChannelPermutations, Granule, MoveWith
 use super::llama::gguf_llama_axes;
 use super::{permute_rows, TransformReport};
 use crate::gguf::blocks::{move_within, run_values};
-use crate::gguf::{ggml_block_layout, GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS};
+use crate::gguf::{
+    ggml_block_layout, ggml_type_name, GgufHeader, TensorInfo, Value, VOCAB_ROW_TENSORS,
+};
 use crate::tokenizer::TOKENIZER_KEY_PREFIX;
 use crate::{Error, Key, Permutation};
 
@@ -188,26 +191,39 @@ pub fn gguf_hidden_plan<'k>(header: &GgufHeader, key: &'k Key) -> Result<HiddenP
     // Every tensor that stores an axis along its rows limits how it moves;
     // the first that stops it is named in the notes.
     let mut granules: HashMap<Axis, Granule> = HashMap::new();
-    let mut stopped_by: HashMap<Axis, String> = HashMap::new();
+    let mut stopped_by: HashMap<Axis, &TensorInfo> = HashMap::new();
+    let untied = header.tensor(VOCAB_ROW_TENSORS[1]).is_some();
     for t in &header.tensors {
         let axes = gguf_llama_axes(&t.name, q_group);
         let Some(cols) = axes.filter(|a| a.len() == 2).map(|a| a[1]) else {
             continue;
         };
+        let runs = run_values(t.ggml_type);
+        // An untied float embedding is only looked up, never summed over:
+        // any order of its values is exact.
+        if t.name == VOCAB_ROW_TENSORS[0] && untied && runs.is_none() {
+            continue;
+        }
         let axis = granule_axis(cols);
-        let g = run_values(t.ggml_type).map_or(Granule::Fixed, Granule::Within);
+        let g = runs.map_or(Granule::Fixed, Granule::Within);
         if g == Granule::Fixed && !matches!(axis, Axis::Heads { .. }) {
-            stopped_by.entry(axis).or_insert_with(|| t.name.clone());
+            stopped_by.entry(axis).or_insert(t);
         }
         let known = granules.entry(axis).or_insert(Granule::Value);
         *known = known.and(g);
     }
     let mut notes: Vec<String> = stopped_by
         .into_iter()
-        .map(|(axis, name)| {
+        .map(|(axis, t)| {
+            let axis = match axis {
+                Axis::Ffn(l) => format!("layer {l}'s FFN"),
+                _ => "the residual".to_owned(),
+            };
             format!(
-                "{axis:?} channels stay in place: {name} stores them in a float format, \
-                 where moving them would change the order of its sums"
+                "{axis} channels stay in place: {} stores them as ggml type {}, whose values \
+                 cannot move without changing its arithmetic",
+                t.name,
+                ggml_type_name(t.ggml_type)
             )
         })
         .collect();

@@ -49,9 +49,11 @@ pub struct LlamaModel {
     rope_layout: RopeLayout,
     /// Per-token tie-break keys; see [`CausalLm::tie_keys`].
     tie_keys: Vec<u64>,
-    /// Attention and RMSNorm as candle's reference model computes them
+    /// Attention as candle's reference model computes it
     /// ([`LoadOptions::candle_kernels`]).
-    reference_ops: bool,
+    reference_attention: bool,
+    /// candle's RMSNorm ([`LoadOptions::candle_norm`]).
+    reference_norm: bool,
     device: Device,
 }
 
@@ -163,17 +165,18 @@ impl LlamaModel {
             sin,
             rope_layout: weights.rope_layout(),
             tie_keys,
-            reference_ops: opts.candle_kernels,
+            reference_attention: opts.candle_kernels,
+            reference_norm: opts.candle_norm,
             device,
             config,
         })
     }
 
     /// RMSNorm: ours, whose sum no channel order changes (the hidden
-    /// tier's exactness on GGUF), or candle's with its kernels.
+    /// tier's exactness on GGUF), or candle's.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, Error> {
         let eps = self.config.rms_eps as f32;
-        match self.reference_ops {
+        match self.reference_norm {
             true => Ok(candle_nn::ops::rms_norm(x, weight, eps)?),
             false => crate::norm::rms_norm(x, weight, eps),
         }
@@ -253,7 +256,7 @@ impl LlamaModel {
                 let k_s = rope(heads(&k, c.n_kv_head)?)?;
                 let v_s = heads(&v, c.n_kv_head)?;
                 let cached = step.cache.append(li, &k_s, &v_s)?;
-                match self.reference_ops {
+                match self.reference_attention {
                     false => attention(&q_s, &cached, c.sliding_window),
                     true => reference_attention(&q_s, &cached, c.sliding_window),
                 }

@@ -236,3 +236,78 @@ fn odd_block_counts_and_long_prompts_match_the_dequantized_product() {
         assert_eq!(bits(&last[0]), bits(&ours[299]), "{dtype:?}");
     }
 }
+
+/// The hidden tier moves quantized codes among the values that share a
+/// scale (`ee_core::gguf::blocks`): checked against candle's own
+/// dequantization, every format's block then holds the same values, moved
+/// exactly as the permutation says.
+#[test]
+fn codes_moved_within_their_runs_dequantize_to_the_values_moved() {
+    use crate::weights::gguf::ggml_type_id;
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    use ee_core::gguf::blocks::{move_within, run_values};
+    let (rows, cols) = (2, 512);
+    let x: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+        .collect();
+    let t = Tensor::from_vec(x, (rows, cols), &Device::Cpu).unwrap();
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let id = ggml_type_id(dtype);
+        let run = run_values(id).unwrap();
+        let (block, bytes) = (dtype.block_size(), dtype.type_size());
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let src = q.data().unwrap().into_owned();
+        // Each run reversed, then rotated by its index: every value moves.
+        let to: Vec<u32> = (0..block)
+            .map(|j| {
+                let (r, k) = (j / run, j % run);
+                (r * run + (run - 1 - k + r) % run) as u32
+            })
+            .collect();
+        let mut moved = vec![0u8; src.len()];
+        for (from, at) in src.chunks_exact(bytes).zip(moved.chunks_exact_mut(bytes)) {
+            move_within(id, from, &to, at).unwrap();
+        }
+        let values = |b: &[u8]| {
+            qtensor_from_ggml(dtype, b, vec![rows, cols], &Device::Cpu)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let (before, after) = (values(&src), values(&moved));
+        for (i, &v) in before.iter().enumerate() {
+            let (b, j) = (i / block, i % block);
+            let there = after[b * block + to[j] as usize];
+            assert_eq!(v.to_bits(), there.to_bits(), "{dtype:?}: value {i}");
+        }
+    }
+}
+
+/// The Q8_K activation scale takes the negative value where a positive and
+/// a negative one tie for the largest magnitude, so the order of a block's
+/// values never changes it.
+#[test]
+fn the_q8k_scale_does_not_depend_on_the_order_of_a_tie() {
+    use super::k_quants::quantize_block_k;
+    let mut x: Vec<f32> = (0..256).map(|i| (i % 17) as f32 / 20.0 - 0.4).collect();
+    (x[3], x[200]) = (2.0, -2.0);
+    let a = quantize_block_k(&x);
+    x.swap(3, 200);
+    let b = quantize_block_k(&x);
+    assert_eq!(a.d.to_bits(), b.d.to_bits());
+    assert_eq!((a.q[3], a.q[200]), (b.q[200], b.q[3]));
+    assert_eq!(a.q[..3], b.q[..3]);
+}

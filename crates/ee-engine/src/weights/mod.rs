@@ -148,12 +148,12 @@ impl StoredTensor<'_> {
         }
     }
 
-    /// A hash of each stored row that travels with its token: an FNV-1a
-    /// hash of a block-quantized row's bytes (rows move whole under the
-    /// vocabulary permutation), and for a float row a hash of the multiset
-    /// of its values (a sum of their mixed bit patterns), which a
-    /// hidden-channel permutation reordering the row's values does not
-    /// change either.
+    /// A hash of each stored row that travels with its token: the hash of
+    /// the multiset of its values (a sum of their mixed bit patterns), so
+    /// that neither the vocabulary permutation (rows move whole) nor a
+    /// hidden-channel key (values move within a row, or within a quantized
+    /// row's runs) changes it. Block-quantized rows are hashed by their
+    /// dequantized values.
     pub fn row_hashes(&self) -> Result<Vec<u64>, Error> {
         let rows = self.shape.first().copied().unwrap_or(0);
         if rows == 0 || !self.bytes.len().is_multiple_of(rows) {
@@ -163,20 +163,33 @@ impl StoredTensor<'_> {
                 self.bytes.len()
             )));
         }
+        let multiset =
+            |bits: &mut dyn Iterator<Item = u64>| bits.fold(0u64, |h, b| h.wrapping_add(mix64(b)));
         let element = match self.dtype {
             StoredDType::F32 => 4,
             StoredDType::F16 | StoredDType::BF16 => 2,
-            StoredDType::Ggml(_) => 0,
+            StoredDType::Ggml(dtype) => {
+                let values = self
+                    .qtensor(dtype)?
+                    .dequantize(&Device::Cpu)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))?;
+                let cols = values.len() / rows;
+                return Ok(values
+                    .chunks_exact(cols.max(1))
+                    .map(|row| multiset(&mut row.iter().map(|v| u64::from(v.to_bits()))))
+                    .collect());
+            }
         };
         Ok(self
             .bytes
             .chunks_exact(self.bytes.len() / rows)
-            .map(|row| match element {
-                0 => fnv1a(row),
-                n => row
-                    .chunks_exact(n)
-                    .map(|v| v.iter().rev().fold(0u64, |x, &b| x << 8 | u64::from(b)))
-                    .fold(0u64, |h, bits| h.wrapping_add(mix64(bits))),
+            .map(|row| {
+                multiset(
+                    &mut row
+                        .chunks_exact(element)
+                        .map(|v| v.iter().rev().fold(0u64, |x, &b| x << 8 | u64::from(b))),
+                )
             })
             .collect())
     }
@@ -189,12 +202,6 @@ fn mix64(mut x: u64) -> u64 {
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// A model's weights, by Hugging Face tensor name.
