@@ -1,6 +1,7 @@
 //! The `ee` subcommands that need more than a few lines.
 
 pub(crate) mod attack;
+pub(crate) mod attack_traffic;
 pub(crate) mod bench;
 pub(crate) mod bench_encoder;
 pub(crate) mod bench_proxy;
