@@ -251,16 +251,7 @@ fn codes_moved_within_their_runs_dequantize_to_the_values_moved() {
         .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
         .collect();
     let t = Tensor::from_vec(x, (rows, cols), &Device::Cpu).unwrap();
-    for dtype in [
-        GgmlDType::Q4_0,
-        GgmlDType::Q4_1,
-        GgmlDType::Q5_0,
-        GgmlDType::Q5_1,
-        GgmlDType::Q8_0,
-        GgmlDType::Q4K,
-        GgmlDType::Q5K,
-        GgmlDType::Q6K,
-    ] {
+    for dtype in FORMATS {
         let id = ggml_type_id(dtype);
         let run = run_values(id).unwrap();
         let (block, bytes) = (dtype.block_size(), dtype.type_size());
