@@ -18,6 +18,7 @@
 //!   (the high nibble when `m ≥ 2`) and its top two in bits `2m..2m+2` of
 //!   `qh[32h + l]`.
 
+use crate::gguf::ggml_block_layout;
 use crate::Error;
 
 /// How a format stores its codes.
@@ -49,13 +50,11 @@ fn codes_of(ggml_type: u32) -> Option<Codes> {
 }
 
 impl Codes {
-    /// (values per block, bytes per block, values per run).
-    fn shape(self) -> (usize, usize, usize) {
+    /// Values per run: those that share a scale.
+    fn run(self) -> usize {
         match self {
-            Codes::Legacy { head, bits } => (32, head + 32 * bits as usize / 8, 32),
-            Codes::Q4K => (256, 144, 32),
-            Codes::Q5K => (256, 176, 32),
-            Codes::Q6K => (256, 210, 16),
+            Codes::Q6K => 16,
+            _ => 32,
         }
     }
 
@@ -130,7 +129,7 @@ impl Codes {
 /// themselves ([`move_within`]). `None` for formats whose values cannot
 /// move this way (floats, whose sums would change order; other quants).
 pub fn run_values(ggml_type: u32) -> Option<usize> {
-    codes_of(ggml_type).map(|c| c.shape().2)
+    codes_of(ggml_type).map(Codes::run)
 }
 
 /// Writes into `dst` the block `src` of `ggml_type` with its value `j`
@@ -144,7 +143,10 @@ pub fn move_within(ggml_type: u32, src: &[u8], to: &[u32], dst: &mut [u8]) -> Re
             "ggml type {ggml_type}: values cannot move within its blocks"
         ))
     })?;
-    let (values, bytes, run) = codes.shape();
+    let (values, bytes) = ggml_block_layout(ggml_type)
+        .map(|(v, b)| (v as usize, b as usize))
+        .expect("every type with codes has a layout");
+    let run = codes.run();
     if src.len() != bytes || dst.len() != bytes || to.len() != values {
         return Err(Error::Gguf(format!(
             "ggml type {ggml_type}: a block is {bytes} bytes of {values} values"
@@ -169,7 +171,16 @@ pub fn move_within(ggml_type: u32, src: &[u8], to: &[u32], dst: &mut [u8]) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::ggml_block_layout;
+
+    /// (values per block, bytes per block, values per run).
+    fn shape(ggml_type: u32) -> (usize, usize, usize) {
+        let (values, bytes) = ggml_block_layout(ggml_type).unwrap();
+        (
+            values as usize,
+            bytes as usize,
+            run_values(ggml_type).unwrap(),
+        )
+    }
 
     const TYPES: [u32; 8] = [2, 3, 6, 7, 8, 12, 13, 14];
 
@@ -177,7 +188,7 @@ mod tests {
     /// `code(j)`.
     fn block(ggml_type: u32, code: impl Fn(usize) -> u8) -> Vec<u8> {
         let codes = codes_of(ggml_type).unwrap();
-        let (values, bytes, _) = codes.shape();
+        let (values, bytes, _) = shape(ggml_type);
         let mut b: Vec<u8> = (0..bytes)
             .map(|i| (i as u8).wrapping_mul(37) ^ 0x5a)
             .collect();
@@ -197,16 +208,23 @@ mod tests {
     }
 
     #[test]
-    fn codes_round_trip_and_agree_with_ggmls_sizes() {
+    fn codes_round_trip_and_fit_ggmls_block_sizes() {
         for t in TYPES {
             let codes = codes_of(t).unwrap();
-            let (values, bytes, _) = codes.shape();
-            assert_eq!(ggml_block_layout(t), Some((values as u64, bytes as u64)));
+            let (values, bytes, _) = shape(t);
             let mask = if bits(t) == 8 {
                 0xff
             } else {
                 (1u8 << bits(t)) - 1
             };
+            // Every code's bits are its own and inside ggml's block size:
+            // all codes at their largest set exactly values × bits bits.
+            let mut full = vec![0u8; bytes];
+            for v in 0..values {
+                codes.set(&mut full, v, mask);
+            }
+            let set: u32 = full.iter().map(|b| b.count_ones()).sum();
+            assert_eq!(set as usize, values * bits(t) as usize, "type {t}");
             let code = |j: usize| (j as u8).wrapping_mul(29).wrapping_add(3) & mask;
             let b = block(t, code);
             for v in 0..values {
@@ -219,7 +237,7 @@ mod tests {
     fn every_code_moves_to_its_place_within_its_run_and_nothing_else_changes() {
         for t in TYPES {
             let codes = codes_of(t).unwrap();
-            let (values, _, run) = codes.shape();
+            let (values, _, run) = shape(t);
             let mask = if bits(t) == 8 {
                 0xff
             } else {

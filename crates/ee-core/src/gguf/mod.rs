@@ -145,61 +145,46 @@ impl Value {
     }
 }
 
-/// ggml tensor element types: (block size in elements, block size in bytes).
+/// ggml's tensor element types (`enum ggml_type` in ggml.h): ID, name as
+/// ggml spells it, block size in elements and in bytes.
+const GGML_TYPES: [(u32, &str, u64, u64); 20] = [
+    (0, "F32", 1, 4),
+    (1, "F16", 1, 2),
+    (2, "Q4_0", 32, 18),
+    (3, "Q4_1", 32, 20),
+    (6, "Q5_0", 32, 22),
+    (7, "Q5_1", 32, 24),
+    (8, "Q8_0", 32, 34),
+    (9, "Q8_1", 32, 36),
+    (10, "Q2_K", 256, 84),
+    (11, "Q3_K", 256, 110),
+    (12, "Q4_K", 256, 144),
+    (13, "Q5_K", 256, 176),
+    (14, "Q6_K", 256, 210),
+    (15, "Q8_K", 256, 292),
+    (24, "I8", 1, 1),
+    (25, "I16", 1, 2),
+    (26, "I32", 1, 4),
+    (27, "I64", 1, 8),
+    (28, "F64", 1, 8),
+    (30, "BF16", 1, 2),
+];
+
+/// A ggml type's (block size in elements, block size in bytes).
 pub fn ggml_block_layout(ggml_type: u32) -> Option<(u64, u64)> {
-    Some(match ggml_type {
-        0 => (1, 4),      // F32
-        1 => (1, 2),      // F16
-        2 => (32, 18),    // Q4_0
-        3 => (32, 20),    // Q4_1
-        6 => (32, 22),    // Q5_0
-        7 => (32, 24),    // Q5_1
-        8 => (32, 34),    // Q8_0
-        9 => (32, 36),    // Q8_1
-        10 => (256, 84),  // Q2_K
-        11 => (256, 110), // Q3_K
-        12 => (256, 144), // Q4_K
-        13 => (256, 176), // Q5_K
-        14 => (256, 210), // Q6_K
-        15 => (256, 292), // Q8_K
-        24 => (1, 1),     // I8
-        25 => (1, 2),     // I16
-        26 => (1, 4),     // I32
-        27 => (1, 8),     // I64
-        28 => (1, 8),     // F64
-        30 => (1, 2),     // BF16
-        _ => return None,
-    })
+    GGML_TYPES
+        .iter()
+        .find(|t| t.0 == ggml_type)
+        .map(|&(_, _, values, bytes)| (values, bytes))
 }
 
-/// ggml's name of a tensor element type (`F16`, `Q4_K`), or its number.
+/// ggml's name of a tensor element type (`F16`, `Q4_K`), or `#` and its
+/// number for a type not listed.
 pub fn ggml_type_name(ggml_type: u32) -> String {
-    const NAMES: [(u32, &str); 20] = [
-        (0, "F32"),
-        (1, "F16"),
-        (2, "Q4_0"),
-        (3, "Q4_1"),
-        (6, "Q5_0"),
-        (7, "Q5_1"),
-        (8, "Q8_0"),
-        (9, "Q8_1"),
-        (10, "Q2_K"),
-        (11, "Q3_K"),
-        (12, "Q4_K"),
-        (13, "Q5_K"),
-        (14, "Q6_K"),
-        (15, "Q8_K"),
-        (24, "I8"),
-        (25, "I16"),
-        (26, "I32"),
-        (27, "I64"),
-        (28, "F64"),
-        (30, "BF16"),
-    ];
-    NAMES
+    GGML_TYPES
         .iter()
-        .find(|(id, _)| *id == ggml_type)
-        .map_or_else(|| format!("#{ggml_type}"), |(_, name)| (*name).to_owned())
+        .find(|t| t.0 == ggml_type)
+        .map_or_else(|| format!("#{ggml_type}"), |t| t.1.to_owned())
 }
 
 /// One entry of the tensor directory.

@@ -38,11 +38,7 @@ pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
 
 /// A ggml type's name as ggml spells it (`Q4_K`, where candle says `Q4K`).
 pub fn ggml_name(dtype: GgmlDType) -> String {
-    let name = format!("{dtype:?}");
-    match name.strip_suffix('K') {
-        Some(bits) if !bits.contains('_') => format!("{bits}_K"),
-        _ => name,
-    }
+    ee_core::gguf::ggml_type_name(ggml_type_id(dtype))
 }
 
 /// The ggml type ID of a candle ggml type.
