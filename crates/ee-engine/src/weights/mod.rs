@@ -169,16 +169,34 @@ impl StoredTensor<'_> {
             StoredDType::F32 => 4,
             StoredDType::F16 | StoredDType::BF16 => 2,
             StoredDType::Ggml(dtype) => {
-                let values = self
-                    .qtensor(dtype)?
-                    .dequantize(&Device::Cpu)
-                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
-                    .map_err(|e| Error::Model(format!("tensor {}: {e}", self.name)))?;
-                let cols = values.len() / rows;
-                return Ok(values
-                    .chunks_exact(cols.max(1))
-                    .map(|row| multiset(&mut row.iter().map(|v| u64::from(v.to_bits()))))
-                    .collect());
+                // Dequantized a slice of rows at a time: a whole output head
+                // in f32 would be gigabytes for a large vocabulary. Slices
+                // of a multiple of 8 rows keep the map's 8-byte alignment.
+                const ROWS: usize = 1024;
+                let row_bytes = self.bytes.len() / rows;
+                let mut hashes = Vec::with_capacity(rows);
+                for (i, bytes) in self.bytes.chunks(ROWS * row_bytes).enumerate() {
+                    let mut shape = self.shape.clone();
+                    shape[0] = bytes.len() / row_bytes;
+                    let slice = StoredTensor {
+                        name: format!("{} (rows from {})", self.name, i * ROWS),
+                        dtype: self.dtype,
+                        shape,
+                        bytes,
+                    };
+                    let values = slice
+                        .qtensor(dtype)?
+                        .dequantize(&Device::Cpu)
+                        .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                        .map_err(|e| Error::Model(format!("tensor {}: {e}", slice.name)))?;
+                    let cols = values.len() / slice.shape[0];
+                    hashes.extend(
+                        values
+                            .chunks_exact(cols.max(1))
+                            .map(|row| multiset(&mut row.iter().map(|v| u64::from(v.to_bits())))),
+                    );
+                }
+                return Ok(hashes);
             }
         };
         Ok(self
