@@ -207,16 +207,20 @@ mod tests {
         }
     }
 
+    /// The largest code of `ggml_type`.
+    fn mask(ggml_type: u32) -> u8 {
+        match bits(ggml_type) {
+            8 => 0xff,
+            b => (1u8 << b) - 1,
+        }
+    }
+
     #[test]
     fn codes_round_trip_and_fit_ggmls_block_sizes() {
         for t in TYPES {
             let codes = codes_of(t).unwrap();
             let (values, bytes, _) = shape(t);
-            let mask = if bits(t) == 8 {
-                0xff
-            } else {
-                (1u8 << bits(t)) - 1
-            };
+            let mask = mask(t);
             // Every code's bits are its own and inside ggml's block size:
             // all codes at their largest set exactly values × bits bits.
             let mut full = vec![0u8; bytes];
@@ -238,11 +242,7 @@ mod tests {
         for t in TYPES {
             let codes = codes_of(t).unwrap();
             let (values, _, run) = shape(t);
-            let mask = if bits(t) == 8 {
-                0xff
-            } else {
-                (1u8 << bits(t)) - 1
-            };
+            let mask = mask(t);
             let src = block(t, |j| (j as u8).wrapping_mul(29).wrapping_add(3) & mask);
             // Each run rotated by 5: every value changes place.
             let to: Vec<u32> = (0..values)
