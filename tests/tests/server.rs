@@ -288,6 +288,10 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
         assert!(Instant::now() < deadline, "the sequence never ran");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // 3 + 4000 positions reserved, in blocks of 32; the default pool is
+    // 4096 MiB of 46,080-byte positions.
+    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_used"), 126.0);
+    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_total"), 2912.0);
     drop(conn);
     while metric(&s.server, "ee_running_sequences") != 0.0 {
         assert!(
@@ -296,6 +300,7 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_used"), 0.0);
     let text = s.server.request("GET", "/metrics", &[], "").unwrap().body;
     for name in [
         "ee_requests_total{status=\"200\"}",
@@ -317,6 +322,36 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
             .status,
         200
     );
+}
+
+/// A KV pool smaller than the model's context is the context served: it
+/// is what /v1/models says, and a request that could overfill it is a 400
+/// naming `max_tokens`, not a wait that never ends.
+#[test]
+fn a_small_kv_pool_limits_the_context_served() {
+    // 100 MiB of 46,080-byte positions: 71 blocks of 32.
+    let s = stack(&[("EE_KV_CACHE_MIB", "100")]);
+    let models: Value = s
+        .server
+        .request("GET", "/v1/models", &[], "")
+        .unwrap()
+        .json();
+    assert_eq!(models["data"][0]["context_length"], 2272);
+    let prompt = s.enc(&[1, 2, 3]);
+    let r = s.server.post_json(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 2270}),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let e = &r.json()["error"];
+    assert_eq!(e["param"], "max_tokens", "{}", r.body);
+    assert_eq!(e["code"], "context_length_exceeded", "{}", r.body);
+    let r = s.server.post_json(
+        "/v1/completions",
+        &json!({"prompt": prompt, "max_tokens": 10, "ignore_eos": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 10);
 }
 
 #[test]

@@ -19,6 +19,10 @@ use crate::Error;
 /// Positions per transposed key chunk.
 pub(crate) const KEY_CHUNK: usize = 32;
 
+/// Positions per block of the scheduler's KV pool: a cache's buffers hold
+/// whole key chunks, so whole blocks.
+pub const BLOCK_TOKENS: usize = KEY_CHUNK;
+
 /// One layer's keys and values, laid out as the module docs say.
 #[derive(Debug, Clone, Default)]
 struct LayerCache {
@@ -183,27 +187,47 @@ impl KvCache {
         self.len += n_new;
     }
 
+    /// The most positions this sequence may hold: appends past it fail
+    /// with [`Error::ContextOverflow`], and its buffers never grow past it
+    /// (rounded up to a whole [`KEY_CHUNK`]). Lowering it below the buffers'
+    /// capacity shrinks them; positions past the new limit are forgotten.
+    /// The scheduler sets it to what a sequence reserved of the KV pool.
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+        self.len = self.len.min(max_len);
+        let cap = max_len.next_multiple_of(KEY_CHUNK);
+        if self.capacity > cap {
+            self.reallocate(cap);
+        }
+    }
+
     /// Reallocates every layer for at least `needed` positions, keeping
-    /// what is cached (each kv-head's chunks and rows move to their new
-    /// places).
+    /// what is cached.
     fn grow(&mut self, needed: usize) {
         let capacity = needed
             .max(self.capacity * 2)
             .max(MIN_CAPACITY)
             .min(self.max_len)
             .next_multiple_of(KEY_CHUNK);
+        self.reallocate(capacity);
+    }
+
+    /// Gives every layer buffers of `capacity` positions (a multiple of
+    /// [`KEY_CHUNK`]), keeping the first `min(capacity, old capacity)`:
+    /// each kv-head's chunks and rows move to their new places.
+    fn reallocate(&mut self, capacity: usize) {
         let (n_kv, hd, old) = (self.n_kv_head, self.head_dim, self.capacity);
+        let run = old.min(capacity) * hd;
         for slot in &mut self.layers {
             let mut keys = vec![0f32; n_kv * capacity * hd];
             let mut values = vec![0f32; n_kv * capacity * hd];
             if !slot.keys.is_empty() {
                 for kv in 0..n_kv {
                     // Chunks keep their layout; a kv-head's run of chunks moves.
-                    let run = old * hd;
                     keys[kv * capacity * hd..][..run]
-                        .copy_from_slice(&slot.keys[kv * run..][..run]);
+                        .copy_from_slice(&slot.keys[kv * old * hd..][..run]);
                     values[kv * capacity * hd..][..run]
-                        .copy_from_slice(&slot.values[kv * run..][..run]);
+                        .copy_from_slice(&slot.values[kv * old * hd..][..run]);
                 }
             }
             *slot = LayerCache { keys, values };
@@ -255,6 +279,43 @@ mod tests {
         assert!(matches!(
             cache.append(0, &too_many, &too_many),
             Err(Error::ContextOverflow { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lower_limit_shrinks_the_buffers_and_keeps_what_fits() {
+        let (n_kv, hd) = (2, 4);
+        let mut cache = KvCache::new(2, 1000);
+        let k: Vec<f32> = (0..n_kv * 200 * hd).map(|i| i as f32).collect();
+        let t = Tensor::from_vec(k, (n_kv, 200, hd), &Device::Cpu).unwrap();
+        for layer in 0..2 {
+            cache.append(layer, &t, &t).unwrap();
+        }
+        cache.advance(200);
+        let before = cache.bytes();
+        cache.set_max_len(70);
+        assert_eq!(cache.len(), 70);
+        assert_eq!(
+            cache.bytes(),
+            2 * 2 * n_kv * 96 * hd * 4,
+            "96 = 70 in chunks"
+        );
+        assert!(cache.bytes() < before);
+        let view = cache.append(0, &t.narrow(1, 0, 0).unwrap(), &t.narrow(1, 0, 0).unwrap());
+        let view = view.unwrap();
+        let want = t.narrow(1, 0, 70).unwrap().flatten_all().unwrap();
+        let want = want.to_vec1::<f32>().unwrap();
+        let got = view.keys_tensor().unwrap().flatten_all().unwrap();
+        assert_eq!(got.to_vec1::<f32>().unwrap(), want);
+        let got = view.values_tensor().unwrap().flatten_all().unwrap();
+        assert_eq!(got.to_vec1::<f32>().unwrap(), want);
+        let one = t.narrow(1, 0, 1).unwrap();
+        assert!(matches!(
+            cache.append(0, &one, &one),
+            Err(Error::ContextOverflow {
+                needed: 71,
+                limit: 70
+            })
         ));
     }
 

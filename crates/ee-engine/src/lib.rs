@@ -50,7 +50,7 @@ pub use generate::{generate, FinishReason, GenerateOptions, Generation};
 pub use kv_cache::KvCache;
 pub use linear::LoadOptions;
 pub use loader::{load, load_with, ModelFiles};
-pub use model::{CausalLm, SeqStep};
+pub use model::{CausalLm, SeqStep, StepCost};
 pub use sampler::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{Scheduler, SchedulerConfig, SequenceEvent, SequenceRequest, SubmitError};
 
@@ -63,6 +63,11 @@ pub enum Error {
     Unsupported(String),
     #[error("context length exceeded: {needed} tokens needed, the model's limit is {limit}")]
     ContextOverflow { needed: usize, limit: usize },
+    #[error(
+        "the sequence may fill {needed} positions of KV cache (prompt and max_tokens), more \
+         than the whole KV pool holds ({pool}); lower max_tokens or enlarge the pool"
+    )]
+    KvPoolExceeded { needed: usize, pool: usize },
     #[error("token ID {token} is outside the vocabulary of {vocab_size}")]
     TokenOutOfRange { token: u32, vocab_size: usize },
     #[error("invalid sampling parameters: {0}")]

@@ -1,12 +1,26 @@
 //! Continuous batching: one engine thread advances every running sequence
 //! in each forward step.
 //!
-//! Between steps it admits waiting sequences (up to `max_batch` running),
-//! drops sequences whose receiver is gone (a client that disconnected), and
-//! builds the next step: one token for every decoding sequence, then chunks
-//! of waiting prompts, oldest first, within a per-step token budget, so a
-//! long prompt never stalls the others' decoding. After the step, the
-//! sequences whose prompt is done sample in parallel.
+//! Between steps it admits waiting sequences, oldest first, while fewer
+//! than `max_batch` run and the KV pool has room for them; drops sequences
+//! whose receiver is gone (a client that disconnected); and builds the next
+//! step: one token for every decoding sequence, then chunks of waiting
+//! prompts, oldest first, within a per-step cost budget, so a long prompt
+//! never stalls the others' decoding. After the step, the sequences whose
+//! prompt is done sample in parallel.
+//!
+//! **The KV pool** (vLLM's KV cache pool; llama.cpp's `-c` shared by its
+//! slots) is a number of blocks of [`BLOCK_TOKENS`] positions. A sequence
+//! reserves, when admitted, the blocks its prompt and `max_tokens` can
+//! fill, and its cache never grows past them ([`KvCache::set_max_len`]), so
+//! running sequences never hold more KV memory than the pool. A sequence
+//! that does not fit waits in the queue (none jumps it); one that needs
+//! more than the whole pool fails.
+//!
+//! **The step budget** counts cost, not tokens ([`StepCost`]): a token deep
+//! in a long prompt costs its attention too, so chunks shrink as a prompt
+//! grows and a step late in an 8k-token prompt takes about as long as one
+//! at its start.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,8 +31,8 @@ use rayon::prelude::*;
 use tokio::sync::mpsc as tokio_mpsc;
 
 use crate::generate::{finish_reason, FinishReason};
-use crate::kv_cache::KvCache;
-use crate::model::{compute_pool, CausalLm, SeqStep};
+use crate::kv_cache::{KvCache, BLOCK_TOKENS};
+use crate::model::{compute_pool, CausalLm, SeqStep, StepCost};
 use crate::prefix_cache::PrefixCache;
 use crate::sampler::{Sampled, Sampler, SamplingParams};
 use crate::Error;
@@ -29,8 +43,11 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Sequences waiting for a slot; past it `submit` refuses.
     pub max_queue: usize,
-    /// Tokens one step may process, decode and prefill together.
+    /// What one step may cost, decode and prefill together, in tokens at
+    /// the start of a context ([`StepCost`]): deeper tokens cost more.
     pub step_token_budget: usize,
+    /// Bytes of KV cache the running sequences may hold together.
+    pub kv_cache_bytes: usize,
     /// Most bytes of prompt caches kept for requests that extend them
     /// ([`crate::prefix_cache`]); 0 keeps none.
     pub prompt_cache_bytes: usize,
@@ -42,6 +59,7 @@ impl Default for SchedulerConfig {
             max_batch: 16,
             max_queue: 256,
             step_token_budget: 512,
+            kv_cache_bytes: 4 << 30,
             prompt_cache_bytes: 1 << 30,
         }
     }
@@ -88,6 +106,10 @@ pub struct SchedulerStats {
     pub running: AtomicUsize,
     /// Prompt tokens taken from kept prompt caches instead of prefilled.
     pub cached_prompt_tokens: AtomicUsize,
+    /// Blocks of the KV pool reserved by running sequences.
+    pub kv_blocks_used: AtomicUsize,
+    /// Blocks in the KV pool, each of [`BLOCK_TOKENS`] positions.
+    pub kv_blocks_total: AtomicUsize,
 }
 
 struct Submission {
@@ -108,6 +130,10 @@ impl Scheduler {
     pub fn start(model: Arc<dyn CausalLm>, config: SchedulerConfig) -> Self {
         let (tx, rx) = mpsc::channel();
         let stats = Arc::new(SchedulerStats::default());
+        let block_bytes = model.kv_bytes_per_token().max(1) * BLOCK_TOKENS;
+        stats
+            .kv_blocks_total
+            .store(config.kv_cache_bytes / block_bytes, Ordering::SeqCst);
         let max_queue = config.max_queue;
         let thread_stats = stats.clone();
         thread::Builder::new()
@@ -143,12 +169,20 @@ impl Scheduler {
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
     }
+
+    /// Positions the whole KV pool holds: no sequence's prompt and
+    /// `max_tokens` together may exceed it.
+    pub fn kv_pool_tokens(&self) -> usize {
+        self.stats.kv_blocks_total.load(Ordering::SeqCst) * BLOCK_TOKENS
+    }
 }
 
 struct Running {
     request: SequenceRequest,
     events: tokio_mpsc::UnboundedSender<SequenceEvent>,
     cache: KvCache,
+    /// Blocks of the KV pool this sequence holds.
+    kv_blocks: usize,
     sampler: Sampler,
     /// Prompt tokens fed so far.
     fed: usize,
@@ -174,12 +208,16 @@ struct EngineLoop {
     waiting: VecDeque<Submission>,
     running: Vec<Running>,
     prompts: PrefixCache,
+    cost: StepCost,
+    kv_blocks_total: usize,
 }
 
 impl EngineLoop {
     fn new(model: Arc<dyn CausalLm>, config: SchedulerConfig, stats: Arc<SchedulerStats>) -> Self {
         Self {
             prompts: PrefixCache::new(config.prompt_cache_bytes),
+            cost: model.step_cost(),
+            kv_blocks_total: stats.kv_blocks_total.load(Ordering::SeqCst),
             model,
             config,
             stats,
@@ -217,7 +255,14 @@ impl EngineLoop {
             self.stats
                 .running
                 .store(self.running.len(), Ordering::SeqCst);
+            self.stats
+                .kv_blocks_used
+                .store(self.kv_blocks_used(), Ordering::SeqCst);
         }
+    }
+
+    fn kv_blocks_used(&self) -> usize {
+        self.running.iter().map(|s| s.kv_blocks).sum()
     }
 
     fn drop_cancelled(&mut self) {
@@ -231,10 +276,29 @@ impl EngineLoop {
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
+            // Positions the sequence may fill: its cache's limit.
+            let positions = (next.request.prompt.len() + next.request.max_tokens)
+                .min(self.model.context_length());
+            let blocks = positions.div_ceil(BLOCK_TOKENS);
+            let fits_pool = blocks <= self.kv_blocks_total;
+            if fits_pool && blocks > self.kv_blocks_total - self.kv_blocks_used() {
+                break; // waits for running sequences to free blocks
+            }
             let Some(Submission { request, events }) = self.waiting.pop_front() else {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            if !fits_pool {
+                let e = Error::KvPoolExceeded {
+                    needed: positions,
+                    pool: self.kv_blocks_total * BLOCK_TOKENS,
+                };
+                let _ = events.send(SequenceEvent::Failed(e.to_string()));
+                continue;
+            }
             let checked = request
                 .sampling
                 .validate(self.model.vocab_size())
@@ -246,7 +310,8 @@ impl EngineLoop {
                         true => self.prompts.take_longest(&request.prompt),
                         false => None,
                     };
-                    let (fed, cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
+                    let (fed, mut cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
+                    cache.set_max_len(positions);
                     self.stats
                         .cached_prompt_tokens
                         .fetch_add(fed, Ordering::Relaxed);
@@ -254,6 +319,7 @@ impl EngineLoop {
                         request,
                         events,
                         cache,
+                        kv_blocks: blocks,
                         sampler,
                         fed,
                         last: None,
@@ -269,24 +335,32 @@ impl EngineLoop {
 
     /// Runs one forward step over the running sequences and samples.
     fn step(&mut self) -> Result<(), Error> {
-        let mut budget = self.config.step_token_budget.max(1);
+        let mut budget = self.config.step_token_budget.max(1) as f64;
         // (index into running, tokens this step, whether it samples after).
         let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
             if let Some(t) = seq.last {
                 plan.push((i, vec![t], true));
-                budget = budget.saturating_sub(1);
+                budget -= self.cost.tokens(seq.cache.len(), 1);
             }
         }
+        let mut prefilling = false;
         for (i, seq) in self.running.iter().enumerate() {
-            if seq.last.is_none() && budget > 0 {
+            if seq.last.is_none() {
                 let left = seq.request.prompt.len() - seq.fed;
-                let take = prefill_take(left, budget, self.config.step_token_budget);
+                let mut allowed = self.cost.tokens_within(seq.fed, budget);
+                if !prefilling {
+                    // The oldest prompt always advances, even when decoding
+                    // or a low budget leaves it no room.
+                    allowed = allowed.max(MIN_PREFILL_CHUNK);
+                }
+                let take = prefill_take(left, allowed, self.config.step_token_budget);
                 if take == 0 {
                     break; // oldest first: none jumps the queue
                 }
+                prefilling = true;
                 let chunk = seq.request.prompt[seq.fed..seq.fed + take].to_vec();
-                budget -= take;
+                budget -= self.cost.tokens(seq.fed, take);
                 plan.push((i, chunk, seq.fed + take == seq.request.prompt.len()));
             }
         }
@@ -368,6 +442,10 @@ impl EngineLoop {
         Ok(())
     }
 }
+
+/// Prompt tokens the oldest prefilling sequence gets in every step, however
+/// little budget is left: a prompt always advances.
+const MIN_PREFILL_CHUNK: usize = 16;
 
 /// Prompt tokens to feed this step: what the budget allows, but no chunk
 /// of one row while more remain, and no last chunk of one. A one-row step

@@ -33,8 +33,12 @@ pub struct ServerConfig {
     pub max_batch: usize,
     /// Sequences waiting for a slot before requests get 429.
     pub max_queue: usize,
-    /// Tokens per forward step (decode + prefill chunks).
+    /// What one forward step may cost (decode and prefill chunks), in
+    /// tokens at the start of a context; deeper tokens cost more.
     pub step_token_budget: usize,
+    /// MiB of KV cache the running sequences may hold together; each
+    /// reserves its prompt and `max_tokens` when admitted.
+    pub kv_cache_mib: usize,
     /// MiB of prompt caches kept for requests that extend them and ask
     /// (`cache_prompt`); 0 keeps none.
     pub prompt_cache_mib: usize,
@@ -76,6 +80,7 @@ impl Default for ServerConfig {
             max_batch: 16,
             max_queue: 256,
             step_token_budget: 512,
+            kv_cache_mib: 4096,
             prompt_cache_mib: 1024,
             encoder_batch_tokens: 8192,
             max_n: 16,
@@ -150,6 +155,7 @@ impl ServerConfig {
             ("EE_MAX_BATCH", &mut self.max_batch),
             ("EE_MAX_QUEUE", &mut self.max_queue),
             ("EE_STEP_TOKEN_BUDGET", &mut self.step_token_budget),
+            ("EE_KV_CACHE_MIB", &mut self.kv_cache_mib),
             ("EE_PROMPT_CACHE_MIB", &mut self.prompt_cache_mib),
             ("EE_ENCODER_BATCH_TOKENS", &mut self.encoder_batch_tokens),
             ("EE_DEFAULT_MAX_TOKENS", &mut self.default_max_tokens),

@@ -58,6 +58,17 @@ impl Histogram {
     }
 }
 
+/// The engine's live counts, read from its stats when `/metrics` is asked.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EngineGauges {
+    pub waiting: usize,
+    pub running: usize,
+    /// Prompt tokens taken from kept prompt caches (a counter).
+    pub cached_prompt_tokens: usize,
+    pub kv_blocks_used: usize,
+    pub kv_blocks_total: usize,
+}
+
 pub struct Metrics {
     requests: Mutex<BTreeMap<u16, u64>>,
     pub prompt_tokens: AtomicU64,
@@ -85,9 +96,8 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text; `cached` counts prompt tokens taken from kept
-    /// prompt caches (the scheduler's count).
-    pub fn render(&self, waiting: usize, running: usize, cached: usize) -> String {
+    /// The Prometheus text.
+    pub fn render(&self, engine: &EngineGauges) -> String {
         let mut out = String::new();
         let _ = writeln!(out, "# HELP ee_requests_total HTTP requests by status code.\n# TYPE ee_requests_total counter");
         if let Ok(m) = self.requests.lock() {
@@ -117,18 +127,39 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP {name} Prompt tokens taken from kept prompt caches, not prefilled.\n\
-             # TYPE {name} counter\n{name} {cached}"
+             # TYPE {name} counter\n{name} {}",
+            engine.cached_prompt_tokens
         );
+        let usage = match engine.kv_blocks_total {
+            0 => 0.0,
+            total => engine.kv_blocks_used as f64 / total as f64,
+        };
+        let blocks = format!("blocks of {} positions", ee_engine::kv_cache::BLOCK_TOKENS);
         for (name, help, v) in [
             (
                 "ee_queue_depth",
-                "Sequences waiting for a batch slot.",
-                waiting,
+                "Sequences waiting for a batch slot or for room in the KV pool.".to_owned(),
+                engine.waiting as f64,
             ),
             (
                 "ee_running_sequences",
-                "Sequences in the running batch.",
-                running,
+                "Sequences in the running batch.".to_owned(),
+                engine.running as f64,
+            ),
+            (
+                "ee_kv_cache_blocks_used",
+                format!("KV pool {blocks} reserved by running sequences."),
+                engine.kv_blocks_used as f64,
+            ),
+            (
+                "ee_kv_cache_blocks_total",
+                format!("KV pool size, in {blocks}."),
+                engine.kv_blocks_total as f64,
+            ),
+            (
+                "ee_kv_cache_usage_ratio",
+                "Fraction of the KV pool reserved (vLLM's kv_cache_usage_perc).".to_owned(),
+                usage,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
@@ -158,8 +189,17 @@ mod tests {
         m.record_status(200);
         m.record_status(400);
         m.time_to_first_token.observe(Duration::from_millis(30));
-        let text = m.render(2, 3, 7);
+        let text = m.render(&EngineGauges {
+            waiting: 2,
+            running: 3,
+            cached_prompt_tokens: 7,
+            kv_blocks_used: 16,
+            kv_blocks_total: 64,
+        });
         assert!(text.contains("ee_requests_total{status=\"200\"} 2"));
+        assert!(text.contains("ee_kv_cache_blocks_used 16"));
+        assert!(text.contains("ee_kv_cache_blocks_total 64"));
+        assert!(text.contains("ee_kv_cache_usage_ratio 0.25"));
         assert!(text.contains("ee_queue_depth 2"));
         assert!(text.contains("ee_running_sequences 3"));
         assert!(text.contains("ee_prompt_tokens_cached_total 7"));

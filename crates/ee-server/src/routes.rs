@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::metrics::EngineGauges;
 use crate::validate::{self, ValidRequest};
 use crate::{LoadedModel, SharedState};
 
@@ -62,24 +63,26 @@ fn not_served(loaded: &LoadedModel, requested: &str) -> ApiError {
 }
 
 pub async fn metrics(State(state): State<SharedState>) -> Response {
-    let (waiting, running, cached) = match state.model.get() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let gauges = match state.model.get() {
         Some(m) => {
             let s = match &m.engine {
                 crate::Engine::Causal { scheduler, .. } => scheduler.stats(),
                 crate::Engine::Encoder { queue, .. } => queue.stats(),
             };
-            (
-                s.waiting.load(std::sync::atomic::Ordering::Relaxed),
-                s.running.load(std::sync::atomic::Ordering::Relaxed),
-                s.cached_prompt_tokens
-                    .load(std::sync::atomic::Ordering::Relaxed),
-            )
+            EngineGauges {
+                waiting: s.waiting.load(Relaxed),
+                running: s.running.load(Relaxed),
+                cached_prompt_tokens: s.cached_prompt_tokens.load(Relaxed),
+                kv_blocks_used: s.kv_blocks_used.load(Relaxed),
+                kv_blocks_total: s.kv_blocks_total.load(Relaxed),
+            }
         }
-        None => (0, 0, 0),
+        None => EngineGauges::default(),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(waiting, running, cached),
+        state.metrics.render(&gauges),
     )
         .into_response()
 }

@@ -72,23 +72,42 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
         }
         false => {
             let model = files.load(&Default::default()).map_err(engine_err)?;
-            let limits = Limits {
-                vocab_size: model.vocab_size(),
-                context_length: model.context_length(),
-                max_n: c.max_n,
-                max_logprobs: c.max_logprobs,
-                default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
-            };
-            let (v, p) = (model.vocab_size(), model.context_length());
+            let (vocab_size, model_context) = (model.vocab_size(), model.context_length());
             let scheduler = Scheduler::start(
                 model,
                 SchedulerConfig {
                     max_batch: c.max_batch,
                     max_queue: c.max_queue,
                     step_token_budget: c.step_token_budget,
+                    kv_cache_bytes: c.kv_cache_mib.saturating_mul(1 << 20),
                     prompt_cache_bytes: c.prompt_cache_mib.saturating_mul(1 << 20),
                 },
             );
+            // A sequence's prompt and answer must fit the KV pool as well
+            // as the model's context: the smaller is the context served.
+            let pool = scheduler.kv_pool_tokens();
+            if pool < 2 {
+                return Err(ServeError::Config(format!(
+                    "kv_cache_mib = {} holds no block of the KV cache for this model",
+                    c.kv_cache_mib
+                )));
+            }
+            if pool < model_context {
+                tracing::warn!(
+                    kv_pool_tokens = pool,
+                    model_context,
+                    "the KV pool (kv_cache_mib) is smaller than the model's context: \
+                     requests are limited to the pool"
+                );
+            }
+            let limits = Limits {
+                vocab_size,
+                context_length: model_context.min(pool),
+                max_n: c.max_n,
+                max_logprobs: c.max_logprobs,
+                default_max_tokens: (c.default_max_tokens > 0).then_some(c.default_max_tokens),
+            };
+            let (v, p) = (vocab_size, limits.context_length);
             (Engine::Causal { scheduler, limits }, v, p)
         }
     };

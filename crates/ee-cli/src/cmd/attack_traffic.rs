@@ -72,6 +72,7 @@ fn chats(
             max_queue: IN_FLIGHT,
             step_token_budget: 2048,
             prompt_cache_bytes: 0,
+            ..SchedulerConfig::default()
         },
     );
     let mut next = prompts.iter().cycle().enumerate();

@@ -33,3 +33,28 @@ pub struct LlamaConfig {
     /// (GGUF: tied unless there is an `output.weight`).
     pub tie_word_embeddings: Option<bool>,
 }
+
+impl LlamaConfig {
+    /// Bytes of f32 KV cache one position takes, over all layers.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.n_layers * self.n_kv_head * self.head_dim * 2 * std::mem::size_of::<f32>()
+    }
+
+    /// Multiply-adds in the weight matrices for one token: the attention
+    /// projections and the gated FFN of every layer, and the output head.
+    pub fn weight_macs_per_token(&self) -> usize {
+        let (e, q, kv) = (
+            self.n_embd,
+            self.n_head * self.head_dim,
+            self.n_kv_head * self.head_dim,
+        );
+        let layer = e * (q + 2 * kv) + q * e + 3 * e * self.n_ff;
+        self.n_layers * layer + self.vocab_size * e
+    }
+
+    /// Multiply-adds of attention, for one query, per cached position it
+    /// attends to: `q·k` and the weighted sum of `v`, in every head and layer.
+    pub fn attention_macs_per_position(&self) -> usize {
+        2 * self.n_layers * self.n_head * self.head_dim
+    }
+}

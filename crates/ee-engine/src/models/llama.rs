@@ -21,7 +21,7 @@ use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
 use crate::linear::{Linear, LoadOptions};
-use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep};
+use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep, StepCost};
 use crate::weights::{RopeLayout, WeightSource};
 use crate::Error;
 
@@ -86,6 +86,14 @@ impl CausalLm for LlamaModel {
 
     fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.n_layers, self.config.context_length)
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        self.config.kv_bytes_per_token()
+    }
+
+    fn step_cost(&self) -> StepCost {
+        StepCost::llama(&self.config)
     }
 
     fn tie_keys(&self) -> &[u64] {

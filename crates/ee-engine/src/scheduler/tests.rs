@@ -250,3 +250,81 @@ fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
     let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
     assert_eq!(tokens.len(), 3);
 }
+
+/// A pool with room for one sequence at a time runs four one after
+/// another, each as it runs alone; one that needs more than the whole pool
+/// fails, and the scheduler keeps serving.
+#[test]
+fn the_kv_pool_queues_what_does_not_fit_and_fails_what_never_can() {
+    let (_dir, model) = tiny();
+    let block_bytes = model.kv_bytes_per_token() * BLOCK_TOKENS;
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| (0..20).map(|j| (j * 7 + i * 31) % 200 + 3).collect())
+        .collect();
+    // 20 + 30 positions: 2 blocks each, so a pool of 3 fits one at a time.
+    let alone: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| {
+            let opts = GenerateOptions {
+                max_tokens: 30,
+                ..Default::default()
+            };
+            generate(model.as_ref(), p, &opts, |_| {})
+                .unwrap()
+                .token_ids()
+        })
+        .collect();
+    let sched = Scheduler::start(
+        model,
+        SchedulerConfig {
+            kv_cache_bytes: 3 * block_bytes,
+            ..SchedulerConfig::default()
+        },
+    );
+    assert_eq!(sched.kv_pool_tokens(), 3 * BLOCK_TOKENS);
+    let receivers: Vec<_> = prompts
+        .iter()
+        .map(|p| sched.submit(request(p.clone(), 30)).unwrap())
+        .collect();
+    let watcher = {
+        let stats = sched.clone();
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline && stats.stats().running.load(Ordering::SeqCst) == 0 {
+                thread::sleep(Duration::from_micros(200));
+            }
+            let mut seen = (0, 0);
+            while Instant::now() < deadline {
+                let s = stats.stats();
+                seen.0 = seen.0.max(s.running.load(Ordering::SeqCst));
+                seen.1 = seen.1.max(s.kv_blocks_used.load(Ordering::SeqCst));
+                if s.running.load(Ordering::SeqCst) == 0 && s.waiting.load(Ordering::SeqCst) == 0 {
+                    break;
+                }
+                thread::sleep(Duration::from_micros(200));
+            }
+            seen
+        })
+    };
+    for (i, rx) in receivers.into_iter().enumerate() {
+        let (tokens, reason) = collect(rx);
+        assert_eq!(tokens, alone[i], "sequence {i}");
+        assert_eq!(reason, Some(FinishReason::Length));
+    }
+    let (most_running, most_blocks) = watcher.join().unwrap();
+    assert_eq!(most_running, 1, "the pool fits one sequence at a time");
+    assert_eq!(most_blocks, 2);
+
+    let mut rx = sched.submit(request(vec![5; 20], 90)).unwrap();
+    match rx.blocking_recv() {
+        Some(SequenceEvent::Failed(msg)) => {
+            assert!(
+                msg.contains("110 positions") && msg.contains("(96)"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
+    assert_eq!(tokens.len(), 3);
+}
