@@ -163,7 +163,24 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         ep / pp,
         ed / pd
     );
+    println!("kv cache: {} bytes per token", plain.kv_bytes_per_token());
+    println!(
+        "peak RSS: {} (this process: both models and their caches)",
+        peak_rss()
+    );
     Ok(())
+}
+
+/// The process's peak resident memory (Linux's VmHWM), or why not.
+fn peak_rss() -> String {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+        .map_or("unknown (no /proc/self/status)".into(), |kb| {
+            format!("{} MiB", kb.div_ceil(1024))
+        })
 }
 
 pub(crate) fn cpu_features() -> String {
