@@ -101,7 +101,7 @@ fn logits_agree_and_greedy_tokens_match_candle_but_at_near_ties() {
 fn on_candles_kernels_our_forward_pass_matches_candle_to_rounding() {
     let opts = ee_engine::LoadOptions {
         candle_kernels: true,
-        candle_norm: true,
+        candle_elementwise: true,
     };
     let ours = ee_engine::load_with(&model_path(), &opts).unwrap();
     let logits: Vec<f32> = ours.forward_one(&PROMPT, &mut ours.new_cache()).unwrap();

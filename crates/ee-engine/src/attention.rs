@@ -28,6 +28,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use crate::activation::exp;
 use crate::kv_cache::{LayerView, KEY_CHUNK};
 use crate::Error;
 
@@ -366,28 +367,6 @@ fn accumulate_chunk<const C: usize>(
         }
     }
     out.copy_from_slice(&acc);
-}
-
-/// `e^x` for `x <= 0` (a softmax term), in operations that vectorize:
-/// Cephes' range reduction to `x = n ln2 + r`, a degree-6 polynomial for
-/// `e^r`, and `2^n` built in the exponent bits. Within a few ulp of `exp`
-/// (tested); `x` below -87 counts as -87, a term of about 1e-38 beside the
-/// block's maximum, which is 1.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Not `max`, which would turn a NaN into a weight: NaN stays NaN.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let n = (x * LOG2E + 0.5).floor();
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut p = 1.987_569_1e-4_f32;
-    for c in [1.398_2e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
-        p = p.mul_add(r, c);
-    }
-    let e_r = p.mul_add(r * r, r) + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@
 //!
 //! It knows nothing of HTTP, tokenizers or keys.
 
+pub mod activation;
 mod attention;
 pub mod config;
 pub mod encode_queue;

@@ -235,7 +235,7 @@ fn forward_pass_agrees_with_candle_quantized_llama() {
     // real-model test in tests/ checks our kernels end to end.
     let opts = ee_engine::LoadOptions {
         candle_kernels: true,
-        candle_norm: true,
+        candle_elementwise: true,
     };
     for (name, spec) in TinySpec::all_variants()
         .into_iter()

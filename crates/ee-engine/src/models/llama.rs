@@ -17,6 +17,7 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::activation::swiglu;
 use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
@@ -52,8 +53,8 @@ pub struct LlamaModel {
     /// Attention as candle's reference model computes it
     /// ([`LoadOptions::candle_kernels`]).
     reference_attention: bool,
-    /// candle's RMSNorm ([`LoadOptions::candle_norm`]).
-    reference_norm: bool,
+    /// candle's RMSNorm and SiLU ([`LoadOptions::candle_elementwise`]).
+    candle_elementwise: bool,
     device: Device,
 }
 
@@ -174,7 +175,7 @@ impl LlamaModel {
             rope_layout: weights.rope_layout(),
             tie_keys,
             reference_attention: opts.candle_kernels,
-            reference_norm: opts.candle_norm,
+            candle_elementwise: opts.candle_elementwise,
             device,
             config,
         })
@@ -184,7 +185,7 @@ impl LlamaModel {
     /// tier's exactness on GGUF), or candle's.
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, Error> {
         let eps = self.config.rms_eps as f32;
-        match self.reference_norm {
+        match self.candle_elementwise {
             true => Ok(candle_nn::ops::rms_norm(x, weight, eps)?),
             false => crate::norm::rms_norm(x, weight, eps),
         }
@@ -207,8 +208,12 @@ impl LlamaModel {
             let attn = self.attention(li, layer, &h, batch)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
-            let gated =
-                (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?;
+            let gated = match self.candle_elementwise {
+                true => {
+                    (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?
+                }
+                false => swiglu(&layer.w_gate.forward(&h)?, &layer.w_up.forward(&h)?)?,
+            };
             x = (x + layer.w_down.forward(&gated)?)?;
         }
         for step in batch.iter_mut() {
