@@ -16,7 +16,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
-use crate::linear::{by_weight_rows, cpu_matmul, put_group};
+use crate::linear::{by_weight_rows, cpu_matmul};
 use crate::Error;
 
 /// Weights in their stored element type, row-major `[rows, cols]`.
@@ -114,7 +114,7 @@ impl FloatMatrix {
         let act = |i: usize| &x[i * k..][..k];
         by_weight_rows(self.rows, m, GROUP, |rows, outputs| {
             let (start, end) = (rows.start, rows.end);
-            let mut put = |g, i, outs: &[_]| put_group::<GROUP>(outputs, &rows, m, (g, i), outs);
+            let mut put = |g, i, outs: &[_]| outputs.put_group::<GROUP>((g, i), outs);
             let groups = start / GROUP..end.div_ceil(GROUP);
             let mut g = groups.start;
             // Decoding: four groups share each activation broadcast.
@@ -130,30 +130,39 @@ impl FloatMatrix {
                 }
             }
             // Prompts: eight (AVX-512: one register each) or four
-            // activation rows share each weight load.
-            for g in g..groups.end {
-                let mut i = 0;
-                #[cfg(target_arch = "x86_64")]
-                while simd == Simd::Avx512 && i + 8 <= m {
-                    let [out] =
-                        tile::<T, 1, 8>([group(g)], std::array::from_fn(|n| act(i + n)), simd);
-                    put(g, i, &out);
-                    i += 8;
-                }
-                while i + 4 <= m {
-                    let [out] =
-                        tile::<T, 1, 4>([group(g)], std::array::from_fn(|n| act(i + n)), simd);
-                    put(g, i, &out);
-                    i += 4;
-                }
-                for i in i..m {
-                    let [out] = tile([group(g)], [act(i)], simd);
-                    put(g, i, &out);
+            // activation rows share each weight load, and a tile of
+            // activation rows stays in cache while this task's groups pass
+            // over it (a long prompt's f32 rows are megabytes).
+            for first in (0..m).step_by(ACTIVATION_TILE) {
+                let last = (first + ACTIVATION_TILE).min(m);
+                for g in g..groups.end {
+                    let mut i = first;
+                    #[cfg(target_arch = "x86_64")]
+                    while simd == Simd::Avx512 && i + 8 <= last {
+                        let acts = std::array::from_fn(|n| act(i + n));
+                        let [out] = tile::<T, 1, 8>([group(g)], acts, simd);
+                        put(g, i, &out);
+                        i += 8;
+                    }
+                    while i + 4 <= last {
+                        let acts = std::array::from_fn(|n| act(i + n));
+                        let [out] = tile::<T, 1, 4>([group(g)], acts, simd);
+                        put(g, i, &out);
+                        i += 4;
+                    }
+                    for i in i..last {
+                        let [out] = tile([group(g)], [act(i)], simd);
+                        put(g, i, &out);
+                    }
                 }
             }
         })
     }
 }
+
+/// Activation rows per cache tile (a multiple of 8): 64 rows of 1536 f32
+/// columns are 384 KB, within a core's L2.
+const ACTIVATION_TILE: usize = 64;
 
 /// The builds of the micro-kernel, best first.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -20,7 +20,7 @@ use half::f16;
 
 use super::legacy::{quantize_activations, ActBlock, LegacyFormat, RowBlock, BLOCK};
 use super::{Isa, Kernel, ACTIVATION_TILE};
-use crate::linear::{by_weight_rows, put_group};
+use crate::linear::by_weight_rows;
 use crate::Error;
 
 /// Weight rows per group.
@@ -199,9 +199,9 @@ impl<F: LegacyFormat> Kernel for Interleaved<F> {
         let isa = Isa::detect();
         let act_row = |i: usize| &acts[i * nb..][..nb];
         by_weight_rows(self.rows, m, GROUP, |rows, outputs| {
-            // `outputs` is `[rows.len()][m]`; `rows.start` is a group's first.
+            // `rows.start` is a group's first.
             let (start, end_row) = (rows.start, rows.end);
-            let mut put = |g, i, outs: &[_]| put_group::<GROUP>(outputs, &rows, m, (g, i), outs);
+            let mut put = |g, i, outs: &[_]| outputs.put_group::<GROUP>((g, i), outs);
             // A tile of activation rows stays in cache while this task's
             // groups pass over it.
             for tile in (0..m).step_by(ACTIVATION_TILE) {
