@@ -131,7 +131,7 @@ mod tests {
             .chain([0.0, -0.0, 1e-30, -1e-30, 90.0, -90.0, -200.0, 200.0])
             .collect();
         let up: Vec<f32> = (0..gate.len())
-            .map(|i| ((i as f32 * 0.318).fract() - 0.5) * 3.0)
+            .map(|i| ((i as f32 * 0.377).fract() - 0.5) * 3.0)
             .collect();
         let shape = (gate.len() / 5, 5);
         let g = Tensor::from_vec(gate.clone(), gate.len(), &Device::Cpu).unwrap();
