@@ -70,6 +70,43 @@ impl Linear {
     }
 }
 
+/// Matrices that multiply the same input: q, k and v; gate and up.
+/// [`forward`](Stacked::forward) gives each one's output, the same bits
+/// either way (each output is its own weight row's dot product).
+pub enum Stacked {
+    /// One matrix of all their rows, and each part's number of rows.
+    One(Linear, Vec<usize>),
+    /// Parts of different types, each its own matrix.
+    Separate(Vec<Linear>),
+}
+
+impl Stacked {
+    /// Each part's output for `x` `[m, in]`: `[m, part rows]`, contiguous.
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>, Error> {
+        match self {
+            Stacked::Separate(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Stacked::One(linear, widths) => {
+                let y = linear.forward(x)?;
+                let mut at = 0;
+                let mut outs = Vec::with_capacity(widths.len());
+                for &w in widths {
+                    outs.push(y.narrow(candle_core::D::Minus1, at, w)?.contiguous()?);
+                    at += w;
+                }
+                Ok(outs)
+            }
+        }
+    }
+
+    /// The matrices, for their formats.
+    pub fn linears(&self) -> Vec<&Linear> {
+        match self {
+            Stacked::One(linear, _) => vec![linear],
+            Stacked::Separate(parts) => parts.iter().collect(),
+        }
+    }
+}
+
 /// candle's Q4_1/Q5_0/Q5_1 dot products process blocks in pairs and panic
 /// (poisoning the thread pool) on an odd count; refuse such a matrix at load
 /// when candle's kernels would run it (ours take any count).

@@ -21,20 +21,19 @@ use crate::activation::swiglu;
 use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
 use crate::kv_cache::KvCache;
-use crate::linear::{Linear, LoadOptions};
+use crate::linear::{Linear, LoadOptions, Stacked};
 use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep, StepCost};
-use crate::weights::{RopeLayout, WeightSource};
+use crate::weights::{RopeLayout, StoredTensor, WeightSource};
 use crate::Error;
 
 struct Layer {
     attn_norm: Tensor,
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
+    /// q, k and v.
+    qkv: Stacked,
     wo: Linear,
     ffn_norm: Tensor,
-    w_gate: Linear,
-    w_up: Linear,
+    /// The FFN's gate and up.
+    gate_up: Stacked,
     w_down: Linear,
 }
 
@@ -73,10 +72,13 @@ impl CausalLm for LlamaModel {
 
     fn weight_types(&self) -> String {
         let mut seen: Vec<String> = Vec::new();
-        let layers = self
-            .layers
-            .iter()
-            .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]);
+        let layers = self.layers.iter().flat_map(|l| {
+            let mut linears = l.qkv.linears();
+            linears.push(&l.wo);
+            linears.extend(l.gate_up.linears());
+            linears.push(&l.w_down);
+            linears
+        });
         for format in layers.chain([&self.output]).map(Linear::format) {
             if !seen.contains(&format) {
                 seen.push(format);
@@ -149,17 +151,24 @@ impl LlamaModel {
         let mut layers = Vec::with_capacity(c.n_layers);
         for i in 0..c.n_layers {
             let name = |n: &str| format!("model.layers.{i}.{n}.weight");
-            let linear = |n: &str, shape: [usize; 2]| tensor(&name(n), &shape)?.to_linear(opts);
+            let stored = |n: &str, shape: [usize; 2]| tensor(&name(n), &shape);
+            let linear = |n: &str, shape: [usize; 2]| stored(n, shape)?.to_linear(opts);
             let norm = |n: &str| tensor(&name(n), &[d])?.to_f32();
+            let qkv = [
+                stored("self_attn.q_proj", [q, d])?,
+                stored("self_attn.k_proj", [kv, d])?,
+                stored("self_attn.v_proj", [kv, d])?,
+            ];
+            let gate_up = [
+                stored("mlp.gate_proj", [c.n_ff, d])?,
+                stored("mlp.up_proj", [c.n_ff, d])?,
+            ];
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,
-                wq: linear("self_attn.q_proj", [q, d])?,
-                wk: linear("self_attn.k_proj", [kv, d])?,
-                wv: linear("self_attn.v_proj", [kv, d])?,
+                qkv: StoredTensor::to_stacked(&qkv, opts)?,
                 wo: linear("self_attn.o_proj", [d, q])?,
                 ffn_norm: norm("post_attention_layernorm")?,
-                w_gate: linear("mlp.gate_proj", [c.n_ff, d])?,
-                w_up: linear("mlp.up_proj", [c.n_ff, d])?,
+                gate_up: StoredTensor::to_stacked(&gate_up, opts)?,
                 w_down: linear("mlp.down_proj", [d, c.n_ff])?,
             });
         }
@@ -208,11 +217,10 @@ impl LlamaModel {
             let attn = self.attention(li, layer, &h, batch)?;
             x = (x + layer.wo.forward(&attn)?)?;
             let h = self.rms_norm(&x, &layer.ffn_norm)?;
+            let [gate, up] = parts(layer.gate_up.forward(&h)?)?;
             let gated = match self.candle_elementwise {
-                true => {
-                    (candle_nn::ops::silu(&layer.w_gate.forward(&h)?)? * layer.w_up.forward(&h)?)?
-                }
-                false => swiglu(&layer.w_gate.forward(&h)?, &layer.w_up.forward(&h)?)?,
+                true => (candle_nn::ops::silu(&gate)? * up)?,
+                false => swiglu(&gate, &up)?,
             };
             x = (x + layer.w_down.forward(&gated)?)?;
         }
@@ -231,11 +239,7 @@ impl LlamaModel {
         batch: &mut [SeqStep<'_>],
     ) -> Result<Tensor, Error> {
         let c = &self.config;
-        let (q, k, v) = (
-            layer.wq.forward(h)?,
-            layer.wk.forward(h)?,
-            layer.wv.forward(h)?,
-        );
+        let [q, k, v] = parts(layer.qkv.forward(h)?)?;
         // Sequences attend independently, so they run in parallel.
         let mut first_rows = Vec::with_capacity(batch.len());
         let mut row = 0;
@@ -277,6 +281,13 @@ impl LlamaModel {
             .collect::<Result<Vec<_>, Error>>()?;
         Ok(Tensor::cat(&outputs, 0)?)
     }
+}
+
+/// A stacked projection's outputs, as many as it has parts.
+fn parts<const N: usize>(outputs: Vec<Tensor>) -> Result<[Tensor; N], Error> {
+    outputs
+        .try_into()
+        .map_err(|_| Error::Model("a stacked projection lost a part".into()))
 }
 
 /// cos/sin tables for every position up to the context length.

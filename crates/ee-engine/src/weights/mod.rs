@@ -18,7 +18,7 @@ use candle_core::{Device, Tensor};
 use half::{bf16, f16};
 
 use crate::float::{FloatMatrix, FloatWeights};
-use crate::linear::{Linear, LoadOptions};
+use crate::linear::{Linear, LoadOptions, Stacked};
 use crate::Error;
 
 /// How a source stores the rows of the query and key projections, which
@@ -148,6 +148,46 @@ impl StoredTensor<'_> {
         }
     }
 
+    /// The matrices `parts`, which multiply the same input, as one
+    /// [`Stacked`] projection: one matrix of all their rows where they share
+    /// a type and a row length (the input is then quantized once and the
+    /// thread pool forks once), else each its own.
+    pub fn to_stacked(parts: &[StoredTensor<'_>], opts: &LoadOptions) -> Result<Stacked, Error> {
+        let widths: Vec<usize> = parts.iter().map(|p| p.shape[0]).collect();
+        let first = parts
+            .first()
+            .ok_or_else(|| Error::Model("no matrices to stack".into()))?;
+        let stackable = parts.iter().all(|p| {
+            p.dtype == first.dtype && p.shape.len() == 2 && p.shape[1..] == first.shape[1..]
+        });
+        if !stackable || parts.len() == 1 {
+            let linears = parts.iter().map(|p| p.to_linear(opts));
+            return Ok(Stacked::Separate(linears.collect::<Result<_, _>>()?));
+        }
+        // Rows are stored whole and in order, so the parts' bytes one after
+        // another are the stacked matrix. In u64s: candle reads the blocks'
+        // f16 fields in place, 8-byte aligned.
+        let len: usize = parts.iter().map(|p| p.bytes.len()).sum();
+        let mut words = vec![0u64; len.div_ceil(8)];
+        let bytes = &mut bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..len];
+        let mut at = 0;
+        for p in parts {
+            bytes[at..at + p.bytes.len()].copy_from_slice(p.bytes);
+            at += p.bytes.len();
+        }
+        let stacked = StoredTensor {
+            name: parts
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(" + "),
+            dtype: first.dtype,
+            shape: vec![widths.iter().sum(), first.shape[1]],
+            bytes,
+        };
+        Ok(Stacked::One(stacked.to_linear(opts)?, widths))
+    }
+
     /// A hash of each stored row that travels with its token: the hash of
     /// the multiset of its values (a sum of their mixed bit patterns), so
     /// that neither the vocabulary permutation (rows move whole) nor a
@@ -232,4 +272,85 @@ pub trait WeightSource {
 
     /// How q/k rows are laid out for RoPE.
     fn rope_layout(&self) -> RopeLayout;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::QTensor;
+
+    /// A `[rows, 64]` matrix of `dtype`'s bytes, and a stored view of it.
+    fn matrix(rows: usize, dtype: GgmlDType, seed: usize) -> Vec<u8> {
+        let values: Vec<f32> = (0..rows * 64)
+            .map(|i| (((i * 7 + seed * 13) % 97) as f32 - 48.0) / 50.0)
+            .collect();
+        let t = Tensor::from_vec(values, (rows, 64), &Device::Cpu).unwrap();
+        match dtype {
+            GgmlDType::F32 => t
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            _ => QTensor::quantize(&t, dtype)
+                .unwrap()
+                .data()
+                .unwrap()
+                .to_vec(),
+        }
+    }
+
+    fn stored<'a>(name: &str, dtype: GgmlDType, rows: usize, bytes: &'a [u8]) -> StoredTensor<'a> {
+        StoredTensor {
+            name: name.into(),
+            dtype: StoredDType::Ggml(dtype),
+            shape: vec![rows, 64],
+            bytes,
+        }
+    }
+
+    #[test]
+    fn stacked_matrices_give_each_part_the_bits_it_gives_alone() {
+        let opts = LoadOptions::default();
+        let x = Tensor::from_vec(
+            (0..5 * 64)
+                .map(|i| ((i % 23) as f32 - 11.0) / 7.0)
+                .collect::<Vec<_>>(),
+            (5, 64),
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (types, stacks) in [
+            ([GgmlDType::Q4_0; 3], true),
+            ([GgmlDType::F32; 3], true),
+            ([GgmlDType::Q4_0, GgmlDType::Q4_0, GgmlDType::Q8_0], false),
+        ] {
+            let bytes: Vec<Vec<u8>> = [24, 8, 16]
+                .iter()
+                .zip(types)
+                .enumerate()
+                .map(|(i, (&rows, t))| matrix(rows, t, i))
+                .collect();
+            let parts: Vec<StoredTensor> = [24, 8, 16]
+                .iter()
+                .zip(types)
+                .zip(&bytes)
+                .map(|((&rows, t), b)| stored("part", t, rows, b))
+                .collect();
+            let stacked = StoredTensor::to_stacked(&parts, &opts).unwrap();
+            assert_eq!(matches!(stacked, Stacked::One(..)), stacks, "{types:?}");
+            let outs = stacked.forward(&x).unwrap();
+            for (part, out) in parts.iter().zip(&outs) {
+                let alone = part.to_linear(&opts).unwrap().forward(&x).unwrap();
+                assert_eq!(out.dims(), alone.dims());
+                let bits = |t: &Tensor| -> Vec<u32> {
+                    let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    v.iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(bits(out), bits(&alone), "{types:?}");
+            }
+        }
+    }
 }
