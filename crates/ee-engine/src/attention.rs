@@ -39,7 +39,7 @@ const _: () = assert!(KEY_BLOCK.is_multiple_of(KEY_CHUNK));
 /// Query rows per parallel task.
 const QUERY_TILE: usize = 32;
 /// Query rows sharing each key load.
-const MICRO_ROWS: usize = 2;
+const MICRO_ROWS: usize = 4;
 /// Output dimensions accumulated together, in registers.
 const DIM_CHUNK: usize = 16;
 
@@ -184,9 +184,15 @@ impl Shape {
     }
 }
 
-/// Rows `first..first + q.len() / hd` of one head, as an AVX2 build when the
-/// CPU has it: the same operations in the same order, so the same bits.
+/// Rows `first..first + q.len() / hd` of one head, as an AVX-512 or AVX2
+/// build when the CPU has it: the same operations in the same order, so
+/// the same bits.
 fn attend_tile(shape: &Shape, head: &Head<'_>, first: usize, q: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::quant::has_avx2() && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU reports AVX-512F, AVX2 and FMA.
+        return unsafe { attend_tile_avx512(shape, head, first, q, out) };
+    }
     #[cfg(target_arch = "x86_64")]
     if crate::quant::has_avx2() {
         // SAFETY: the CPU reports AVX2 and FMA.
@@ -198,6 +204,20 @@ fn attend_tile(shape: &Shape, head: &Head<'_>, first: usize, q: &[f32], out: &mu
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn attend_tile_avx2(
+    shape: &Shape,
+    head: &Head<'_>,
+    first: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
+    attend_tile_portable(shape, head, first, q, out)
+}
+
+/// The same again with 512-bit vectors: a key chunk's 32 scores are two
+/// registers, not four.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn attend_tile_avx512(
     shape: &Shape,
     head: &Head<'_>,
     first: usize,

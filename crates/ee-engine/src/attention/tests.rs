@@ -106,7 +106,7 @@ fn matches_plain_attention_for_prefill_decode_gqa_and_windows() {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn the_avx2_and_portable_builds_give_the_same_bits() {
+fn the_simd_and_portable_builds_give_the_same_bits() {
     if !crate::quant::has_avx2() {
         return;
     }
@@ -125,10 +125,17 @@ fn the_avx2_and_portable_builds_give_the_same_bits() {
             keys: c.keys,
             values: c.values,
         };
-        let (mut fast, mut portable) = (vec![0f32; n * hd], vec![0f32; n * hd]);
-        attend_tile(&shape, &head, 0, &q, &mut fast);
+        let (mut avx2, mut portable) = (vec![0f32; n * hd], vec![0f32; n * hd]);
+        // SAFETY: the CPU reports AVX2 and FMA (above).
+        unsafe { attend_tile_avx2(&shape, &head, 0, &q, &mut avx2) };
         attend_tile_portable(&shape, &head, 0, &q, &mut portable);
-        assert_eq!(fast, portable);
+        assert_eq!(avx2, portable);
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            let mut avx512 = vec![0f32; n * hd];
+            // SAFETY: the CPU reports AVX-512F too.
+            unsafe { attend_tile_avx512(&shape, &head, 0, &q, &mut avx512) };
+            assert_eq!(avx512, portable);
+        }
     });
 }
 
