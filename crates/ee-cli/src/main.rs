@@ -2,6 +2,9 @@
 
 mod cmd;
 
+#[global_allocator]
+static ALLOCATOR: ee_engine::allocator::Allocator = ee_engine::allocator::Allocator;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;

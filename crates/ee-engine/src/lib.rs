@@ -22,6 +22,7 @@
 //! It knows nothing of HTTP, tokenizers or keys.
 
 pub mod activation;
+pub mod allocator;
 mod attention;
 pub mod config;
 pub mod encode_queue;

@@ -2,6 +2,9 @@
 //! of `ee_server` and `docs/protocol.md`.
 
 use std::path::PathBuf;
+
+#[global_allocator]
+static ALLOCATOR: ee_engine::allocator::Allocator = ee_engine::allocator::Allocator;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
