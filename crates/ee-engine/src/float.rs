@@ -117,17 +117,25 @@ impl FloatMatrix {
             let mut put = |g, i, outs: &[_]| outputs.put_group::<GROUP>((g, i), outs);
             let groups = start / GROUP..end.div_ceil(GROUP);
             let mut g = groups.start;
-            // Decoding: four groups share each activation broadcast.
-            if m < 4 {
-                while g + 4 <= groups.end {
-                    for i in 0..m {
-                        let ws: [&[T]; 4] = std::array::from_fn(|j| group(g + j));
-                        for (j, out) in tile(ws, [act(i)], simd).iter().enumerate() {
-                            put(g + j, i, out);
+            // Decoding: eight groups, then four, share each activation
+            // broadcast (eight weight streams in flight: F16 decode 5%
+            // faster than four).
+            macro_rules! decode {
+                ($groups:literal) => {
+                    while g + $groups <= groups.end {
+                        for i in 0..m {
+                            let ws: [&[T]; $groups] = std::array::from_fn(|j| group(g + j));
+                            for (j, out) in tile(ws, [act(i)], simd).iter().enumerate() {
+                                put(g + j, i, out);
+                            }
                         }
+                        g += $groups;
                     }
-                    g += 4;
-                }
+                };
+            }
+            if m < 4 {
+                decode!(8);
+                decode!(4);
             }
             // Prompts: eight (AVX-512: one register each) or four
             // activation rows share each weight load, and a tile of
@@ -482,11 +490,12 @@ mod tests {
 
     #[test]
     fn decoding_and_prompt_paths_give_the_same_bits() {
-        // 187 rows: tasks of several groups (on two threads, three: pairs
-        // and a single one), so one activation row takes the
-        // four-groups-at-once path; 17 rows take the prompt path's eights,
-        // fours and ones.
-        let (rows, cols, m) = (187, 37, 17);
+        // 835 rows on two threads: tasks of 13 or 14 groups, so one
+        // activation row takes the eight- and four-groups-at-once paths and
+        // single groups; 17 rows take the prompt path's pairs of groups and
+        // single ones, by eights, fours and ones, from odd and even groups.
+        let (rows, cols, m) = (835, 37, 17);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         let w: Vec<f16> = (0..rows * cols)
             .map(|i| f16::from_f32(((i * 7919 % 1013) as f32 - 506.0) / 317.0))
             .collect();
@@ -494,9 +503,9 @@ mod tests {
             .map(|i| ((i * 104729 % 997) as f32 - 498.0) / 211.0)
             .collect();
         let mat = FloatMatrix::new(rows, cols, FloatWeights::F16(w.clone())).unwrap();
-        let all = mat.matmul(&x, m);
+        let all = pool.install(|| mat.matmul(&x, m));
         for i in 0..m {
-            let one = mat.matmul(&x[i * cols..][..cols], 1);
+            let one = pool.install(|| mat.matmul(&x[i * cols..][..cols], 1));
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&one), bits(&all[i * rows..][..rows]), "row {i}");
             for (r, &y) in one.iter().enumerate() {
