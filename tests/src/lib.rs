@@ -263,13 +263,24 @@ pub fn answer_text(proxy: &ServerProcess, path: &str, body: &serde_json::Value) 
     }
 }
 
-/// A loopback address with a port nobody listens on right now.
+/// A loopback address with a port nobody listens on right now, and never
+/// handed out before in this process: tests run in parallel, and the
+/// kernel may give a port just released to the next caller, so two
+/// processes could be started on one port (the loser fails to bind, and
+/// the winner answers the loser's health check).
 pub fn free_addr() -> std::net::SocketAddr {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    ([127, 0, 0, 1], port).into()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        if !given.contains(&port) {
+            given.push(port);
+            return ([127, 0, 0, 1], port).into();
+        }
+    }
 }
 
 impl ServerProcess {
