@@ -495,7 +495,10 @@ mod tests {
         // single groups; 17 rows take the prompt path's pairs of groups and
         // single ones, by eights, fours and ones, from odd and even groups.
         let (rows, cols, m) = (835, 37, 17);
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .unwrap();
         let w: Vec<f16> = (0..rows * cols)
             .map(|i| f16::from_f32(((i * 7919 % 1013) as f32 - 506.0) / 317.0))
             .collect();

@@ -72,9 +72,9 @@ pub trait CausalLm: Send + Sync {
 ///
 /// A token at depth `d` costs `1 + min(d, window) / attention_depth`: its
 /// weight matmuls, plus attention over the positions before it. Measured
-/// on SmolLM2-135M Q4_1 (2 AVX-512 cores), one token's prefill took
-/// 0.89 ms plus 0.67 µs per position attended to, and a decode step
-/// 4.6 ms plus 3.3 µs per position: `attention_depth` ≈ 1,350 both ways.
+/// on SmolLM2-135M Q4_1 (2 AVX-512 cores), a prefilled token took 0.46 ms
+/// plus 0.45 µs per position attended to (`attention_depth` ≈ 1,000), and
+/// a decode step 2.9 ms plus 1.9 µs per position (≈ 1,500).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepCost {
     /// Positions attended to that cost as much as the weight matmuls.
@@ -86,7 +86,7 @@ pub struct StepCost {
 impl StepCost {
     /// Our attention takes about as long per multiply-add as three of the
     /// quantized matmuls' (measured as in the type's docs: 3,892 positions
-    /// by multiply-adds, 1,350 by time).
+    /// by multiply-adds, 1,000 to 1,500 by time).
     const ATTENTION_SLOWDOWN: f64 = 3.0;
 
     /// The cost of a Llama-family model, from its multiply-adds per token

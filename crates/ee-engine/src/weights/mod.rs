@@ -153,7 +153,6 @@ impl StoredTensor<'_> {
     /// a type and a row length (the input is then quantized once and the
     /// thread pool forks once), else each its own.
     pub fn to_stacked(parts: &[StoredTensor<'_>], opts: &LoadOptions) -> Result<Stacked, Error> {
-        let widths: Vec<usize> = parts.iter().map(|p| p.shape[0]).collect();
         let first = parts
             .first()
             .ok_or_else(|| Error::Model("no matrices to stack".into()))?;
@@ -164,6 +163,7 @@ impl StoredTensor<'_> {
             let linears = parts.iter().map(|p| p.to_linear(opts));
             return Ok(Stacked::Separate(linears.collect::<Result<_, _>>()?));
         }
+        let widths: Vec<usize> = parts.iter().map(|p| p.shape[0]).collect();
         // Rows are stored whole and in order, so the parts' bytes one after
         // another are the stacked matrix. In u64s: candle reads the blocks'
         // f16 fields in place, 8-byte aligned.
