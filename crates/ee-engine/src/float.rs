@@ -490,10 +490,11 @@ mod tests {
 
     #[test]
     fn decoding_and_prompt_paths_give_the_same_bits() {
-        // 835 rows on two threads: tasks of 13 or 14 groups, so one
-        // activation row takes the eight- and four-groups-at-once paths and
-        // single groups; 17 rows take the prompt path's pairs of groups and
-        // single ones, by eights, fours and ones, from odd and even groups.
+        // 835 rows on two threads: tasks of 104 rows (13 groups) and a last
+        // one of 3, so one activation row takes the eight- and
+        // four-groups-at-once paths and single groups; 17 rows take the
+        // prompt path's eights (on AVX-512, pairs of groups from odd and
+        // even first groups, and single ones), fours and ones.
         let (rows, cols, m) = (835, 37, 17);
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(2)

@@ -184,7 +184,7 @@ impl Outputs<'_> {
     /// (padding in a matrix whose rows are not whole groups) are dropped.
     pub(crate) fn put_group<const G: usize>(&mut self, (g, i): (usize, usize), outs: &[[f32; G]]) {
         let first = g * G;
-        assert!(first >= self.rows.start && i + outs.len() <= self.m);
+        assert!(self.rows.contains(&first) && i + outs.len() <= self.m);
         let width = G.min(self.rows.end.saturating_sub(first));
         for (k, outs) in outs.iter().enumerate() {
             // SAFETY: row `i + k` < m, and columns `first..first + width`

@@ -68,7 +68,8 @@ pub trait CausalLm: Send + Sync {
 }
 
 /// What a forward step costs, in units of one token's pass through the
-/// weight matrices (the cost of a token at the start of a context).
+/// layers' weight matrices (the cost of a prompt token at the start of a
+/// context).
 ///
 /// A token at depth `d` costs `1 + min(d, window) / attention_depth`: its
 /// weight matmuls, plus attention over the positions before it. Measured
@@ -85,7 +86,7 @@ pub struct StepCost {
 
 impl StepCost {
     /// Our attention takes about as long per multiply-add as three of the
-    /// quantized matmuls' (measured as in the type's docs: 3,892 positions
+    /// quantized matmuls' (measured as in the type's docs: 3,072 positions
     /// by multiply-adds, 1,000 to 1,500 by time).
     const ATTENTION_SLOWDOWN: f64 = 3.0;
 
@@ -93,7 +94,7 @@ impl StepCost {
     /// and per attended position.
     pub fn llama(config: &crate::LlamaConfig) -> Self {
         let ratio =
-            config.weight_macs_per_token() as f64 / config.attention_macs_per_position() as f64;
+            config.layer_macs_per_token() as f64 / config.attention_macs_per_position() as f64;
         Self {
             attention_depth: (ratio / Self::ATTENTION_SLOWDOWN).max(1.0),
             window: config.sliding_window,
@@ -249,6 +250,6 @@ mod tests {
         };
         assert_eq!(config.kv_bytes_per_token(), 46_080);
         let depth = StepCost::llama(&config).attention_depth;
-        assert!((1_250.0..1_350.0).contains(&depth), "{depth}");
+        assert!((1_000.0..1_050.0).contains(&depth), "{depth}");
     }
 }

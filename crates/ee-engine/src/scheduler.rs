@@ -45,6 +45,8 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// What one step may cost, decode and prefill together, in tokens at
     /// the start of a context ([`StepCost`]): deeper tokens cost more.
+    /// Decoding sequences always step; prompts share what they leave, the
+    /// oldest at least 16 tokens, so it always advances.
     pub step_token_budget: usize,
     /// Bytes of KV cache the running sequences may hold together.
     pub kv_cache_bytes: usize,
@@ -279,31 +281,32 @@ impl EngineLoop {
             let Some(next) = self.waiting.front() else {
                 break;
             };
+            // A request that can never run fails now, not after its wait.
+            let request = &next.request;
+            let valid = request
+                .sampling
+                .validate(self.model.vocab_size())
+                .and_then(|()| check_request(self.model.as_ref(), request));
             // Positions the sequence may fill: its cache's limit.
-            let positions = (next.request.prompt.len() + next.request.max_tokens)
-                .min(self.model.context_length());
+            let positions = request.prompt.len().saturating_add(request.max_tokens);
             let blocks = positions.div_ceil(BLOCK_TOKENS);
             let fits_pool = blocks <= self.kv_blocks_total;
-            if fits_pool && blocks > self.kv_blocks_total - self.kv_blocks_used() {
+            if valid.is_ok() && fits_pool && blocks > self.kv_blocks_total - self.kv_blocks_used() {
                 break; // waits for running sequences to free blocks
             }
             let Some(Submission { request, events }) = self.waiting.pop_front() else {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-            if !fits_pool {
-                let e = Error::KvPoolExceeded {
-                    needed: positions,
-                    pool: self.kv_blocks_total * BLOCK_TOKENS,
-                };
-                let _ = events.send(SequenceEvent::Failed(e.to_string()));
-                continue;
-            }
-            let checked = request
-                .sampling
-                .validate(self.model.vocab_size())
-                .and_then(|()| Sampler::new(request.sampling.clone(), &request.prompt))
-                .and_then(|s| check_request(self.model.as_ref(), &request).map(|()| s));
+            let checked = valid
+                .and_then(|()| match fits_pool {
+                    true => Ok(()),
+                    false => Err(Error::KvPoolExceeded {
+                        needed: positions,
+                        pool: self.kv_blocks_total * BLOCK_TOKENS,
+                    }),
+                })
+                .and_then(|()| Sampler::new(request.sampling.clone(), &request.prompt));
             match checked {
                 Ok(sampler) => {
                     let kept = match request.cache_prompt {
@@ -354,7 +357,7 @@ impl EngineLoop {
                     // or a low budget leaves it no room.
                     allowed = allowed.max(MIN_PREFILL_CHUNK);
                 }
-                let take = prefill_take(left, allowed, self.config.step_token_budget);
+                let take = prefill_take(left, allowed);
                 if take == 0 {
                     break; // oldest first: none jumps the queue
                 }
@@ -392,11 +395,7 @@ impl EngineLoop {
             if seq.last.is_none() {
                 seq.fed += tokens.len();
                 // Kept as the prefill left it, before any decode step.
-                // (A budget under three may cut one-row chunks: not kept.)
-                if seq.fed == seq.request.prompt.len()
-                    && seq.request.cache_prompt
-                    && self.config.step_token_budget >= 3
-                {
+                if seq.fed == seq.request.prompt.len() && seq.request.cache_prompt {
                     let bytes = seq.cache.bytes();
                     self.prompts
                         .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);
@@ -450,11 +449,11 @@ const MIN_PREFILL_CHUNK: usize = 16;
 /// Prompt tokens to feed this step: what the budget allows, but no chunk
 /// of one row while more remain, and no last chunk of one. A one-row step
 /// rounds as a decode step does on candle's f32 matmul, so a prompt's bits
-/// would depend on how it was cut; with this they do not (a budget under
-/// three takes what it can).
-fn prefill_take(left: usize, budget: usize, step_budget: usize) -> usize {
+/// would depend on how it was cut; with this they do not. (The oldest
+/// prompt is always allowed [`MIN_PREFILL_CHUNK`], so it always advances.)
+fn prefill_take(left: usize, budget: usize) -> usize {
     let take = left.min(budget);
-    if take == left || step_budget < 3 {
+    if take == left {
         return take;
     }
     let take = if left - take == 1 { take - 1 } else { take };

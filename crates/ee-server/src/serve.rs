@@ -86,7 +86,7 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
             // A sequence's prompt and answer must fit the KV pool as well
             // as the model's context: the smaller is the context served.
             let pool = scheduler.kv_pool_tokens();
-            if pool < 2 {
+            if pool == 0 {
                 return Err(ServeError::Config(format!(
                     "kv_cache_mib = {} holds no block of the KV cache for this model",
                     c.kv_cache_mib

@@ -87,6 +87,7 @@ impl Client<'_> {
         let body = json!({
             "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true,
             "temperature": 0, "stream": true,
+            "stream_options": {"include_usage": true},
         });
         let sent = Instant::now();
         let url = format!("{}/v1/completions", self.args.server);
@@ -99,7 +100,7 @@ impl Client<'_> {
             );
         }
         let mut timing = Timing::default();
-        let mut last = None;
+        let (mut last, mut counted) = (None, None);
         for line in BufReader::new(r).lines() {
             let line = line?;
             let Some(data) = line.strip_prefix("data: ") else {
@@ -109,6 +110,11 @@ impl Client<'_> {
                 break;
             }
             let v: Value = serde_json::from_str(data).context("a streamed event")?;
+            // The count, where the server gives it: llama-server holds back
+            // or merges tokens that end inside a UTF-8 character.
+            if let Some(n) = v["usage"]["completion_tokens"].as_u64() {
+                counted = Some(n);
+            }
             let choice = &v["choices"][0];
             // Ours sends token IDs; llama-server sends text.
             let n = match choice["token_ids"].as_array() {
@@ -126,6 +132,7 @@ impl Client<'_> {
             last = Some(now);
             timing.tokens += n;
         }
+        timing.tokens = counted.unwrap_or(timing.tokens);
         Ok(timing)
     }
 }

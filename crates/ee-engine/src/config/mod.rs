@@ -40,16 +40,16 @@ impl LlamaConfig {
         self.n_layers * self.n_kv_head * self.head_dim * 2 * std::mem::size_of::<f32>()
     }
 
-    /// Multiply-adds in the weight matrices for one token: the attention
-    /// projections and the gated FFN of every layer, and the output head.
-    pub fn weight_macs_per_token(&self) -> usize {
+    /// Multiply-adds in the weight matrices of the layers for one token:
+    /// the attention projections and the gated FFN (not the output head,
+    /// which only a sequence's last token runs).
+    pub fn layer_macs_per_token(&self) -> usize {
         let (e, q, kv) = (
             self.n_embd,
             self.n_head * self.head_dim,
             self.n_kv_head * self.head_dim,
         );
-        let layer = e * (q + 2 * kv) + q * e + 3 * e * self.n_ff;
-        self.n_layers * layer + self.vocab_size * e
+        self.n_layers * (e * (q + 2 * kv) + q * e + 3 * e * self.n_ff)
     }
 
     /// Multiply-adds of attention, for one query, per cached position it

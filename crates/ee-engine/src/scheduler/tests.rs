@@ -38,17 +38,17 @@ fn collect(
 
 #[test]
 fn prefill_chunks_are_never_one_row_while_more_remain() {
-    assert_eq!(prefill_take(10, 512, 512), 10);
+    assert_eq!(prefill_take(10, 512), 10);
+    assert_eq!(prefill_take(1, 512), 1, "a one-token prompt is one row");
+    assert_eq!(prefill_take(10, 9), 8, "never leave one behind");
+    assert_eq!(prefill_take(10, 1), 0, "never feed one of many");
+    assert_eq!(prefill_take(10, 2), 2);
+    assert_eq!(prefill_take(3, 2), 0);
     assert_eq!(
-        prefill_take(1, 512, 512),
-        1,
-        "a one-token prompt is one row"
+        prefill_take(17, MIN_PREFILL_CHUNK),
+        15,
+        "the oldest prompt's floor never leaves one behind either"
     );
-    assert_eq!(prefill_take(10, 9, 512), 8, "never leave one behind");
-    assert_eq!(prefill_take(10, 1, 512), 0, "never feed one of many");
-    assert_eq!(prefill_take(10, 2, 512), 2);
-    assert_eq!(prefill_take(3, 2, 512), 0);
-    assert_eq!(prefill_take(10, 1, 2), 1, "a tiny budget takes what it can");
 }
 
 /// A prompt continued from a kept one draws the same tokens with the

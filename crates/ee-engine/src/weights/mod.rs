@@ -151,7 +151,7 @@ impl StoredTensor<'_> {
     /// The matrices `parts`, which multiply the same input, as one
     /// [`Stacked`] projection: one matrix of all their rows where they share
     /// a type and a row length (the input is then quantized once and the
-    /// thread pool forks once), else each its own.
+    /// thread pool forks once), else, or on candle's kernels, each its own.
     pub fn to_stacked(parts: &[StoredTensor<'_>], opts: &LoadOptions) -> Result<Stacked, Error> {
         let first = parts
             .first()
@@ -159,7 +159,8 @@ impl StoredTensor<'_> {
         let stackable = parts.iter().all(|p| {
             p.dtype == first.dtype && p.shape.len() == 2 && p.shape[1..] == first.shape[1..]
         });
-        if !stackable || parts.len() == 1 {
+        // candle's kernels (the reference path) run each matrix as stored.
+        if !stackable || parts.len() == 1 || opts.candle_kernels {
             let linears = parts.iter().map(|p| p.to_linear(opts));
             return Ok(Stacked::Separate(linears.collect::<Result<_, _>>()?));
         }
