@@ -276,6 +276,7 @@ fn warn_identity_key() {
 }
 
 fn main() -> Result<()> {
+    ee_engine::allocator::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::FetchModel(args) => {

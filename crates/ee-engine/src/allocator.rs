@@ -9,13 +9,12 @@
 //! tok/s, mimalloc 970, mimalloc keeping freed memory for a second 1180.
 //!
 //! A binary installs it with
-//! `#[global_allocator] static A: Allocator = Allocator;`; the engine
-//! itself works with any allocator.
+//! `#[global_allocator] static A: Allocator = Allocator;` and calls
+//! [`keep_freed_memory`] first thing in `main`; the engine itself works
+//! with any allocator.
 
-use std::alloc::{GlobalAlloc, Layout};
-use std::sync::Once;
-
-use mimalloc::MiMalloc;
+/// mimalloc, as the binaries' global allocator.
+pub use mimalloc::MiMalloc as Allocator;
 
 /// How long freed memory stays with the process before it goes back to
 /// the system, in milliseconds.
@@ -27,39 +26,9 @@ const PURGE_DELAY_MS: std::ffi::c_long = 1000;
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t =
     libmimalloc_sys::mi_option_use_numa_nodes - 1;
 
-/// mimalloc, with the purge delay set on first use.
-pub struct Allocator;
-
-static CONFIGURE: Once = Once::new();
-
-fn configure() {
+/// Sets mimalloc's purge delay: once, at start-up, not on every
+/// allocation.
+pub fn keep_freed_memory() {
     // SAFETY: setting an option is allowed at any time.
-    CONFIGURE.call_once(|| unsafe {
-        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS)
-    });
-}
-
-// SAFETY: every call goes to mimalloc, which upholds `GlobalAlloc`.
-unsafe impl GlobalAlloc for Allocator {
-    #[inline]
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        configure();
-        MiMalloc.alloc(layout)
-    }
-
-    #[inline]
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        configure();
-        MiMalloc.alloc_zeroed(layout)
-    }
-
-    #[inline]
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        MiMalloc.dealloc(ptr, layout)
-    }
-
-    #[inline]
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        MiMalloc.realloc(ptr, layout, new_size)
-    }
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS) }
 }

@@ -44,6 +44,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    ee_engine::allocator::keep_freed_memory();
     ee_api::logging::init("info");
     let args = Args::parse();
     let mut config = match &args.config {
