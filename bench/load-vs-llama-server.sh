@@ -44,9 +44,10 @@ trap cleanup EXIT
 "$EE" encrypt-model --model "$MODEL" --server-out "$work/server.gguf" \
   --client-out "$work/bundle" >/dev/null
 
-# The KV pool of llama-server's 8 slots, in MiB of our f32 cache.
+# The KV pool of llama-server's 8 slots, in MiB of our f16 cache (both
+# engines' default element type).
 kv_mib=$("$EE" bench --model "$MODEL" --threads 1 --reps 1 --prompt-tokens 1 \
-  --gen-tokens 1 | sed -n 's/^kv cache: \([0-9]*\) bytes per token$/\1/p')
+  --gen-tokens 1 | sed -n 's/^kv cache: f16, \([0-9]*\) bytes per token$/\1/p')
 kv_mib=$(((kv_mib * SLOTS * SLOT_CTX + (1 << 20) - 1) >> 20))
 
 RAYON_NUM_THREADS="$THREADS" EE_MAX_BATCH=$SLOTS EE_KV_CACHE_MIB=$kv_mib \

@@ -21,7 +21,13 @@ fn argmax(v: &[f32]) -> u32 {
 #[test]
 fn the_real_checkpoint_agrees_with_candle_transformers_llama() {
     let dir = real_hf_checkpoint(Dtype::F32);
-    let ours = ee_engine::load(&dir).unwrap();
+    // An f32 KV cache, as candle's: this compares the forward passes, to
+    // rounding (`reference_model.rs` bounds what an f16 cache changes).
+    let opts = ee_engine::LoadOptions {
+        kv_cache_dtype: ee_engine::KvCacheDtype::F32,
+        ..Default::default()
+    };
+    let ours = ee_engine::load_with(&dir, &opts).unwrap();
     let config: llama::LlamaConfig =
         serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
     let config = config.into_config(false);

@@ -289,9 +289,9 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
         std::thread::sleep(Duration::from_millis(20));
     }
     // 3 + 4000 positions reserved, in blocks of 32; the default pool is
-    // 4096 MiB of 46,080-byte positions.
+    // 4096 MiB of 23,040-byte positions (f16).
     assert_eq!(metric(&s.server, "ee_kv_cache_blocks_used"), 126.0);
-    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_total"), 2912.0);
+    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_total"), 5825.0);
     drop(conn);
     while metric(&s.server, "ee_running_sequences") != 0.0 {
         assert!(
@@ -329,18 +329,26 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
 /// naming `max_tokens`, not a wait that never ends.
 #[test]
 fn a_small_kv_pool_limits_the_context_served() {
-    // 100 MiB of 46,080-byte positions: 71 blocks of 32.
+    // 100 MiB of 23,040-byte positions (f16): 142 blocks of 32.
     let s = stack(&[("EE_KV_CACHE_MIB", "100")]);
     let models: Value = s
         .server
         .request("GET", "/v1/models", &[], "")
         .unwrap()
         .json();
+    assert_eq!(models["data"][0]["context_length"], 4544);
+    // In f32, positions take 46,080 bytes: 71 blocks.
+    let f32 = ServerProcess::start(
+        &s.pair.server_artifact,
+        &[("EE_KV_CACHE_MIB", "100"), ("EE_KV_CACHE_DTYPE", "f32")],
+    );
+    let models: Value = f32.request("GET", "/v1/models", &[], "").unwrap().json();
     assert_eq!(models["data"][0]["context_length"], 2272);
+    drop(f32);
     let prompt = s.enc(&[1, 2, 3]);
     let r = s.server.post_json(
         "/v1/completions",
-        &json!({"prompt": prompt, "max_tokens": 2270}),
+        &json!({"prompt": prompt, "max_tokens": 4542}),
     );
     assert_eq!(r.status, 400, "{}", r.body);
     let e = &r.json()["error"];

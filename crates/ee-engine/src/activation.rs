@@ -115,7 +115,13 @@ pub(crate) fn exp(x: f32) -> f32 {
         p = p.mul_add(r, c);
     }
     let e_r = p.mul_add(r * r, r) + 1.0;
-    e_r * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // n is a whole number in [-126, 0] (or NaN, and then so is e_r): added
+    // to 1.5 * 2^23 it is the low bits of the sum's mantissa. A plain
+    // `n as i32` would not vectorize (Rust's cast saturates and maps NaN
+    // to 0, which the CPU's conversion does not).
+    const SHIFTER: f32 = 12_582_912.0;
+    let n_bits = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits());
+    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 #[cfg(test)]

@@ -23,13 +23,18 @@
 //! the encrypted model (same path) stays bit-identical to the plaintext
 //! one. The AVX2 build and the portable one give the same bits: `mul_add`
 //! is a correctly rounded fused multiply-add in both (a slow libm call
-//! where the CPU has no FMA).
+//! where the CPU has no FMA), and an f16 cache's elements widen to f32
+//! exactly (F16C's `vcvtph2ps` in the SIMD builds, bit operations in the
+//! portable one).
+
+use std::ops::Range;
 
 use candle_core::{Device, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
 use crate::activation::exp;
-use crate::kv_cache::{LayerView, KEY_CHUNK};
+use crate::kv_cache::{KvSlice, LayerView, KEY_CHUNK};
 use crate::Error;
 
 /// Keys per block of the online softmax, at fixed absolute positions.
@@ -70,27 +75,46 @@ pub(crate) fn attention(
         scale: 1.0 / (hd as f32).sqrt(),
     };
     let per_head = cache.capacity * hd;
-    // Output `[n_head, n, hd]`, one task per (head, tile of query rows).
-    let mut out = vec![0f32; n_head * n * hd];
+    let out = match (cache.keys, cache.values) {
+        (KvSlice::F16(k), KvSlice::F16(v)) => attend_heads(&shape, &q, n, k, v, per_head),
+        (KvSlice::F32(k), KvSlice::F32(v)) => attend_heads(&shape, &q, n, k, v, per_head),
+        _ => return Err(Error::Model("keys and values differ in type".into())),
+    };
+    let out = Tensor::from_vec(out, (n_head, n, hd), &Device::Cpu)?;
+    Ok(out.transpose(0, 1)?.reshape((n, n_head * hd))?)
+}
+
+/// Output `[n_head, n, hd]` for queries `q` (the same shape) over a cache's
+/// keys and values (`per_head` elements per kv-head), one task per (head,
+/// tile of query rows).
+fn attend_heads<E: KvElement>(
+    shape: &Shape,
+    q: &[f32],
+    n: usize,
+    keys: &[E],
+    values: &[E],
+    per_head: usize,
+) -> Vec<f32> {
+    let hd = shape.head_dim;
+    let mut out = vec![0f32; q.len()];
     out.par_chunks_mut(n * hd)
         .zip(q.par_chunks(n * hd))
         .enumerate()
         .for_each(|(h, (head_out, head_q))| {
             let kv = h / shape.group;
             let head = Head {
-                keys: &cache.keys[kv * per_head..][..per_head],
-                values: &cache.values[kv * per_head..][..per_head],
+                keys: &keys[kv * per_head..][..per_head],
+                values: &values[kv * per_head..][..per_head],
             };
             head_out
                 .par_chunks_mut(QUERY_TILE * hd)
                 .zip(head_q.par_chunks(QUERY_TILE * hd))
                 .enumerate()
                 .for_each(|(t, (tile_out, tile_q))| {
-                    attend_tile(&shape, &head, t * QUERY_TILE, tile_q, tile_out)
+                    attend_tile(shape, &head, t * QUERY_TILE, tile_q, tile_out)
                 });
         });
-    let out = Tensor::from_vec(out, (n_head, n, hd), &Device::Cpu)?;
-    Ok(out.transpose(0, 1)?.reshape((n, n_head * hd))?)
+    out
 }
 
 /// [`attention`] as candle-transformers' Llama computes it: the whole
@@ -168,14 +192,54 @@ struct Shape {
 
 /// One kv-head's cache, from position 0: key chunks `[chunk][hd][KEY_CHUNK]`
 /// and values `[position][hd]`.
-struct Head<'a> {
-    keys: &'a [f32],
-    values: &'a [f32],
+struct Head<'a, E> {
+    keys: &'a [E],
+    values: &'a [E],
+}
+
+/// An element of the KV cache, read as f32.
+trait KvElement: Copy + Send + Sync {
+    /// The first `N` elements of `src`, widened exactly. `F16C`: the build
+    /// was compiled for the F16C instructions (its caller checked the CPU).
+    fn widen<const N: usize, const F16C: bool>(src: &[Self]) -> [f32; N];
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn widen<const N: usize, const F16C: bool>(src: &[f32]) -> [f32; N] {
+        std::array::from_fn(|i| src[i])
+    }
+}
+
+impl KvElement for f16 {
+    #[inline(always)]
+    fn widen<const N: usize, const F16C: bool>(src: &[f16]) -> [f32; N] {
+        let src = &src[..N];
+        let mut out = [0f32; N];
+        let mut i = 0;
+        #[cfg(target_arch = "x86_64")]
+        if F16C {
+            use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+            while i + 8 <= N {
+                // SAFETY: 8 elements from `i` lie in `src` and in `out`;
+                // `F16C` builds run only where the CPU has F16C.
+                unsafe {
+                    let h = _mm_loadu_si128(src[i..].as_ptr().cast());
+                    _mm256_storeu_ps(out[i..].as_mut_ptr(), _mm256_cvtph_ps(h));
+                }
+                i += 8;
+            }
+        }
+        for (o, x) in out[i..].iter_mut().zip(&src[i..]) {
+            *o = x.to_f32_const();
+        }
+        out
+    }
 }
 
 impl Shape {
     /// The keys query row `i` (a new token) attends to.
-    fn keys_of(&self, i: usize) -> std::ops::Range<usize> {
+    fn keys_of(&self, i: usize) -> Range<usize> {
         let pos = self.first_pos + i;
         let start = self
             .sliding_window
@@ -187,57 +251,84 @@ impl Shape {
 /// Rows `first..first + q.len() / hd` of one head, as an AVX-512 or AVX2
 /// build when the CPU has it: the same operations in the same order, so
 /// the same bits.
-fn attend_tile(shape: &Shape, head: &Head<'_>, first: usize, q: &[f32], out: &mut [f32]) {
+fn attend_tile<E: KvElement>(
+    shape: &Shape,
+    head: &Head<'_, E>,
+    first: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx2() && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU reports AVX-512F, AVX2 and FMA.
+    if has_avx2_f16c() && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU reports AVX-512F, AVX2, FMA and F16C.
         return unsafe { attend_tile_avx512(shape, head, first, q, out) };
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::quant::has_avx2() {
-        // SAFETY: the CPU reports AVX2 and FMA.
+    if has_avx2_f16c() {
+        // SAFETY: the CPU reports AVX2, FMA and F16C.
         return unsafe { attend_tile_avx2(shape, head, first, q, out) };
     }
-    attend_tile_portable(shape, head, first, q, out)
+    attend_tile_portable::<E, false, false>(shape, head, first, q, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_tile_avx2(
+fn has_avx2_f16c() -> bool {
+    crate::quant::has_avx2() && std::arch::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_tile_avx2<E: KvElement>(
     shape: &Shape,
-    head: &Head<'_>,
+    head: &Head<'_, E>,
     first: usize,
     q: &[f32],
     out: &mut [f32],
 ) {
-    attend_tile_portable(shape, head, first, q, out)
+    attend_tile_portable::<E, true, false>(shape, head, first, q, out)
 }
 
 /// The same again with 512-bit vectors: a key chunk's 32 scores are two
-/// registers, not four.
+/// registers, not four, and rows that share values accumulate twice the
+/// dimensions at once.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn attend_tile_avx512(
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn attend_tile_avx512<E: KvElement>(
     shape: &Shape,
-    head: &Head<'_>,
+    head: &Head<'_, E>,
     first: usize,
     q: &[f32],
     out: &mut [f32],
 ) {
-    attend_tile_portable(shape, head, first, q, out)
+    attend_tile_portable::<E, true, true>(shape, head, first, q, out)
 }
 
+/// The kernel, inlined into each build. `F16C`: the build may widen f16
+/// with F16C; `WIDE`: it has 32 vector registers (AVX-512), enough for
+/// [`MICRO_ROWS`] rows of 32 value dimensions.
 #[inline(always)]
-fn attend_tile_portable(shape: &Shape, head: &Head<'_>, first: usize, q: &[f32], out: &mut [f32]) {
+fn attend_tile_portable<E: KvElement, const F16C: bool, const WIDE: bool>(
+    shape: &Shape,
+    head: &Head<'_, E>,
+    first: usize,
+    q: &[f32],
+    out: &mut [f32],
+) {
     let hd = shape.head_dim;
     let rows = q.len() / hd;
     let mut r = 0;
     while r + MICRO_ROWS <= rows {
-        attend_rows::<MICRO_ROWS>(shape, head, first + r, &q[r * hd..], &mut out[r * hd..]);
+        attend_rows::<MICRO_ROWS, E, F16C, WIDE>(
+            shape,
+            head,
+            first + r,
+            &q[r * hd..],
+            &mut out[r * hd..],
+        );
         r += MICRO_ROWS;
     }
     while r < rows {
-        attend_rows::<1>(shape, head, first + r, &q[r * hd..], &mut out[r * hd..]);
+        attend_rows::<1, E, F16C, WIDE>(shape, head, first + r, &q[r * hd..], &mut out[r * hd..]);
         r += 1;
     }
 }
@@ -247,16 +338,20 @@ fn attend_tile_portable(shape: &Shape, head: &Head<'_>, first: usize, q: &[f32],
 /// is a fused multiply-add over the dimensions in order, an output a fused
 /// multiply-add over the keys in order, block by block.
 #[inline(always)]
-fn attend_rows<const R: usize>(
+fn attend_rows<const R: usize, E: KvElement, const F16C: bool, const WIDE: bool>(
     shape: &Shape,
-    head: &Head<'_>,
+    head: &Head<'_, E>,
     first: usize,
     q: &[f32],
     out: &mut [f32],
 ) {
     let hd = shape.head_dim;
-    let ranges: [std::ops::Range<usize>; R] = std::array::from_fn(|r| shape.keys_of(first + r));
-    let rows: [&[f32]; R] = std::array::from_fn(|r| &q[r * hd..(r + 1) * hd]);
+    let ranges: [Range<usize>; R] = std::array::from_fn(|r| shape.keys_of(first + r));
+    // The rows' queries by dimension, so that a score's operands are one
+    // load of each.
+    let q_by_dim: Vec<[f32; R]> = (0..hd)
+        .map(|d| std::array::from_fn(|r| q[r * hd + d]))
+        .collect();
     let (lo, hi) = (ranges[0].start, ranges[R - 1].end);
     let mut max = [f32::NEG_INFINITY; R];
     let mut sum = [0f32; R];
@@ -266,7 +361,7 @@ fn attend_rows<const R: usize>(
         let span = block.max(lo)..(block + KEY_BLOCK).min(hi);
         let mut chunk = span.start / KEY_CHUNK * KEY_CHUNK;
         while chunk < span.end {
-            let s = scores::<R>(head.keys, chunk, rows);
+            let s = scores::<R, E, F16C>(head.keys, chunk, &q_by_dim);
             for r in 0..R {
                 for (p, x) in probs[r][chunk - block..][..KEY_CHUNK].iter_mut().zip(s[r]) {
                     *p = x * shape.scale;
@@ -274,12 +369,14 @@ fn attend_rows<const R: usize>(
             }
             chunk += KEY_CHUNK;
         }
+        // Each row's keys in this block.
+        let mine: [Range<usize>; R] =
+            std::array::from_fn(|r| span.start.max(ranges[r].start)..span.end.min(ranges[r].end));
         for r in 0..R {
-            let mine = span.start.max(ranges[r].start)..span.end.min(ranges[r].end);
-            if mine.is_empty() {
+            if mine[r].is_empty() {
                 continue;
             }
-            let p = &mut probs[r][mine.start - block..mine.end - block];
+            let p = &mut probs[r][mine[r].start - block..mine[r].end - block];
             // A maximum is exact in any order, so it may take lanes.
             let block_max = lanes::<8>(p, f32::NEG_INFINITY, f32::max)
                 .into_iter()
@@ -294,12 +391,11 @@ fn attend_rows<const R: usize>(
             // Eight lanes by position in the row's own range, then in order.
             let block_sum: f32 = lanes::<8>(p, 0.0, |a, b| a + b).iter().sum();
             sum[r] = sum[r] * rescale + block_sum;
-            let row_out = &mut out[r * hd..(r + 1) * hd];
-            for o in row_out.iter_mut() {
+            for o in out[r * hd..(r + 1) * hd].iter_mut() {
                 *o *= rescale;
             }
-            accumulate_values(head.values, hd, mine.start, p, row_out);
         }
+        accumulate_block::<R, E, F16C, WIDE>(head.values, hd, block, &mine, &probs, out);
         block += KEY_BLOCK;
     }
     for r in 0..R {
@@ -310,20 +406,75 @@ fn attend_rows<const R: usize>(
     }
 }
 
-/// Scores of `R` query rows against the [`KEY_CHUNK`] keys from position
-/// `chunk` (a multiple of it): per key, a fused multiply-add over the
-/// dimensions in order.
+/// `out_r += Σ p_rj · v_j` for each row `r` over its keys `mine[r]` in a
+/// block from key `block` (`probs[r]` indexed from it). The keys every row
+/// has are accumulated for all rows at once, each value load shared; a
+/// row's others (a sliding window's start, the causal end) on their own,
+/// before and after, so each row still adds its keys in order.
 #[inline(always)]
-fn scores<const R: usize>(keys: &[f32], chunk: usize, rows: [&[f32]; R]) -> [[f32; KEY_CHUNK]; R] {
-    let hd = rows[0].len();
+fn accumulate_block<const R: usize, E: KvElement, const F16C: bool, const WIDE: bool>(
+    values: &[E],
+    hd: usize,
+    block: usize,
+    mine: &[Range<usize>; R],
+    probs: &[[f32; KEY_BLOCK]; R],
+    out: &mut [f32],
+) {
+    let p = |r: usize, keys: &Range<usize>| &probs[r][keys.start - block..keys.end - block];
+    let shared = mine.iter().map(|m| m.start).max().unwrap_or(0)
+        ..mine.iter().map(|m| m.end).min().unwrap_or(0);
+    if R == 1 || shared.is_empty() {
+        for r in 0..R {
+            let keys = &mine[r];
+            if !keys.is_empty() {
+                let row_out = &mut out[r * hd..(r + 1) * hd];
+                accumulate_values::<E, F16C>(values, hd, keys.start, p(r, keys), row_out);
+            }
+        }
+        return;
+    }
+    for r in 0..R {
+        let before = mine[r].start..shared.start;
+        let row_out = &mut out[r * hd..(r + 1) * hd];
+        accumulate_values::<E, F16C>(values, hd, before.start, p(r, &before), row_out);
+    }
+    let shared_p: [&[f32]; R] = std::array::from_fn(|r| p(r, &shared));
+    let mut d = 0;
+    if WIDE {
+        while d + 32 <= hd {
+            accumulate_rows::<R, 32, E, F16C>(values, hd, shared.start, shared_p, out, d);
+            d += 32;
+        }
+    }
+    while d + DIM_CHUNK <= hd {
+        accumulate_rows::<R, DIM_CHUNK, E, F16C>(values, hd, shared.start, shared_p, out, d);
+        d += DIM_CHUNK;
+    }
+    for r in 0..R {
+        let row_out = &mut out[r * hd..(r + 1) * hd];
+        accumulate_dims(values, hd, shared.start, shared_p[r], row_out, d);
+        let after = shared.end..mine[r].end;
+        accumulate_values::<E, F16C>(values, hd, after.start, p(r, &after), row_out);
+    }
+}
+
+/// Scores of `R` query rows (`q_by_dim[d][r]`) against the [`KEY_CHUNK`]
+/// keys from position `chunk` (a multiple of it): per key, a fused
+/// multiply-add over the dimensions in order.
+#[inline(always)]
+fn scores<const R: usize, E: KvElement, const F16C: bool>(
+    keys: &[E],
+    chunk: usize,
+    q_by_dim: &[[f32; R]],
+) -> [[f32; KEY_CHUNK]; R] {
+    let hd = q_by_dim.len();
     let block = &keys[chunk * hd..][..hd * KEY_CHUNK];
     let mut s = [[0f32; KEY_CHUNK]; R];
-    for d in 0..hd {
-        let k = &block[d * KEY_CHUNK..][..KEY_CHUNK];
+    for (qd, k) in q_by_dim.iter().zip(block.chunks_exact(KEY_CHUNK)) {
+        let k = E::widen::<KEY_CHUNK, F16C>(k);
         for r in 0..R {
-            let qd = rows[r][d];
             for j in 0..KEY_CHUNK {
-                s[r][j] = qd.mul_add(k[j], s[r][j]);
+                s[r][j] = qd[r].mul_add(k[j], s[r][j]);
             }
         }
     }
@@ -352,41 +503,77 @@ fn lanes<const N: usize>(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> 
 /// [`DIM_CHUNK`], then one by one. Each element's arithmetic is the same
 /// whichever way it is reached.
 #[inline(always)]
-fn accumulate_values(values: &[f32], hd: usize, first: usize, p: &[f32], out: &mut [f32]) {
+fn accumulate_values<E: KvElement, const F16C: bool>(
+    values: &[E],
+    hd: usize,
+    first: usize,
+    p: &[f32],
+    out: &mut [f32],
+) {
+    if p.is_empty() {
+        return;
+    }
     let mut d = 0;
     while d + 64 <= hd {
-        accumulate_chunk::<64>(values, hd, first, p, &mut out[d..d + 64], d);
+        accumulate_rows::<1, 64, E, F16C>(values, hd, first, [p], out, d);
         d += 64;
     }
     while d + DIM_CHUNK <= hd {
-        accumulate_chunk::<DIM_CHUNK>(values, hd, first, p, &mut out[d..d + DIM_CHUNK], d);
+        accumulate_rows::<1, DIM_CHUNK, E, F16C>(values, hd, first, [p], out, d);
         d += DIM_CHUNK;
     }
-    for (t, o) in out.iter_mut().enumerate().skip(d) {
-        for (j, &pj) in p.iter().enumerate() {
-            *o = pj.mul_add(values[(first + j) * hd + t], *o);
-        }
-    }
+    accumulate_dims(values, hd, first, p, out, d);
 }
 
-/// [`accumulate_values`] for dimensions `d..d + C`, held in registers.
+/// [`accumulate_values`] for one row's dimensions from `d` on, one by one.
 #[inline(always)]
-fn accumulate_chunk<const C: usize>(
-    values: &[f32],
+fn accumulate_dims<E: KvElement>(
+    values: &[E],
     hd: usize,
     first: usize,
     p: &[f32],
     out: &mut [f32],
     d: usize,
 ) {
-    let mut acc: [f32; C] = std::array::from_fn(|t| out[t]);
-    for (j, &pj) in p.iter().enumerate() {
-        let v = &values[(first + j) * hd + d..][..C];
-        for t in 0..C {
-            acc[t] = pj.mul_add(v[t], acc[t]);
+    for (t, o) in out.iter_mut().enumerate().skip(d) {
+        for (j, &pj) in p.iter().enumerate() {
+            *o = pj.mul_add(E::widen::<1, false>(&values[(first + j) * hd + t..])[0], *o);
         }
     }
-    out.copy_from_slice(&acc);
+}
+
+/// [`accumulate_values`] for dimensions `d..d + C` of `R` consecutive rows
+/// of `out` (`hd` apart), held in registers, each value load shared by the
+/// rows: `p[r]` are row `r`'s probabilities of the keys from `first`.
+#[inline(always)]
+fn accumulate_rows<const R: usize, const C: usize, E: KvElement, const F16C: bool>(
+    values: &[E],
+    hd: usize,
+    first: usize,
+    p: [&[f32]; R],
+    out: &mut [f32],
+    d: usize,
+) {
+    let mut acc: [[f32; C]; R] =
+        std::array::from_fn(|r| std::array::from_fn(|t| out[r * hd + d + t]));
+    let n = p[0].len();
+    let p = p.map(|p| &p[..n]);
+    // Key j's dimensions from d are the start of the j-th piece.
+    for (j, v) in values[first * hd + d..(first + n) * hd]
+        .chunks(hd)
+        .enumerate()
+    {
+        let v = E::widen::<C, F16C>(v);
+        for r in 0..R {
+            let pj = p[r][j];
+            for t in 0..C {
+                acc[r][t] = pj.mul_add(v[t], acc[r][t]);
+            }
+        }
+    }
+    for r in 0..R {
+        out[r * hd + d..][..C].copy_from_slice(&acc[r]);
+    }
 }
 
 #[cfg(test)]

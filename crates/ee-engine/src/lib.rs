@@ -49,7 +49,7 @@ pub use config::LlamaConfig;
 pub use encode_queue::{EncodeQueue, EncodeQueueConfig, PoolingTask};
 pub use encoder::{Encoder, Pooling, PoolingMode};
 pub use generate::{generate, FinishReason, GenerateOptions, Generation};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvCacheDtype};
 pub use linear::LoadOptions;
 pub use loader::{load, load_with, ModelFiles};
 pub use model::{CausalLm, SeqStep, StepCost};

@@ -26,6 +26,9 @@ pub struct LoadOptions {
     /// changes, and [`crate::activation`], which vectorizes): for
     /// comparisons with candle's reference model to the last bits.
     pub candle_elementwise: bool,
+    /// The KV cache's element type: f16 by default, as llama.cpp; f32 for
+    /// comparisons with candle's reference model, which keeps f32.
+    pub kv_cache_dtype: crate::KvCacheDtype,
 }
 
 /// A weight matrix `[out, in]`; [`forward`](Linear::forward) maps

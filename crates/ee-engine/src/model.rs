@@ -248,7 +248,8 @@ mod tests {
             sliding_window: None,
             tie_word_embeddings: Some(true),
         };
-        assert_eq!(config.kv_bytes_per_token(), 46_080);
+        assert_eq!(config.kv_bytes_per_token(crate::KvCacheDtype::F32), 46_080);
+        assert_eq!(config.kv_bytes_per_token(crate::KvCacheDtype::F16), 23_040);
         let depth = StepCost::llama(&config).attention_depth;
         assert!((1_000.0..1_050.0).contains(&depth), "{depth}");
     }

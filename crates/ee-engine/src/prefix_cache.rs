@@ -96,7 +96,7 @@ mod tests {
     use super::*;
 
     fn cache() -> KvCache {
-        KvCache::new(1, 64)
+        KvCache::new(1, 64, crate::KvCacheDtype::F16)
     }
 
     #[test]

@@ -236,6 +236,7 @@ fn forward_pass_agrees_with_candle_quantized_llama() {
     let opts = ee_engine::LoadOptions {
         candle_kernels: true,
         candle_elementwise: true,
+        kv_cache_dtype: ee_engine::KvCacheDtype::F32,
     };
     for (name, spec) in TinySpec::all_variants()
         .into_iter()

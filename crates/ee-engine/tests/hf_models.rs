@@ -3,12 +3,14 @@
 //! `mistral.rs` on tiny random-weight checkpoints; shards; bad inputs.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, mistral};
 use ee_engine::testing::hf::{write_tiny_hf_model, TinyHfSpec};
 use ee_engine::testing::TinySpec;
+use ee_engine::CausalLm;
 use safetensors::tensor::Dtype;
 use serde_json::json;
 
@@ -58,11 +60,22 @@ fn argmax(v: &[f32]) -> u32 {
 
 const TOLERANCE: f32 = 2e-3;
 
+/// The checkpoint at `dir` with an f32 KV cache, as candle's models keep:
+/// the comparisons below are of the forward pass, to rounding (an f16
+/// cache's rounding is bounded in `exactness.rs`).
+fn load_as_candle_caches(dir: &Path) -> Arc<dyn CausalLm> {
+    let opts = ee_engine::LoadOptions {
+        kv_cache_dtype: ee_engine::KvCacheDtype::F32,
+        ..Default::default()
+    };
+    ee_engine::load_with(dir, &opts).unwrap()
+}
+
 /// Our engine and candle's `llama.rs` on the same checkpoint: the logits
 /// after a 20-token prompt, then 32 greedy tokens, each step's logits.
 fn agrees_with_candle_llama(name: &str, spec: &TinyHfSpec) {
     let dir = written(spec);
-    let ours = ee_engine::load(dir.path()).unwrap();
+    let ours = load_as_candle_caches(dir.path());
     let config: llama::LlamaConfig = serde_json::from_value(config_json(dir.path())).unwrap();
     let config = config.into_config(false);
     let reference = llama::Llama::load(reference_weights(dir.path()), &config).unwrap();
@@ -155,7 +168,7 @@ fn a_mistral_checkpoint_with_a_short_sliding_window_agrees_with_candle_mistral()
         ..TinyHfSpec::llama(Dtype::BF16)
     };
     let dir = written(&spec);
-    let ours = ee_engine::load(dir.path()).unwrap();
+    let ours = load_as_candle_caches(dir.path());
     let mut config = config_json(dir.path());
     config["sliding_window"] = json!(window - 1);
     let config: mistral::Config = serde_json::from_value(config).unwrap();

@@ -59,10 +59,11 @@ fn every_file_type_runs_on_our_kernels_and_agrees_with_candle() {
         let name = file_type.name();
         let out = dir.path().join(format!("{name}.gguf"));
         let changes = quantize_gguf(&float, &out, file_type).unwrap();
-        // Our kernels with candle's RMSNorm and SiLU: the comparison below is of
-        // kernels, to rounding.
+        // Our kernels with candle's RMSNorm and SiLU and an f32 KV cache: the
+        // comparison below is of kernels, to rounding.
         let opts = ee_engine::LoadOptions {
             candle_elementwise: true,
+            kv_cache_dtype: ee_engine::KvCacheDtype::F32,
             ..Default::default()
         };
         let model = ee_engine::load_with(&out, &opts).unwrap();

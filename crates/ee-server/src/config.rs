@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use ee_engine::KvCacheDtype;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,6 +40,9 @@ pub struct ServerConfig {
     /// MiB of KV cache the running sequences may hold together; each
     /// reserves its prompt and `max_tokens` when admitted.
     pub kv_cache_mib: usize,
+    /// The KV cache's element type, `f16` or `f32` (llama.cpp's
+    /// `--cache-type-k/-v`, vLLM's `--kv-cache-dtype`).
+    pub kv_cache_dtype: KvCacheDtype,
     /// MiB of prompt caches kept for requests that extend them and ask
     /// (`cache_prompt`); 0 keeps none.
     pub prompt_cache_mib: usize,
@@ -81,6 +85,7 @@ impl Default for ServerConfig {
             max_queue: 256,
             step_token_budget: 512,
             kv_cache_mib: 4096,
+            kv_cache_dtype: KvCacheDtype::F16,
             prompt_cache_mib: 1024,
             encoder_batch_tokens: 8192,
             max_n: 16,
@@ -164,6 +169,9 @@ impl ServerConfig {
                 *slot = parse(name, &v)?;
             }
         }
+        if let Some(v) = env("EE_KV_CACHE_DTYPE") {
+            self.kv_cache_dtype = parse("EE_KV_CACHE_DTYPE", &v)?;
+        }
         if let Some(v) = env("EE_ALLOW_PLAINTEXT") {
             self.allow_plaintext = parse("EE_ALLOW_PLAINTEXT", &v)?;
         }
@@ -214,9 +222,20 @@ mod tests {
         assert_eq!(c.listen.port(), 9999);
         assert_eq!(c.api_keys, vec!["a", "b"]);
         assert_eq!(c.max_batch, 3);
+        assert_eq!(c.kv_cache_dtype, KvCacheDtype::F16);
         assert!(c
             .apply_env(|k| (k == "EE_MAX_QUEUE").then(|| "many".into()))
             .is_err());
+        c.apply_env(|k| (k == "EE_KV_CACHE_DTYPE").then(|| "F32".into()))
+            .unwrap();
+        assert_eq!(c.kv_cache_dtype, KvCacheDtype::F32);
+        let e = c
+            .apply_env(|k| (k == "EE_KV_CACHE_DTYPE").then(|| "q8_0".into()))
+            .unwrap_err();
+        assert!(e.to_string().contains("EE_KV_CACHE_DTYPE"), "{e}");
+        let f32: ServerConfig = toml::from_str("kv_cache_dtype = \"f32\"").unwrap();
+        assert_eq!(f32.kv_cache_dtype, KvCacheDtype::F32);
+        assert!(toml::from_str::<ServerConfig>("kv_cache_dtype = \"f8\"").is_err());
     }
 
     #[test]

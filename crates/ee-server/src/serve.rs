@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ee_core::wire::ModelCard;
-use ee_engine::{EncodeQueue, EncodeQueueConfig, ModelFiles, Scheduler, SchedulerConfig};
+use ee_engine::{
+    EncodeQueue, EncodeQueueConfig, LoadOptions, ModelFiles, Scheduler, SchedulerConfig,
+};
 use tokio::net::TcpListener;
 
 use crate::config::ServerConfig;
@@ -71,7 +73,11 @@ pub fn load_model(state: &SharedState, path: &Path) -> Result<(), ServeError> {
             (Engine::Encoder { queue, limits }, v, p)
         }
         false => {
-            let model = files.load(&Default::default()).map_err(engine_err)?;
+            let opts = LoadOptions {
+                kv_cache_dtype: c.kv_cache_dtype,
+                ..Default::default()
+            };
+            let model = files.load(&opts).map_err(engine_err)?;
             let (vocab_size, model_context) = (model.vocab_size(), model.context_length());
             let scheduler = Scheduler::start(
                 model,

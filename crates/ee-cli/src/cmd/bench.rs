@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use ee_core::transform::write_server_artifact;
 use ee_core::Key;
-use ee_engine::{CausalLm, Sampler, SamplingParams};
+use ee_engine::{CausalLm, KvCacheDtype, LoadOptions, Sampler, SamplingParams};
 
 use crate::default_model;
 
@@ -32,6 +32,9 @@ pub(crate) struct BenchArgs {
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
+    /// The KV cache's element type: f16 (llama.cpp's default) or f32.
+    #[arg(long, default_value_t = KvCacheDtype::F16)]
+    kv_cache_dtype: KvCacheDtype,
     /// Encoders: tokens per input.
     #[arg(long, default_value_t = 32)]
     input_tokens: usize,
@@ -80,13 +83,17 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         true => dir.path().join("encrypted"),
         false => dir.path().join("encrypted.gguf"),
     };
-    let plain = ee_engine::load(&args.model)
+    let opts = LoadOptions {
+        kv_cache_dtype: args.kv_cache_dtype,
+        ..Default::default()
+    };
+    let plain = ee_engine::load_with(&args.model, &opts)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let perm = Key::generate()?.vocab_permutation(plain.vocab_size() as u32);
     let t = Instant::now();
     write_server_artifact(&args.model, &enc_path, &perm, &mut |_, _| {})?;
     let transform_secs = t.elapsed().as_secs_f64();
-    let enc = ee_engine::load(&enc_path)?;
+    let enc = ee_engine::load_with(&enc_path, &opts)?;
 
     let needed = args.prompt_tokens.max(1) + args.gen_tokens;
     if needed > plain.context_length() {
@@ -163,7 +170,11 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         ep / pp,
         ed / pd
     );
-    println!("kv cache: {} bytes per token", plain.kv_bytes_per_token());
+    println!(
+        "kv cache: {}, {} bytes per token",
+        args.kv_cache_dtype,
+        plain.kv_bytes_per_token()
+    );
     println!(
         "peak RSS: {} (this process: both models and their caches)",
         peak_rss()

@@ -2,6 +2,7 @@
 //! path, itself in other chunks, builds and caches, and its exp.
 
 use super::*;
+use crate::KvCacheDtype;
 
 /// Plain causal attention, one row at a time, as the definition reads.
 fn reference(
@@ -42,9 +43,19 @@ fn reference(
     out
 }
 
-/// Runs `f` on a cache holding `k`, `v` (`[n_kv, total, hd]`).
+/// Runs `f` on an f32 cache holding `k`, `v` (`[n_kv, total, hd]`).
 fn with_cache<T>(k: &Tensor, v: &Tensor, f: impl FnOnce(&LayerView<'_>) -> T) -> T {
-    let mut cache = crate::KvCache::new(1, 1 << 20);
+    with_cache_of(KvCacheDtype::F32, k, v, f)
+}
+
+/// Runs `f` on a cache of `dtype` holding `k`, `v`.
+fn with_cache_of<T>(
+    dtype: KvCacheDtype,
+    k: &Tensor,
+    v: &Tensor,
+    f: impl FnOnce(&LayerView<'_>) -> T,
+) -> T {
+    let mut cache = crate::KvCache::new(1, 1 << 20, dtype);
     f(&cache.append(0, k, v).unwrap())
 }
 
@@ -107,36 +118,80 @@ fn matches_plain_attention_for_prefill_decode_gqa_and_windows() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn the_simd_and_portable_builds_give_the_same_bits() {
-    if !crate::quant::has_avx2() {
+    if !has_avx2_f16c() {
         return;
     }
+    // 40 dimensions: 32 (or 16 + 16) shared by four rows, then 8 one by one.
     let (hd, total, n) = (40, 150, 20);
     let (k, v) = (tensor(10, (1, total, hd)), tensor(11, (1, total, hd)));
     let q = values(n * hd, 12);
-    with_cache(&k, &v, |c| {
-        let shape = Shape {
-            head_dim: hd,
-            group: 1,
-            first_pos: total - n,
-            sliding_window: Some(70),
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
-        let head = Head {
-            keys: c.keys,
-            values: c.values,
-        };
-        let (mut avx2, mut portable) = (vec![0f32; n * hd], vec![0f32; n * hd]);
-        // SAFETY: the CPU reports AVX2 and FMA (above).
-        unsafe { attend_tile_avx2(&shape, &head, 0, &q, &mut avx2) };
-        attend_tile_portable(&shape, &head, 0, &q, &mut portable);
-        assert_eq!(avx2, portable);
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            let mut avx512 = vec![0f32; n * hd];
-            // SAFETY: the CPU reports AVX-512F too.
-            unsafe { attend_tile_avx512(&shape, &head, 0, &q, &mut avx512) };
-            assert_eq!(avx512, portable);
+    let shape = Shape {
+        head_dim: hd,
+        group: 1,
+        first_pos: total - n,
+        sliding_window: Some(70),
+        scale: 1.0 / (hd as f32).sqrt(),
+    };
+    for dtype in [KvCacheDtype::F16, KvCacheDtype::F32] {
+        with_cache_of(dtype, &k, &v, |c| match (c.keys, c.values) {
+            (KvSlice::F16(keys), KvSlice::F16(values)) => {
+                every_build_alike(&shape, &Head { keys, values }, &q)
+            }
+            (KvSlice::F32(keys), KvSlice::F32(values)) => {
+                every_build_alike(&shape, &Head { keys, values }, &q)
+            }
+            _ => unreachable!("one type"),
+        });
+    }
+}
+
+/// Asserts that the AVX2 and AVX-512 builds give the portable one's bits.
+#[cfg(target_arch = "x86_64")]
+fn every_build_alike<E: KvElement>(shape: &Shape, head: &Head<'_, E>, q: &[f32]) {
+    let mut portable = vec![0f32; q.len()];
+    attend_tile_portable::<E, false, false>(shape, head, 0, q, &mut portable);
+    let mut avx2 = vec![0f32; q.len()];
+    // SAFETY: the caller checked AVX2, FMA and F16C.
+    unsafe { attend_tile_avx2(shape, head, 0, q, &mut avx2) };
+    assert_eq!(avx2, portable);
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        let mut avx512 = vec![0f32; q.len()];
+        // SAFETY: the CPU reports AVX-512F too.
+        unsafe { attend_tile_avx512(shape, head, 0, q, &mut avx512) };
+        assert_eq!(avx512, portable);
+    }
+}
+
+#[test]
+fn an_f16_cache_attends_exactly_as_f32_over_its_rounded_keys_and_values() {
+    // (n_head, n_kv, n new, total, head_dim, window)
+    for (n_head, n_kv, n, total, hd, window) in [
+        (4, 2, 37, 200, 64, None),
+        (3, 1, 1, 150, 64, None),
+        (2, 1, 9, 75, 40, Some(33)),
+    ] {
+        let q = tensor(1, (n_head, n, hd));
+        // Some values past f16's range and under its normal numbers.
+        let scaled = |seed, by: f64| (tensor(seed, (n_kv, total, hd)) * by).unwrap();
+        for (k, v) in [
+            (scaled(2, 1.0), scaled(3, 1.0)),
+            (scaled(2, 1e5), scaled(3, 1e-6)),
+        ] {
+            let f16 = with_cache_of(KvCacheDtype::F16, &k, &v, |c| attention(&q, c, window));
+            let round = |t: &Tensor| {
+                t.to_dtype(candle_core::DType::F16)
+                    .unwrap()
+                    .to_dtype(candle_core::DType::F32)
+                    .unwrap()
+            };
+            let f32 = with_cache(&round(&k), &round(&v), |c| attention(&q, c, window));
+            let bits = |t: Tensor| -> Vec<u32> {
+                let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+                v.into_iter().map(f32::to_bits).collect()
+            };
+            assert_eq!(bits(f16.unwrap()), bits(f32.unwrap()), "{n} {total} {hd}");
         }
-    });
+    }
 }
 
 #[test]
@@ -193,7 +248,7 @@ fn a_row_has_the_same_bits_in_any_chunk_window_or_cache_history() {
         }
         // The last row again, from a cache filled a token at a time
         // through several reallocations.
-        let mut cache = crate::KvCache::new(1, total);
+        let mut cache = crate::KvCache::new(1, total, crate::KvCacheDtype::F32);
         for p in 0..total - 1 {
             let one = |t: &Tensor| t.narrow(1, p, 1).unwrap();
             cache.append(0, &one(&k), &one(&v)).unwrap();

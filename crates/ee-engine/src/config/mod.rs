@@ -35,9 +35,9 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Bytes of f32 KV cache one position takes, over all layers.
-    pub fn kv_bytes_per_token(&self) -> usize {
-        self.n_layers * self.n_kv_head * self.head_dim * 2 * std::mem::size_of::<f32>()
+    /// Bytes of KV cache of `dtype` one position takes, over all layers.
+    pub fn kv_bytes_per_token(&self, dtype: crate::KvCacheDtype) -> usize {
+        self.n_layers * self.n_kv_head * self.head_dim * 2 * dtype.size()
     }
 
     /// Multiply-adds in the weight matrices of the layers for one token:

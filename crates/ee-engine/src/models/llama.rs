@@ -20,7 +20,7 @@ use rayon::prelude::*;
 use crate::activation::swiglu;
 use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvCacheDtype};
 use crate::linear::{Linear, LoadOptions, Stacked};
 use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep, StepCost};
 use crate::weights::{RopeLayout, StoredTensor, WeightSource};
@@ -54,6 +54,7 @@ pub struct LlamaModel {
     reference_attention: bool,
     /// candle's RMSNorm and SiLU ([`LoadOptions::candle_elementwise`]).
     candle_elementwise: bool,
+    kv_cache_dtype: KvCacheDtype,
     device: Device,
 }
 
@@ -88,11 +89,15 @@ impl CausalLm for LlamaModel {
     }
 
     fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layers, self.config.context_length)
+        KvCache::new(
+            self.config.n_layers,
+            self.config.context_length,
+            self.kv_cache_dtype,
+        )
     }
 
     fn kv_bytes_per_token(&self) -> usize {
-        self.config.kv_bytes_per_token()
+        self.config.kv_bytes_per_token(self.kv_cache_dtype)
     }
 
     fn step_cost(&self) -> StepCost {
@@ -184,6 +189,7 @@ impl LlamaModel {
             rope_layout: weights.rope_layout(),
             tie_keys,
             reference_attention: opts.candle_kernels,
+            kv_cache_dtype: opts.kv_cache_dtype,
             candle_elementwise: opts.candle_elementwise,
             device,
             config,
