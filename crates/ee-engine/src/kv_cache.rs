@@ -35,12 +35,14 @@ pub const BLOCK_TOKENS: usize = KEY_CHUNK;
 
 /// The element type of the KV cache: llama.cpp's `--cache-type-k/-v`,
 /// vLLM's `--kv-cache-dtype`. f16, llama.cpp's default, takes half the
-/// memory of f32 and half the bandwidth that attention reads at depth, for
-/// a relative rounding of at most 2^-11 per key and value element; f32
-/// keeps them as computed (for comparisons with candle's reference model,
-/// which keeps f32).
+/// memory of f32 and half the bandwidth that attention reads at depth; it
+/// rounds each key and value element to nearest, within 2^-11 of itself
+/// for magnitudes from 6.1e-5 to 65504, within 3e-8 below, and to infinity
+/// above (as llama.cpp's). f32 keeps them as computed (for comparisons with
+/// candle's reference model, which keeps f32). Parsed from `f16` or `f32`
+/// (any case, or `float16`, `half`, `float32`, `float`), in TOML too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String")]
 pub enum KvCacheDtype {
     #[default]
     F16,
@@ -71,10 +73,17 @@ impl std::fmt::Display for KvCacheDtype {
     }
 }
 
+impl TryFrom<String> for KvCacheDtype {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
 impl FromStr for KvCacheDtype {
     type Err = String;
 
-    /// `f16` or `f32` (any case; `float16`, `float32` too).
     fn from_str(s: &str) -> Result<Self, String> {
         match s.to_ascii_lowercase().as_str() {
             "f16" | "float16" | "half" => Ok(KvCacheDtype::F16),

@@ -18,8 +18,9 @@ pub struct LoadOptions {
     /// Use candle's kernels instead of ours: its matmuls for GGUF weights
     /// (block-quantized, F16 and F32), and attention as candle-transformers
     /// computes it (a masked score matrix and a softmax) instead of our
-    /// tiled kernel. Slower; it isolates the forward pass from kernel
-    /// rounding when comparing with candle's reference model.
+    /// tiled kernel. Slower; with an f32 KV cache ([`Self::kv_cache_dtype`])
+    /// it isolates the forward pass from kernel rounding when comparing
+    /// with candle's reference model.
     pub candle_kernels: bool,
     /// Use candle's RMSNorm (an f32 sum of squares) and SiLU (libm's `exp`)
     /// instead of ours ([`crate::norm`], whose sum no order of the channels

@@ -62,7 +62,7 @@ const TOLERANCE: f32 = 2e-3;
 
 /// The checkpoint at `dir` with an f32 KV cache, as candle's models keep:
 /// the comparisons below are of the forward pass, to rounding (an f16
-/// cache's rounding is bounded in `exactness.rs`).
+/// cache's rounding is bounded in `tests/tests/reference_model.rs`).
 fn load_as_candle_caches(dir: &Path) -> Arc<dyn CausalLm> {
     let opts = ee_engine::LoadOptions {
         kv_cache_dtype: ee_engine::KvCacheDtype::F32,

@@ -171,11 +171,14 @@ fn an_f16_cache_attends_exactly_as_f32_over_its_rounded_keys_and_values() {
         (2, 1, 9, 75, 40, Some(33)),
     ] {
         let q = tensor(1, (n_head, n, hd));
-        // Some values past f16's range and under its normal numbers.
         let scaled = |seed, by: f64| (tensor(seed, (n_kv, total, hd)) * by).unwrap();
-        for (k, v) in [
-            (scaled(2, 1.0), scaled(3, 1.0)),
-            (scaled(2, 1e5), scaled(3, 1e-6)),
+        // Ordinary values; values under f16's normal numbers (subnormal or
+        // zero once rounded), with a finite answer; keys past f16's range
+        // (infinite once rounded: NaN scores, in both alike).
+        for (k, v, finite) in [
+            (scaled(2, 1.0), scaled(3, 1.0), true),
+            (scaled(2, 1.0), scaled(3, 1e-5), true),
+            (scaled(2, 1e5), scaled(3, 1.0), false),
         ] {
             let f16 = with_cache_of(KvCacheDtype::F16, &k, &v, |c| attention(&q, c, window));
             let round = |t: &Tensor| {
@@ -189,7 +192,10 @@ fn an_f16_cache_attends_exactly_as_f32_over_its_rounded_keys_and_values() {
                 let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
                 v.into_iter().map(f32::to_bits).collect()
             };
-            assert_eq!(bits(f16.unwrap()), bits(f32.unwrap()), "{n} {total} {hd}");
+            let (f16, f32) = (bits(f16.unwrap()), bits(f32.unwrap()));
+            assert_eq!(f16, f32, "{n} {total} {hd}");
+            let all_finite = f16.iter().all(|&b| f32::from_bits(b).is_finite());
+            assert_eq!(all_finite, finite, "{n} {total} {hd}");
         }
     }
 }
