@@ -47,7 +47,7 @@ pub(crate) fn quantize_block_k(x: &[f32]) -> ActBlockK {
     }
     let iscale = -128f32 / max;
     for (q, &v) in block.q.iter_mut().zip(x) {
-        *q = (iscale * v).round().min(127.0) as i8;
+        *q = super::round_to_i8((iscale * v).min(127.0));
     }
     for (sum, q) in block.bsums.iter_mut().zip(block.q.chunks_exact(16)) {
         *sum = q.iter().map(|&q| i16::from(q)).sum();

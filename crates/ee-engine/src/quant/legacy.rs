@@ -41,7 +41,7 @@ pub(crate) fn quantize_block(x: &[f32]) -> ActBlock {
     let mut q = [0i8; BLOCK];
     let mut sum = 0i32;
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * inv).round() as i8;
+        *qi = super::round_to_i8(v * inv);
         sum += i32::from(*qi);
     }
     let d = f16(d);

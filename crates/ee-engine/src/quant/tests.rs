@@ -94,6 +94,24 @@ fn simd_kernels_agree_with_the_portable_one_and_each_other() {
 }
 
 #[test]
+fn rounding_to_eight_bits_is_rusts_saturating_cast() {
+    let specials = [
+        0.5, -0.5, 1.5, -2.5, 126.5, 127.49, 127.5, -128.5, -129.0, 1e9, -1e9,
+    ];
+    let specials = specials.into_iter().chain([
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -0.0,
+        f32::MIN_POSITIVE,
+    ]);
+    let steps = (-1400..=1400).map(|i| i as f32 / 10.0 + 0.05);
+    for x in specials.chain(steps) {
+        assert_eq!(round_to_i8(x), x.round() as i8, "{x}");
+    }
+}
+
+#[test]
 fn vectorized_quantization_is_bit_identical() {
     // Random values, plus blocks scaled by exactly 1 holding halves,
     // where rounding modes differ.
