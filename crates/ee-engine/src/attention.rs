@@ -43,7 +43,8 @@ const KEY_BLOCK: usize = 64;
 const _: () = assert!(KEY_BLOCK.is_multiple_of(KEY_CHUNK));
 /// Query rows per parallel task.
 const QUERY_TILE: usize = 32;
-/// Query rows sharing each key load.
+/// Query rows sharing each key load, and each value load where their keys
+/// overlap.
 const MICRO_ROWS: usize = 4;
 /// Output dimensions accumulated together, in registers.
 const DIM_CHUNK: usize = 16;

@@ -196,14 +196,15 @@ fn other_formats_and_bad_shapes_are_refused() {
     assert!(mat.forward(&wrong).is_err());
 }
 
+/// The stored weights, dequantized, and the activations, as rows.
+fn as_rows(q: &QTensor, x: &Tensor) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let w = q.dequantize(&Device::Cpu).unwrap();
+    (w.to_vec2().unwrap(), x.to_vec2().unwrap())
+}
+
 /// `x · dequant(w)ᵀ` in f64: the exact product of the stored weights.
 fn dequantized_matmul(q: &QTensor, x: &Tensor) -> Vec<Vec<f64>> {
-    let w = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let x = x.to_vec2::<f32>().unwrap();
+    let (w, x) = as_rows(q, x);
     x.iter()
         .map(|x| {
             w.iter()
@@ -230,12 +231,7 @@ fn dequantized_matmul(q: &QTensor, x: &Tensor) -> Vec<Vec<f64>> {
 /// over a step).
 fn rounding_bounds(q: &QTensor, x: &Tensor) -> Vec<Vec<(f64, f64)>> {
     let has_min = matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q5_1);
-    let w = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    let x = x.to_vec2::<f32>().unwrap();
+    let (w, x) = as_rows(q, x);
     let amax = |v: &[f32]| f64::from(v.iter().fold(0f32, |m, v| m.max(v.abs())));
     x.iter()
         .map(|x| {
