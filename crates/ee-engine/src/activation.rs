@@ -115,13 +115,21 @@ pub(crate) fn exp(x: f32) -> f32 {
         p = p.mul_add(r, c);
     }
     let e_r = p.mul_add(r * r, r) + 1.0;
-    // n is a whole number in [-126, 0] (or NaN, and then so is e_r): added
-    // to 1.5 * 2^23 it is the low bits of the sum's mantissa. A plain
-    // `n as i32` would not vectorize (Rust's cast saturates and maps NaN
-    // to 0, which the CPU's conversion does not).
+    // n is a whole number in [-126, 0] (or NaN, and then so is e_r).
+    let n = small_whole_as_i32(n) as u32;
+    e_r * f32::from_bits(n.wrapping_add(127) << 23)
+}
+
+/// `x as i32` for a whole number `x` of magnitude under 2^22, in operations
+/// that vectorize: added to 1.5 * 2^23, it is the low bits of the sum's
+/// mantissa. (Rust's `as` saturates and maps NaN to 0, which the CPU's
+/// conversion does not, so the compiler converts one value at a time.)
+/// Anything else (NaN, fractions, larger magnitudes) gives an unspecified
+/// number, never undefined behaviour.
+#[inline(always)]
+pub(crate) fn small_whole_as_i32(x: f32) -> i32 {
     const SHIFTER: f32 = 12_582_912.0;
-    let n_bits = (n + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits());
-    e_r * f32::from_bits(n_bits.wrapping_add(127) << 23)
+    (x + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()) as i32
 }
 
 #[cfg(test)]

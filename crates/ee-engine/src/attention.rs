@@ -30,10 +30,10 @@
 use std::ops::Range;
 
 use candle_core::{Device, Tensor};
-use half::f16;
 use rayon::prelude::*;
 
 use crate::activation::exp;
+use crate::float::Widen;
 use crate::kv_cache::{KvSlice, LayerView, KEY_CHUNK};
 use crate::Error;
 
@@ -88,7 +88,7 @@ pub(crate) fn attention(
 /// Output `[n_head, n, hd]` for queries `q` (the same shape) over a cache's
 /// keys and values (`per_head` elements per kv-head), one task per (head,
 /// tile of query rows).
-fn attend_heads<E: KvElement>(
+fn attend_heads<E: Widen>(
     shape: &Shape,
     q: &[f32],
     n: usize,
@@ -198,44 +198,30 @@ struct Head<'a, E> {
     values: &'a [E],
 }
 
-/// An element of the KV cache, read as f32.
-trait KvElement: Copy + Send + Sync {
-    /// The first `N` elements of `src`, widened exactly. `F16C`: the build
-    /// was compiled for the F16C instructions (its caller checked the CPU).
-    fn widen<const N: usize, const F16C: bool>(src: &[Self]) -> [f32; N];
-}
-
-impl KvElement for f32 {
-    #[inline(always)]
-    fn widen<const N: usize, const F16C: bool>(src: &[f32]) -> [f32; N] {
-        std::array::from_fn(|i| src[i])
-    }
-}
-
-impl KvElement for f16 {
-    #[inline(always)]
-    fn widen<const N: usize, const F16C: bool>(src: &[f16]) -> [f32; N] {
-        let src = &src[..N];
-        let mut out = [0f32; N];
-        let mut i = 0;
-        #[cfg(target_arch = "x86_64")]
-        if F16C {
-            use std::arch::x86_64::{_mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
-            while i + 8 <= N {
-                // SAFETY: 8 elements from `i` lie in `src` and in `out`;
-                // `F16C` builds run only where the CPU has F16C.
-                unsafe {
-                    let h = _mm_loadu_si128(src[i..].as_ptr().cast());
-                    _mm256_storeu_ps(out[i..].as_mut_ptr(), _mm256_cvtph_ps(h));
-                }
-                i += 8;
+/// The first `N` elements of `src`, widened exactly. `F16C`: the build
+/// was compiled for AVX2 and F16C (its caller checked the CPU), so eight
+/// at a time take one instruction.
+#[inline(always)]
+fn widen<E: Widen, const N: usize, const F16C: bool>(src: &[E]) -> [f32; N] {
+    let src = &src[..N];
+    let mut out = [0f32; N];
+    let mut i = 0;
+    #[cfg(target_arch = "x86_64")]
+    if F16C {
+        while i + 8 <= N {
+            // SAFETY: 8 elements from `i` lie in `src` and in `out`;
+            // `F16C` builds run only where the CPU has AVX2 and F16C.
+            unsafe {
+                let wide = E::load8(src[i..].as_ptr());
+                std::arch::x86_64::_mm256_storeu_ps(out[i..].as_mut_ptr(), wide);
             }
+            i += 8;
         }
-        for (o, x) in out[i..].iter_mut().zip(&src[i..]) {
-            *o = x.to_f32_const();
-        }
-        out
     }
+    for (o, x) in out[i..].iter_mut().zip(&src[i..]) {
+        *o = x.to_f32();
+    }
+    out
 }
 
 impl Shape {
@@ -252,7 +238,7 @@ impl Shape {
 /// Rows `first..first + q.len() / hd` of one head, as an AVX-512 or AVX2
 /// build when the CPU has it: the same operations in the same order, so
 /// the same bits.
-fn attend_tile<E: KvElement>(
+fn attend_tile<E: Widen>(
     shape: &Shape,
     head: &Head<'_, E>,
     first: usize,
@@ -279,7 +265,7 @@ fn has_avx2_f16c() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn attend_tile_avx2<E: KvElement>(
+unsafe fn attend_tile_avx2<E: Widen>(
     shape: &Shape,
     head: &Head<'_, E>,
     first: usize,
@@ -294,7 +280,7 @@ unsafe fn attend_tile_avx2<E: KvElement>(
 /// dimensions at once.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-unsafe fn attend_tile_avx512<E: KvElement>(
+unsafe fn attend_tile_avx512<E: Widen>(
     shape: &Shape,
     head: &Head<'_, E>,
     first: usize,
@@ -308,7 +294,7 @@ unsafe fn attend_tile_avx512<E: KvElement>(
 /// with F16C; `WIDE`: it has 32 vector registers (AVX-512), enough for
 /// [`MICRO_ROWS`] rows of 32 value dimensions.
 #[inline(always)]
-fn attend_tile_portable<E: KvElement, const F16C: bool, const WIDE: bool>(
+fn attend_tile_portable<E: Widen, const F16C: bool, const WIDE: bool>(
     shape: &Shape,
     head: &Head<'_, E>,
     first: usize,
@@ -339,7 +325,7 @@ fn attend_tile_portable<E: KvElement, const F16C: bool, const WIDE: bool>(
 /// is a fused multiply-add over the dimensions in order, an output a fused
 /// multiply-add over the keys in order, block by block.
 #[inline(always)]
-fn attend_rows<const R: usize, E: KvElement, const F16C: bool, const WIDE: bool>(
+fn attend_rows<const R: usize, E: Widen, const F16C: bool, const WIDE: bool>(
     shape: &Shape,
     head: &Head<'_, E>,
     first: usize,
@@ -413,7 +399,7 @@ fn attend_rows<const R: usize, E: KvElement, const F16C: bool, const WIDE: bool>
 /// row's others (a sliding window's start, the causal end) on their own,
 /// before and after, so each row still adds its keys in order.
 #[inline(always)]
-fn accumulate_block<const R: usize, E: KvElement, const F16C: bool, const WIDE: bool>(
+fn accumulate_block<const R: usize, E: Widen, const F16C: bool, const WIDE: bool>(
     values: &[E],
     hd: usize,
     block: usize,
@@ -463,7 +449,7 @@ fn accumulate_block<const R: usize, E: KvElement, const F16C: bool, const WIDE: 
 /// keys from position `chunk` (a multiple of it): per key, a fused
 /// multiply-add over the dimensions in order.
 #[inline(always)]
-fn scores<const R: usize, E: KvElement, const F16C: bool>(
+fn scores<const R: usize, E: Widen, const F16C: bool>(
     keys: &[E],
     chunk: usize,
     q_by_dim: &[[f32; R]],
@@ -472,7 +458,7 @@ fn scores<const R: usize, E: KvElement, const F16C: bool>(
     let block = &keys[chunk * hd..][..hd * KEY_CHUNK];
     let mut s = [[0f32; KEY_CHUNK]; R];
     for (qd, k) in q_by_dim.iter().zip(block.chunks_exact(KEY_CHUNK)) {
-        let k = E::widen::<KEY_CHUNK, F16C>(k);
+        let k = widen::<E, KEY_CHUNK, F16C>(k);
         for r in 0..R {
             for j in 0..KEY_CHUNK {
                 s[r][j] = qd[r].mul_add(k[j], s[r][j]);
@@ -504,7 +490,7 @@ fn lanes<const N: usize>(xs: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> 
 /// [`DIM_CHUNK`], then one by one. Each element's arithmetic is the same
 /// whichever way it is reached.
 #[inline(always)]
-fn accumulate_values<E: KvElement, const F16C: bool>(
+fn accumulate_values<E: Widen, const F16C: bool>(
     values: &[E],
     hd: usize,
     first: usize,
@@ -528,7 +514,7 @@ fn accumulate_values<E: KvElement, const F16C: bool>(
 
 /// [`accumulate_values`] for one row's dimensions from `d` on, one by one.
 #[inline(always)]
-fn accumulate_dims<E: KvElement>(
+fn accumulate_dims<E: Widen>(
     values: &[E],
     hd: usize,
     first: usize,
@@ -538,7 +524,7 @@ fn accumulate_dims<E: KvElement>(
 ) {
     for (t, o) in out.iter_mut().enumerate().skip(d) {
         for (j, &pj) in p.iter().enumerate() {
-            *o = pj.mul_add(E::widen::<1, false>(&values[(first + j) * hd + t..])[0], *o);
+            *o = pj.mul_add(widen::<E, 1, false>(&values[(first + j) * hd + t..])[0], *o);
         }
     }
 }
@@ -547,7 +533,7 @@ fn accumulate_dims<E: KvElement>(
 /// of `out` (`hd` apart), held in registers, each value load shared by the
 /// rows: `p[r]` are row `r`'s probabilities of the keys from `first`.
 #[inline(always)]
-fn accumulate_rows<const R: usize, const C: usize, E: KvElement, const F16C: bool>(
+fn accumulate_rows<const R: usize, const C: usize, E: Widen, const F16C: bool>(
     values: &[E],
     hd: usize,
     first: usize,
@@ -564,7 +550,7 @@ fn accumulate_rows<const R: usize, const C: usize, E: KvElement, const F16C: boo
         .chunks(hd)
         .enumerate()
     {
-        let v = E::widen::<C, F16C>(v);
+        let v = widen::<E, C, F16C>(v);
         for r in 0..R {
             let pj = p[r][j];
             for t in 0..C {

@@ -216,8 +216,9 @@ impl Simd {
     }
 }
 
-/// A stored float type widened to f32, one value or (x86) 8 or 16 at once.
-trait Widen: Copy + Default + Send + Sync {
+/// A stored float type widened to f32, one value or (x86) 8 or 16 at once:
+/// the weights of this module, and an f16 KV cache's elements (attention).
+pub(crate) trait Widen: Copy + Default + Send + Sync {
     fn to_f32(self) -> f32;
     /// Eight values from `p`.
     ///

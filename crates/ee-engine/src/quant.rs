@@ -67,16 +67,13 @@ pub(crate) fn map_blocks<B: Send>(
 /// was half of quantizing activations).
 #[inline(always)]
 pub(crate) fn round_to_i8(x: f32) -> i8 {
-    // 1.5 * 2^23: a whole number under 2^22 added to it is the low bits of
-    // the sum's mantissa.
-    const SHIFTER: f32 = 12_582_912.0;
     let r = x.round();
     let r = if r.is_nan() {
         0.0
     } else {
         r.clamp(-128.0, 127.0)
     };
-    (r + SHIFTER).to_bits().wrapping_sub(SHIFTER.to_bits()) as i8
+    crate::activation::small_whole_as_i32(r) as i8
 }
 
 fn map_blocks_serial<B>(x: &[f32], elems: usize, f: impl Fn(&[f32]) -> B) -> Vec<B> {

@@ -147,7 +147,7 @@ fn the_simd_and_portable_builds_give_the_same_bits() {
 
 /// Asserts that the AVX2 and AVX-512 builds give the portable one's bits.
 #[cfg(target_arch = "x86_64")]
-fn every_build_alike<E: KvElement>(shape: &Shape, head: &Head<'_, E>, q: &[f32]) {
+fn every_build_alike<E: crate::float::Widen>(shape: &Shape, head: &Head<'_, E>, q: &[f32]) {
     let mut portable = vec![0f32; q.len()];
     attend_tile_portable::<E, false, false>(shape, head, 0, q, &mut portable);
     let mut avx2 = vec![0f32; q.len()];
