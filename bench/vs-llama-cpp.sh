@@ -9,7 +9,9 @@
 # Without arguments it benches every format of the issue's table, each made
 # from the default SmolLM2 Q4_1 model with `ee quantize` (Q4_1 is the
 # model itself) into bench/.cache/models/; EE_BENCH_FORMATS picks others
-# (default "Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16"). One table per model. SmolLM2's
+# (default "Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16 BF16"; `ee quantize` has no BF16
+# output, so BF16, llama.cpp's `-BF16.gguf`, is llama-quantize's conversion
+# of the F16 file). One table per model. SmolLM2's
 # rows of 576 are not whole K-quant super-blocks, so its Q4_K_M and Q5_K_M
 # are mostly Q5_0 and Q5_1 (only ffn_down is Q4_K/Q5_K/Q6_K), as llama.cpp
 # makes them.
@@ -21,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DEFAULT_MODEL="models/SmolLM2-135M-Instruct.Q4_1.gguf"
-FORMATS="${EE_BENCH_FORMATS:-Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16}"
+FORMATS="${EE_BENCH_FORMATS:-Q4_1 Q8_0 Q4_0 Q4_K_M Q5_K_M F16 BF16}"
 THREADS="${EE_BENCH_THREADS:-2}"
 REPS="${EE_BENCH_REPS:-3}"
 CACHE="bench/.cache"
@@ -105,8 +107,13 @@ fi
 mkdir -p "$CACHE/models"
 for format in $FORMATS; do
   MODEL="$CACHE/models/SmolLM2-135M-Instruct.$format.gguf"
+  F16_MODEL="$CACHE/models/SmolLM2-135M-Instruct.F16.gguf"
   if [ "$format" = Q4_1 ]; then
     MODEL="$DEFAULT_MODEL"
+  elif [ "$format" = BF16 ]; then
+    [ -f "$F16_MODEL" ] || "$EE" quantize --model "$DEFAULT_MODEL" --out "$F16_MODEL" --type F16 >/dev/null
+    [ -f "$MODEL" ] && [ "$MODEL" -nt "$F16_MODEL" ] ||
+      "$(dirname "$LLAMA_BENCH")/llama-quantize" "$F16_MODEL" "$MODEL" BF16 >/dev/null 2>&1
   elif [ ! -f "$MODEL" ] || [ "$EE" -nt "$MODEL" ]; then
     # Remade whenever `ee` was rebuilt, so its quantizer is the one benched.
     "$EE" quantize --model "$DEFAULT_MODEL" --out "$MODEL" --type "$format" >/dev/null

@@ -1,6 +1,6 @@
 //! GGUF requantization: llama.cpp's `llama-quantize` role, so that a user
 //! can make any of the formats our kernels run from a GGUF they have (an F16
-//! conversion of their fine-tune, or another quantization), before
+//! or BF16 conversion of their fine-tune, or another quantization), before
 //! encrypting it.
 //!
 //! Which tensor gets which type follows `llama_tensor_get_type` in
@@ -34,11 +34,10 @@ use std::path::Path;
 use std::str::FromStr;
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use ee_core::gguf::{TensorInfo, Value};
+use ee_core::gguf::{ggml_type_name, TensorInfo, Value};
 use rayon::prelude::*;
 
-use crate::weights::gguf::{ggml_dtype, ggml_name, ggml_type_id, GgufWeights};
-use crate::weights::StoredDType;
+use crate::weights::gguf::{ggml_dtype, ggml_type_id, GgufWeights};
 use crate::{Error, LlamaConfig};
 
 /// A target file type, as `llama-quantize` names it.
@@ -210,26 +209,16 @@ pub fn quantize_gguf(
     let mut out = header.clone();
     let mut changes = Vec::with_capacity(header.tensors.len());
     for t in &mut out.tensors {
-        let from = ggml_dtype(t.ggml_type).ok_or_else(|| {
-            Error::Model(format!(
-                "{}: tensor {}: ggml type {}",
-                input.display(),
-                t.name,
-                t.ggml_type
-            ))
-        })?;
+        let from = ggml_type_name(t.ggml_type);
         let cols = t.dims.first().copied().unwrap_or(1) as usize;
         // llama.cpp quantizes matrices named `*weight`; vectors stay.
-        let to = if t.dims.len() < 2 || !t.name.ends_with("weight") {
-            from
-        } else {
-            file_type.tensor_type(&t.name, cols, n_layers, head)
-        };
-        t.ggml_type = ggml_type_id(to);
+        if t.dims.len() >= 2 && t.name.ends_with("weight") {
+            t.ggml_type = ggml_type_id(file_type.tensor_type(&t.name, cols, n_layers, head));
+        }
         changes.push(TensorChange {
             name: t.name.clone(),
-            from: ggml_name(from),
-            to: ggml_name(to),
+            from,
+            to: ggml_type_name(t.ggml_type),
         });
     }
     out.metadata
@@ -281,15 +270,19 @@ pub fn quantize_gguf(
 /// quantized again.
 fn convert(weights: &GgufWeights, info: &TensorInfo) -> Result<Vec<u8>, Error> {
     let stored = weights.gguf_tensor(&info.name)?;
-    let to = ggml_dtype(info.ggml_type).ok_or_else(|| {
-        Error::Model(format!(
-            "tensor {}: ggml type {}",
-            info.name, info.ggml_type
-        ))
-    })?;
-    let bytes = if stored.dtype == StoredDType::Ggml(to) {
+    let unchanged = weights
+        .header()
+        .tensor(&info.name)
+        .is_some_and(|t| t.ggml_type == info.ggml_type);
+    let bytes = if unchanged {
         stored.bytes.to_vec()
     } else {
+        let to = ggml_dtype(info.ggml_type).ok_or_else(|| {
+            Error::Model(format!(
+                "tensor {}: ggml type {}",
+                info.name, info.ggml_type
+            ))
+        })?;
         let values = stored.to_f32()?;
         QTensor::quantize(&values, to)
             .and_then(|q| q.data().map(|d| d.to_vec()))
@@ -390,6 +383,7 @@ mod tests {
 
     #[test]
     fn names_follow_ggml() {
+        use crate::weights::gguf::ggml_name;
         assert_eq!(ggml_name(GgmlDType::Q4K), "Q4_K");
         assert_eq!(ggml_name(GgmlDType::Q8_0), "Q8_0");
         assert_eq!(ggml_name(GgmlDType::F16), "F16");

@@ -22,10 +22,16 @@ struct Pair {
 }
 
 fn pair(spec: &TinySpec) -> Pair {
+    pair_of(spec, |path| write_tiny_model(path, spec).unwrap())
+}
+
+/// A plaintext model, written by `write` at `plain.gguf`, and its
+/// encryption under a key from `spec`'s seed.
+fn pair_of(spec: &TinySpec, write: impl FnOnce(&std::path::Path)) -> Pair {
     let dir = tempfile::tempdir().unwrap();
     let plain_path = dir.path().join("plain.gguf");
     let enc_path = dir.path().join("enc.gguf");
-    write_tiny_model(&plain_path, spec).unwrap();
+    write(&plain_path);
     let plain = ee_engine::load(&plain_path).unwrap();
     let perm = Key::from_bytes([spec.seed as u8; 32]).vocab_permutation(plain.vocab_size() as u32);
     write_server_artifact(&plain_path, &enc_path, &perm, &mut |_, _| {}).unwrap();
@@ -102,6 +108,37 @@ fn encrypted_logits_are_bit_identical_for_every_variant() {
             );
         }
     }
+}
+
+/// llama.cpp's BF16 GGUFs (a type candle lacks, so not among the variants
+/// compared with candle) encrypt bit for bit too.
+#[test]
+fn bf16_gguf_logits_are_bit_identical_through_encryption() {
+    let spec = TinySpec {
+        weights: candle_core::quantized::GgmlDType::F32,
+        embedding: candle_core::quantized::GgmlDType::F32,
+        seed: 8,
+        ..TinySpec::llama_q4_1()
+    };
+    let p = pair_of(&spec, |path| {
+        let dir = path.parent().unwrap();
+        let (f32_path, rounded) = (dir.join("f32.gguf"), dir.join("rounded.gguf"));
+        write_tiny_model(&f32_path, &spec).unwrap();
+        ee_engine::testing::write_bf16_twins(&f32_path, path, &rounded).unwrap();
+    });
+    assert_eq!(p.plain.weight_types(), "BF16");
+    let tokens = prompt(20, p.plain.vocab_size(), 9);
+    let enc_tokens = p.perm.encrypt_all(&tokens).unwrap();
+    let plain = p
+        .plain
+        .forward_one(&tokens, &mut p.plain.new_cache())
+        .unwrap();
+    let enc = p
+        .enc
+        .forward_one(&enc_tokens, &mut p.enc.new_cache())
+        .unwrap();
+    assert_ne!(bits(&plain), bits(&enc));
+    assert_eq!(bits(&plain), bits(&p.perm.gather(&enc).unwrap()));
 }
 
 #[test]

@@ -194,3 +194,30 @@ fn bad_inputs_are_errors_naming_them() {
     assert!(err.contains("missing.gguf"), "{err}");
     assert!(!dir.path().join("out.gguf").exists());
 }
+
+/// A BF16 GGUF (llama.cpp's `-BF16.gguf`) quantizes as its values do: the
+/// same file as from F32 weights holding the same bf16-rounded values.
+#[test]
+fn a_bf16_gguf_quantizes_like_its_values_in_f32() {
+    let dir = tempfile::tempdir().unwrap();
+    let [float, bf16, rounded] =
+        ["f32", "bf16", "rounded"].map(|n| dir.path().join(format!("{n}.gguf")));
+    write_tiny_model(&float, &spec()).unwrap();
+    ee_engine::testing::write_bf16_twins(&float, &bf16, &rounded).unwrap();
+    for file_type in [FileType::Q8_0, FileType::Q4KM, FileType::F16] {
+        let name = file_type.name();
+        let [from_bf16, from_rounded] =
+            ["bf16", "rounded"].map(|n| dir.path().join(format!("{name}-{n}.gguf")));
+        let changes = quantize_gguf(&bf16, &from_bf16, file_type).unwrap();
+        quantize_gguf(&rounded, &from_rounded, file_type).unwrap();
+        let q = changes
+            .iter()
+            .find(|c| c.name == "blk.0.attn_q.weight")
+            .unwrap();
+        assert_eq!(q.from, "BF16", "{name}");
+        assert!(
+            std::fs::read(&from_bf16).unwrap() == std::fs::read(&from_rounded).unwrap(),
+            "{name}: the files differ"
+        );
+    }
+}

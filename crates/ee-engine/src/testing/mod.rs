@@ -365,3 +365,39 @@ pub fn write_tiny_model_with_text(
     write_gguf(&mut out, meta, tensors)?;
     Ok(())
 }
+
+/// From a GGUF whose matrices are F32 (a [`TinySpec`] with F32 weights and
+/// embedding), writes two twins: `bf16` stores every F32 matrix as BF16
+/// (ggml type 30: llama.cpp's `-BF16.gguf` files; candle's types lack it),
+/// `rounded` stores the same bf16-rounded values as F32. Vectors (norms)
+/// stay F32 in both. Our kernels widen bf16 exactly, so the two compute
+/// the same bits.
+pub fn write_bf16_twins(f32_model: &Path, bf16: &Path, rounded: &Path) -> Result<(), Error> {
+    use ee_core::gguf::GgufHeader;
+    use half::bf16 as Bf16;
+    let mut file = File::open(f32_model).map_err(|e| Error::Model(e.to_string()))?;
+    let header = GgufHeader::read(&mut file)?;
+    let (mut as_bf16, mut as_f32) = (Vec::new(), Vec::new());
+    for t in &header.tensors {
+        let bytes = header.read_tensor_bytes(&mut file, t)?;
+        let f32_matrix = t.ggml_type == ggml_type_id(GgmlDType::F32) && t.dims.len() == 2;
+        let values = bytes
+            .chunks_exact(4)
+            .map(|b| Bf16::from_f32(f32::from_le_bytes(b.try_into().expect("4 bytes"))));
+        let (b16, f32s): (Vec<u8>, Vec<u8>) = match f32_matrix {
+            true => (
+                values.clone().flat_map(Bf16::to_le_bytes).collect(),
+                values.flat_map(|v| v.to_f32().to_le_bytes()).collect(),
+            ),
+            false => (bytes.clone(), bytes),
+        };
+        let bf16_type = if f32_matrix { 30 } else { t.ggml_type };
+        as_bf16.push((t.name.clone(), t.dims.clone(), bf16_type, b16));
+        as_f32.push((t.name.clone(), t.dims.clone(), t.ggml_type, f32s));
+    }
+    for (path, tensors) in [(bf16, as_bf16), (rounded, as_f32)] {
+        let mut out = BufWriter::new(File::create(path).map_err(|e| Error::Model(e.to_string()))?);
+        write_gguf(&mut out, header.metadata.clone(), tensors)?;
+    }
+    Ok(())
+}

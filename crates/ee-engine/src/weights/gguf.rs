@@ -31,6 +31,10 @@ const GGML_TYPES: [(u32, GgmlDType); 14] = [
     (15, GgmlDType::Q8K),
 ];
 
+/// ggml's ID of bf16 (`GGML_TYPE_BF16`), which candle's ggml types lack:
+/// such a tensor is read as a plain float one, as safetensors' bf16.
+const GGML_BF16: u32 = 30;
+
 /// The candle ggml type of a ggml type ID, if candle reads it.
 pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
     GGML_TYPES.iter().find(|(i, _)| *i == id).map(|(_, d)| *d)
@@ -98,8 +102,12 @@ impl GgufWeights {
             .header
             .tensor(name)
             .ok_or_else(|| err("not in the file".into()))?;
-        let dtype = ggml_dtype(info.ggml_type)
-            .ok_or_else(|| err(format!("unsupported ggml type {}", info.ggml_type)))?;
+        let dtype = match info.ggml_type {
+            GGML_BF16 => StoredDType::BF16,
+            id => StoredDType::Ggml(
+                ggml_dtype(id).ok_or_else(|| err(format!("unsupported ggml type {id}")))?,
+            ),
+        };
         let n_bytes = info.n_bytes().map_err(|e| err(e.to_string()))?;
         let start = self
             .header
@@ -114,7 +122,7 @@ impl GgufWeights {
             .ok_or_else(|| err(format!("the file is truncated ({} bytes)", self.map.len())))?;
         Ok(StoredTensor {
             name: name.to_owned(),
-            dtype: StoredDType::Ggml(dtype),
+            dtype,
             // ggml lists the contiguous dimension first.
             shape: info.dims.iter().rev().map(|&d| d as usize).collect(),
             bytes: &self.map[range],
@@ -163,6 +171,36 @@ mod tests {
         assert!(!w.contains("lm_head.weight"), "the tiny model is tied");
         let err = w.tensor("model.layers.9.mlp.up_proj.weight").err().unwrap();
         assert!(err.to_string().contains("blk.9.ffn_up.weight"), "{err}");
+    }
+
+    /// llama.cpp's BF16 GGUFs load, through our float kernels, and compute
+    /// exactly what F32 weights holding the same values compute.
+    #[test]
+    fn bf16_matrices_compute_what_their_f32_values_compute() {
+        let dir = tempfile::tempdir().unwrap();
+        let [f32_path, bf16_path, rounded_path] =
+            ["f32", "bf16", "rounded"].map(|n| dir.path().join(format!("{n}.gguf")));
+        let spec = TinySpec {
+            weights: GgmlDType::F32,
+            embedding: GgmlDType::F32,
+            untied_output: true,
+            ..TinySpec::llama_q4_1()
+        };
+        write_tiny_model(&f32_path, &spec).unwrap();
+        crate::testing::write_bf16_twins(&f32_path, &bf16_path, &rounded_path).unwrap();
+        let w = GgufWeights::open(&bf16_path).unwrap();
+        let q = w.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
+        assert_eq!((q.dtype, q.bytes.len()), (StoredDType::BF16, 64 * 64 * 2));
+        let [f32_model, bf16_model, rounded_model] =
+            [&f32_path, &bf16_path, &rounded_path].map(|p| crate::load(p).unwrap());
+        assert_eq!(bf16_model.weight_types(), "BF16");
+        let tokens = [1, 40, 77, 3, 250, 9];
+        let logits = |m: &std::sync::Arc<dyn crate::CausalLm>| {
+            let l = m.forward_one(&tokens, &mut m.new_cache()).unwrap();
+            l.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(logits(&bf16_model), logits(&rounded_model));
+        assert_ne!(logits(&bf16_model), logits(&f32_model), "bf16 rounds");
     }
 
     #[test]
