@@ -25,6 +25,7 @@ pub mod activation;
 pub mod allocator;
 mod attention;
 pub mod config;
+mod embedding;
 pub mod encode_queue;
 pub mod encoder;
 pub mod float;

@@ -20,6 +20,7 @@ use rayon::prelude::*;
 use crate::activation::swiglu;
 use crate::attention::{attention, reference_attention};
 use crate::config::LlamaConfig;
+use crate::embedding::Embedding;
 use crate::kv_cache::{KvCache, KvCacheDtype};
 use crate::linear::{Linear, LoadOptions, Stacked};
 use crate::model::{compute_pool, stack_steps, CausalLm, SeqStep, StepCost};
@@ -39,7 +40,7 @@ struct Layer {
 
 pub struct LlamaModel {
     pub config: LlamaConfig,
-    embedding: Tensor,
+    embedding: Embedding,
     layers: Vec<Layer>,
     output_norm: Tensor,
     output: Linear,
@@ -180,7 +181,7 @@ impl LlamaModel {
         let output_norm = tensor("model.norm.weight", &[d])?.to_f32()?;
         let (cos, sin) = rope_tables(&config, &device)?;
         Ok(Self {
-            embedding: embedding.to_f32()?,
+            embedding: Embedding::new(&embedding)?,
             layers,
             output_norm,
             output: output.to_linear(opts)?,
@@ -215,9 +216,7 @@ impl LlamaModel {
     /// `[total_tokens, n_embd]` and the row of each sequence's last token.
     fn forward_hidden(&self, batch: &mut [SeqStep<'_>]) -> Result<(Tensor, Vec<u32>), Error> {
         let (ids, last_rows) = stack_steps(batch, self.vocab_size(), self.context_length())?;
-        let mut x = self
-            .embedding
-            .index_select(&Tensor::new(ids.as_slice(), &self.device)?, 0)?;
+        let mut x = self.embedding.forward(&ids)?;
         for (li, layer) in self.layers.iter().enumerate() {
             let h = self.rms_norm(&x, &layer.attn_norm)?;
             let attn = self.attention(li, layer, &h, batch)?;
