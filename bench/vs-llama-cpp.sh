@@ -35,8 +35,10 @@ LLAMA_BENCH="$CACHE/llama.cpp/build/bin/llama-bench"
 # ggml's AMX kernels (Q4_0, Q4_1, Q8_0 and K-quant matmuls) die on their
 # first `tileloadd` (SIGILL, then SIGSEGV), though the CPU reports AMX and
 # the kernel grants it. ee has no AMX kernels either. The flags are
-# recorded with the build, which is redone when they change.
-LLAMA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# recorded with the build, which is redone when they change. (Other
+# architectures' compilers do not know these flags.)
+LLAMA_FLAGS=""
+[ "$(uname -m)" != x86_64 ] || LLAMA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 LLAMA_STAMP="$CACHE/llama.cpp/build/ee-build-flags"
 
 # The venv with CMake (and the model, when it is the default one).
@@ -105,18 +107,28 @@ if [ "$#" -gt 0 ]; then
   exit 0
 fi
 mkdir -p "$CACHE/models"
-for format in $FORMATS; do
-  MODEL="$CACHE/models/SmolLM2-135M-Instruct.$format.gguf"
-  F16_MODEL="$CACHE/models/SmolLM2-135M-Instruct.F16.gguf"
-  if [ "$format" = Q4_1 ]; then
-    MODEL="$DEFAULT_MODEL"
-  elif [ "$format" = BF16 ]; then
-    [ -f "$F16_MODEL" ] || "$EE" quantize --model "$DEFAULT_MODEL" --out "$F16_MODEL" --type F16 >/dev/null
-    [ -f "$MODEL" ] && [ "$MODEL" -nt "$F16_MODEL" ] ||
-      "$(dirname "$LLAMA_BENCH")/llama-quantize" "$F16_MODEL" "$MODEL" BF16 >/dev/null 2>&1
-  elif [ ! -f "$MODEL" ] || [ "$EE" -nt "$MODEL" ]; then
-    # Remade whenever `ee` was rebuilt, so its quantizer is the one benched.
-    "$EE" quantize --model "$DEFAULT_MODEL" --out "$MODEL" --type "$format" >/dev/null
+# Made by `ee quantize`, and remade whenever `ee` was rebuilt, so that its
+# quantizer is the one benched.
+made() {
+  local out="$CACHE/models/SmolLM2-135M-Instruct.$1.gguf"
+  if [ ! -f "$out" ] || [ "$EE" -nt "$out" ]; then
+    "$EE" quantize --model "$DEFAULT_MODEL" --out "$out" --type "$1" >/dev/null
   fi
+  echo "$out"
+}
+for format in $FORMATS; do
+  case "$format" in
+    Q4_1) MODEL="$DEFAULT_MODEL" ;;
+    BF16)
+      F16_MODEL=$(made F16)
+      MODEL="$CACHE/models/SmolLM2-135M-Instruct.BF16.gguf"
+      if [ ! -f "$MODEL" ] || [ "$F16_MODEL" -nt "$MODEL" ]; then
+        "$(dirname "$LLAMA_BENCH")/llama-quantize" "$F16_MODEL" "$MODEL.tmp" BF16 \
+          >"$CACHE/llama-quantize.log" 2>&1 || { tail -20 "$CACHE/llama-quantize.log"; exit 1; }
+        mv "$MODEL.tmp" "$MODEL"
+      fi
+      ;;
+    *) MODEL=$(made "$format") ;;
+  esac
   table
 done

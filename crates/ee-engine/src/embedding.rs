@@ -83,36 +83,47 @@ mod tests {
     use super::*;
 
     /// Every stored type gives each row the bits of the whole table
-    /// widened, whatever the row's offset.
+    /// widened, whatever the row's offset: rows of 96 values make rows of
+    /// bytes that are not multiples of 8 in the 32-value formats (Q8_0:
+    /// 102 bytes), rows of 256 those of the K-quants.
     #[test]
     fn rows_are_the_whole_tables_rows_in_every_type() {
-        let (rows, cols) = (7, 256);
-        let values: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 2001) as f32 / 1000.0 - 1.0) * 0.3)
-            .collect();
-        let table = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+        let rows = 7;
         let ggml = [
             GgmlDType::Q8_0,
             GgmlDType::Q4_0,
             GgmlDType::Q4_1,
             GgmlDType::Q5_0,
             GgmlDType::Q5_1,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
             GgmlDType::Q4K,
+            GgmlDType::Q5K,
             GgmlDType::Q6K,
             GgmlDType::F16,
             GgmlDType::F32,
         ];
-        let mut cases: Vec<(StoredDType, Vec<u8>)> = ggml
-            .map(|t| {
+        let mut cases: Vec<(usize, StoredDType, Vec<u8>)> = Vec::new();
+        for cols in [96, 256] {
+            let values: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 2001) as f32 / 1000.0 - 1.0) * 0.3)
+                .collect();
+            let table = Tensor::from_vec(values.clone(), (rows, cols), &Device::Cpu).unwrap();
+            for t in ggml
+                .into_iter()
+                .filter(|t| cols.is_multiple_of(t.block_size()))
+            {
                 let q = QTensor::quantize(&table, t).unwrap();
-                (StoredDType::Ggml(t), q.data().unwrap().into_owned())
-            })
-            .to_vec();
-        let bf16 = values
-            .iter()
-            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes());
-        cases.push((StoredDType::BF16, bf16.collect()));
-        for (dtype, bytes) in cases {
+                cases.push((cols, StoredDType::Ggml(t), q.data().unwrap().into_owned()));
+            }
+            let bf16 = values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes());
+            cases.push((cols, StoredDType::BF16, bf16.collect()));
+        }
+        // 96: the five 32-value formats, F16, F32, BF16; 256: all thirteen.
+        assert_eq!(cases.len(), 8 + 13);
+        for (cols, dtype, bytes) in cases {
             // The whole table, widened from an aligned copy.
             let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
             bytemuck::cast_slice_mut::<u64, u8>(&mut aligned)[..bytes.len()]
@@ -129,7 +140,11 @@ mod tests {
             let got: Vec<Vec<f32>> = embedding.forward(&ids).unwrap().to_vec2().unwrap();
             for (row, &id) in got.iter().zip(&ids) {
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(row), bits(&whole[id as usize]), "{dtype:?}, row {id}");
+                assert_eq!(
+                    bits(row),
+                    bits(&whole[id as usize]),
+                    "{dtype:?} x {cols}, row {id}"
+                );
             }
             let err = embedding.forward(&[7]).unwrap_err().to_string();
             assert!(

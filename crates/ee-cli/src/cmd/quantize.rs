@@ -1,5 +1,5 @@
 //! `ee quantize`: llama.cpp's `llama-quantize` for our formats, so a user
-//! can quantize their own fine-tune (as a GGUF, F16 or otherwise) before
+//! can quantize their own fine-tune (as a GGUF, F16, BF16 or otherwise) before
 //! encrypting it.
 
 use std::collections::BTreeMap;
@@ -12,8 +12,8 @@ use ee_engine::quantize::{quantize_gguf, FileType};
 
 #[derive(Args)]
 pub(crate) struct QuantizeArgs {
-    /// The GGUF to read: F32, F16 or any quantization our engine loads (not
-    /// BF16 GGUFs, which candle cannot read). It may also be `--out`.
+    /// The GGUF to read: F32, F16, BF16 or any quantization our engine
+    /// loads. It may also be `--out`.
     #[arg(long)]
     model: PathBuf,
     /// Where to write the quantized GGUF.
@@ -28,7 +28,7 @@ pub(crate) fn run(args: QuantizeArgs) -> Result<()> {
     let start = Instant::now();
     let changes = quantize_gguf(&args.model, &args.out, args.file_type)
         .with_context(|| format!("quantizing {}", args.model.display()))?;
-    let float = ["F32", "F16"];
+    let float = ["F32", "F16", "BF16"];
     let requantized: BTreeMap<&str, usize> = changes
         .iter()
         .filter(|c| c.from != c.to && !float.contains(&c.from.as_str()))

@@ -391,7 +391,10 @@ pub fn write_bf16_twins(f32_model: &Path, bf16: &Path, rounded: &Path) -> Result
             ),
             false => (bytes.clone(), bytes),
         };
-        let bf16_type = if f32_matrix { 30 } else { t.ggml_type };
+        let bf16_type = match f32_matrix {
+            true => crate::weights::gguf::GGML_BF16,
+            false => t.ggml_type,
+        };
         as_bf16.push((t.name.clone(), t.dims.clone(), bf16_type, b16));
         as_f32.push((t.name.clone(), t.dims.clone(), t.ggml_type, f32s));
     }

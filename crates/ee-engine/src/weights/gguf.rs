@@ -13,8 +13,10 @@ use sha2::{Digest, Sha256};
 use super::{RopeLayout, StoredDType, StoredTensor, WeightSource};
 use crate::Error;
 
-/// ggml's type IDs (`enum ggml_type` in ggml.h) for the types candle reads.
-const GGML_TYPES: [(u32, GgmlDType); 14] = [
+/// ggml's type IDs (`enum ggml_type` in ggml.h) for the types candle reads,
+/// less Q8_1: an activation type, never stored in real files, which
+/// candle cannot widen to f32 (its `to_float` is unimplemented and panics).
+const GGML_TYPES: [(u32, GgmlDType); 13] = [
     (0, GgmlDType::F32),
     (1, GgmlDType::F16),
     (2, GgmlDType::Q4_0),
@@ -22,7 +24,6 @@ const GGML_TYPES: [(u32, GgmlDType); 14] = [
     (6, GgmlDType::Q5_0),
     (7, GgmlDType::Q5_1),
     (8, GgmlDType::Q8_0),
-    (9, GgmlDType::Q8_1),
     (10, GgmlDType::Q2K),
     (11, GgmlDType::Q3K),
     (12, GgmlDType::Q4K),
@@ -33,7 +34,7 @@ const GGML_TYPES: [(u32, GgmlDType); 14] = [
 
 /// ggml's ID of bf16 (`GGML_TYPE_BF16`), which candle's ggml types lack:
 /// such a tensor is read as a plain float one, as safetensors' bf16.
-const GGML_BF16: u32 = 30;
+pub(crate) const GGML_BF16: u32 = 30;
 
 /// The candle ggml type of a ggml type ID, if candle reads it.
 pub fn ggml_dtype(id: u32) -> Option<GgmlDType> {
@@ -171,6 +172,13 @@ mod tests {
         assert!(!w.contains("lm_head.weight"), "the tiny model is tied");
         let err = w.tensor("model.layers.9.mlp.up_proj.weight").err().unwrap();
         assert!(err.to_string().contains("blk.9.ffn_up.weight"), "{err}");
+    }
+
+    #[test]
+    fn names_follow_ggml() {
+        assert_eq!(ggml_name(GgmlDType::Q4K), "Q4_K");
+        assert_eq!(ggml_name(GgmlDType::Q8_0), "Q8_0");
+        assert_eq!(ggml_name(GgmlDType::F16), "F16");
     }
 
     /// llama.cpp's BF16 GGUFs load, through our float kernels, and compute

@@ -107,7 +107,9 @@ impl StoredTensor<'_> {
         Ok(self)
     }
 
-    /// The tensor as f32 values (norm weights, the embedding table).
+    /// The tensor as f32 values: norm weights, an embedding row, the
+    /// quantizer's input, an encoder's matrices. Errors on a type candle
+    /// cannot widen or bytes that are not the shape's.
     pub fn to_f32(&self) -> Result<Tensor, Error> {
         // Widened straight from the bytes: no copy in the stored type first.
         let values = match self.dtype {
@@ -125,8 +127,8 @@ impl StoredTensor<'_> {
 
     /// A weight matrix `[out, in]` ready for matmuls: block-quantized ones
     /// through our or candle's kernels, float ones (GGUF F32/F16 too, unless
-    /// candle's kernels are asked for) through ours, kept in their stored
-    /// type.
+    /// candle's kernels are asked for; GGUF BF16 always, which candle's
+    /// types lack) through ours, kept in their stored type.
     pub fn to_linear(&self, opts: &LoadOptions) -> Result<Linear, Error> {
         match self.dtype {
             StoredDType::Ggml(t)
