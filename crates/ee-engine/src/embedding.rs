@@ -13,7 +13,9 @@ pub(crate) struct Embedding {
     /// The tensor's name in its file, for errors.
     name: String,
     dtype: StoredDType,
+    /// Values per row: the model's hidden size.
     dim: usize,
+    /// Stored bytes per row.
     row_bytes: usize,
     /// The rows as stored, `vocab · row_bytes` bytes.
     bytes: Vec<u8>,
