@@ -384,16 +384,13 @@ pub fn write_bf16_twins(f32_model: &Path, bf16: &Path, rounded: &Path) -> Result
         let values = bytes
             .chunks_exact(4)
             .map(|b| Bf16::from_f32(f32::from_le_bytes(b.try_into().expect("4 bytes"))));
-        let (b16, f32s): (Vec<u8>, Vec<u8>) = match f32_matrix {
+        let (bf16_type, b16, f32s): (u32, Vec<u8>, Vec<u8>) = match f32_matrix {
             true => (
+                crate::weights::gguf::GGML_BF16,
                 values.clone().flat_map(Bf16::to_le_bytes).collect(),
                 values.flat_map(|v| v.to_f32().to_le_bytes()).collect(),
             ),
-            false => (bytes.clone(), bytes),
-        };
-        let bf16_type = match f32_matrix {
-            true => crate::weights::gguf::GGML_BF16,
-            false => t.ggml_type,
+            false => (t.ggml_type, bytes.clone(), bytes),
         };
         as_bf16.push((t.name.clone(), t.dims.clone(), bf16_type, b16));
         as_f32.push((t.name.clone(), t.dims.clone(), t.ggml_type, f32s));
