@@ -288,9 +288,11 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
         assert!(Instant::now() < deadline, "the sequence never ran");
         std::thread::sleep(Duration::from_millis(20));
     }
-    // 3 + 4000 positions reserved, in blocks of 32; the default pool is
+    // Blocks of 32 positions are granted as the answer grows, not the
+    // 3 + 4000 positions (126 blocks) it may fill; the default pool is
     // 4096 MiB of 23,040-byte positions (f16).
-    assert_eq!(metric(&s.server, "ee_kv_cache_blocks_used"), 126.0);
+    let used = metric(&s.server, "ee_kv_cache_blocks_used");
+    assert!((1.0..126.0).contains(&used), "{used} blocks");
     assert_eq!(metric(&s.server, "ee_kv_cache_blocks_total"), 5825.0);
     drop(conn);
     while metric(&s.server, "ee_running_sequences") != 0.0 {
@@ -307,6 +309,7 @@ fn a_client_that_disconnects_frees_its_slot_and_metrics_show_it() {
         "ee_prompt_tokens_total",
         "ee_completion_tokens_total",
         "ee_queue_depth",
+        "ee_preemptions_total 0",
         "ee_time_to_first_token_seconds_bucket",
         "ee_inter_token_latency_seconds_count",
     ] {

@@ -332,7 +332,7 @@ impl KvCache {
     /// with [`Error::ContextOverflow`], and its buffers never grow past it
     /// (rounded up to a whole [`KEY_CHUNK`]). Lowering it below the buffers'
     /// capacity shrinks them; positions past the new limit are forgotten.
-    /// The scheduler sets it to what a sequence reserved of the KV pool.
+    /// The scheduler sets it to the blocks of the KV pool it granted.
     pub fn set_max_len(&mut self, max_len: usize) {
         self.max_len = max_len;
         self.len = self.len.min(max_len);

@@ -10,12 +10,23 @@
 //! prompt is done sample in parallel.
 //!
 //! **The KV pool** (vLLM's KV cache pool; llama.cpp's `-c` shared by its
-//! slots) is a number of blocks of [`BLOCK_TOKENS`] positions. A sequence
-//! reserves, when admitted, the blocks its prompt and `max_tokens` can
-//! fill, and its cache never grows past them ([`KvCache::set_max_len`]), so
-//! running sequences never hold more KV memory than the pool. A sequence
-//! that does not fit waits in the queue (none jumps it); one that needs
-//! more than the whole pool fails.
+//! slots) is a number of blocks of [`BLOCK_TOKENS`] positions, granted on
+//! demand as in vLLM: a sequence is admitted with the blocks its prompt
+//! fills, and a decoding sequence that reaches the end of its blocks is
+//! granted more (twice what it holds, as its buffers grow, or one block
+//! when the pool is short), so answers that stop early never hold their `max_tokens`. A
+//! cache never grows past its grant ([`KvCache::set_max_len`]), so running
+//! sequences never hold more KV memory than the pool. When a decoding
+//! sequence needs a block and none is free, the youngest running sequence
+//! is preempted (vLLM's recompute preemption): its cache is dropped and it
+//! waits ahead of every new request, keeping its sampler and the tokens it
+//! drew, and when there is room again it prefills its prompt and those
+//! tokens and goes on. Our kernels compute each row on its own, so the
+//! recomputed cache has the bits the first one had, and a preempted
+//! sequence draws exactly what it would have drawn alone. A waiting
+//! sequence is admitted while its prompt's blocks fit and 1% of the pool
+//! stays free, oldest first (none jumps the queue); one whose prompt and
+//! `max_tokens` need more than the whole pool fails.
 //!
 //! **The step budget** counts cost, not tokens ([`StepCost`]): a token deep
 //! in a long prompt costs its attention too, so chunks shrink as a prompt
@@ -108,10 +119,13 @@ pub struct SchedulerStats {
     pub running: AtomicUsize,
     /// Prompt tokens taken from kept prompt caches instead of prefilled.
     pub cached_prompt_tokens: AtomicUsize,
-    /// Blocks of the KV pool reserved by running sequences.
+    /// Blocks of the KV pool granted to running sequences.
     pub kv_blocks_used: AtomicUsize,
     /// Blocks in the KV pool, each of [`BLOCK_TOKENS`] positions.
     pub kv_blocks_total: AtomicUsize,
+    /// Sequences preempted to free KV blocks (a counter; vLLM's
+    /// `num_preemptions`).
+    pub preemptions: AtomicUsize,
 }
 
 struct Submission {
@@ -183,22 +197,46 @@ struct Running {
     request: SequenceRequest,
     events: tokio_mpsc::UnboundedSender<SequenceEvent>,
     cache: KvCache,
-    /// Blocks of the KV pool this sequence holds.
+    /// Blocks of the KV pool granted to this sequence: its cache's limit.
     kv_blocks: usize,
     sampler: Sampler,
-    /// Prompt tokens fed so far.
+    /// The prompt, then every token drawn: what the cache holds once fed.
+    tokens: Vec<u32>,
+    /// Leading `tokens` in the cache.
     fed: usize,
-    /// The last sampled token, fed in the next decode step.
-    last: Option<u32>,
-    generated: usize,
+    /// Admission order, kept through preemption: prompts prefill oldest
+    /// first, and the youngest is preempted first.
+    arrival: u64,
 }
 
 impl Running {
+    fn generated(&self) -> usize {
+        self.tokens.len() - self.request.prompt.len()
+    }
+
+    /// Decoding: the one token left to feed is the last one drawn. Any
+    /// other sequence is prefilling its prompt, or, after a preemption,
+    /// its prompt and what it drew.
+    fn decoding(&self) -> bool {
+        self.generated() > 0 && self.fed + 1 == self.tokens.len()
+    }
+
+    /// Blocks that hold every position the sequence may fill: its prompt
+    /// and `max_tokens`.
+    fn most_blocks(&self) -> usize {
+        let positions = self
+            .request
+            .prompt
+            .len()
+            .saturating_add(self.request.max_tokens);
+        positions.div_ceil(BLOCK_TOKENS)
+    }
+
     fn finish(&self, reason: FinishReason) {
         let _ = self.events.send(SequenceEvent::Finished {
             reason,
             prompt_tokens: self.request.prompt.len(),
-            completion_tokens: self.generated,
+            completion_tokens: self.generated(),
         });
     }
 }
@@ -208,10 +246,14 @@ struct EngineLoop {
     config: SchedulerConfig,
     stats: Arc<SchedulerStats>,
     waiting: VecDeque<Submission>,
+    /// Preempted sequences, oldest first: admitted before any submission.
+    preempted: VecDeque<Running>,
+    /// In admission order.
     running: Vec<Running>,
     prompts: PrefixCache,
     cost: StepCost,
     kv_blocks_total: usize,
+    arrivals: u64,
 }
 
 impl EngineLoop {
@@ -224,13 +266,15 @@ impl EngineLoop {
             config,
             stats,
             waiting: VecDeque::new(),
+            preempted: VecDeque::new(),
             running: Vec::new(),
+            arrivals: 0,
         }
     }
 
     fn run(mut self, rx: mpsc::Receiver<Submission>) {
         loop {
-            if self.waiting.is_empty() && self.running.is_empty() {
+            if self.waiting.is_empty() && self.running.is_empty() && self.preempted.is_empty() {
                 match rx.recv() {
                     Ok(s) => self.waiting.push_back(s),
                     Err(_) => return,
@@ -267,17 +311,102 @@ impl EngineLoop {
         self.running.iter().map(|s| s.kv_blocks).sum()
     }
 
+    fn kv_blocks_free(&self) -> usize {
+        self.kv_blocks_total - self.kv_blocks_used()
+    }
+
+    /// Whether `blocks` more can be granted to a sequence being admitted:
+    /// 1% of the pool stays free for running sequences to grow into (vLLM's
+    /// watermark), unless none runs.
+    fn admits(&self, blocks: usize) -> bool {
+        let watermark = match self.running.is_empty() {
+            true => 0,
+            false => self.kv_blocks_total / 100,
+        };
+        blocks.saturating_add(watermark) <= self.kv_blocks_free()
+    }
+
     fn drop_cancelled(&mut self) {
-        let before = self.waiting.len();
+        let before = self.waiting.len() + self.preempted.len();
         self.waiting.retain(|s| !s.events.is_closed());
+        self.preempted.retain(|s| !s.events.is_closed());
+        let after = self.waiting.len() + self.preempted.len();
         self.stats
             .waiting
-            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+            .fetch_sub(before - after, Ordering::SeqCst);
         self.running.retain(|s| !s.events.is_closed());
+    }
+
+    /// Grants `seq` its first blocks and runs it, in admission order.
+    fn start(&mut self, mut seq: Running, blocks: usize) {
+        seq.kv_blocks = blocks;
+        seq.cache.set_max_len(blocks * BLOCK_TOKENS);
+        let at = self.running.partition_point(|s| s.arrival < seq.arrival);
+        self.running.insert(at, seq);
+    }
+
+    /// Preempts running sequence `i`: drops its cache, freeing its blocks,
+    /// and queues it ahead of every submission to prefill again.
+    fn preempt(&mut self, i: usize) {
+        let mut seq = self.running.remove(i);
+        seq.cache = self.model.new_cache();
+        (seq.fed, seq.kv_blocks) = (0, 0);
+        let at = self.preempted.partition_point(|s| s.arrival < seq.arrival);
+        self.preempted.insert(at, seq);
+        self.stats.waiting.fetch_add(1, Ordering::SeqCst);
+        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Grants every decoding sequence whose next token is past its blocks
+    /// more of them, oldest first: twice what it holds (its buffers double
+    /// as they grow) up to what it may fill, or only the block it needs when
+    /// the pool has not that much free. When not even that is free, the
+    /// youngest running sequence is preempted, which may be the one that
+    /// needs it.
+    fn grow_decoding(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let seq = &self.running[i];
+            let needed = seq.tokens.len().div_ceil(BLOCK_TOKENS);
+            if !seq.decoding() || needed <= seq.kv_blocks {
+                i += 1;
+                continue;
+            }
+            let wanted = (2 * seq.kv_blocks).clamp(needed, seq.most_blocks().max(needed));
+            while needed - self.running[i].kv_blocks > self.kv_blocks_free() {
+                let youngest = self.running.len() - 1;
+                self.preempt(youngest);
+                if youngest == i {
+                    return;
+                }
+            }
+            let held = self.running[i].kv_blocks;
+            let grant = match wanted - held <= self.kv_blocks_free() {
+                true => wanted,
+                false => needed,
+            };
+            let seq = &mut self.running[i];
+            seq.kv_blocks = grant;
+            seq.cache.set_max_len(grant * BLOCK_TOKENS);
+            i += 1;
+        }
     }
 
     fn admit(&mut self) {
         while self.running.len() < self.config.max_batch {
+            // Preempted sequences first: they are older than any submission.
+            if let Some(seq) = self.preempted.front() {
+                let blocks = seq.tokens.len().div_ceil(BLOCK_TOKENS);
+                if !self.admits(blocks) {
+                    break;
+                }
+                let Some(seq) = self.preempted.pop_front() else {
+                    break;
+                };
+                self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                self.start(seq, blocks);
+                continue;
+            }
             let Some(next) = self.waiting.front() else {
                 break;
             };
@@ -287,11 +416,10 @@ impl EngineLoop {
                 .sampling
                 .validate(self.model.vocab_size())
                 .and_then(|()| check_request(self.model.as_ref(), request));
-            // Positions the sequence may fill: its cache's limit.
             let positions = request.prompt.len().saturating_add(request.max_tokens);
-            let blocks = positions.div_ceil(BLOCK_TOKENS);
-            let fits_pool = blocks <= self.kv_blocks_total;
-            if valid.is_ok() && fits_pool && blocks > self.kv_blocks_total - self.kv_blocks_used() {
+            let fits_pool = positions.div_ceil(BLOCK_TOKENS) <= self.kv_blocks_total;
+            let blocks = request.prompt.len().div_ceil(BLOCK_TOKENS);
+            if valid.is_ok() && fits_pool && !self.admits(blocks) {
                 break; // waits for running sequences to free blocks
             }
             let Some(Submission { request, events }) = self.waiting.pop_front() else {
@@ -307,50 +435,52 @@ impl EngineLoop {
                     }),
                 })
                 .and_then(|()| Sampler::new(request.sampling.clone(), &request.prompt));
-            match checked {
-                Ok(sampler) => {
-                    let kept = match request.cache_prompt {
-                        true => self.prompts.take_longest(&request.prompt),
-                        false => None,
-                    };
-                    let (fed, mut cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
-                    cache.set_max_len(positions);
-                    self.stats
-                        .cached_prompt_tokens
-                        .fetch_add(fed, Ordering::Relaxed);
-                    self.running.push(Running {
-                        request,
-                        events,
-                        cache,
-                        kv_blocks: blocks,
-                        sampler,
-                        fed,
-                        last: None,
-                        generated: 0,
-                    });
-                }
+            let sampler = match checked {
+                Ok(sampler) => sampler,
                 Err(e) => {
                     let _ = events.send(SequenceEvent::Failed(e.to_string()));
+                    continue;
                 }
-            }
+            };
+            let kept = match request.cache_prompt {
+                true => self.prompts.take_longest(&request.prompt),
+                false => None,
+            };
+            let (fed, cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
+            self.stats
+                .cached_prompt_tokens
+                .fetch_add(fed, Ordering::Relaxed);
+            self.arrivals += 1;
+            let seq = Running {
+                tokens: request.prompt.clone(),
+                request,
+                events,
+                cache,
+                kv_blocks: 0,
+                sampler,
+                fed,
+                arrival: self.arrivals,
+            };
+            self.start(seq, blocks);
         }
     }
 
     /// Runs one forward step over the running sequences and samples.
     fn step(&mut self) -> Result<(), Error> {
+        self.grow_decoding();
         let mut budget = self.config.step_token_budget.max(1) as f64;
         // (index into running, tokens this step, whether it samples after).
         let mut plan: Vec<(usize, Vec<u32>, bool)> = Vec::new();
         for (i, seq) in self.running.iter().enumerate() {
-            if let Some(t) = seq.last {
-                plan.push((i, vec![t], true));
-                budget -= self.cost.tokens(seq.cache.len(), 1);
+            if seq.decoding() {
+                plan.push((i, seq.tokens[seq.fed..].to_vec(), true));
+                budget -= self.cost.tokens(seq.fed, 1);
             }
         }
         let mut prefilling = false;
         for (i, seq) in self.running.iter().enumerate() {
-            if seq.last.is_none() {
-                let left = seq.request.prompt.len() - seq.fed;
+            if !seq.decoding() {
+                let left = seq.tokens.len() - seq.fed;
                 let mut allowed = self.cost.tokens_within(seq.fed, budget);
                 if !prefilling {
                     // The oldest prompt always advances, even when decoding
@@ -362,9 +492,9 @@ impl EngineLoop {
                     break; // oldest first: none jumps the queue
                 }
                 prefilling = true;
-                let chunk = seq.request.prompt[seq.fed..seq.fed + take].to_vec();
+                let chunk = seq.tokens[seq.fed..seq.fed + take].to_vec();
                 budget -= self.cost.tokens(seq.fed, take);
-                plan.push((i, chunk, seq.fed + take == seq.request.prompt.len()));
+                plan.push((i, chunk, seq.fed + take == seq.tokens.len()));
             }
         }
         if plan.is_empty() {
@@ -392,14 +522,12 @@ impl EngineLoop {
             else {
                 continue;
             };
-            if seq.last.is_none() {
-                seq.fed += tokens.len();
-                // Kept as the prefill left it, before any decode step.
-                if seq.fed == seq.request.prompt.len() && seq.request.cache_prompt {
-                    let bytes = seq.cache.bytes();
-                    self.prompts
-                        .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);
-                }
+            seq.fed += tokens.len();
+            // Kept as the prompt's prefill left it, before any decode step.
+            if seq.generated() == 0 && seq.fed == seq.tokens.len() && seq.request.cache_prompt {
+                let bytes = seq.cache.bytes();
+                self.prompts
+                    .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);
             }
             if *samples {
                 to_sample.push((i, seq, row.as_slice()));
@@ -420,15 +548,14 @@ impl EngineLoop {
             let sampled = sampled?;
             let seq = &mut self.running[i];
             let token = sampled.token;
-            seq.generated += 1;
-            seq.last = Some(token);
+            seq.tokens.push(token);
             let _ = seq.events.send(SequenceEvent::Token(sampled));
             let context_full = seq.cache.len() >= self.model.context_length();
             let request = &seq.request;
             if let Some(reason) = finish_reason(
                 token,
                 &request.stop_token_ids,
-                seq.generated,
+                seq.generated(),
                 request.max_tokens,
                 context_full,
             ) {

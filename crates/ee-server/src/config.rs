@@ -37,8 +37,8 @@ pub struct ServerConfig {
     /// What one forward step may cost (decode and prefill chunks), in
     /// tokens at the start of a context; deeper tokens cost more.
     pub step_token_budget: usize,
-    /// MiB of KV cache the running sequences may hold together; each
-    /// reserves its prompt and `max_tokens` when admitted.
+    /// MiB of KV cache the running sequences may hold together, granted in
+    /// blocks as they grow; the youngest is preempted when it runs out.
     pub kv_cache_mib: usize,
     /// The KV cache's element type, `f16` or `f32` (llama.cpp's
     /// `--cache-type-k/-v`, vLLM's `--kv-cache-dtype`).

@@ -67,6 +67,8 @@ pub struct EngineGauges {
     pub cached_prompt_tokens: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
+    /// Sequences preempted to free KV blocks (a counter).
+    pub preemptions: usize,
 }
 
 pub struct Metrics {
@@ -130,6 +132,13 @@ impl Metrics {
              # TYPE {name} counter\n{name} {}",
             engine.cached_prompt_tokens
         );
+        let name = "ee_preemptions_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Sequences preempted to free KV blocks, to be recomputed \
+             (vLLM's num_preemptions).\n# TYPE {name} counter\n{name} {}",
+            engine.preemptions
+        );
         let usage = match engine.kv_blocks_total {
             0 => 0.0,
             total => engine.kv_blocks_used as f64 / total as f64,
@@ -138,7 +147,7 @@ impl Metrics {
         for (name, help, v) in [
             (
                 "ee_queue_depth",
-                "Sequences waiting for a batch slot or for room in the KV pool.".to_owned(),
+                "Sequences waiting for a batch slot or for room in the KV pool, preempted ones included.".to_owned(),
                 engine.waiting as f64,
             ),
             (
@@ -148,7 +157,7 @@ impl Metrics {
             ),
             (
                 "ee_kv_cache_blocks_used",
-                format!("KV pool {blocks} reserved by running sequences."),
+                format!("KV pool {blocks} granted to running sequences."),
                 engine.kv_blocks_used as f64,
             ),
             (
@@ -158,7 +167,7 @@ impl Metrics {
             ),
             (
                 "ee_kv_cache_usage_ratio",
-                "Fraction of the KV pool reserved (vLLM's kv_cache_usage_perc).".to_owned(),
+                "Fraction of the KV pool granted (vLLM's kv_cache_usage_perc).".to_owned(),
                 usage,
             ),
         ] {
@@ -195,6 +204,7 @@ mod tests {
             cached_prompt_tokens: 7,
             kv_blocks_used: 16,
             kv_blocks_total: 64,
+            preemptions: 5,
         });
         assert!(text.contains("ee_requests_total{status=\"200\"} 2"));
         assert!(text.contains("ee_kv_cache_blocks_used 16"));
@@ -203,6 +213,7 @@ mod tests {
         assert!(text.contains("ee_queue_depth 2"));
         assert!(text.contains("ee_running_sequences 3"));
         assert!(text.contains("ee_prompt_tokens_cached_total 7"));
+        assert!(text.contains("# TYPE ee_preemptions_total counter\nee_preemptions_total 5"));
         assert!(text.contains("ee_time_to_first_token_seconds_bucket{le=\"0.025\"} 0"));
         assert!(text.contains("ee_time_to_first_token_seconds_bucket{le=\"0.05\"} 1"));
         assert!(text.contains("ee_time_to_first_token_seconds_count 1"));

@@ -76,6 +76,7 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
                 cached_prompt_tokens: s.cached_prompt_tokens.load(Relaxed),
                 kv_blocks_used: s.kv_blocks_used.load(Relaxed),
                 kv_blocks_total: s.kv_blocks_total.load(Relaxed),
+                preemptions: s.preemptions.load(Relaxed),
             }
         }
         None => EngineGauges::default(),

@@ -251,22 +251,35 @@ fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
     assert_eq!(tokens.len(), 3);
 }
 
-/// A pool with room for one sequence at a time runs four one after
-/// another, each as it runs alone; one that needs more than the whole pool
-/// fails, and the scheduler keeps serving.
+/// A pool of three blocks, and four sequences that each end up filling
+/// two: all start at once with their prompt's one block, and as they grow
+/// the youngest are preempted and recomputed. Each draws, greedy or
+/// seeded, exactly what it draws alone, with log-probabilities bit for bit
+/// those of a pool that preempts nothing. One that needs more than the
+/// whole pool fails, and the scheduler keeps serving.
 #[test]
-fn the_kv_pool_queues_what_does_not_fit_and_fails_what_never_can() {
+fn the_kv_pool_grants_blocks_on_demand_and_preempts_the_youngest_exactly() {
     let (_dir, model) = tiny();
     let block_bytes = model.kv_bytes_per_token() * BLOCK_TOKENS;
     let prompts: Vec<Vec<u32>> = (0..4)
         .map(|i| (0..20).map(|j| (j * 7 + i * 31) % 200 + 3).collect())
         .collect();
-    // 20 + 30 positions: 2 blocks each, so a pool of 3 fits one at a time.
+    let sampling = |i: usize| match i % 2 {
+        0 => SamplingParams::greedy(),
+        _ => SamplingParams {
+            temperature: 0.9,
+            seed: Some(i as u64 + 40),
+            ..Default::default()
+        },
+    };
+    // 20 + 30 positions: 2 blocks each by the end.
     let alone: Vec<Vec<u32>> = prompts
         .iter()
-        .map(|p| {
+        .enumerate()
+        .map(|(i, p)| {
             let opts = GenerateOptions {
                 max_tokens: 30,
+                sampling: sampling(i),
                 ..Default::default()
             };
             generate(model.as_ref(), p, &opts, |_| {})
@@ -274,6 +287,69 @@ fn the_kv_pool_queues_what_does_not_fit_and_fails_what_never_can() {
                 .token_ids()
         })
         .collect();
+    // Every draw with its log-probabilities (Debug prints each f32 so
+    // that it reads back to the same bits), and the most sequences
+    // running and blocks granted at any time.
+    let run = |sched: &Scheduler| {
+        let receivers: Vec<_> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let r = SequenceRequest {
+                    sampling: sampling(i),
+                    top_logprobs: Some(2),
+                    ..request(p.clone(), 30)
+                };
+                sched.submit(r).unwrap()
+            })
+            .collect();
+        let watcher = {
+            let stats = sched.clone();
+            thread::spawn(move || {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                let mut seen = (0, 0);
+                while Instant::now() < deadline {
+                    let s = stats.stats();
+                    seen.0 = seen.0.max(s.running.load(Ordering::SeqCst));
+                    seen.1 = seen.1.max(s.kv_blocks_used.load(Ordering::SeqCst));
+                    if seen.0 > 0
+                        && s.running.load(Ordering::SeqCst) == 0
+                        && s.waiting.load(Ordering::SeqCst) == 0
+                    {
+                        break;
+                    }
+                    thread::sleep(Duration::from_micros(200));
+                }
+                seen
+            })
+        };
+        let mut drawn = Vec::new();
+        for (i, mut rx) in receivers.into_iter().enumerate() {
+            let mut seq = Vec::new();
+            while let Some(ev) = rx.blocking_recv() {
+                match ev {
+                    SequenceEvent::Token(s) => seq.push(s),
+                    SequenceEvent::Finished {
+                        reason,
+                        completion_tokens,
+                        ..
+                    } => {
+                        assert_eq!((reason, completion_tokens), (FinishReason::Length, 30));
+                        break;
+                    }
+                    SequenceEvent::Failed(e) => panic!("failed: {e}"),
+                }
+            }
+            let tokens: Vec<u32> = seq.iter().map(|s| s.token).collect();
+            assert_eq!(tokens, alone[i], "sequence {i}");
+            drawn.push(format!("{seq:?}"));
+        }
+        (drawn, watcher.join().unwrap())
+    };
+    let roomy = Scheduler::start(model.clone(), SchedulerConfig::default());
+    let (unpreempted, _) = run(&roomy);
+    assert_eq!(roomy.stats().preemptions.load(Ordering::SeqCst), 0);
+
     let sched = Scheduler::start(
         model,
         SchedulerConfig {
@@ -282,38 +358,18 @@ fn the_kv_pool_queues_what_does_not_fit_and_fails_what_never_can() {
         },
     );
     assert_eq!(sched.kv_pool_tokens(), 3 * BLOCK_TOKENS);
-    let receivers: Vec<_> = prompts
-        .iter()
-        .map(|p| sched.submit(request(p.clone(), 30)).unwrap())
-        .collect();
-    let watcher = {
-        let stats = sched.clone();
-        thread::spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline && stats.stats().running.load(Ordering::SeqCst) == 0 {
-                thread::sleep(Duration::from_micros(200));
-            }
-            let mut seen = (0, 0);
-            while Instant::now() < deadline {
-                let s = stats.stats();
-                seen.0 = seen.0.max(s.running.load(Ordering::SeqCst));
-                seen.1 = seen.1.max(s.kv_blocks_used.load(Ordering::SeqCst));
-                if s.running.load(Ordering::SeqCst) == 0 && s.waiting.load(Ordering::SeqCst) == 0 {
-                    break;
-                }
-                thread::sleep(Duration::from_micros(200));
-            }
-            seen
-        })
-    };
-    for (i, rx) in receivers.into_iter().enumerate() {
-        let (tokens, reason) = collect(rx);
-        assert_eq!(tokens, alone[i], "sequence {i}");
-        assert_eq!(reason, Some(FinishReason::Length));
-    }
-    let (most_running, most_blocks) = watcher.join().unwrap();
-    assert_eq!(most_running, 1, "the pool fits one sequence at a time");
-    assert_eq!(most_blocks, 2);
+    let (drawn, (most_running, most_blocks)) = run(&sched);
+    assert_eq!(drawn, unpreempted);
+    assert!(
+        most_running >= 2,
+        "prompts are admitted with their own blocks, not their worst case"
+    );
+    assert!(most_blocks <= 3, "{most_blocks} blocks of a pool of 3");
+    assert!(
+        sched.stats().preemptions.load(Ordering::SeqCst) >= 1,
+        "sequences that grow to six blocks in a pool of three preempt"
+    );
+    assert_eq!(sched.stats().waiting.load(Ordering::SeqCst), 0);
 
     let mut rx = sched.submit(request(vec![5; 20], 90)).unwrap();
     match rx.blocking_recv() {
