@@ -2,11 +2,57 @@
 //! blocks, f16, bf16, f32), each looked-up row widened to f32 as llama.cpp's
 //! `get_rows` does. Widened whole, SmolLM2's 49152 x 576 Q8_0 table took
 //! 113 MB instead of 30, and Llama 3's 128256 x 4096 would take 2.1 GB.
+//!
+//! The table is mapped from the model file on its own, as llama.cpp maps
+//! its weights: only the pages of rows looked up are read into memory, and
+//! the kernel may drop them again. (Loading reads the whole file once,
+//! through the weight source's own map, which is dropped after.)
+
+use std::fs::File;
+use std::ops::Deref;
+use std::path::Path;
 
 use candle_core::{Device, Tensor};
+use memmap2::{Mmap, MmapOptions};
 
 use crate::weights::{StoredDType, StoredTensor};
 use crate::Error;
+
+/// A table's stored rows: mapped from its file, or copied where the
+/// source has none.
+enum Rows {
+    Mapped(Mmap),
+    Copied(Vec<u8>),
+}
+
+impl Deref for Rows {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Rows::Mapped(map) => map,
+            Rows::Copied(bytes) => bytes,
+        }
+    }
+}
+
+impl Rows {
+    /// `len` bytes at `offset` of the file at `path`, mapped read-only.
+    fn map(path: &Path, offset: u64, len: usize) -> Result<Self, Error> {
+        let err = |e: std::io::Error| {
+            Error::Model(format!("mapping the embedding of {}: {e}", path.display()))
+        };
+        let file = File::open(path).map_err(err)?;
+        // SAFETY: read-only, as the weight sources map their files; a model
+        // file rewritten while it is served is outside what we guard
+        // against.
+        let map = unsafe { MmapOptions::new().offset(offset).len(len).map(&file) }.map_err(err)?;
+        // Rows are looked up at random: no read-ahead around them.
+        #[cfg(unix)]
+        map.advise(memmap2::Advice::Random).map_err(err)?;
+        Ok(Rows::Mapped(map))
+    }
+}
 
 /// A `[vocab, dim]` embedding table in its stored type.
 pub(crate) struct Embedding {
@@ -18,13 +64,14 @@ pub(crate) struct Embedding {
     /// Stored bytes per row.
     row_bytes: usize,
     /// The rows as stored, `vocab · row_bytes` bytes.
-    bytes: Vec<u8>,
+    bytes: Rows,
 }
 
 impl Embedding {
-    /// Copies the stored rows of `t`. Errors when `t` is not a matrix of
-    /// whole rows.
-    pub(crate) fn new(t: &StoredTensor<'_>) -> Result<Self, Error> {
+    /// The stored rows of `t`, mapped from `file` (its path and their
+    /// offset in it) where given, else copied. Errors when `t` is not a
+    /// matrix of whole rows, or the file cannot be mapped.
+    pub(crate) fn new(t: &StoredTensor<'_>, file: Option<(&Path, u64)>) -> Result<Self, Error> {
         let (rows, dim) = match t.shape[..] {
             [rows, dim] if rows > 0 && t.bytes.len().is_multiple_of(rows) => (rows, dim),
             _ => {
@@ -41,7 +88,10 @@ impl Embedding {
             dtype: t.dtype,
             dim,
             row_bytes: t.bytes.len() / rows,
-            bytes: t.bytes.to_vec(),
+            bytes: match file {
+                Some((path, offset)) => Rows::map(path, offset, t.bytes.len())?,
+                None => Rows::Copied(t.bytes.to_vec()),
+            },
         })
     }
 
@@ -87,9 +137,11 @@ mod tests {
     /// Every stored type gives each row the bits of the whole table
     /// widened, whatever the row's offset: rows of 96 values make rows of
     /// bytes that are not multiples of 8 in the 32-value formats (Q8_0:
-    /// 102 bytes), rows of 256 those of the K-quants.
+    /// 102 bytes), rows of 256 those of the K-quants. The table copied and
+    /// mapped from a file, at an odd offset, give the same rows.
     #[test]
     fn rows_are_the_whole_tables_rows_in_every_type() {
+        let dir = tempfile::tempdir().unwrap();
         let rows = 7;
         let ggml = [
             GgmlDType::Q8_0,
@@ -137,22 +189,40 @@ mod tests {
                 bytes: &bytemuck::cast_slice::<u64, u8>(&aligned)[..bytes.len()],
             };
             let whole: Vec<Vec<f32>> = stored.to_f32().unwrap().to_vec2().unwrap();
-            let embedding = Embedding::new(&stored).unwrap();
-            let ids = [3, 0, 6, 3, 5];
-            let got: Vec<Vec<f32>> = embedding.forward(&ids).unwrap().to_vec2().unwrap();
-            for (row, &id) in got.iter().zip(&ids) {
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(row),
-                    bits(&whole[id as usize]),
-                    "{dtype:?} x {cols}, row {id}"
+            let path = dir.path().join("table.bin");
+            std::fs::write(&path, [&[7u8; 5][..], &bytes].concat()).unwrap();
+            let copied = Embedding::new(&stored, None).unwrap();
+            let mapped = Embedding::new(&stored, Some((&path, 5))).unwrap();
+            assert!(matches!(mapped.bytes, Rows::Mapped(_)));
+            for embedding in [copied, mapped] {
+                let ids = [3, 0, 6, 3, 5];
+                let got: Vec<Vec<f32>> = embedding.forward(&ids).unwrap().to_vec2().unwrap();
+                for (row, &id) in got.iter().zip(&ids) {
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(row),
+                        bits(&whole[id as usize]),
+                        "{dtype:?} x {cols}, row {id}"
+                    );
+                }
+                let err = embedding.forward(&[7]).unwrap_err().to_string();
+                assert!(
+                    err.contains("token 7") && err.contains("token_embd"),
+                    "{err}"
                 );
             }
-            let err = embedding.forward(&[7]).unwrap_err().to_string();
-            assert!(
-                err.contains("token 7") && err.contains("token_embd"),
-                "{err}"
-            );
         }
+        let gone = dir.path().join("gone.gguf");
+        let stored = StoredTensor {
+            name: "token_embd.weight".into(),
+            dtype: StoredDType::F32,
+            shape: vec![1, 2],
+            bytes: &[0; 8],
+        };
+        let err = Embedding::new(&stored, Some((&gone, 0)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("gone.gguf"), "{err}");
     }
 }

@@ -181,7 +181,7 @@ impl LlamaModel {
         let output_norm = tensor("model.norm.weight", &[d])?.to_f32()?;
         let (cos, sin) = rope_tables(&config, &device)?;
         Ok(Self {
-            embedding: Embedding::new(&embedding)?,
+            embedding: Embedding::new(&embedding, weights.file_range(embedding.bytes))?,
             layers,
             output_norm,
             output: output.to_linear(opts)?,

@@ -146,6 +146,10 @@ impl WeightSource for GgufWeights {
         self.gguf_tensor(&g)
     }
 
+    fn file_range(&self, bytes: &[u8]) -> Option<(&Path, u64)> {
+        Some((&self.path, super::offset_in(&self.map, bytes)?))
+    }
+
     fn rope_layout(&self) -> RopeLayout {
         RopeLayout::Interleaved
     }
@@ -199,6 +203,11 @@ mod tests {
         let w = GgufWeights::open(&bf16_path).unwrap();
         let q = w.tensor("model.layers.0.self_attn.q_proj.weight").unwrap();
         assert_eq!((q.dtype, q.bytes.len()), (StoredDType::BF16, 64 * 64 * 2));
+        // Its place in the file, to map it on its own.
+        let (path, offset) = w.file_range(q.bytes).unwrap();
+        let file = std::fs::read(path).unwrap();
+        assert_eq!(&file[offset as usize..][..q.bytes.len()], q.bytes);
+        assert!(w.file_range(&[0u8; 4]).is_none());
         let [f32_model, bf16_model, rounded_model] =
             [&f32_path, &bf16_path, &rounded_path].map(|p| crate::load(p).unwrap());
         assert_eq!(bf16_model.weight_types(), "BF16");

@@ -13,6 +13,8 @@
 pub mod gguf;
 pub mod safetensors;
 
+use std::path::Path;
+
 use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use half::{bf16, f16};
@@ -275,6 +277,17 @@ pub trait WeightSource {
 
     /// How q/k rows are laid out for RoPE.
     fn rope_layout(&self) -> RopeLayout;
+
+    /// Where `bytes`, a tensor's data from this source, lie in a file: its
+    /// path and their offset, to map them on their own. `None` for bytes
+    /// this source does not map.
+    fn file_range(&self, bytes: &[u8]) -> Option<(&Path, u64)>;
+}
+
+/// The offset of `bytes` in `map`, where it lies wholly inside.
+pub(crate) fn offset_in(map: &[u8], bytes: &[u8]) -> Option<u64> {
+    let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
+    (start + bytes.len() <= map.len()).then_some(start as u64)
 }
 
 #[cfg(test)]

@@ -84,4 +84,31 @@ impl WeightSource for SafetensorsWeights {
     fn rope_layout(&self) -> RopeLayout {
         RopeLayout::HalfSplit
     }
+
+    fn file_range(&self, bytes: &[u8]) -> Option<(&Path, u64)> {
+        self.shards
+            .iter()
+            .find_map(|s| Some((s.path.as_path(), super::offset_in(&s.map, bytes)?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::hf::{write_tiny_hf_model, TinyHfSpec};
+
+    /// A tensor's bytes are found in their shard, at their offset, to map
+    /// the embedding on its own.
+    #[test]
+    fn a_tensor_is_located_in_its_shard() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_hf_model(dir.path(), &TinyHfSpec::llama(Dtype::F16)).unwrap();
+        let weights =
+            SafetensorsWeights::open(&CheckpointFiles::find(dir.path()).unwrap()).unwrap();
+        let t = weights.tensor("model.embed_tokens.weight").unwrap();
+        let (path, offset) = weights.file_range(t.bytes).unwrap();
+        let file = std::fs::read(path).unwrap();
+        assert_eq!(&file[offset as usize..][..t.bytes.len()], t.bytes);
+        assert!(weights.file_range(&[0u8; 4]).is_none());
+    }
 }
