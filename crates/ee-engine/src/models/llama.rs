@@ -158,7 +158,18 @@ impl LlamaModel {
         for i in 0..c.n_layers {
             let name = |n: &str| format!("model.layers.{i}.{n}.weight");
             let stored = |n: &str, shape: [usize; 2]| tensor(&name(n), &shape);
-            let linear = |n: &str, shape: [usize; 2]| stored(n, shape)?.to_linear(opts);
+            let linear = |n: &str, shape: [usize; 2]| {
+                let t = stored(n, shape)?;
+                let linear = t.to_linear(opts);
+                weights.release(t.bytes);
+                linear
+            };
+            // Stacked, then their mapped pages released.
+            let stack = |parts: &[StoredTensor<'_>]| {
+                let stacked = StoredTensor::to_stacked(parts, opts);
+                parts.iter().for_each(|t| weights.release(t.bytes));
+                stacked
+            };
             let norm = |n: &str| tensor(&name(n), &[d])?.to_f32();
             let qkv = [
                 stored("self_attn.q_proj", [q, d])?,
@@ -171,20 +182,24 @@ impl LlamaModel {
             ];
             layers.push(Layer {
                 attn_norm: norm("input_layernorm")?,
-                qkv: StoredTensor::to_stacked(&qkv, opts)?,
+                qkv: stack(&qkv)?,
                 wo: linear("self_attn.o_proj", [d, q])?,
                 ffn_norm: norm("post_attention_layernorm")?,
-                gate_up: StoredTensor::to_stacked(&gate_up, opts)?,
+                gate_up: stack(&gate_up)?,
                 w_down: linear("mlp.down_proj", [d, c.n_ff])?,
             });
         }
         let output_norm = tensor("model.norm.weight", &[d])?.to_f32()?;
         let (cos, sin) = rope_tables(&config, &device)?;
+        let embedding_rows = Embedding::new(&embedding, weights.file_range(embedding.bytes))?;
+        let output_linear = output.to_linear(opts)?;
+        weights.release(embedding.bytes);
+        weights.release(output.bytes);
         Ok(Self {
-            embedding: Embedding::new(&embedding, weights.file_range(embedding.bytes))?,
+            embedding: embedding_rows,
             layers,
             output_norm,
-            output: output.to_linear(opts)?,
+            output: output_linear,
             cos,
             sin,
             rope_layout: weights.rope_layout(),

@@ -150,6 +150,10 @@ impl WeightSource for GgufWeights {
         Some((&self.path, super::offset_in(&self.map, bytes)?))
     }
 
+    fn release(&self, bytes: &[u8]) {
+        super::release_in(&self.map, bytes);
+    }
+
     fn rope_layout(&self) -> RopeLayout {
         RopeLayout::Interleaved
     }
@@ -208,6 +212,12 @@ mod tests {
         let file = std::fs::read(path).unwrap();
         assert_eq!(&file[offset as usize..][..q.bytes.len()], q.bytes);
         assert!(w.file_range(&[0u8; 4]).is_none());
+        // Released pages read back from the file unchanged (the whole map,
+        // so that whole 64 KiB runs are dropped).
+        assert!(file.len() > 2 * (64 << 10), "{} bytes", file.len());
+        w.release(&w.map);
+        assert_eq!(&file[offset as usize..][..q.bytes.len()], q.bytes);
+        assert_eq!(&w.map[..], &file[..]);
         let [f32_model, bf16_model, rounded_model] =
             [&f32_path, &bf16_path, &rounded_path].map(|p| crate::load(p).unwrap());
         assert_eq!(bf16_model.weight_types(), "BF16");

@@ -282,12 +282,44 @@ pub trait WeightSource {
     /// path and their offset, to map them on their own. `None` for bytes
     /// this source does not map.
     fn file_range(&self, bytes: &[u8]) -> Option<(&Path, u64)>;
+
+    /// Says that the model has taken what it needs of `bytes`, a tensor's
+    /// data from this source (repacked or copied them): their pages leave
+    /// this process's memory, and are read from the file again if asked.
+    /// Loading otherwise holds the whole file in memory on top of the
+    /// weights it makes, until the source is dropped.
+    fn release(&self, bytes: &[u8]);
 }
 
 /// The offset of `bytes` in `map`, where it lies wholly inside.
 pub(crate) fn offset_in(map: &[u8], bytes: &[u8]) -> Option<u64> {
     let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
     (start + bytes.len() <= map.len()).then_some(start as u64)
+}
+
+/// [`WeightSource::release`] for a file mapped whole: the pages wholly
+/// inside `bytes` (in 64 KiB, a multiple of every page size) leave this
+/// process's resident set.
+pub(crate) fn release_in(map: &memmap2::Mmap, bytes: &[u8]) {
+    const ALIGN: usize = 64 << 10;
+    let Some(start) = offset_in(map, bytes) else {
+        return;
+    };
+    // The map starts on a page; offsets from it align as addresses do.
+    let start = start as usize;
+    let (first, end) = (
+        start.next_multiple_of(ALIGN),
+        (start + bytes.len()) / ALIGN * ALIGN,
+    );
+    if end > first {
+        // SAFETY: the map is shared and read-only (`Mmap::map`): a dropped
+        // page reads back from the file unchanged, so borrows of it still
+        // see the same bytes. Failure only leaves the pages resident.
+        #[cfg(unix)]
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+        };
+    }
 }
 
 #[cfg(test)]

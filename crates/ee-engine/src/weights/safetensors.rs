@@ -90,6 +90,12 @@ impl WeightSource for SafetensorsWeights {
             .iter()
             .find_map(|s| Some((s.path.as_path(), super::offset_in(&s.map, bytes)?)))
     }
+
+    fn release(&self, bytes: &[u8]) {
+        for shard in &self.shards {
+            super::release_in(&shard.map, bytes);
+        }
+    }
 }
 
 #[cfg(test)]
