@@ -43,13 +43,21 @@ impl Rows {
             Error::Model(format!("mapping the embedding of {}: {e}", path.display()))
         };
         let file = File::open(path).map_err(err)?;
+        let size = file.metadata().map_err(err)?.len();
+        if offset.checked_add(len as u64).is_none_or(|end| end > size) {
+            return Err(Error::Model(format!(
+                "mapping the embedding of {}: the file is now {size} bytes",
+                path.display()
+            )));
+        }
         // SAFETY: read-only, as the weight sources map their files; a model
-        // file rewritten while it is served is outside what we guard
-        // against.
+        // file rewritten in place while it is served is outside what we
+        // guard against (the configuration says to rename over it).
         let map = unsafe { MmapOptions::new().offset(offset).len(len).map(&file) }.map_err(err)?;
-        // Rows are looked up at random: no read-ahead around them.
+        // Rows are looked up at random: no read-ahead around them. Only a
+        // hint, so a refusal changes nothing.
         #[cfg(unix)]
-        map.advise(memmap2::Advice::Random).map_err(err)?;
+        let _ = map.advise(memmap2::Advice::Random);
         Ok(Rows::Mapped(map))
     }
 }

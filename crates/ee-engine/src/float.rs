@@ -8,8 +8,8 @@
 //! horizontal sums until the end, and widens f16 (F16C) or bf16 (a shift)
 //! in registers, as llama.cpp widens and accumulates in f32. bf16 weights
 //! do not use AVX-512 BF16's `vdpbf16ps`, which would round activations to
-//! bf16: on the CPUs measured it does fewer multiply-adds per ns than f32
-//! FMA (`benches/bf16_dot_throughput.rs`).
+//! bf16: on the CPU measured (a Xeon VM) it does fewer multiply-adds per ns
+//! than f32 FMA (`benches/bf16_dot_throughput.rs`).
 //!
 //! Every output is defined as two fused multiply-add chains over the
 //! columns, even and odd, added at the end: the portable, AVX2 and AVX-512

@@ -21,12 +21,15 @@
 //! is preempted (vLLM's recompute preemption): its cache is dropped and it
 //! waits ahead of every new request, keeping its sampler and the tokens it
 //! drew, and when there is room again it prefills its prompt and those
-//! tokens and goes on. Our kernels compute each row on its own, so the
+//! tokens and goes on. Our kernels compute each row on its own, whatever
+//! else is in the step (tested for every format they run), so the
 //! recomputed cache has the bits the first one had, and a preempted
-//! sequence draws exactly what it would have drawn alone. A waiting
-//! sequence is admitted while its prompt's blocks fit and 1% of the pool
-//! stays free, oldest first (none jumps the queue); one whose prompt and
-//! `max_tokens` need more than the whole pool fails.
+//! sequence draws exactly what it would have drawn alone; candle's kernels
+//! (`LoadOptions::candle_kernels`, for comparisons) do not promise that. A
+//! waiting sequence is admitted while its prompt's blocks fit and 1% of
+//! the pool (at least a block) stays free, oldest first (none jumps the
+//! queue); one whose prompt and `max_tokens` need more than the whole pool
+//! fails.
 //!
 //! **The step budget** counts cost, not tokens ([`StepCost`]): a token deep
 //! in a long prompt costs its attention too, so chunks shrink as a prompt
@@ -52,7 +55,8 @@ use crate::Error;
 pub struct SchedulerConfig {
     /// Sequences decoding together.
     pub max_batch: usize,
-    /// Sequences waiting for a slot; past it `submit` refuses.
+    /// Sequences waiting for a slot, preempted ones included; past it
+    /// `submit` refuses.
     pub max_queue: usize,
     /// What one step may cost, decode and prefill together, in tokens at
     /// the start of a context ([`StepCost`]): deeper tokens cost more.
@@ -311,21 +315,6 @@ impl EngineLoop {
         self.running.iter().map(|s| s.kv_blocks).sum()
     }
 
-    fn kv_blocks_free(&self) -> usize {
-        self.kv_blocks_total - self.kv_blocks_used()
-    }
-
-    /// Whether `blocks` more can be granted to a sequence being admitted:
-    /// 1% of the pool stays free for running sequences to grow into (vLLM's
-    /// watermark), unless none runs.
-    fn admits(&self, blocks: usize) -> bool {
-        let watermark = match self.running.is_empty() {
-            true => 0,
-            false => self.kv_blocks_total / 100,
-        };
-        blocks.saturating_add(watermark) <= self.kv_blocks_free()
-    }
-
     fn drop_cancelled(&mut self) {
         let before = self.waiting.len() + self.preempted.len();
         self.waiting.retain(|s| !s.events.is_closed());
@@ -335,61 +324,6 @@ impl EngineLoop {
             .waiting
             .fetch_sub(before - after, Ordering::SeqCst);
         self.running.retain(|s| !s.events.is_closed());
-    }
-
-    /// Grants `seq` its first blocks and runs it, in admission order.
-    fn start(&mut self, mut seq: Running, blocks: usize) {
-        seq.kv_blocks = blocks;
-        seq.cache.set_max_len(blocks * BLOCK_TOKENS);
-        let at = self.running.partition_point(|s| s.arrival < seq.arrival);
-        self.running.insert(at, seq);
-    }
-
-    /// Preempts running sequence `i`: drops its cache, freeing its blocks,
-    /// and queues it ahead of every submission to prefill again.
-    fn preempt(&mut self, i: usize) {
-        let mut seq = self.running.remove(i);
-        seq.cache = self.model.new_cache();
-        (seq.fed, seq.kv_blocks) = (0, 0);
-        let at = self.preempted.partition_point(|s| s.arrival < seq.arrival);
-        self.preempted.insert(at, seq);
-        self.stats.waiting.fetch_add(1, Ordering::SeqCst);
-        self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Grants every decoding sequence whose next token is past its blocks
-    /// more of them, oldest first: twice what it holds (its buffers double
-    /// as they grow) up to what it may fill, or only the block it needs when
-    /// the pool has not that much free. When not even that is free, the
-    /// youngest running sequence is preempted, which may be the one that
-    /// needs it.
-    fn grow_decoding(&mut self) {
-        let mut i = 0;
-        while i < self.running.len() {
-            let seq = &self.running[i];
-            let needed = seq.tokens.len().div_ceil(BLOCK_TOKENS);
-            if !seq.decoding() || needed <= seq.kv_blocks {
-                i += 1;
-                continue;
-            }
-            let wanted = (2 * seq.kv_blocks).clamp(needed, seq.most_blocks().max(needed));
-            while needed - self.running[i].kv_blocks > self.kv_blocks_free() {
-                let youngest = self.running.len() - 1;
-                self.preempt(youngest);
-                if youngest == i {
-                    return;
-                }
-            }
-            let held = self.running[i].kv_blocks;
-            let grant = match wanted - held <= self.kv_blocks_free() {
-                true => wanted,
-                false => needed,
-            };
-            let seq = &mut self.running[i];
-            seq.kv_blocks = grant;
-            seq.cache.set_max_len(grant * BLOCK_TOKENS);
-            i += 1;
-        }
     }
 
     fn admit(&mut self) {
@@ -617,5 +551,6 @@ fn check_request(model: &dyn CausalLm, r: &SequenceRequest) -> Result<(), Error>
     Ok(())
 }
 
+mod kv_pool;
 #[cfg(test)]
 mod tests;

@@ -159,14 +159,17 @@ fn scalar_dot<W, const N: usize>(
     a.map(|a| w.iter().zip(a).fold(0f32, |acc, (w, a)| block(acc, w, a)))
 }
 
-/// The AVX2 build on x86 CPUs that have it (VNNI ones too: these kernels
-/// have no VNNI build); the portable sum otherwise.
+/// The AVX-512 or AVX2 build on x86 CPUs that have it; the portable sum
+/// otherwise.
 macro_rules! dispatch {
-    ($isa:expr, $w:expr, $a:expr, $avx2:ident, $portable:expr) => {
+    ($isa:expr, $w:expr, $a:expr, $avx512:ident, $avx2:ident, $portable:expr) => {
         match $isa {
-            // SAFETY: both ISAs imply AVX2 and FMA (see `Isa::detect`).
+            // SAFETY: each ISA names what the CPU has (see `Isa::detect`:
+            // AVX-512 F, BW, VL and VNNI, with AVX2 and FMA; AVX2 and FMA).
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni | Isa::Avx2 => unsafe { super::x86_k::$avx2($w, $a) },
+            Isa::Avx512Vnni => unsafe { super::x86_k::$avx512($w, $a) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { super::x86_k::$avx2($w, $a) },
             Isa::Portable => $portable,
         }
     };
@@ -186,7 +189,7 @@ impl WeightBlock for Q4K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q4_k_avx2, {
+        dispatch!(isa, w, a, dot_q4_k_avx512, dot_q4_k_avx2, {
             scalar_dot(w, a, |acc, w, a| {
                 let iq = sub_block_sum(&w.sc, a, |i| k_nibble(&w.qs, i));
                 add_block(acc, (w.d, w.dmin), a.d, iq, min_sum(&w.m, a))
@@ -210,7 +213,7 @@ impl WeightBlock for Q5K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q5_k_avx2, {
+        dispatch!(isa, w, a, dot_q5_k_avx512, dot_q5_k_avx2, {
             scalar_dot(w, a, |acc, w, a| {
                 let code = |i: usize| {
                     let high = (w.qh[i % 32] >> (i / 32)) & 1;
@@ -244,7 +247,7 @@ impl WeightBlock for Q6K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q6_k_avx2, {
+        dispatch!(isa, w, a, dot_q6_k_avx512, dot_q6_k_avx2, {
             scalar_dot(w, a, |acc, w, a| {
                 let code = |i: usize| {
                     let (n, j) = (i / 128, i % 128);

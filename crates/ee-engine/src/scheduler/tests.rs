@@ -259,7 +259,30 @@ fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
 /// whole pool fails, and the scheduler keeps serving.
 #[test]
 fn the_kv_pool_grants_blocks_on_demand_and_preempts_the_youngest_exactly() {
-    let (_dir, model) = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let mut last = None;
+    for (name, spec) in crate::testing::TinySpec::all_variants() {
+        let path = dir.path().join(format!("{name}.gguf"));
+        write_tiny_model(&path, &spec).unwrap();
+        last = Some(preempts_exactly(name, crate::load(&path).unwrap()));
+    }
+    let sched = last.unwrap();
+    let mut rx = sched.submit(request(vec![5; 20], 90)).unwrap();
+    match rx.blocking_recv() {
+        Some(SequenceEvent::Failed(msg)) => {
+            assert!(
+                msg.contains("110 positions") && msg.contains("(96)"),
+                "{msg}"
+            )
+        }
+        other => panic!("expected a failure, got {other:?}"),
+    }
+    let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
+    assert_eq!(tokens.len(), 3);
+}
+
+/// The test above on one model; returns the scheduler of the small pool.
+fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
     let block_bytes = model.kv_bytes_per_token() * BLOCK_TOKENS;
     let prompts: Vec<Vec<u32>> = (0..4)
         .map(|i| (0..20).map(|j| (j * 7 + i * 31) % 200 + 3).collect())
@@ -341,7 +364,7 @@ fn the_kv_pool_grants_blocks_on_demand_and_preempts_the_youngest_exactly() {
                 }
             }
             let tokens: Vec<u32> = seq.iter().map(|s| s.token).collect();
-            assert_eq!(tokens, alone[i], "sequence {i}");
+            assert_eq!(tokens, alone[i], "{name}: sequence {i}");
             drawn.push(format!("{seq:?}"));
         }
         (drawn, watcher.join().unwrap())
@@ -359,28 +382,19 @@ fn the_kv_pool_grants_blocks_on_demand_and_preempts_the_youngest_exactly() {
     );
     assert_eq!(sched.kv_pool_tokens(), 3 * BLOCK_TOKENS);
     let (drawn, (most_running, most_blocks)) = run(&sched);
-    assert_eq!(drawn, unpreempted);
+    assert_eq!(drawn, unpreempted, "{name}");
     assert!(
         most_running >= 2,
-        "prompts are admitted with their own blocks, not their worst case"
+        "{name}: prompts are admitted with their own blocks, not their worst case"
     );
-    assert!(most_blocks <= 3, "{most_blocks} blocks of a pool of 3");
+    assert!(
+        most_blocks <= 3,
+        "{name}: {most_blocks} blocks of a pool of 3"
+    );
     assert!(
         sched.stats().preemptions.load(Ordering::SeqCst) >= 1,
-        "sequences that grow to six blocks in a pool of three preempt"
+        "{name}: sequences that grow to six blocks in a pool of three preempt"
     );
-    assert_eq!(sched.stats().waiting.load(Ordering::SeqCst), 0);
-
-    let mut rx = sched.submit(request(vec![5; 20], 90)).unwrap();
-    match rx.blocking_recv() {
-        Some(SequenceEvent::Failed(msg)) => {
-            assert!(
-                msg.contains("110 positions") && msg.contains("(96)"),
-                "{msg}"
-            )
-        }
-        other => panic!("expected a failure, got {other:?}"),
-    }
-    let (tokens, _) = collect(sched.submit(request(vec![5, 6], 3)).unwrap());
-    assert_eq!(tokens.len(), 3);
+    assert_eq!(sched.stats().waiting.load(Ordering::SeqCst), 0, "{name}");
+    sched
 }

@@ -7,8 +7,10 @@
 //! own naming and hands out the stored bytes, borrowed from a memory map, so
 //! each file is read once. The model then holds its own copy in the form its
 //! kernels want (quantized blocks unpacked, float weights in their stored
-//! type, the embedding table widened to f32 for lookups), and the maps are
-//! dropped once it is built.
+//! type), releasing each tensor's pages once it is made
+//! ([`WeightSource::release`]), and the maps are dropped once it is built.
+//! The embedding table alone stays mapped, on its own, for lookups
+//! ([`WeightSource::file_range`]).
 
 pub mod gguf;
 pub mod safetensors;
@@ -294,7 +296,7 @@ pub trait WeightSource {
 /// The offset of `bytes` in `map`, where it lies wholly inside.
 pub(crate) fn offset_in(map: &[u8], bytes: &[u8]) -> Option<u64> {
     let start = (bytes.as_ptr() as usize).checked_sub(map.as_ptr() as usize)?;
-    (start + bytes.len() <= map.len()).then_some(start as u64)
+    (start.checked_add(bytes.len())? <= map.len()).then_some(start as u64)
 }
 
 /// [`WeightSource::release`] for a file mapped whole: the pages wholly
