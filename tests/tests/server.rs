@@ -363,6 +363,30 @@ fn a_small_kv_pool_limits_the_context_served() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 10);
+
+    // A pool of 4 blocks (3 MiB): three answers of 100 tokens, each
+    // growing to 4 blocks, preempt one another and are recomputed; each
+    // still gets the tokens it gets alone.
+    let small = ServerProcess::start(&s.pair.server_artifact, &[("EE_KV_CACHE_MIB", "3")]);
+    let bodies: Vec<Value> = (1..4)
+        .map(|i| {
+            json!({"prompt": s.enc(&[i, 2, 3]), "max_tokens": 100, "ignore_eos": true,
+                   "temperature": 0})
+        })
+        .collect();
+    let answer = |b: &Value| {
+        let r = small.post_json("/v1/completions", b);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["choices"][0]["token_ids"].clone()
+    };
+    let alone: Vec<Value> = bodies.iter().map(answer).collect();
+    assert_eq!(metric(&small, "ee_preemptions_total"), 0.0);
+    let together: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = bodies.iter().map(|b| scope.spawn(|| answer(b))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(together, alone);
+    assert!(metric(&small, "ee_preemptions_total") >= 1.0);
 }
 
 #[test]
