@@ -14,11 +14,12 @@
 //! demand as in vLLM: a sequence is admitted with the blocks its prompt
 //! fills, and a decoding sequence that reaches the end of its blocks is
 //! granted more (twice what it holds, as its buffers grow, or one block
-//! when the pool is short), so answers that stop early never hold their `max_tokens`. A
-//! cache never grows past its grant ([`KvCache::set_max_len`]), so running
-//! sequences never hold more KV memory than the pool. When a decoding
-//! sequence needs a block and none is free, the youngest running sequence
-//! is preempted (vLLM's recompute preemption): its cache is dropped and it
+//! when the pool is short), so answers that stop early never hold their
+//! `max_tokens`. A cache never grows past its grant
+//! ([`KvCache::set_max_len`]), so running sequences never hold more KV
+//! memory than the pool. When a decoding sequence needs a block and none
+//! is free, the youngest running sequence is preempted (vLLM's recompute
+//! preemption): its cache is dropped and it
 //! waits ahead of every new request, keeping its sampler and the tokens it
 //! drew, and when there is room again it prefills its prompt and those
 //! tokens and goes on. Our kernels compute each row on its own, whatever
