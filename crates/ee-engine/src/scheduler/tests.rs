@@ -36,6 +36,18 @@ fn collect(
     (tokens, None)
 }
 
+/// Greedy for even `i`; for odd `i`, a draw at temperature 0.9 with `seed`.
+fn greedy_or_seeded(i: usize, seed: u64) -> SamplingParams {
+    match i % 2 {
+        0 => SamplingParams::greedy(),
+        _ => SamplingParams {
+            temperature: 0.9,
+            seed: Some(seed),
+            ..Default::default()
+        },
+    }
+}
+
 #[test]
 fn prefill_chunks_are_never_one_row_while_more_remain() {
     assert_eq!(prefill_take(10, 512), 10);
@@ -104,14 +116,7 @@ fn concurrent_sequences_equal_the_same_sequences_alone() {
         .collect();
     // Even-numbered sequences are greedy, odd ones draw with their own
     // seed: sampling in parallel must keep each sequence's RNG its own.
-    let sampling = |i: usize| match i % 2 {
-        0 => SamplingParams::greedy(),
-        _ => SamplingParams {
-            temperature: 0.9,
-            seed: Some(i as u64),
-            ..Default::default()
-        },
-    };
+    let sampling = |i: usize| greedy_or_seeded(i, i as u64);
     let alone: Vec<Vec<u32>> = prompts
         .iter()
         .enumerate()
@@ -287,14 +292,7 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
     let prompts: Vec<Vec<u32>> = (0..4)
         .map(|i| (0..20).map(|j| (j * 7 + i * 31) % 200 + 3).collect())
         .collect();
-    let sampling = |i: usize| match i % 2 {
-        0 => SamplingParams::greedy(),
-        _ => SamplingParams {
-            temperature: 0.9,
-            seed: Some(i as u64 + 40),
-            ..Default::default()
-        },
-    };
+    let sampling = |i: usize| greedy_or_seeded(i, i as u64 + 40);
     // 20 + 30 positions: 2 blocks each by the end.
     let alone: Vec<Vec<u32>> = prompts
         .iter()
