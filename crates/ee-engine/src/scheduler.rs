@@ -18,11 +18,14 @@
 //! `max_tokens`. A cache never grows past its grant
 //! ([`KvCache::set_max_len`]), so running sequences never hold more KV
 //! memory than the pool. When a decoding sequence needs a block and none
-//! is free, the youngest running sequence is preempted (vLLM's recompute
-//! preemption): its cache is dropped and it
-//! waits ahead of every new request, keeping its sampler and the tokens it
-//! drew, and when there is room again it prefills its prompt and those
-//! tokens and goes on. Our kernels compute each row on its own, whatever
+//! is free, the blocks the others were granted ahead of need are taken
+//! back (their buffers shrink to what they fill); if that is not enough,
+//! the youngest running sequence is preempted (vLLM's recompute
+//! preemption): its cache is dropped, but for the prompt's rows of one
+//! that asked to keep them (`cache_prompt`), which go to the prompt cache,
+//! and it waits ahead of every new request, keeping its sampler and the
+//! tokens it drew. When there is room again it prefills its prompt (or
+//! continues from the kept one) and those tokens, and goes on. Our kernels compute each row on its own, whatever
 //! else is in the step (tested for every format they run), so the
 //! recomputed cache has the bits the first one had, and a preempted
 //! sequence draws exactly what it would have drawn alone; candle's kernels
@@ -122,7 +125,8 @@ pub enum SubmitError {
 pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
-    /// Prompt tokens taken from kept prompt caches instead of prefilled.
+    /// Prompt tokens taken from kept prompt caches instead of prefilled,
+    /// at each admission (a preempted sequence admitted again counts again).
     pub cached_prompt_tokens: AtomicUsize,
     /// Blocks of the KV pool granted to running sequences.
     pub kv_blocks_used: AtomicUsize,
@@ -335,10 +339,13 @@ impl EngineLoop {
                 if !self.admits(blocks) {
                     break;
                 }
-                let Some(seq) = self.preempted.pop_front() else {
+                let Some(mut seq) = self.preempted.pop_front() else {
                     break;
                 };
                 self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+                if let Some((fed, cache)) = self.take_kept(&seq.request, &seq.tokens) {
+                    (seq.fed, seq.cache) = (fed, cache);
+                }
                 self.start(seq, blocks);
                 continue;
             }
@@ -377,14 +384,8 @@ impl EngineLoop {
                     continue;
                 }
             };
-            let kept = match request.cache_prompt {
-                true => self.prompts.take_longest(&request.prompt),
-                false => None,
-            };
+            let kept = self.take_kept(&request, &request.prompt);
             let (fed, cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
-            self.stats
-                .cached_prompt_tokens
-                .fetch_add(fed, Ordering::Relaxed);
             self.arrivals += 1;
             let seq = Running {
                 tokens: request.prompt.clone(),
@@ -398,6 +399,20 @@ impl EngineLoop {
             };
             self.start(seq, blocks);
         }
+    }
+
+    /// The longest kept prompt that `tokens` extends, for a request that
+    /// asked (`cache_prompt`): positions reused and their cache, counted
+    /// in [`SchedulerStats::cached_prompt_tokens`].
+    fn take_kept(&mut self, request: &SequenceRequest, tokens: &[u32]) -> Option<(usize, KvCache)> {
+        if !request.cache_prompt {
+            return None;
+        }
+        let (fed, cache) = self.prompts.take_longest(tokens)?;
+        self.stats
+            .cached_prompt_tokens
+            .fetch_add(fed, Ordering::Relaxed);
+        Some((fed, cache))
     }
 
     /// Runs one forward step over the running sequences and samples.

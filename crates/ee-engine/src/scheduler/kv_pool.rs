@@ -31,11 +31,20 @@ impl EngineLoop {
         self.running.insert(at, seq);
     }
 
-    /// Preempts running sequence `i`: drops its cache, freeing its blocks,
-    /// and queues it ahead of every submission to prefill again.
+    /// Preempts running sequence `i`: frees its blocks and queues it ahead
+    /// of every submission to prefill again. Its cache is dropped, but for
+    /// a sequence that asked for its prompt to be kept (`cache_prompt`),
+    /// whose prompt's rows go to the prompt cache, to be taken back when
+    /// it is admitted again.
     pub(super) fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
-        seq.cache = self.model.new_cache();
+        let mut cache = std::mem::replace(&mut seq.cache, self.model.new_cache());
+        let prompt = &seq.request.prompt;
+        if seq.request.cache_prompt && seq.fed >= prompt.len() {
+            cache.set_max_len(prompt.len());
+            let bytes = cache.bytes();
+            self.prompts.insert(prompt.clone(), cache, bytes);
+        }
         (seq.fed, seq.kv_blocks) = (0, 0);
         let at = self.preempted.partition_point(|s| s.arrival < seq.arrival);
         self.preempted.insert(at, seq);
@@ -47,8 +56,9 @@ impl EngineLoop {
     /// more of them, oldest first: twice what it holds (its buffers double
     /// as they grow) up to what it may fill, or only the block it needs when
     /// the pool has not that much free. When not even that is free, the
-    /// youngest running sequence is preempted, which may be the one that
-    /// needs it.
+    /// blocks other sequences were granted ahead of need are taken back;
+    /// only then is the youngest running sequence preempted, which may be
+    /// the one that needs it.
     pub(super) fn grow_decoding(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
@@ -59,6 +69,9 @@ impl EngineLoop {
                 continue;
             }
             let wanted = (2 * seq.kv_blocks).clamp(needed, seq.most_blocks().max(needed));
+            if needed - seq.kv_blocks > self.kv_blocks_free() {
+                self.reclaim_surplus(needed - seq.kv_blocks);
+            }
             while needed - self.running[i].kv_blocks > self.kv_blocks_free() {
                 let youngest = self.running.len() - 1;
                 self.preempt(youngest);
@@ -75,6 +88,24 @@ impl EngineLoop {
             seq.kv_blocks = grant;
             seq.cache.set_max_len(grant * BLOCK_TOKENS);
             i += 1;
+        }
+    }
+
+    /// Takes back blocks granted ahead of need, youngest sequence first,
+    /// until `blocks` are free or none is left to take: a sequence keeps
+    /// the blocks its tokens fill, and its buffers shrink to them (a copy
+    /// of what it holds, far cheaper than the recompute of a preemption).
+    fn reclaim_surplus(&mut self, blocks: usize) {
+        for j in (0..self.running.len()).rev() {
+            if self.kv_blocks_free() >= blocks {
+                return;
+            }
+            let seq = &mut self.running[j];
+            let filled = seq.tokens.len().div_ceil(BLOCK_TOKENS);
+            if seq.kv_blocks > filled {
+                seq.kv_blocks = filled;
+                seq.cache.set_max_len(filled * BLOCK_TOKENS);
+            }
         }
     }
 }

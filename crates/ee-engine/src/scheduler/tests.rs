@@ -258,7 +258,8 @@ fn the_queue_is_bounded_and_bad_requests_fail_cleanly() {
 
 /// A pool of three blocks, and four sequences that each end up filling
 /// two: all start at once with their prompt's one block, and as they grow
-/// the youngest are preempted and recomputed. Each draws, greedy or
+/// the youngest are preempted and recomputed, half of them from their kept
+/// prompt. Each draws, greedy or
 /// seeded, exactly what it draws alone, with log-probabilities bit for bit
 /// those of a pool that preempts nothing. One that needs more than the
 /// whole pool fails, and the scheduler keeps serving.
@@ -319,6 +320,7 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
                 let r = SequenceRequest {
                     sampling: sampling(i),
                     top_logprobs: Some(2),
+                    cache_prompt: i % 2 == 1,
                     ..request(p.clone(), 30)
                 };
                 sched.submit(r).unwrap()
@@ -370,6 +372,7 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
     let roomy = Scheduler::start(model.clone(), SchedulerConfig::default());
     let (unpreempted, _) = run(&roomy);
     assert_eq!(roomy.stats().preemptions.load(Ordering::SeqCst), 0);
+    assert_eq!(roomy.stats().cached_prompt_tokens.load(Ordering::SeqCst), 0);
 
     let sched = Scheduler::start(
         model,
@@ -393,6 +396,57 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
         sched.stats().preemptions.load(Ordering::SeqCst) >= 1,
         "{name}: sequences that grow to six blocks in a pool of three preempt"
     );
+    // The first preempted is the second admitted, which keeps its prompt:
+    // admitted again, it continues from it (all but the last two tokens).
+    assert!(
+        sched.stats().cached_prompt_tokens.load(Ordering::SeqCst) >= 18,
+        "{name}: a preempted sequence takes its kept prompt back"
+    );
     assert_eq!(sched.stats().waiting.load(Ordering::SeqCst), 0, "{name}");
     sched
+}
+
+/// A sequence that must grow while an older one holds blocks granted
+/// ahead of need takes those back instead of preempting anyone; with none
+/// left to take back, the youngest is preempted.
+#[test]
+fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
+    let (_dir, model) = tiny();
+    let stats = Arc::new(SchedulerStats::default());
+    stats.kv_blocks_total.store(5, Ordering::SeqCst);
+    let mut engine = EngineLoop::new(model.clone(), SchedulerConfig::default(), stats.clone());
+    let mut receivers = Vec::new();
+    // The older has 70 positions to fill (3 blocks) and was granted 4;
+    // the younger's next token is its 33rd position, past its one block.
+    for (arrival, (drawn, blocks)) in [(50, 4), (13, 1)].into_iter().enumerate() {
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        receivers.push(rx);
+        let request = request(vec![3; 20], 150);
+        let mut tokens = request.prompt.clone();
+        tokens.extend(std::iter::repeat_n(4, drawn));
+        let seq = Running {
+            sampler: Sampler::new(request.sampling.clone(), &request.prompt).unwrap(),
+            fed: tokens.len() - 1,
+            tokens,
+            request,
+            events,
+            cache: model.new_cache(),
+            kv_blocks: 0,
+            arrival: arrival as u64,
+        };
+        engine.start(seq, blocks);
+    }
+    engine.grow_decoding();
+    let held: Vec<usize> = engine.running.iter().map(|s| s.kv_blocks).collect();
+    assert_eq!(held, [3, 2]);
+    assert_eq!(stats.preemptions.load(Ordering::SeqCst), 0);
+
+    let younger = &mut engine.running[1];
+    younger.tokens.extend([4; 32]);
+    younger.fed = younger.tokens.len() - 1;
+    engine.grow_decoding();
+    assert_eq!(engine.running.len(), 1);
+    assert_eq!(engine.preempted.len(), 1);
+    assert_eq!(engine.running[0].kv_blocks, 3);
+    assert_eq!(stats.preemptions.load(Ordering::SeqCst), 1);
 }
