@@ -310,8 +310,8 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
         })
         .collect();
     // Every draw with its log-probabilities (Debug prints each f32 so
-    // that it reads back to the same bits), and the most sequences
-    // running and blocks granted at any time.
+    // that it reads back to the same bits), and the most blocks granted
+    // at any time the watcher looked.
     let run = |sched: &Scheduler| {
         let receivers: Vec<_> = prompts
             .iter()
@@ -326,24 +326,17 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
                 sched.submit(r).unwrap()
             })
             .collect();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watcher = {
-            let stats = sched.clone();
+            let (stats, done) = (sched.clone(), done.clone());
             thread::spawn(move || {
-                let deadline = Instant::now() + Duration::from_secs(20);
-                let mut seen = (0, 0);
-                while Instant::now() < deadline {
-                    let s = stats.stats();
-                    seen.0 = seen.0.max(s.running.load(Ordering::SeqCst));
-                    seen.1 = seen.1.max(s.kv_blocks_used.load(Ordering::SeqCst));
-                    if seen.0 > 0
-                        && s.running.load(Ordering::SeqCst) == 0
-                        && s.waiting.load(Ordering::SeqCst) == 0
-                    {
-                        break;
-                    }
+                let mut most_blocks = 0;
+                while !done.load(Ordering::SeqCst) {
+                    let used = stats.stats().kv_blocks_used.load(Ordering::SeqCst);
+                    most_blocks = most_blocks.max(used);
                     thread::sleep(Duration::from_micros(200));
                 }
-                seen
+                most_blocks
             })
         };
         let mut drawn = Vec::new();
@@ -367,6 +360,7 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
             assert_eq!(tokens, alone[i], "{name}: sequence {i}");
             drawn.push(format!("{seq:?}"));
         }
+        done.store(true, Ordering::SeqCst);
         (drawn, watcher.join().unwrap())
     };
     let roomy = Scheduler::start(model.clone(), SchedulerConfig::default());
@@ -382,19 +376,16 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
         },
     );
     assert_eq!(sched.kv_pool_tokens(), 3 * BLOCK_TOKENS);
-    let (drawn, (most_running, most_blocks)) = run(&sched);
+    let (drawn, most_blocks) = run(&sched);
     assert_eq!(drawn, unpreempted, "{name}");
-    assert!(
-        most_running >= 2,
-        "{name}: prompts are admitted with their own blocks, not their worst case"
-    );
     assert!(
         most_blocks <= 3,
         "{name}: {most_blocks} blocks of a pool of 3"
     );
     assert!(
         sched.stats().preemptions.load(Ordering::SeqCst) >= 1,
-        "{name}: sequences that grow to six blocks in a pool of three preempt"
+        "{name}: sequences that grow to six blocks in a pool of three preempt \
+         (admitted by their worst case, they would run one at a time)"
     );
     // The first preempted is the second admitted, which keeps its prompt:
     // admitted again, it continues from it (all but the last two tokens).
