@@ -159,17 +159,28 @@ fn scalar_dot<W, const N: usize>(
     a.map(|a| w.iter().zip(a).fold(0f32, |acc, (w, a)| block(acc, w, a)))
 }
 
-/// The AVX-512 or AVX2 build on x86 CPUs that have it; the portable sum
-/// otherwise.
+/// The AVX2 build on x86 CPUs that have it, and the AVX-512 build, where
+/// a format has one, for eight activation rows on CPUs with AVX-512 VNNI;
+/// the portable sum otherwise.
+///
+/// The 512-bit builds join two 256-bit halves of codes and scales per 64
+/// values and reduce sixteen lanes per block: only eight rows amortize
+/// that. On the 2-core AVX-512 Xeon of the README's benchmarks, one thread,
+/// 4096 x 4096 weights (GMAC/s, AVX2 against AVX-512, for 1 / 4 / 8 rows):
+/// Q4_K 31.4/55.6/56.4 against 25.4/52.8/51.1, Q5_K 24.5/49.6/47.7 against
+/// 21.0/42.1/54.2, Q6_K 20.6/44.6/44.8 against 16.9/39.5/51.8. So Q4_K
+/// has no 512-bit build, and the others use theirs for eight rows only.
 macro_rules! dispatch {
-    ($isa:expr, $w:expr, $a:expr, $avx512:ident, $avx2:ident, $portable:expr) => {
+    ($isa:expr, $w:expr, $a:expr, $avx2:ident $(and $avx512:ident for eight rows)?, $portable:expr) => {
         match $isa {
             // SAFETY: each ISA names what the CPU has (see `Isa::detect`:
             // AVX-512 F, BW, VL and VNNI, with AVX2 and FMA; AVX2 and FMA).
+            $(
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512Vnni if N == 8 => unsafe { super::x86_k::$avx512($w, $a) },
+            )?
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => unsafe { super::x86_k::$avx512($w, $a) },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => unsafe { super::x86_k::$avx2($w, $a) },
+            Isa::Avx512Vnni | Isa::Avx2 => unsafe { super::x86_k::$avx2($w, $a) },
             Isa::Portable => $portable,
         }
     };
@@ -189,7 +200,7 @@ impl WeightBlock for Q4K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q4_k_avx512, dot_q4_k_avx2, {
+        dispatch!(isa, w, a, dot_q4_k_avx2, {
             scalar_dot(w, a, |acc, w, a| {
                 let iq = sub_block_sum(&w.sc, a, |i| k_nibble(&w.qs, i));
                 add_block(acc, (w.d, w.dmin), a.d, iq, min_sum(&w.m, a))
@@ -213,7 +224,7 @@ impl WeightBlock for Q5K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q5_k_avx512, dot_q5_k_avx2, {
+        dispatch!(isa, w, a, dot_q5_k_avx2 and dot_q5_k_avx512 for eight rows, {
             scalar_dot(w, a, |acc, w, a| {
                 let code = |i: usize| {
                     let high = (w.qh[i % 32] >> (i / 32)) & 1;
@@ -247,7 +258,7 @@ impl WeightBlock for Q6K {
         }
     }
     fn dot<const N: usize>(w: &[Self], a: [&[ActBlockK]; N], isa: Isa) -> [f32; N] {
-        dispatch!(isa, w, a, dot_q6_k_avx512, dot_q6_k_avx2, {
+        dispatch!(isa, w, a, dot_q6_k_avx2 and dot_q6_k_avx512 for eight rows, {
             scalar_dot(w, a, |acc, w, a| {
                 let code = |i: usize| {
                     let (n, j) = (i / 128, i % 128);

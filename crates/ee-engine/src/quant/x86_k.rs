@@ -1,7 +1,8 @@
 //! AVX2 and AVX-512 (BW, VNNI) kernels of the K-quant formats
-//! (`super::k_quants`). A super-block's integer sum is accumulated in eight
-//! or sixteen i32 lanes and reduced once; integer sums are exact and the
-//! float step is the portable one, so every build gives the same bits.
+//! (`super::k_quants`, whose `dispatch` says which runs when). A
+//! super-block's integer sum is accumulated in eight or sixteen i32 lanes
+//! and reduced once; integer sums are exact and the float step is the
+//! portable one, so every build gives the same bits.
 
 use std::arch::x86_64::*;
 
@@ -127,13 +128,6 @@ pub(super) unsafe fn dot_q4_k_avx2<const N: usize>(w: &[Q4K], a: [&[ActBlockK]; 
 }
 
 /// # Safety
-/// The CPU must have AVX-512 F, BW and VNNI, AVX2 and FMA.
-#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
-pub(super) unsafe fn dot_q4_k_avx512<const N: usize>(w: &[Q4K], a: [&[ActBlockK]; N]) -> [f32; N] {
-    four_five_rows_512(w, a, q4_k_parts, |w, c| q4_k_codes(w, c))
-}
-
-/// # Safety
 /// The CPU must have AVX2 and FMA.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn dot_q5_k_avx2<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; N]) -> [f32; N] {
@@ -141,7 +135,7 @@ pub(super) unsafe fn dot_q5_k_avx2<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; 
 }
 
 /// # Safety
-/// As [`dot_q4_k_avx512`].
+/// The CPU must have AVX-512 F, BW and VNNI, AVX2 and FMA.
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn dot_q5_k_avx512<const N: usize>(w: &[Q5K], a: [&[ActBlockK]; N]) -> [f32; N] {
     four_five_rows_512(w, a, q5_k_parts, |w, c| q5_k_codes(w, c))
@@ -225,7 +219,7 @@ pub(super) unsafe fn dot_q6_k_avx2<const N: usize>(w: &[Q6K], a: [&[ActBlockK]; 
 /// [`dot_q6_k_avx2`] with two quarters in one register.
 ///
 /// # Safety
-/// As [`dot_q4_k_avx512`].
+/// As [`dot_q5_k_avx512`].
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn dot_q6_k_avx512<const N: usize>(w: &[Q6K], a: [&[ActBlockK]; N]) -> [f32; N] {
     assert!(a.iter().all(|a| a.len() >= w.len()));
