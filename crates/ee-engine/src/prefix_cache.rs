@@ -46,21 +46,33 @@ impl PrefixCache {
     /// tokens are left to feed, so a prompt one token longer than a kept
     /// one reuses all but its last position.
     pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let (best, n) = self.longest(prompt)?;
+        let (_, mut cache, bytes) = self.entries.remove(best)?;
+        self.stored -= bytes;
+        cache.truncate(n);
+        Some((n, cache))
+    }
+
+    /// [`Self::take_longest`], but a copy: the kept prompt stays for the
+    /// next request that extends it.
+    pub fn copy_longest(&self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+        let (best, n) = self.longest(prompt)?;
+        let mut cache = self.entries[best].1.clone();
+        cache.truncate(n);
+        Some((n, cache))
+    }
+
+    /// The entry `prompt` extends longest, and how many positions to reuse.
+    fn longest(&self, prompt: &[u32]) -> Option<(usize, usize)> {
         let reuse = |tokens: &[u32]| tokens.len().min(prompt.len().saturating_sub(MIN_FED));
-        let best = self
-            .entries
+        self.entries
             .iter()
             .enumerate()
             .filter(|(_, (tokens, _, _))| {
                 tokens.len() < prompt.len() && prompt.starts_with(tokens) && reuse(tokens) > 0
             })
             .max_by_key(|(_, (tokens, _, _))| tokens.len())
-            .map(|(i, _)| i)?;
-        let (tokens, mut cache, bytes) = self.entries.remove(best)?;
-        self.stored -= bytes;
-        let n = reuse(&tokens);
-        cache.truncate(n);
-        Some((n, cache))
+            .map(|(i, (tokens, _, _))| (i, reuse(tokens)))
     }
 
     /// Keeps `cache`, which holds exactly `tokens` in `bytes`, evicting the
@@ -106,7 +118,11 @@ mod tests {
         c.insert(vec![1, 2, 3, 4, 5], cache(), 50);
         assert_eq!(c.stored_bytes(), 80);
         // Extends both; the longer wins and leaves the cache.
-        let taken = c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n);
+        let longer = [1, 2, 3, 4, 5, 6, 7];
+        // A copy leaves it kept.
+        assert_eq!(c.copy_longest(&longer).map(|(n, _)| n), Some(5));
+        assert_eq!(c.stored_bytes(), 80);
+        let taken = c.take_longest(&longer).map(|(n, _)| n);
         assert_eq!(taken, Some(5));
         assert_eq!(c.stored_bytes(), 30);
         // One new token: all but the kept prompt's last position, so two

@@ -294,8 +294,10 @@ pub(crate) fn has_avx2() -> bool {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Isa {
     /// AVX-512 with VNNI: one 512-bit instruction per byte dot product for
-    /// the 32-value formats, and for the K-quants byte pairs to i16 and
-    /// scaled i16 pairs into i32, 64 values at a time.
+    /// the 32-value formats, and for Q5_K and Q6_K, eight activation rows
+    /// at a time, byte pairs to i16 and scaled i16 pairs into i32, 64
+    /// values at a time (other K-quant dots run the AVX2 build, faster
+    /// there: see `k_quants`' dispatch).
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
     #[cfg(target_arch = "x86_64")]

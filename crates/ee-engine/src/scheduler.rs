@@ -25,11 +25,12 @@
 //! that asked to keep them (`cache_prompt`), which go to the prompt cache,
 //! and it waits ahead of every new request, keeping its sampler and the
 //! tokens it drew. When there is room again it prefills its prompt (or
-//! continues from the kept one) and those tokens, and goes on. Our kernels compute each row on its own, whatever
-//! else is in the step (tested for every format they run), so the
-//! recomputed cache has the bits the first one had, and a preempted
-//! sequence draws exactly what it would have drawn alone; candle's kernels
-//! (`LoadOptions::candle_kernels`, for comparisons) do not promise that. A
+//! continues from the kept one) and those tokens, and goes on. Our kernels
+//! compute each row on its own, whatever else is in the step (tested for
+//! every format they run), so the recomputed cache has the bits the first
+//! one had, and a preempted sequence draws exactly what it would have drawn
+//! alone; candle's kernels (`LoadOptions::candle_kernels`, for
+//! comparisons) do not promise that. A
 //! waiting sequence is admitted while its prompt's blocks fit and 1% of
 //! the pool (at least a block) stays free, oldest first (none jumps the
 //! queue); one whose prompt and `max_tokens` need more than the whole pool
@@ -125,8 +126,8 @@ pub enum SubmitError {
 pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     pub running: AtomicUsize,
-    /// Prompt tokens taken from kept prompt caches instead of prefilled,
-    /// at each admission (a preempted sequence admitted again counts again).
+    /// Positions taken from kept prompt caches instead of prefilled, at
+    /// each admission: a preempted sequence admitted again counts again.
     pub cached_prompt_tokens: AtomicUsize,
     /// Blocks of the KV pool granted to running sequences.
     pub kv_blocks_used: AtomicUsize,
@@ -343,7 +344,14 @@ impl EngineLoop {
                     break;
                 };
                 self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
-                if let Some((fed, cache)) = self.take_kept(&seq.request, &seq.tokens) {
+                // A copy: the kept prompt stays for the client's next
+                // request, since this sequence's prefill keeps none.
+                let kept = match seq.request.cache_prompt {
+                    true => self.prompts.copy_longest(&seq.tokens),
+                    false => None,
+                };
+                if let Some((fed, cache)) = kept {
+                    self.count_cached(fed);
                     (seq.fed, seq.cache) = (fed, cache);
                 }
                 self.start(seq, blocks);
@@ -384,8 +392,12 @@ impl EngineLoop {
                     continue;
                 }
             };
-            let kept = self.take_kept(&request, &request.prompt);
+            let kept = match request.cache_prompt {
+                true => self.prompts.take_longest(&request.prompt),
+                false => None,
+            };
             let (fed, cache) = kept.unwrap_or_else(|| (0, self.model.new_cache()));
+            self.count_cached(fed);
             self.arrivals += 1;
             let seq = Running {
                 tokens: request.prompt.clone(),
@@ -401,18 +413,10 @@ impl EngineLoop {
         }
     }
 
-    /// The longest kept prompt that `tokens` extends, for a request that
-    /// asked (`cache_prompt`): positions reused and their cache, counted
-    /// in [`SchedulerStats::cached_prompt_tokens`].
-    fn take_kept(&mut self, request: &SequenceRequest, tokens: &[u32]) -> Option<(usize, KvCache)> {
-        if !request.cache_prompt {
-            return None;
-        }
-        let (fed, cache) = self.prompts.take_longest(tokens)?;
+    fn count_cached(&self, positions: usize) {
         self.stats
             .cached_prompt_tokens
-            .fetch_add(fed, Ordering::Relaxed);
-        Some((fed, cache))
+            .fetch_add(positions, Ordering::Relaxed);
     }
 
     /// Runs one forward step over the running sequences and samples.

@@ -38,7 +38,8 @@ pub struct ServerConfig {
     /// tokens at the start of a context; deeper tokens cost more.
     pub step_token_budget: usize,
     /// MiB of KV cache the running sequences may hold together, granted in
-    /// blocks as they grow; the youngest is preempted when it runs out.
+    /// blocks as they grow; when it runs out, blocks granted ahead of need
+    /// are taken back, and failing that the youngest is preempted.
     pub kv_cache_mib: usize,
     /// The KV cache's element type, `f16` or `f32` (llama.cpp's
     /// `--cache-type-k/-v`, vLLM's `--kv-cache-dtype`).

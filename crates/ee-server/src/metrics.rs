@@ -128,7 +128,8 @@ impl Metrics {
         let name = "ee_prompt_tokens_cached_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Prompt tokens taken from kept prompt caches, not prefilled.\n\
+            "# HELP {name} Prompt tokens taken from kept prompt caches, not prefilled \
+             (again when a preempted request runs again).\n\
              # TYPE {name} counter\n{name} {}",
             engine.cached_prompt_tokens
         );

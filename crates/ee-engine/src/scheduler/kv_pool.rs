@@ -34,13 +34,14 @@ impl EngineLoop {
     /// Preempts running sequence `i`: frees its blocks and queues it ahead
     /// of every submission to prefill again. Its cache is dropped, but for
     /// a sequence that asked for its prompt to be kept (`cache_prompt`),
-    /// whose prompt's rows go to the prompt cache, to be taken back when
-    /// it is admitted again.
+    /// whose prompt's rows (all from prefill steps) go to the prompt cache,
+    /// to be continued from when it is admitted again.
     pub(super) fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         let mut cache = std::mem::replace(&mut seq.cache, self.model.new_cache());
         let prompt = &seq.request.prompt;
-        if seq.request.cache_prompt && seq.fed >= prompt.len() {
+        let keeps = seq.request.cache_prompt && self.config.prompt_cache_bytes > 0;
+        if keeps && seq.fed >= prompt.len() {
             cache.set_max_len(prompt.len());
             let bytes = cache.bytes();
             self.prompts.insert(prompt.clone(), cache, bytes);
@@ -56,9 +57,9 @@ impl EngineLoop {
     /// more of them, oldest first: twice what it holds (its buffers double
     /// as they grow) up to what it may fill, or only the block it needs when
     /// the pool has not that much free. When not even that is free, the
-    /// blocks other sequences were granted ahead of need are taken back;
-    /// only then is the youngest running sequence preempted, which may be
-    /// the one that needs it.
+    /// blocks other sequences were granted ahead of need are taken back
+    /// (and it gets only the block it needs); only then is the youngest
+    /// running sequence preempted, which may be the one that needs it.
     pub(super) fn grow_decoding(&mut self) {
         let mut i = 0;
         while i < self.running.len() {
@@ -69,7 +70,9 @@ impl EngineLoop {
                 continue;
             }
             let wanted = (2 * seq.kv_blocks).clamp(needed, seq.most_blocks().max(needed));
-            if needed - seq.kv_blocks > self.kv_blocks_free() {
+            // Short of blocks: take back surplus, and grant no more.
+            let short = needed - seq.kv_blocks > self.kv_blocks_free();
+            if short {
                 self.reclaim_surplus(needed - seq.kv_blocks);
             }
             while needed - self.running[i].kv_blocks > self.kv_blocks_free() {
@@ -80,7 +83,7 @@ impl EngineLoop {
                 }
             }
             let held = self.running[i].kv_blocks;
-            let grant = match wanted - held <= self.kv_blocks_free() {
+            let grant = match !short && wanted - held <= self.kv_blocks_free() {
                 true => wanted,
                 false => needed,
             };
