@@ -53,11 +53,13 @@ impl PrefixCache {
         Some((n, cache))
     }
 
-    /// [`Self::take_longest`], but a copy: the kept prompt stays for the
-    /// next request that extends it.
-    pub fn copy_longest(&self, prompt: &[u32]) -> Option<(usize, KvCache)> {
+    /// [`Self::take_longest`], but a copy: the kept prompt stays, now the
+    /// newest, for the next request that extends it.
+    pub fn copy_longest(&mut self, prompt: &[u32]) -> Option<(usize, KvCache)> {
         let (best, n) = self.longest(prompt)?;
-        let mut cache = self.entries[best].1.clone();
+        let entry = self.entries.remove(best)?;
+        let mut cache = entry.1.clone();
+        self.entries.push_back(entry);
         cache.truncate(n);
         Some((n, cache))
     }
@@ -118,11 +120,7 @@ mod tests {
         c.insert(vec![1, 2, 3, 4, 5], cache(), 50);
         assert_eq!(c.stored_bytes(), 80);
         // Extends both; the longer wins and leaves the cache.
-        let longer = [1, 2, 3, 4, 5, 6, 7];
-        // A copy leaves it kept.
-        assert_eq!(c.copy_longest(&longer).map(|(n, _)| n), Some(5));
-        assert_eq!(c.stored_bytes(), 80);
-        let taken = c.take_longest(&longer).map(|(n, _)| n);
+        let taken = c.take_longest(&[1, 2, 3, 4, 5, 6, 7]).map(|(n, _)| n);
         assert_eq!(taken, Some(5));
         assert_eq!(c.stored_bytes(), 30);
         // One new token: all but the kept prompt's last position, so two
@@ -137,5 +135,19 @@ mod tests {
         // Too large to keep at all.
         c.insert(vec![5; 11], cache(), 101);
         assert_eq!(c.stored_bytes(), 80);
+    }
+
+    #[test]
+    fn a_copied_prompt_stays_kept_and_becomes_the_newest() {
+        let mut c = PrefixCache::new(100);
+        c.insert(vec![1, 2, 3], cache(), 30);
+        c.insert(vec![4, 5, 6], cache(), 50);
+        assert_eq!(c.copy_longest(&[1, 2, 3, 4]).map(|(n, _)| n), Some(2));
+        assert_eq!(c.stored_bytes(), 80);
+        // Past the capacity, the other one, now the oldest, goes.
+        c.insert(vec![7; 4], cache(), 40);
+        assert_eq!(c.stored_bytes(), 70);
+        assert!(c.copy_longest(&[1, 2, 3, 4]).is_some());
+        assert!(c.copy_longest(&[4, 5, 6, 7]).is_none());
     }
 }

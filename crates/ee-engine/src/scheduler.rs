@@ -478,7 +478,8 @@ impl EngineLoop {
             };
             seq.fed += tokens.len();
             // Kept as the prompt's prefill left it, before any decode step.
-            if seq.generated() == 0 && seq.fed == seq.tokens.len() && seq.request.cache_prompt {
+            let keeps = seq.request.cache_prompt && self.config.prompt_cache_bytes > 0;
+            if keeps && seq.generated() == 0 && seq.fed == seq.tokens.len() {
                 let bytes = seq.cache.bytes();
                 self.prompts
                     .insert(seq.request.prompt.clone(), seq.cache.clone(), bytes);

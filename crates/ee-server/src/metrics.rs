@@ -63,7 +63,7 @@ impl Histogram {
 pub struct EngineGauges {
     pub waiting: usize,
     pub running: usize,
-    /// Prompt tokens taken from kept prompt caches (a counter).
+    /// Positions taken from kept prompt caches (a counter).
     pub cached_prompt_tokens: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
@@ -128,7 +128,7 @@ impl Metrics {
         let name = "ee_prompt_tokens_cached_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Prompt tokens taken from kept prompt caches, not prefilled \
+            "# HELP {name} Positions taken from kept prompt caches, not prefilled \
              (again when a preempted request runs again).\n\
              # TYPE {name} counter\n{name} {}",
             engine.cached_prompt_tokens

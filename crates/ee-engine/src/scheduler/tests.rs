@@ -392,39 +392,60 @@ fn preempts_exactly(name: &str, model: Arc<dyn CausalLm>) -> Scheduler {
     sched
 }
 
+/// The engine's loop, to drive by hand, with a KV pool of `blocks`.
+fn engine_with_pool(model: &Arc<dyn CausalLm>, blocks: usize) -> (EngineLoop, Arc<SchedulerStats>) {
+    let stats = Arc::new(SchedulerStats::default());
+    stats.kv_blocks_total.store(blocks, Ordering::SeqCst);
+    let engine = EngineLoop::new(model.clone(), SchedulerConfig::default(), stats.clone());
+    (engine, stats)
+}
+
+/// Runs a decoding sequence, youngest, with a prompt of 20 tokens, `drawn`
+/// more and `blocks` granted; its next token is the last one drawn.
+fn start_decoding(
+    engine: &mut EngineLoop,
+    drawn: usize,
+    blocks: usize,
+) -> tokio_mpsc::UnboundedReceiver<SequenceEvent> {
+    let (events, rx) = tokio_mpsc::unbounded_channel();
+    let request = request(vec![3; 20], 150);
+    let mut tokens = request.prompt.clone();
+    tokens.extend(std::iter::repeat_n(4, drawn));
+    engine.arrivals += 1;
+    let seq = Running {
+        sampler: Sampler::new(request.sampling.clone(), &request.prompt).unwrap(),
+        fed: tokens.len() - 1,
+        tokens,
+        request,
+        events,
+        cache: engine.model.new_cache(),
+        kv_blocks: 0,
+        arrival: engine.arrivals,
+    };
+    engine.start(seq, blocks);
+    rx
+}
+
+fn held(engine: &EngineLoop) -> Vec<usize> {
+    engine.running.iter().map(|s| s.kv_blocks).collect()
+}
+
 /// A sequence that must grow while an older one holds blocks granted
-/// ahead of need takes those back instead of preempting anyone; with none
-/// left to take back, the youngest is preempted.
+/// ahead of need takes those back instead of preempting anyone, and only
+/// the block it needs; with none left to take back, the youngest is
+/// preempted.
 #[test]
 fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
     let (_dir, model) = tiny();
-    let stats = Arc::new(SchedulerStats::default());
-    stats.kv_blocks_total.store(5, Ordering::SeqCst);
-    let mut engine = EngineLoop::new(model.clone(), SchedulerConfig::default(), stats.clone());
-    let mut receivers = Vec::new();
+    let (mut engine, stats) = engine_with_pool(&model, 5);
     // The older has 70 positions to fill (3 blocks) and was granted 4;
     // the younger's next token is its 33rd position, past its one block.
-    for (arrival, (drawn, blocks)) in [(50, 4), (13, 1)].into_iter().enumerate() {
-        let (events, rx) = tokio_mpsc::unbounded_channel();
-        receivers.push(rx);
-        let request = request(vec![3; 20], 150);
-        let mut tokens = request.prompt.clone();
-        tokens.extend(std::iter::repeat_n(4, drawn));
-        let seq = Running {
-            sampler: Sampler::new(request.sampling.clone(), &request.prompt).unwrap(),
-            fed: tokens.len() - 1,
-            tokens,
-            request,
-            events,
-            cache: model.new_cache(),
-            kv_blocks: 0,
-            arrival: arrival as u64,
-        };
-        engine.start(seq, blocks);
-    }
+    let _events = [
+        start_decoding(&mut engine, 50, 4),
+        start_decoding(&mut engine, 13, 1),
+    ];
     engine.grow_decoding();
-    let held: Vec<usize> = engine.running.iter().map(|s| s.kv_blocks).collect();
-    assert_eq!(held, [3, 2]);
+    assert_eq!(held(&engine), [3, 2]);
     assert_eq!(stats.preemptions.load(Ordering::SeqCst), 0);
 
     let younger = &mut engine.running[1];
@@ -433,8 +454,19 @@ fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
     engine.grow_decoding();
     assert_eq!(engine.running.len(), 1);
     assert_eq!(engine.preempted.len(), 1);
-    assert_eq!(engine.running[0].kv_blocks, 3);
+    assert_eq!(held(&engine), [3]);
     assert_eq!(stats.preemptions.load(Ordering::SeqCst), 1);
+
+    // Blocks taken back are not handed on as surplus: the older fills 2
+    // of its 6, and the younger, at its 65th position, gets the one more
+    // block it needs, not twice its 2.
+    let (mut engine, _) = engine_with_pool(&model, 8);
+    let _events = [
+        start_decoding(&mut engine, 30, 6),
+        start_decoding(&mut engine, 45, 2),
+    ];
+    engine.grow_decoding();
+    assert_eq!(held(&engine), [2, 3]);
 }
 
 /// Driven step by step, so that what runs together is certain: two
@@ -446,9 +478,7 @@ fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
 #[test]
 fn a_preempted_sequence_continues_from_its_kept_prompt_exactly() {
     let (_dir, model) = tiny();
-    let stats = Arc::new(SchedulerStats::default());
-    stats.kv_blocks_total.store(3, Ordering::SeqCst);
-    let mut engine = EngineLoop::new(model.clone(), SchedulerConfig::default(), stats.clone());
+    let (mut engine, stats) = engine_with_pool(&model, 3);
     let prompts: Vec<Vec<u32>> = (0..2)
         .map(|i| (0..20).map(|j| (j * 7 + i * 31) % 200 + 3).collect())
         .collect();
