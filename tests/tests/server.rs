@@ -641,6 +641,24 @@ fn api_keys_overload_and_graceful_shutdown() {
         200
     );
 
+    // A proxy without the server's key answers 502 naming its own key, not
+    // a 401 the client would take for its own; with the key, it serves.
+    let chat = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let keyless = ServerProcess::proxy(&pair.bundle.dir, &server.url());
+    let r = keyless.post_json("/v1/chat/completions", &chat);
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_envelope_shape(&r.body, "a proxy without the key");
+    assert!(
+        r.body.contains("upstream_unauthorized") && r.body.contains("--api-key"),
+        "{}",
+        r.body
+    );
+    let keyed =
+        ServerProcess::proxy_with(&pair.bundle.dir, &server.url(), &["--api-key", "s3cret"]);
+    let r = keyed.post_json("/v1/chat/completions", &chat);
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop((keyless, keyed));
+
     // One running and one waiting fill the server: a burst gets 429s with Retry-After.
     let auth = [
         ("content-type", "application/json"),

@@ -94,6 +94,14 @@ pub enum UpstreamError {
         envelope: Box<ErrorEnvelope>,
         retry_after: Option<String>,
     },
+    /// The server refused the proxy's API key (401 or 403): the proxy's
+    /// configuration, not the client's request, so never relayed as the
+    /// client's authentication error.
+    #[error(
+        "the blind server at {url} refused this proxy's API key ({status}): give the proxy \
+         the server's key with `--api-key` or EE_API_KEY"
+    )]
+    Unauthorized { url: String, status: u16 },
     #[error("the blind server sent something unexpected: {0}")]
     Protocol(String),
     /// The server sent nothing, not even a keep-alive, for too long.
@@ -191,6 +199,12 @@ impl Upstream {
             return Ok(response);
         }
         let status = response.status().as_u16();
+        if matches!(status, 401 | 403) {
+            return Err(UpstreamError::Unauthorized {
+                url: self.base.clone(),
+                status,
+            });
+        }
         let retry_after = response
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -210,7 +224,6 @@ impl Upstream {
         })
     }
 
-    /// The model the server hosts (the first of `/v1/models`).
     /// The model the server hosts (the first of `/v1/models`), and the
     /// artifact the response names in its header. It gives up after
     /// [`MODEL_TIMEOUT`], so a frozen server cannot hang a readiness probe.

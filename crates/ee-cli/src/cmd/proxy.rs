@@ -11,7 +11,7 @@ use ee_client::keyholder::KeyHolder;
 use ee_client::proxy::router;
 use ee_client::session::{Session, SessionError, DEFAULT_MAX_TOKENS};
 use ee_client::template::ChatFormat;
-use ee_client::upstream::{Timeouts, Upstream};
+use ee_client::upstream::{Timeouts, Upstream, UpstreamError};
 use tokio::net::TcpListener;
 
 #[derive(Args)]
@@ -80,7 +80,8 @@ pub(crate) fn session(
 }
 
 /// Checks the server now. A wrong server stops the proxy; an unreachable one
-/// is only reported, since it may still be starting (requests get 502).
+/// is only reported, since it may still be starting, and so is a refused
+/// API key (requests get 502 meanwhile).
 pub(crate) async fn check_server(session: &Session) -> Result<()> {
     match session.server_model().await {
         Ok(card) => {
@@ -89,7 +90,13 @@ pub(crate) async fn check_server(session: &Session) -> Result<()> {
         }
         Err(e @ SessionError::WrongServer { .. }) => Err(e.into()),
         Err(e) => {
-            tracing::warn!("{e}; requests will be answered 502 until it is up");
+            let until = match e {
+                SessionError::Upstream(UpstreamError::Unauthorized { .. }) => {
+                    "the proxy has its key"
+                }
+                _ => "it is up",
+            };
+            tracing::warn!("{e}; requests will be answered 502 until {until}");
             Ok(())
         }
     }

@@ -108,6 +108,9 @@ impl From<SessionError> for ClientError {
             SessionError::Upstream(
                 UpstreamError::Unreachable { .. } | UpstreamError::InvalidUrl(_),
             ) => ApiError::bad_gateway(message, "upstream_unreachable"),
+            SessionError::Upstream(UpstreamError::Unauthorized { .. }) => {
+                ApiError::bad_gateway(message, "upstream_unauthorized")
+            }
             SessionError::Upstream(UpstreamError::Protocol(_)) | SessionError::Decode(_) => {
                 ApiError::bad_gateway(message, "upstream_protocol_error")
             }
