@@ -151,6 +151,26 @@ fn identity_key_is_loud_and_bad_input_is_an_error_not_a_panic() {
         assert!(stderr.contains("Error"), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
+
+    // Where there is no default model, the error says how to get one.
+    for command in ["generate", "bench"] {
+        let out = Command::new(binary("ee"))
+            .arg(command)
+            .args(if command == "generate" {
+                &["hi"][..]
+            } else {
+                &[]
+            })
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command}: {stderr}");
+        assert!(
+            stderr.contains("ee fetch-model") && stderr.contains("--model"),
+            "{command}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -260,7 +280,7 @@ fn a_checkpoint_is_fetched_and_encrypted_into_a_blind_directory() {
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
-        err.contains("already exists") && err.contains("--force"),
+        err.contains("already exist") && err.contains("--force"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");

@@ -194,6 +194,20 @@ pub(crate) fn default_model() -> PathBuf {
     Path::new("models").join(DEFAULT_MODEL_FILE)
 }
 
+/// Errors, saying how to get one, when `model` is the default model and it
+/// is not there (another model fetched with `fetch-model --from` keeps its
+/// own name).
+pub(crate) fn check_default_model(model: &Path) -> Result<()> {
+    if model == default_model() && !model.exists() {
+        bail!(
+            "no model at {}: run `ee fetch-model` for the default one, or pass \
+             --model with the model to use",
+            model.display()
+        );
+    }
+    Ok(())
+}
+
 pub(crate) fn progress_bar(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     bar.set_style(
@@ -247,15 +261,16 @@ fn refuse_to_overwrite(args: &EncryptArgs) -> Result<()> {
         return Ok(());
     }
     if !args.force {
-        bail!(
-            "{} already exists; a new key would no longer match what is deployed. \
-             Choose other paths, or pass --force to replace them",
-            existing
-                .iter()
-                .map(|p| p.display().to_string())
-                .collect::<Vec<_>>()
-                .join(" and ")
-        );
+        let paths: Vec<String> = existing.iter().map(|p| p.display().to_string()).collect();
+        let verb = if paths.len() == 1 { "exists" } else { "exist" };
+        let paths = paths.join(" and ");
+        // With a new key, what is deployed would no longer match the bundle;
+        // with the same key, it is still a replacement.
+        let why = match args.key {
+            None => "; a new key would no longer match what is deployed",
+            Some(_) => "",
+        };
+        bail!("{paths} already {verb}{why}. Choose other paths, or pass --force to replace them");
     }
     if args.server_out.is_dir() {
         std::fs::remove_dir_all(&args.server_out)
@@ -366,6 +381,7 @@ fn main() -> Result<()> {
 }
 
 fn run_generate(args: GenerateArgs) -> Result<()> {
+    check_default_model(&args.model)?;
     let text = ModelText::read(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let (codec, template) = text.chat(args.chat_format)?;

@@ -12,7 +12,7 @@ use ee_core::transform::write_server_artifact;
 use ee_core::Key;
 use ee_engine::{CausalLm, KvCacheDtype, LoadOptions, Sampler, SamplingParams};
 
-use crate::default_model;
+use crate::{check_default_model, default_model};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -70,6 +70,7 @@ fn measure(model: &dyn CausalLm, prompt: &[u32], n: usize) -> Result<(f64, f64)>
 }
 
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
+    check_default_model(&args.model)?;
     if let Some(n) = args.threads {
         // Read by candle's thread pools on first use, which is below.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
