@@ -69,6 +69,7 @@ const PASSED: &[&str] = &[
     "frequency_penalty",
     "repetition_penalty",
     "ignore_eos",
+    "cache_prompt",
     "user",
 ];
 /// Fields this proxy reads and rewrites.
@@ -226,7 +227,9 @@ pub fn translate(
         ),
         ignore_eos: typed(body, "ignore_eos", "true or false")?.unwrap_or(false),
         first_token_mask: None,
-        cache_prompt: false,
+        // llama.cpp server's field: the server keeps this prompt's cache
+        // for a later request that extends it (a chat's next turn).
+        cache_prompt: typed(body, "cache_prompt", "true or false")?.unwrap_or(false),
         // The proxy always streams from the server, so that a stop string
         // can cancel the rest at once; it counts usage itself.
         stream: true,

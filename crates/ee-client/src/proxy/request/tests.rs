@@ -32,12 +32,14 @@ fn a_chat_becomes_one_encrypted_message_with_encrypted_stops_and_bias() {
         &keys,
         Endpoint::Chat,
         &body(json!({"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-            "temperature": 0.5, "n": 2, "stop": "END", "logit_bias": {"5": -3}, "stop_token_ids": [4]})),
+            "temperature": 0.5, "n": 2, "stop": "END", "logit_bias": {"5": -3}, "stop_token_ids": [4],
+            "cache_prompt": true})),
     )
     .unwrap();
     let up = serde_json::to_value(&t.upstream).unwrap();
     assert_eq!(up["temperature"], json!(0.5));
     assert_eq!(up["stream"], json!(true));
+    assert_eq!(up["cache_prompt"], json!(true));
     let messages = up["messages"].as_array().unwrap();
     assert_eq!(messages.len(), 1);
     let sent: Vec<u32> =
@@ -209,6 +211,11 @@ fn bad_requests_name_their_parameter() {
             Endpoint::Chat,
             json!({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}),
             "stream",
+        ),
+        (
+            Endpoint::Chat,
+            json!({"messages": [{"role": "user", "content": "x"}], "cache_prompt": 1}),
+            "cache_prompt",
         ),
         (
             Endpoint::Chat,
