@@ -99,6 +99,11 @@ impl PrefixCache {
         self.entries.push_back((tokens, cache, bytes));
     }
 
+    /// Whether `tokens` is kept, exactly.
+    pub fn contains(&self, tokens: &[u32]) -> bool {
+        self.entries.iter().any(|(t, _, _)| t == tokens)
+    }
+
     /// Bytes kept now.
     pub fn stored_bytes(&self) -> usize {
         self.stored
@@ -144,6 +149,7 @@ mod tests {
         c.insert(vec![4, 5, 6], cache(), 50);
         assert_eq!(c.copy_longest(&[1, 2, 3, 4]).map(|(n, _)| n), Some(2));
         assert_eq!(c.stored_bytes(), 80);
+        assert!(c.contains(&[1, 2, 3]) && !c.contains(&[1, 2]));
         // Past the capacity, the other one, now the oldest, goes.
         c.insert(vec![7; 4], cache(), 40);
         assert_eq!(c.stored_bytes(), 70);

@@ -87,6 +87,14 @@ impl Default for SchedulerConfig {
     }
 }
 
+impl SchedulerConfig {
+    /// Whether `request`'s prompt is kept once prefilled: it asked, and
+    /// prompt caching is on (a cache it would refuse is never copied).
+    fn keeps_prompt(&self, request: &SequenceRequest) -> bool {
+        request.cache_prompt && self.prompt_cache_bytes > 0
+    }
+}
+
 /// One sequence to generate.
 #[derive(Debug, Clone)]
 pub struct SequenceRequest {
@@ -478,7 +486,7 @@ impl EngineLoop {
             };
             seq.fed += tokens.len();
             // Kept as the prompt's prefill left it, before any decode step.
-            let keeps = seq.request.cache_prompt && self.config.prompt_cache_bytes > 0;
+            let keeps = self.config.keeps_prompt(&seq.request);
             if keeps && seq.generated() == 0 && seq.fed == seq.tokens.len() {
                 let bytes = seq.cache.bytes();
                 self.prompts

@@ -34,14 +34,15 @@ impl EngineLoop {
     /// Preempts running sequence `i`: frees its blocks and queues it ahead
     /// of every submission to prefill again. Its cache is dropped, but for
     /// a sequence that asked for its prompt to be kept (`cache_prompt`),
-    /// whose prompt's rows (all from prefill steps) go to the prompt cache,
-    /// to be continued from when it is admitted again.
+    /// whose prompt's rows (all from prefill steps) go to the prompt cache
+    /// unless its prefill kept them already, to be continued from when it
+    /// is admitted again.
     pub(super) fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         let mut cache = std::mem::replace(&mut seq.cache, self.model.new_cache());
         let prompt = &seq.request.prompt;
-        let keeps = seq.request.cache_prompt && self.config.prompt_cache_bytes > 0;
-        if keeps && seq.fed >= prompt.len() {
+        let prefilled = seq.fed >= prompt.len();
+        if self.config.keeps_prompt(&seq.request) && prefilled && !self.prompts.contains(prompt) {
             cache.set_max_len(prompt.len());
             let bytes = cache.bytes();
             self.prompts.insert(prompt.clone(), cache, bytes);
