@@ -400,30 +400,40 @@ fn engine_with_pool(model: &Arc<dyn CausalLm>, blocks: usize) -> (EngineLoop, Ar
     (engine, stats)
 }
 
-/// Runs a decoding sequence, youngest, with a prompt of 20 tokens, `drawn`
-/// more and `blocks` granted; its next token is the last one drawn.
-fn start_decoding(
-    engine: &mut EngineLoop,
-    drawn: usize,
-    blocks: usize,
-) -> tokio_mpsc::UnboundedReceiver<SequenceEvent> {
-    let (events, rx) = tokio_mpsc::unbounded_channel();
-    let request = request(vec![3; 20], 150);
-    let mut tokens = request.prompt.clone();
-    tokens.extend(std::iter::repeat_n(4, drawn));
-    engine.arrivals += 1;
-    let seq = Running {
-        sampler: Sampler::new(request.sampling.clone(), &request.prompt).unwrap(),
-        fed: tokens.len() - 1,
-        tokens,
-        request,
-        events,
-        cache: engine.model.new_cache(),
-        kv_blocks: 0,
-        arrival: engine.arrivals,
-    };
-    engine.start(seq, blocks);
-    rx
+/// [`engine_with_pool`] running decoding sequences, oldest first, each
+/// given as (tokens drawn after a prompt of 20, blocks granted); each one's
+/// next token is the last one drawn. Also their event receivers, to keep.
+fn decoding_in_pool(
+    model: &Arc<dyn CausalLm>,
+    pool: usize,
+    sequences: &[(usize, usize)],
+) -> (
+    EngineLoop,
+    Arc<SchedulerStats>,
+    Vec<tokio_mpsc::UnboundedReceiver<SequenceEvent>>,
+) {
+    let (mut engine, stats) = engine_with_pool(model, pool);
+    let mut receivers = Vec::new();
+    for &(drawn, blocks) in sequences {
+        let (events, rx) = tokio_mpsc::unbounded_channel();
+        receivers.push(rx);
+        let request = request(vec![3; 20], 150);
+        let mut tokens = request.prompt.clone();
+        tokens.extend(std::iter::repeat_n(4, drawn));
+        engine.arrivals += 1;
+        let seq = Running {
+            sampler: Sampler::new(request.sampling.clone(), &request.prompt).unwrap(),
+            fed: tokens.len() - 1,
+            tokens,
+            request,
+            events,
+            cache: model.new_cache(),
+            kv_blocks: 0,
+            arrival: engine.arrivals,
+        };
+        engine.start(seq, blocks);
+    }
+    (engine, stats, receivers)
 }
 
 fn held(engine: &EngineLoop) -> Vec<usize> {
@@ -437,13 +447,9 @@ fn held(engine: &EngineLoop) -> Vec<usize> {
 #[test]
 fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
     let (_dir, model) = tiny();
-    let (mut engine, stats) = engine_with_pool(&model, 5);
     // The older has 70 positions to fill (3 blocks) and was granted 4;
     // the younger's next token is its 33rd position, past its one block.
-    let _events = [
-        start_decoding(&mut engine, 50, 4),
-        start_decoding(&mut engine, 13, 1),
-    ];
+    let (mut engine, stats, _events) = decoding_in_pool(&model, 5, &[(50, 4), (13, 1)]);
     engine.grow_decoding();
     assert_eq!(held(&engine), [3, 2]);
     assert_eq!(stats.preemptions.load(Ordering::SeqCst), 0);
@@ -460,11 +466,7 @@ fn blocks_granted_ahead_of_need_are_taken_back_before_preempting() {
     // Blocks taken back are not handed on as surplus: the older fills 2
     // of its 6, and the younger, at its 65th position, gets the one more
     // block it needs, not twice its 2.
-    let (mut engine, _) = engine_with_pool(&model, 8);
-    let _events = [
-        start_decoding(&mut engine, 30, 6),
-        start_decoding(&mut engine, 45, 2),
-    ];
+    let (mut engine, _, _events) = decoding_in_pool(&model, 8, &[(30, 6), (45, 2)]);
     engine.grow_decoding();
     assert_eq!(held(&engine), [2, 3]);
 }
